@@ -1,0 +1,339 @@
+//! Capture: reads committed changes from a logical replication slot (pgoutput) and
+//! publishes each as a delta on the deltas topic.
+//!
+//! Guarantees and why they hold:
+//! - *Every committed change reaches Kafka.* The flush LSN reported to PostgreSQL comes
+//!   only from [`flush::FlushLsnTracker`], which passes a transaction only once Kafka has
+//!   acknowledged all its deltas and those of every earlier transaction. This module is the
+//!   only place that reports a flush LSN. After a crash, PostgreSQL re-sends from the last
+//!   reported point: a delta may reach Kafka twice, never zero times.
+//! - *Bounded memory.* Changes stream to the producer as they are decoded; a transaction
+//!   is never held whole. When the producer queue is full, reading pauses until Kafka
+//!   acknowledges.
+//! - *Order per row.* Deltas are keyed by (table, primary key), so one row's changes land
+//!   in one partition in WAL order; the idempotent producer keeps that order across retries.
+
+pub mod changes;
+pub mod flush;
+pub mod pgoutput;
+pub mod replication;
+
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::backoff::Backoff;
+use crate::config::{KafkaSettings, PostgresSettings};
+use crate::contract::codec::encode_delta;
+use crate::contract::{delta_kafka_key, Delta};
+use crate::kafka::{self, ClientRole};
+use crate::pg;
+use crate::shutdown::Shutdown;
+use changes::{Change, ChangeDecoder};
+use flush::{FlushLsnTracker, Lsn, TxHandle};
+use pgoutput::PgOutputMessage;
+use replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CaptureSettings {
+    /// Logical replication slot (created with the pgoutput plugin on first start).
+    #[arg(long = "slot", env = "PGFANOUT_SLOT", default_value = "pgfanout")]
+    pub slot: String,
+    /// Seconds between status updates sent to PostgreSQL.
+    #[arg(long = "status-interval-secs", env = "PGFANOUT_STATUS_INTERVAL_SECS", default_value_t = 1)]
+    pub status_interval_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("replication: {0}")]
+    Replication(#[from] ReplicationError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("cannot decode the replication stream: {0}")]
+    Decode(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl CaptureError {
+    fn is_transient(&self) -> bool {
+        match self {
+            CaptureError::Replication(e) => e.is_transient(),
+            CaptureError::Postgres(e) => pg::is_transient(e),
+            CaptureError::Kafka(e) => kafka::is_transient(e),
+            CaptureError::Decode(_) | CaptureError::Config(_) => false,
+        }
+    }
+}
+
+/// Runs capture until `shutdown`, reconnecting after transient failures.
+pub async fn run(
+    kafka_settings: &KafkaSettings,
+    pg_settings: &PostgresSettings,
+    settings: &CaptureSettings,
+    mut shutdown: Shutdown,
+) -> Result<(), CaptureError> {
+    let producer: FutureProducer = kafka::client_config(kafka_settings, ClientRole::Producer).create()?;
+    let topic = kafka_settings.topics().deltas;
+    let partitions = partition_count(&producer, &topic).await?;
+    let mut backoff = Backoff::new();
+    loop {
+        let session = Session { producer: &producer, topic: &topic, partitions, settings, pg_settings };
+        match session.run(&mut shutdown).await {
+            Ok(()) => break,
+            Err(e) if e.is_transient() && !shutdown.is_triggered() => {
+                metrics::counter!("pgfanout_capture_reconnects_total").increment(1);
+                tracing::warn!(error = %e, "capture interrupted; reconnecting");
+                backoff.wait(&mut shutdown).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    producer.flush(Timeout::After(Duration::from_secs(10)))?;
+    tracing::info!("capture stopped");
+    Ok(())
+}
+
+async fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, CaptureError> {
+    let md = tokio::task::block_in_place(|| producer.client().fetch_metadata(Some(topic), Duration::from_secs(10)))?;
+    let n = md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len()).unwrap_or(0);
+    if n == 0 {
+        return Err(CaptureError::Config(format!("topic {topic} does not exist; create the pipeline's topics first")));
+    }
+    Ok(i32::try_from(n).unwrap_or(i32::MAX))
+}
+
+type InFlight = FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = (TxHandle, Instant, Result<(), KafkaError>)> + Send>>>;
+
+struct Session<'a> {
+    producer: &'a FutureProducer,
+    topic: &'a str,
+    partitions: i32,
+    settings: &'a CaptureSettings,
+    pg_settings: &'a PostgresSettings,
+}
+
+impl Session<'_> {
+    async fn run(&self, shutdown: &mut Shutdown) -> Result<(), CaptureError> {
+        let (mut stream, confirmed) = self.start().await?;
+        let mut tracker = FlushLsnTracker::new(confirmed);
+        let mut decoder = ChangeDecoder::new();
+        let mut in_flight: InFlight = FuturesUnordered::new();
+        let mut current_tx: Option<TxHandle> = None;
+        let mut status = tokio::time::interval(Duration::from_secs(self.settings.status_interval_secs.max(1)));
+        let mut reported = confirmed;
+        tracing::info!(slot = %self.settings.slot, from = %replication::format_lsn(confirmed), "streaming changes");
+
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break Ok(()),
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Err(e) = on_delivered(&mut tracker, done) {
+                        break Err(e);
+                    }
+                }
+                _ = status.tick() => {
+                    if let Err(e) = report(&mut stream, &tracker, &mut reported).await {
+                        break Err(e);
+                    }
+                }
+                event = stream.next_event() => {
+                    let step = match event {
+                        Ok(Some(ev)) => self.on_event(ev, &mut stream, &mut decoder, &mut tracker, &mut in_flight, &mut current_tx, &mut reported).await,
+                        Ok(None) => Err(CaptureError::Replication(ReplicationError::Protocol("the server ended the replication stream".into()))),
+                        Err(e) => Err(e.into()),
+                    };
+                    if let Err(e) = step {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        // Let what is in flight land, so the final status covers as much as possible.
+        let deadline = tokio::time::sleep(Duration::from_secs(30));
+        tokio::pin!(deadline);
+        while !in_flight.is_empty() {
+            tokio::select! {
+                Some(done) = in_flight.next() => { let _ = on_delivered(&mut tracker, done); }
+                _ = &mut deadline => break,
+            }
+        }
+        if result.is_ok() {
+            report(&mut stream, &tracker, &mut reported).await?;
+            stream.close().await?;
+        }
+        result
+    }
+
+    /// Checks the server, creates the slot if needed and starts streaming. Returns the
+    /// stream and the slot's confirmed position.
+    async fn start(&self) -> Result<(ReplicationStream, Lsn), CaptureError> {
+        let client = pg::connect(&self.pg_settings.conninfo).await?;
+        let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+        if wal_level != "logical" {
+            return Err(CaptureError::Config(format!(
+                "wal_level is {wal_level}; set wal_level = logical in postgresql.conf and restart PostgreSQL"
+            )));
+        }
+        let publication = &self.pg_settings.publication;
+        if !pg::publication_exists(&client, publication).await? {
+            return Err(CaptureError::Config(format!(
+                "publication {publication:?} does not exist; create it with CREATE PUBLICATION {} FOR TABLE ...",
+                pg::quote_ident(publication)
+            )));
+        }
+        let slot_row = client
+            .query_opt(
+                "SELECT coalesce(confirmed_flush_lsn, '0/0')::text, plugin::text FROM pg_replication_slots
+                  WHERE slot_name = $1 AND database = current_database()",
+                &[&self.settings.slot],
+            )
+            .await?;
+        let cfg = ReplicationConfig::from_conninfo(&self.pg_settings.conninfo)?;
+        let mut repl = ReplicationClient::connect(&cfg).await?;
+        let confirmed = match slot_row {
+            Some(row) => {
+                let plugin: String = row.get(1);
+                if plugin != "pgoutput" {
+                    return Err(CaptureError::Config(format!(
+                        "slot {:?} uses plugin {plugin}, not pgoutput; drop it or choose another --slot",
+                        self.settings.slot
+                    )));
+                }
+                replication::parse_lsn(&row.get::<_, String>(0))?
+            }
+            None => {
+                let created = repl.create_logical_slot(&self.settings.slot, false).await?;
+                tracing::info!(slot = %created.slot_name, at = %replication::format_lsn(created.consistent_point), "replication slot created");
+                created.consistent_point
+            }
+        };
+        let stream = repl.start_replication(&self.settings.slot, confirmed, publication).await?;
+        Ok((stream, confirmed))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn on_event(
+        &self,
+        event: ReplicationEvent,
+        stream: &mut ReplicationStream,
+        decoder: &mut ChangeDecoder,
+        tracker: &mut FlushLsnTracker,
+        in_flight: &mut InFlight,
+        current_tx: &mut Option<TxHandle>,
+        reported: &mut Lsn,
+    ) -> Result<(), CaptureError> {
+        match event {
+            ReplicationEvent::Keepalive { reply_requested, .. } => {
+                if reply_requested {
+                    report(stream, tracker, reported).await?;
+                }
+                Ok(())
+            }
+            ReplicationEvent::XLogData { wal_start, data, .. } => {
+                let message = pgoutput::decode(&data).map_err(|e| CaptureError::Decode(e.to_string()))?;
+                metrics::counter!("pgfanout_capture_wal_bytes_total").increment(data.len() as u64);
+                if let PgOutputMessage::Truncate { relation_ids, .. } = &message {
+                    let tx = current_tx.ok_or_else(|| CaptureError::Decode("Truncate outside a transaction".into()))?;
+                    for delta in decoder.on_truncate(wal_start, relation_ids).map_err(|e| CaptureError::Decode(e.to_string()))? {
+                        // A truncate touches rows in every partition: tell every partition.
+                        for partition in 0..self.partitions {
+                            self.send(&delta, Some(partition), tx, tracker, in_flight).await?;
+                        }
+                        decoder.next_seq();
+                    }
+                    return Ok(());
+                }
+                match decoder.on_message(wal_start, message).map_err(|e| CaptureError::Decode(e.to_string()))? {
+                    None => {}
+                    Some(Change::Begin) => *current_tx = Some(tracker.begin()),
+                    Some(Change::Delta(delta)) => {
+                        let tx = current_tx.ok_or_else(|| CaptureError::Decode("change outside a transaction".into()))?;
+                        self.send(&delta, None, tx, tracker, in_flight).await?;
+                        decoder.next_seq();
+                    }
+                    Some(Change::Commit { end_lsn }) => {
+                        if let Some(tx) = current_tx.take() {
+                            tracker.committed(tx, end_lsn);
+                        }
+                        metrics::counter!("pgfanout_capture_transactions_total").increment(1);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Hands one delta to the producer. When the producer's queue is full, waits for
+    /// acknowledgements first: that is the back-pressure that bounds memory.
+    async fn send(
+        &self,
+        delta: &Delta,
+        partition: Option<i32>,
+        tx: TxHandle,
+        tracker: &mut FlushLsnTracker,
+        in_flight: &mut InFlight,
+    ) -> Result<(), CaptureError> {
+        let payload = encode_delta(delta).map_err(|e| CaptureError::Decode(e.to_string()))?;
+        let key = delta_kafka_key(&delta.table, &delta.key);
+        loop {
+            let mut record = FutureRecord::to(self.topic).key(&key).payload(&payload);
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    tracker.sent(tx);
+                    in_flight.push(Box::pin(track(tx, delivery)));
+                    metrics::counter!("pgfanout_capture_changes_total", "op" => delta.op.as_str()).increment(1);
+                    metrics::gauge!("pgfanout_capture_in_flight_deltas").set(tracker.in_flight() as f64);
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => match in_flight.next().await {
+                    Some(done) => on_delivered(tracker, done)?,
+                    None => tokio::time::sleep(Duration::from_millis(10)).await,
+                },
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+async fn track(tx: TxHandle, delivery: DeliveryFuture) -> (TxHandle, Instant, Result<(), KafkaError>) {
+    let sent = Instant::now();
+    let result = match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
+    };
+    (tx, sent, result)
+}
+
+fn on_delivered(tracker: &mut FlushLsnTracker, (tx, sent, result): (TxHandle, Instant, Result<(), KafkaError>)) -> Result<(), CaptureError> {
+    // A delta Kafka refused after all retries cannot be skipped: stop, acknowledge nothing
+    // more, and let the next session re-read it from the slot.
+    result?;
+    metrics::histogram!("pgfanout_capture_produce_latency_seconds").record(sent.elapsed().as_secs_f64());
+    tracker.acknowledged(tx);
+    Ok(())
+}
+
+/// Sends a standby status update carrying the tracker's flush LSN.
+async fn report(stream: &mut ReplicationStream, tracker: &FlushLsnTracker, reported: &mut Lsn) -> Result<(), CaptureError> {
+    let flushed = tracker.flushed();
+    stream.send_status(flushed, flushed, flushed, false).await?;
+    if flushed != *reported {
+        tracing::debug!(flush = %replication::format_lsn(flushed), "flush position reported");
+        *reported = flushed;
+    }
+    metrics::gauge!("pgfanout_capture_confirmed_flush_lsn").set(flushed as f64);
+    metrics::gauge!("pgfanout_capture_in_flight_deltas").set(tracker.in_flight() as f64);
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! The command line: one subcommand per component. Each parses its typed settings and
+//! calls the component's `run` with a shutdown signal; nothing else happens here.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use rdkafka::producer::FutureProducer;
+
+use crate::config::{KafkaSettings, MetricsSettings, PostgresSettings};
+use crate::kafka::{self, ClientRole};
+use crate::submit::{self, ResultWatcher};
+use crate::telemetry::{self, LogFormat};
+use crate::{capture, demo, device, executor, pg, shutdown, verify};
+
+#[derive(Debug, Parser)]
+#[command(name = "pgfanout", version, about = "One instruction in, every device in step: PostgreSQL changes fanned out through Kafka to every device's SQLite store.")]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long = "log-format", env = "PGFANOUT_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the pgfanout schema in PostgreSQL and the pipeline's topics in Kafka.
+    Setup {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        postgres: PostgresSettings,
+    },
+    /// Apply instructions to PostgreSQL, once each, and publish their results.
+    Executor {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        postgres: PostgresSettings,
+        #[command(flatten)]
+        metrics: MetricsSettings,
+        #[command(flatten)]
+        settings: executor::ExecutorSettings,
+    },
+    /// Stream committed changes from the WAL to the deltas topic.
+    Capture {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        postgres: PostgresSettings,
+        #[command(flatten)]
+        metrics: MetricsSettings,
+        #[command(flatten)]
+        settings: capture::CaptureSettings,
+    },
+    /// Apply deltas to this device's SQLite store.
+    Device {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        metrics: MetricsSettings,
+        #[command(flatten)]
+        settings: device::DeviceSettings,
+    },
+    /// Submit instructions from a JSON-lines file (`-` for stdin) or from flags.
+    Submit {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        /// JSON-lines file of instructions.
+        #[arg(long = "file", conflicts_with_all = ["op", "table"])]
+        file: Option<PathBuf>,
+        /// Single operation: insert, update, upsert or delete.
+        #[arg(long = "op", requires = "table")]
+        op: Option<String>,
+        /// Table of the single operation (schema.table).
+        #[arg(long = "table", requires = "op")]
+        table: Option<String>,
+        /// Key column of the single operation, as name=value (value parsed as JSON if it can be).
+        #[arg(long = "key")]
+        key: Vec<String>,
+        /// Value of the single operation, as name=value (value parsed as JSON if it can be).
+        #[arg(long = "value")]
+        value: Vec<String>,
+        /// Issuing device id.
+        #[arg(long = "issued-by", env = "PGFANOUT_DEVICE_ID", default_value = "cli")]
+        issued_by: String,
+        /// Wait for every instruction's result and print it.
+        #[arg(long = "wait")]
+        wait: bool,
+        /// Longest wait for results, in seconds.
+        #[arg(long = "timeout-secs", default_value_t = 60)]
+        timeout_secs: u64,
+    },
+    /// Compare device stores with PostgreSQL (row count and checksum per table).
+    Verify {
+        #[command(flatten)]
+        postgres: PostgresSettings,
+        /// Device stores to compare.
+        #[arg(long = "store", required = true)]
+        stores: Vec<PathBuf>,
+    },
+    /// Run the whole pipeline locally with a sample workload, then verify.
+    Demo {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        postgres: PostgresSettings,
+        #[command(flatten)]
+        settings: demo::DemoSettings,
+    },
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    telemetry::init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Setup { kafka, postgres } => {
+            let client = pg::connect(&postgres.conninfo).await?;
+            pg::ensure_schema(&client).await?;
+            kafka::ensure_pipeline_topics(&kafka).await?;
+            println!("schema pgfanout and topics {:?} are in place", kafka.topics().all());
+        }
+        Command::Executor { kafka, postgres, metrics, settings } => {
+            telemetry::install_metrics(metrics.listen)?;
+            executor::run(&kafka, &postgres, &settings, shutdown::on_signals()).await?;
+        }
+        Command::Capture { kafka, postgres, metrics, settings } => {
+            telemetry::install_metrics(metrics.listen)?;
+            capture::run(&kafka, &postgres, &settings, shutdown::on_signals()).await?;
+        }
+        Command::Device { kafka, metrics, settings } => {
+            telemetry::install_metrics(metrics.listen)?;
+            let shutdown = shutdown::on_signals();
+            tokio::task::spawn_blocking(move || device::run_blocking(&kafka, &settings, shutdown)).await??;
+        }
+        Command::Submit { kafka, file, op, table, key, value, issued_by, wait, timeout_secs } => {
+            let instructions = match (file, op, table) {
+                (Some(path), _, _) => {
+                    let mut text = String::new();
+                    if path.as_os_str() == "-" {
+                        std::io::stdin().read_to_string(&mut text)?;
+                    } else {
+                        text = std::fs::read_to_string(&path)?;
+                    }
+                    submit::parse_json_lines(&text, &issued_by)?
+                }
+                (None, Some(op), Some(table)) => {
+                    let pairs = |items: &[String]| -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+                        items
+                            .iter()
+                            .map(|kv| {
+                                let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("{kv:?} is not name=value"))?;
+                                let json = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+                                Ok((k.to_string(), json))
+                            })
+                            .collect()
+                    };
+                    let json = serde_json::json!({"operations": [{"op": op, "table": table, "key": pairs(&key)?, "values": pairs(&value)?}]});
+                    vec![submit::instruction_from_json(&json, &issued_by).map_err(|e| anyhow::anyhow!(e))?]
+                }
+                _ => anyhow::bail!("give --file, or --op and --table"),
+            };
+            let watcher = if wait {
+                let ks = kafka.clone();
+                Some(tokio::task::spawn_blocking(move || ResultWatcher::start(&ks)).await??)
+            } else {
+                None
+            };
+            let producer: FutureProducer = kafka::client_config(&kafka, ClientRole::Producer).create()?;
+            submit::produce_instructions(&producer, &kafka.topics().instructions, &instructions).await?;
+            for i in &instructions {
+                println!("submitted {}", i.instruction_id);
+            }
+            if let Some(mut watcher) = watcher {
+                let ids = instructions.iter().map(|i| i.instruction_id.clone()).collect();
+                let (watcher, waited) = tokio::task::spawn_blocking(move || {
+                    let r = watcher.wait_for(&ids, Duration::from_secs(timeout_secs), |_| {});
+                    (watcher, r)
+                })
+                .await?;
+                for i in &instructions {
+                    if let Some(r) = watcher.results().get(&i.instruction_id) {
+                        println!("{}", serde_json::to_string(r)?);
+                    }
+                }
+                watcher.close();
+                waited?;
+            }
+        }
+        Command::Verify { postgres, stores } => {
+            let report = verify::verify(&postgres.conninfo, &postgres.publication, &stores).await?;
+            demo::print_report(&report);
+            if report.matching_devices() != report.devices.len() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Demo { kafka, postgres, settings } => {
+            if !demo::run(&kafka, &postgres, &settings, shutdown::on_signals()).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

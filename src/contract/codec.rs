@@ -1,0 +1,180 @@
+//! Avro binary encoding of the contracts, with the schemas in `schemas/` compiled in.
+//!
+//! `serde_avro_fast` decodes with the writer's schema only, so the schemas evolve by
+//! adding fields with defaults on the Rust side (`#[serde(default)]`). Decoding never
+//! panics: any byte string gives either a value or a [`CodecError`].
+
+use std::sync::LazyLock;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_avro_fast::ser::SerializerConfig;
+use serde_avro_fast::Schema;
+
+use super::{Delta, DeviceAck, Instruction, InstructionResult};
+
+/// The Avro schemas, as shipped in `schemas/`.
+pub struct Schemas {
+    pub instruction: Schema,
+    pub result: Schema,
+    pub delta: Schema,
+    pub device_ack: Schema,
+}
+
+pub const INSTRUCTION_AVSC: &str = include_str!("../../schemas/instruction.avsc");
+pub const RESULT_AVSC: &str = include_str!("../../schemas/result.avsc");
+pub const DELTA_AVSC: &str = include_str!("../../schemas/delta.avsc");
+pub const DEVICE_ACK_AVSC: &str = include_str!("../../schemas/device_ack.avsc");
+
+pub static SCHEMAS: LazyLock<Schemas> = LazyLock::new(|| Schemas {
+    instruction: parse(INSTRUCTION_AVSC, "instruction"),
+    result: parse(RESULT_AVSC, "result"),
+    delta: parse(DELTA_AVSC, "delta"),
+    device_ack: parse(DEVICE_ACK_AVSC, "device_ack"),
+});
+
+fn parse(json: &str, name: &str) -> Schema {
+    // The schemas are compiled into the binary and covered by tests: a failure here is a
+    // build defect, never a consequence of outside input.
+    json.parse()
+        .unwrap_or_else(|e| panic!("schemas/{name}.avsc is not a valid Avro schema: {e}"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("undecodable {what}: {reason}")]
+    Decode { what: &'static str, reason: String },
+    #[error("cannot encode {what}: {reason}")]
+    Encode { what: &'static str, reason: String },
+}
+
+fn encode<T: Serialize>(value: &T, schema: &Schema, what: &'static str) -> Result<Vec<u8>, CodecError> {
+    serde_avro_fast::to_datum_vec(value, &mut SerializerConfig::new(schema)).map_err(|e| CodecError::Encode {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], schema: &Schema, what: &'static str) -> Result<T, CodecError> {
+    serde_avro_fast::from_datum_slice(bytes, schema).map_err(|e| CodecError::Decode {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+pub fn encode_instruction(v: &Instruction) -> Result<Vec<u8>, CodecError> {
+    encode(v, &SCHEMAS.instruction, "instruction")
+}
+pub fn decode_instruction(bytes: &[u8]) -> Result<Instruction, CodecError> {
+    decode(bytes, &SCHEMAS.instruction, "instruction")
+}
+pub fn encode_result(v: &InstructionResult) -> Result<Vec<u8>, CodecError> {
+    encode(v, &SCHEMAS.result, "result")
+}
+pub fn decode_result(bytes: &[u8]) -> Result<InstructionResult, CodecError> {
+    decode(bytes, &SCHEMAS.result, "result")
+}
+pub fn encode_delta(v: &Delta) -> Result<Vec<u8>, CodecError> {
+    encode(v, &SCHEMAS.delta, "delta")
+}
+pub fn decode_delta(bytes: &[u8]) -> Result<Delta, CodecError> {
+    decode(bytes, &SCHEMAS.delta, "delta")
+}
+pub fn encode_device_ack(v: &DeviceAck) -> Result<Vec<u8>, CodecError> {
+    encode(v, &SCHEMAS.device_ack, "device ack")
+}
+pub fn decode_device_ack(bytes: &[u8]) -> Result<DeviceAck, CodecError> {
+    decode(bytes, &SCHEMAS.device_ack, "device ack")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::{
+        Column, DeltaOp, Field, Operation, OperationKind, ResultStatus, Value,
+    };
+
+    fn sample_values() -> Vec<Value> {
+        vec![
+            Value::Null,
+            Value::Boolean(true),
+            Value::Long(-42),
+            Value::Double(2.5),
+            Value::String("héllo".into()),
+            Value::Bytes(vec![0, 1, 255]),
+        ]
+    }
+
+    #[test]
+    fn instruction_round_trip() {
+        let ins = Instruction {
+            instruction_id: "0b6a7c1e-8a7b-4c55-9a59-000000000001".into(),
+            issued_by: "device-a".into(),
+            issued_at: 1_700_000_000_000_000,
+            operations: vec![Operation {
+                op: OperationKind::Upsert,
+                table: "public.items".into(),
+                key: vec![Field { name: "id".into(), value: Value::Long(7) }],
+                values: sample_values()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, value)| Field { name: format!("c{i}"), value })
+                    .collect(),
+            }],
+        };
+        let bytes = encode_instruction(&ins).unwrap();
+        assert_eq!(decode_instruction(&bytes).unwrap(), ins);
+    }
+
+    #[test]
+    fn delta_and_result_round_trip() {
+        let col = |name: &str, value: Value| Column {
+            name: name.into(),
+            type_name: "text".into(),
+            value,
+            unchanged: false,
+        };
+        let delta = Delta {
+            table: "public.items".into(),
+            op: DeltaOp::Update,
+            key: vec![col("id", Value::Long(1))],
+            after: Some(sample_values().into_iter().map(|v| col("c", v)).collect()),
+            old_key: Some(vec![col("id", Value::Long(0))]),
+            commit_lsn: 123,
+            lsn: 100,
+            xid: 9,
+            commit_ts: 5,
+            seq: 2,
+            instruction_id: Some("x".into()),
+        };
+        assert_eq!(decode_delta(&encode_delta(&delta).unwrap()).unwrap(), delta);
+        let result = InstructionResult {
+            instruction_id: "x".into(),
+            status: ResultStatus::Rejected,
+            error_code: Some("23505".into()),
+            error_message: Some("duplicate".into()),
+            rows_affected: 0,
+            commit_lsn: None,
+            executed_at: 1,
+        };
+        assert_eq!(decode_result(&encode_result(&result).unwrap()).unwrap(), result);
+        let ack = DeviceAck { device_id: "d".into(), applied_lsn: 77, at: 3 };
+        assert_eq!(decode_device_ack(&encode_device_ack(&ack).unwrap()).unwrap(), ack);
+    }
+
+    #[test]
+    fn garbage_and_truncations_are_errors() {
+        let ins = Instruction {
+            instruction_id: "id".into(),
+            issued_by: "d".into(),
+            issued_at: 0,
+            operations: vec![],
+        };
+        let bytes = encode_instruction(&ins).unwrap();
+        for n in 0..bytes.len() {
+            assert!(decode_instruction(&bytes[..n]).is_err(), "prefix {n}");
+        }
+        assert!(decode_delta(&[0xff; 40]).is_err());
+        assert!(decode_instruction(b"{\"json\": true}").is_err());
+    }
+}

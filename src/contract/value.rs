@@ -1,0 +1,262 @@
+//! Typed column values: the Avro union `null | boolean | long | double | string | bytes`.
+//!
+//! PostgreSQL hands values out as text (pgoutput, `::text`); [`Value::from_pg_text`] turns
+//! that text into the typed form by the column's type name, and is the only such conversion
+//! in the project, so capture and `verify` agree on every value. Types without an exact
+//! native Avro form (numeric, dates, times, json, arrays, enums, ...) travel as their
+//! PostgreSQL text, which is exact and round-trips through `$n::text::type`.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    Null,
+    Boolean(bool),
+    Long(i64),
+    Double(f64),
+    String(String),
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+/// How a PostgreSQL type is carried in a [`Value`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    Boolean,
+    Long,
+    Double,
+    Bytes,
+    Text,
+}
+
+impl ValueKind {
+    /// The kind of a PostgreSQL type, by the name [`type_name_for_oid`] gives it.
+    pub fn of_pg_type(type_name: &str) -> ValueKind {
+        match type_name {
+            "bool" => ValueKind::Boolean,
+            "int2" | "int4" | "int8" | "oid" => ValueKind::Long,
+            "float4" | "float8" => ValueKind::Double,
+            "bytea" => ValueKind::Bytes,
+            _ => ValueKind::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("value {text:?} is not a valid {type_name}")]
+pub struct ValueParseError {
+    pub type_name: String,
+    pub text: String,
+}
+
+impl Value {
+    /// Converts PostgreSQL's text output of a value of type `type_name` to a typed value.
+    pub fn from_pg_text(type_name: &str, text: &str) -> Result<Value, ValueParseError> {
+        let bad = || ValueParseError {
+            type_name: type_name.to_string(),
+            text: text.chars().take(64).collect(),
+        };
+        Ok(match ValueKind::of_pg_type(type_name) {
+            ValueKind::Boolean => match text {
+                "t" | "true" => Value::Boolean(true),
+                "f" | "false" => Value::Boolean(false),
+                _ => return Err(bad()),
+            },
+            ValueKind::Long => Value::Long(text.parse().map_err(|_| bad())?),
+            ValueKind::Double => Value::Double(match text {
+                "NaN" => f64::NAN,
+                "Infinity" => f64::INFINITY,
+                "-Infinity" => f64::NEG_INFINITY,
+                _ => text.parse().map_err(|_| bad())?,
+            }),
+            ValueKind::Bytes => Value::Bytes(decode_bytea_hex(text).ok_or_else(bad)?),
+            ValueKind::Text => Value::String(text.to_string()),
+        })
+    }
+
+    /// The text PostgreSQL accepts for this value as input to `$n::text::type`, or `None`
+    /// for SQL NULL. Bytes are accepted only for `bytea` columns (hex form).
+    pub fn to_pg_text(&self, type_kind: ValueKind) -> Result<Option<String>, &'static str> {
+        Ok(Some(match self {
+            Value::Null => return Ok(None),
+            Value::Boolean(b) => if *b { "true" } else { "false" }.to_string(),
+            Value::Long(n) => n.to_string(),
+            Value::Double(f) if f.is_nan() => "NaN".to_string(),
+            Value::Double(f) if f.is_infinite() => {
+                if *f > 0.0 { "Infinity" } else { "-Infinity" }.to_string()
+            }
+            Value::Double(f) => f.to_string(),
+            Value::String(s) => s.clone(),
+            Value::Bytes(b) if type_kind == ValueKind::Bytes => encode_bytea_hex(b),
+            Value::Bytes(_) => return Err("a bytes value fits only a bytea column"),
+        }))
+    }
+
+    /// A canonical, unambiguous text form used for checksums and comparisons.
+    pub fn write_canonical(&self, out: &mut String) {
+        match self {
+            Value::Null => out.push('N'),
+            Value::Boolean(b) => out.push_str(if *b { "b1" } else { "b0" }),
+            Value::Long(n) => {
+                let _ = write!(out, "i{n}");
+            }
+            Value::Double(f) => {
+                // One NaN for all NaN payloads; otherwise the exact bits.
+                let bits = if f.is_nan() { f64::NAN.to_bits() } else { f.to_bits() };
+                let _ = write!(out, "f{bits:016x}");
+            }
+            Value::String(s) => {
+                let _ = write!(out, "s{}:{s}", s.len());
+            }
+            Value::Bytes(b) => {
+                let _ = write!(out, "x{}:", b.len());
+                for byte in b {
+                    let _ = write!(out, "{byte:02x}");
+                }
+            }
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+}
+
+fn decode_bytea_hex(text: &str) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix("\\x")?.as_bytes();
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    hex.chunks_exact(2)
+        .map(|pair| Some((hex_digit(pair[0])? << 4) | hex_digit(pair[1])?))
+        .collect()
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn encode_bytea_hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(2 + bytes.len() * 2);
+    s.push_str("\\x");
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The name of a built-in PostgreSQL type by OID (`pg_type.typname`), or `None` for types
+/// that are not built in (enums, domains, composites, extension types).
+pub fn type_name_for_oid(oid: u32) -> Option<&'static str> {
+    Some(match oid {
+        16 => "bool",
+        17 => "bytea",
+        18 => "char",
+        19 => "name",
+        20 => "int8",
+        21 => "int2",
+        23 => "int4",
+        25 => "text",
+        26 => "oid",
+        114 => "json",
+        142 => "xml",
+        700 => "float4",
+        701 => "float8",
+        790 => "money",
+        829 => "macaddr",
+        869 => "inet",
+        650 => "cidr",
+        1042 => "bpchar",
+        1043 => "varchar",
+        1082 => "date",
+        1083 => "time",
+        1114 => "timestamp",
+        1184 => "timestamptz",
+        1186 => "interval",
+        1266 => "timetz",
+        1560 => "bit",
+        1562 => "varbit",
+        1700 => "numeric",
+        2950 => "uuid",
+        3802 => "jsonb",
+        3614 => "tsvector",
+        1000 => "_bool",
+        1001 => "_bytea",
+        1005 => "_int2",
+        1007 => "_int4",
+        1009 => "_text",
+        1014 => "_bpchar",
+        1015 => "_varchar",
+        1016 => "_int8",
+        1021 => "_float4",
+        1022 => "_float8",
+        1115 => "_timestamp",
+        1182 => "_date",
+        1185 => "_timestamptz",
+        1231 => "_numeric",
+        2951 => "_uuid",
+        199 => "_json",
+        3807 => "_jsonb",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pg_text_round_trips_through_typed_values() {
+        let cases = [
+            ("bool", "t", Value::Boolean(true)),
+            ("bool", "f", Value::Boolean(false)),
+            ("int8", "-9223372036854775808", Value::Long(i64::MIN)),
+            ("float8", "1.5", Value::Double(1.5)),
+            ("float8", "-Infinity", Value::Double(f64::NEG_INFINITY)),
+            ("bytea", "\\x00ff10", Value::Bytes(vec![0, 255, 16])),
+            ("numeric", "12345678901234567890.000000001", Value::String("12345678901234567890.000000001".into())),
+        ];
+        for (ty, text, expected) in cases {
+            let v = Value::from_pg_text(ty, text).unwrap();
+            assert_eq!(v, expected, "{ty} {text}");
+            let back = v.to_pg_text(ValueKind::of_pg_type(ty)).unwrap().unwrap();
+            assert_eq!(Value::from_pg_text(ty, &back).unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn malformed_pg_text_is_an_error_not_a_panic() {
+        assert!(Value::from_pg_text("int4", "12a").is_err());
+        assert!(Value::from_pg_text("bool", "yes").is_err());
+        assert!(Value::from_pg_text("bytea", "\\x0").is_err());
+        assert!(Value::from_pg_text("bytea", "\\xzz").is_err());
+        assert!(Value::from_pg_text("bytea", "00").is_err());
+    }
+
+    #[test]
+    fn bytes_only_fit_bytea() {
+        assert!(Value::Bytes(vec![1]).to_pg_text(ValueKind::Text).is_err());
+        assert_eq!(Value::Null.to_pg_text(ValueKind::Long).unwrap(), None);
+    }
+
+    #[test]
+    fn canonical_form_is_unambiguous() {
+        let mut a = String::new();
+        Value::String("a".into()).write_canonical(&mut a);
+        Value::String("b".into()).write_canonical(&mut a);
+        let mut b = String::new();
+        Value::String("ab".into()).write_canonical(&mut b);
+        assert_ne!(a, b);
+        let mut nan1 = String::new();
+        Value::Double(f64::NAN).write_canonical(&mut nan1);
+        let mut nan2 = String::new();
+        Value::Double(-f64::NAN).write_canonical(&mut nan2);
+        assert_eq!(nan1, nan2);
+    }
+}

@@ -1,0 +1,436 @@
+//! A device's local SQLite store.
+//!
+//! Every replicated row carries the version `(commit_lsn, seq)` of the delta that wrote it
+//! (`_pgfanout_lsn`, `_pgfanout_seq`); a delete leaves a tombstone (`_pgfanout_deleted = 1`)
+//! with its version, and a truncate records the table's truncate version. A delta changes
+//! a row only if it is newer than what the row holds, so duplicates, replays and any
+//! interleaving of partitions leave the same state.
+//!
+//! The consumed offsets live in the same SQLite transaction as the rows they produced
+//! (`_pgfanout_offsets`): after a crash, neither is ahead of the other, and the device
+//! resumes exactly where its last transaction ended. This module is the only place that
+//! records device offsets.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{params, Connection, OptionalExtension, ToSql};
+
+use crate::contract::value::ValueKind;
+use crate::contract::{Column, Delta, DeltaOp, Value};
+use crate::pg::quote_ident;
+
+/// Hidden columns of every replicated table.
+const LSN: &str = "_pgfanout_lsn";
+const SEQ: &str = "_pgfanout_seq";
+const DELETED: &str = "_pgfanout_deleted";
+
+const META_SQL: &str = "
+CREATE TABLE IF NOT EXISTS _pgfanout_offsets (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+    max_commit_lsn INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (topic, partition));
+CREATE TABLE IF NOT EXISTS _pgfanout_columns (
+    table_name TEXT NOT NULL, column_name TEXT NOT NULL, pg_type TEXT NOT NULL,
+    is_key INTEGER NOT NULL, ordinal INTEGER NOT NULL,
+    PRIMARY KEY (table_name, column_name));
+CREATE TABLE IF NOT EXISTS _pgfanout_tables (
+    table_name TEXT PRIMARY KEY, truncate_lsn INTEGER NOT NULL DEFAULT -1, truncate_seq INTEGER NOT NULL DEFAULT -1);
+CREATE TABLE IF NOT EXISTS _pgfanout_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS _pgfanout_rejected (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, record_offset INTEGER NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (topic, partition, record_offset));
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// One consumed record, decoded or not.
+pub struct Record<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    pub delta: Result<Delta, String>,
+    /// The raw key, for logs only.
+    pub key: Option<&'a [u8]>,
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchStats {
+    pub processed: u64,
+    pub applied: u64,
+    pub skipped_older: u64,
+    pub rejected: u64,
+    pub applied_by_op: HashMap<&'static str, u64>,
+}
+
+#[derive(Debug, Clone)]
+struct TableShape {
+    /// Known columns, in order of first appearance.
+    columns: Vec<String>,
+    key: Vec<String>,
+    truncated_at: (i64, i64),
+}
+
+pub struct Store {
+    conn: Connection,
+    tables: HashMap<String, TableShape>,
+}
+
+/// Name of the SQLite table holding `schema.table`.
+pub fn sqlite_table(table: &str) -> String {
+    quote_ident(table)
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(META_SQL)?;
+        let mut store = Store { conn, tables: HashMap::new() };
+        store.load_shapes()?;
+        Ok(store)
+    }
+
+    fn load_shapes(&mut self) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT c.table_name, c.column_name, c.is_key, coalesce(t.truncate_lsn, -1), coalesce(t.truncate_seq, -1)
+               FROM _pgfanout_columns c LEFT JOIN _pgfanout_tables t ON t.table_name = c.table_name
+              ORDER BY c.table_name, c.ordinal",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?))
+        })?;
+        for row in rows {
+            let (table, column, is_key, tl, ts) = row?;
+            let shape = self.tables.entry(table).or_insert_with(|| TableShape {
+                columns: Vec::new(),
+                key: Vec::new(),
+                truncated_at: (tl, ts),
+            });
+            if is_key {
+                shape.key.push(column.clone());
+            }
+            shape.columns.push(column);
+        }
+        Ok(())
+    }
+
+    /// Next offset to consume per partition of `topic`.
+    pub fn offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT partition, next_offset FROM _pgfanout_offsets WHERE topic = ?1")?;
+        let rows = stmt.query_map([topic], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A durable counter (`processed`, `applied`, ...), kept in the same transactions as
+    /// the rows.
+    pub fn counter(&self, name: &str) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM _pgfanout_counters WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    /// Applies a batch of records and records their offsets, in one SQLite transaction.
+    pub fn apply_batch(&mut self, topic: &str, records: &[Record<'_>]) -> Result<BatchStats, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut stats = BatchStats::default();
+        let mut next_offsets: HashMap<i32, (i64, i64)> = HashMap::new();
+        for record in records {
+            stats.processed += 1;
+            let entry = next_offsets.entry(record.partition).or_insert((0, 0));
+            entry.0 = entry.0.max(record.offset + 1);
+            match &record.delta {
+                Ok(delta) => {
+                    entry.1 = entry.1.max(delta.commit_lsn);
+                    match apply_delta(&tx, &mut self.tables, delta) {
+                        Ok(true) => {
+                            stats.applied += 1;
+                            *stats.applied_by_op.entry(delta.op.as_str()).or_insert(0) += 1;
+                        }
+                        Ok(false) => stats.skipped_older += 1,
+                        Err(ApplyError::Sqlite(e)) => return Err(e.into()),
+                        Err(ApplyError::Invalid(reason)) => {
+                            reject(&tx, topic, record, &reason)?;
+                            stats.rejected += 1;
+                        }
+                    }
+                }
+                Err(reason) => {
+                    reject(&tx, topic, record, reason)?;
+                    stats.rejected += 1;
+                }
+            }
+        }
+        for (partition, (next, max_lsn)) in &next_offsets {
+            tx.execute(
+                "INSERT INTO _pgfanout_offsets (topic, partition, next_offset, max_commit_lsn) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (topic, partition) DO UPDATE SET
+                     next_offset = max(next_offset, excluded.next_offset),
+                     max_commit_lsn = max(max_commit_lsn, excluded.max_commit_lsn)",
+                params![topic, partition, next, max_lsn],
+            )?;
+        }
+        for (name, n) in [("processed", stats.processed), ("applied", stats.applied), ("rejected", stats.rejected)] {
+            if n > 0 {
+                tx.execute(
+                    "INSERT INTO _pgfanout_counters (name, value) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                    params![name, n as i64],
+                )?;
+            }
+        }
+        // Reloaded on the next open if this commit fails.
+        tx.commit()?;
+        Ok(stats)
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, record: &Record<'_>, reason: &str) -> Result<(), rusqlite::Error> {
+    tracing::warn!(partition = record.partition, offset = record.offset, reason, "delta cannot be applied; recorded in _pgfanout_rejected");
+    tx.execute(
+        "INSERT OR REPLACE INTO _pgfanout_rejected (topic, partition, record_offset, reason) VALUES (?1, ?2, ?3, ?4)",
+        params![topic, record.partition, record.offset, reason],
+    )?;
+    Ok(())
+}
+
+enum ApplyError {
+    Sqlite(rusqlite::Error),
+    /// A delta that decodes but makes no sense (no key, reserved column names...).
+    Invalid(String),
+}
+
+impl From<rusqlite::Error> for ApplyError {
+    fn from(e: rusqlite::Error) -> Self {
+        ApplyError::Sqlite(e)
+    }
+}
+
+/// Applies one delta if it is newer than what the store holds; `Ok(true)` if it changed
+/// anything.
+fn apply_delta(tx: &rusqlite::Transaction<'_>, tables: &mut HashMap<String, TableShape>, delta: &Delta) -> Result<bool, ApplyError> {
+    let version = delta.version();
+    match delta.op {
+        DeltaOp::Watermark => Ok(false),
+        DeltaOp::Truncate => {
+            let Some(shape) = tables.get_mut(&delta.table) else {
+                return Ok(false); // nothing of this table here yet
+            };
+            if shape.truncated_at >= version {
+                return Ok(false);
+            }
+            shape.truncated_at = version;
+            tx.execute(
+                "INSERT INTO _pgfanout_tables (table_name, truncate_lsn, truncate_seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (table_name) DO UPDATE SET truncate_lsn = excluded.truncate_lsn, truncate_seq = excluded.truncate_seq",
+                params![delta.table, version.0, version.1],
+            )?;
+            let t = sqlite_table(&delta.table);
+            let nulls = null_assignments(shape);
+            tx.execute(
+                &format!("UPDATE {t} SET {nulls}{DELETED} = 1, {LSN} = ?1, {SEQ} = ?2 WHERE ({LSN}, {SEQ}) < (?1, ?2)"),
+                params![version.0, version.1],
+            )?;
+            Ok(true)
+        }
+        DeltaOp::Insert | DeltaOp::Update | DeltaOp::Snapshot | DeltaOp::Delete => {
+            if delta.key.is_empty() {
+                return Err(ApplyError::Invalid(format!("{} delta on {} has no key", delta.op.as_str(), delta.table)));
+            }
+            let row: &[Column] = match (&delta.op, &delta.after) {
+                (DeltaOp::Delete, _) => &delta.key,
+                (_, Some(after)) => after,
+                (_, None) => return Err(ApplyError::Invalid(format!("{} delta on {} has no row", delta.op.as_str(), delta.table))),
+            };
+            let shape = ensure_shape(tx, tables, &delta.table, &delta.key, row)?;
+            if shape.truncated_at >= version {
+                return Ok(false);
+            }
+            if let Some(old_key) = &delta.old_key {
+                if !same_key(old_key, &delta.key) {
+                    write_tombstone(tx, &delta.table, &shape, old_key, version)?;
+                }
+            }
+            if delta.op == DeltaOp::Delete {
+                write_tombstone(tx, &delta.table, &shape, &delta.key, version)
+            } else {
+                write_row(tx, &delta.table, &shape, row, version)
+            }
+        }
+    }
+}
+
+fn same_key(a: &[Column], b: &[Column]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.name == y.name && x.value == y.value)
+}
+
+fn is_reserved(name: &str) -> bool {
+    name.starts_with("_pgfanout_")
+}
+
+/// Creates the table or adds the columns the delta brings; returns the table's shape.
+fn ensure_shape(
+    tx: &rusqlite::Transaction<'_>,
+    tables: &mut HashMap<String, TableShape>,
+    table: &str,
+    key: &[Column],
+    row: &[Column],
+) -> Result<TableShape, ApplyError> {
+    if let Some(c) = key.iter().chain(row).find(|c| is_reserved(&c.name)) {
+        return Err(ApplyError::Invalid(format!("column name {:?} is reserved on devices", c.name)));
+    }
+    let t = sqlite_table(table);
+    if !tables.contains_key(table) {
+        let mut cols = Vec::new();
+        let mut defs = Vec::new();
+        for c in key.iter().chain(row.iter().filter(|c| !key.iter().any(|k| k.name == c.name))) {
+            defs.push(format!("{} {}", quote_ident(&c.name), sqlite_type(&c.type_name)));
+            cols.push(c);
+        }
+        let pk = key.iter().map(|k| quote_ident(&k.name)).collect::<Vec<_>>().join(", ");
+        tx.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {t} ({}, {LSN} INTEGER NOT NULL, {SEQ} INTEGER NOT NULL, {DELETED} INTEGER NOT NULL DEFAULT 0, PRIMARY KEY ({pk}))",
+            defs.join(", ")
+        ))?;
+        for (i, c) in cols.iter().enumerate() {
+            record_column(tx, table, c, key.iter().any(|k| k.name == c.name), i)?;
+        }
+        tables.insert(
+            table.to_string(),
+            TableShape {
+                columns: cols.iter().map(|c| c.name.clone()).collect(),
+                key: key.iter().map(|k| k.name.clone()).collect(),
+                truncated_at: (-1, -1),
+            },
+        );
+    }
+    let Some(shape) = tables.get_mut(table) else {
+        return Err(ApplyError::Invalid(format!("table {table} vanished")));
+    };
+    for c in row {
+        if !shape.columns.iter().any(|n| *n == c.name) {
+            tx.execute_batch(&format!("ALTER TABLE {t} ADD COLUMN {} {}", quote_ident(&c.name), sqlite_type(&c.type_name)))?;
+            record_column(tx, table, c, false, shape.columns.len())?;
+            shape.columns.push(c.name.clone());
+        }
+    }
+    Ok(shape.clone())
+}
+
+fn record_column(tx: &rusqlite::Transaction<'_>, table: &str, c: &Column, is_key: bool, ordinal: usize) -> Result<(), rusqlite::Error> {
+    tx.execute(
+        "INSERT OR REPLACE INTO _pgfanout_columns (table_name, column_name, pg_type, is_key, ordinal) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![table, c.name, c.type_name, is_key, ordinal as i64],
+    )?;
+    Ok(())
+}
+
+/// SQLite column type for a PostgreSQL type: integers and booleans as INTEGER, floats as
+/// REAL, bytea as BLOB, everything else (numeric, timestamps, json, ...) as exact TEXT.
+pub fn sqlite_type(pg_type: &str) -> &'static str {
+    match ValueKind::of_pg_type(pg_type) {
+        ValueKind::Boolean | ValueKind::Long => "INTEGER",
+        ValueKind::Double => "REAL",
+        ValueKind::Bytes => "BLOB",
+        ValueKind::Text => "TEXT",
+    }
+}
+
+fn null_assignments(shape: &TableShape) -> String {
+    shape
+        .columns
+        .iter()
+        .filter(|c| !shape.key.contains(c))
+        .map(|c| format!("{} = NULL, ", quote_ident(c)))
+        .collect()
+}
+
+fn write_row(tx: &rusqlite::Transaction<'_>, table: &str, shape: &TableShape, row: &[Column], version: (i64, i64)) -> Result<bool, ApplyError> {
+    let t = sqlite_table(table);
+    let cols: Vec<&Column> = row.iter().collect();
+    let names = cols.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let marks = (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let n = cols.len();
+    let updates: String = cols
+        .iter()
+        .filter(|c| !c.unchanged && !shape.key.contains(&c.name))
+        .map(|c| format!("{0} = excluded.{0}, ", quote_ident(&c.name)))
+        .collect();
+    let conflict = shape.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "INSERT INTO {t} ({names}, {LSN}, {SEQ}, {DELETED}) VALUES ({marks}, ?{}, ?{}, 0)
+         ON CONFLICT ({conflict}) DO UPDATE SET {updates}{LSN} = excluded.{LSN}, {SEQ} = excluded.{SEQ}, {DELETED} = 0
+         WHERE ({LSN}, {SEQ}) < (excluded.{LSN}, excluded.{SEQ})",
+        n + 1,
+        n + 2
+    );
+    let mut stmt = tx.prepare_cached(&sql)?;
+    let mut values: Vec<&dyn ToSql> = cols.iter().map(|c| &c.value as &dyn ToSql).collect();
+    values.push(&version.0);
+    values.push(&version.1);
+    Ok(stmt.execute(values.as_slice())? > 0)
+}
+
+fn write_tombstone(tx: &rusqlite::Transaction<'_>, table: &str, shape: &TableShape, key: &[Column], version: (i64, i64)) -> Result<bool, ApplyError> {
+    let t = sqlite_table(table);
+    let names = key.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let marks = (1..=key.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let n = key.len();
+    let nulls = null_assignments(shape);
+    let conflict = shape.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "INSERT INTO {t} ({names}, {LSN}, {SEQ}, {DELETED}) VALUES ({marks}, ?{}, ?{}, 1)
+         ON CONFLICT ({conflict}) DO UPDATE SET {nulls}{LSN} = excluded.{LSN}, {SEQ} = excluded.{SEQ}, {DELETED} = 1
+         WHERE ({LSN}, {SEQ}) < (excluded.{LSN}, excluded.{SEQ})",
+        n + 1,
+        n + 2
+    );
+    let mut stmt = tx.prepare_cached(&sql)?;
+    let mut values: Vec<&dyn ToSql> = key.iter().map(|c| &c.value as &dyn ToSql).collect();
+    values.push(&version.0);
+    values.push(&version.1);
+    Ok(stmt.execute(values.as_slice())? > 0)
+}
+
+impl ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            Value::Boolean(b) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(i64::from(*b))),
+            Value::Long(n) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*n)),
+            // SQLite turns a NaN REAL into NULL; keep it as text so it survives.
+            Value::Double(f) if f.is_nan() => ToSqlOutput::Borrowed(ValueRef::Text(b"NaN")),
+            Value::Double(f) => ToSqlOutput::Owned(rusqlite::types::Value::Real(*f)),
+            Value::String(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Value::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+        })
+    }
+}
+
+/// Reads a stored value back into its typed form, by the column's PostgreSQL type.
+pub fn value_from_sqlite(pg_type: &str, v: ValueRef<'_>) -> Value {
+    match (ValueKind::of_pg_type(pg_type), v) {
+        (_, ValueRef::Null) => Value::Null,
+        (ValueKind::Boolean, ValueRef::Integer(i)) => Value::Boolean(i != 0),
+        (ValueKind::Double, ValueRef::Real(f)) => Value::Double(f),
+        (ValueKind::Double, ValueRef::Integer(i)) => Value::Double(i as f64),
+        (ValueKind::Double, ValueRef::Text(b"NaN")) => Value::Double(f64::NAN),
+        (_, ValueRef::Integer(i)) => Value::Long(i),
+        (_, ValueRef::Real(f)) => Value::Double(f),
+        (_, ValueRef::Text(t)) => Value::String(String::from_utf8_lossy(t).into_owned()),
+        (_, ValueRef::Blob(b)) => Value::Bytes(b.to_vec()),
+    }
+}

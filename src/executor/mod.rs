@@ -1,0 +1,261 @@
+//! The executor: consumes instructions, applies each to PostgreSQL at most once, and
+//! publishes exactly one result per instruction.
+//!
+//! Guarantees and why they hold:
+//! - *At most once in PostgreSQL*: [`batch`] writes each outcome to
+//!   `pgfanout.instruction_log` in the transaction that carries its effects, and skips ids
+//!   already logged.
+//! - *A result for every instruction*: the consumer offset of a record is stored only after
+//!   its result (or, for an undecodable record, its dead letter) has been acknowledged by
+//!   Kafka. A crash before that redelivers the record, and the redelivery re-publishes the
+//!   stored result. This loop is the only place that stores executor offsets.
+//! - *Correlation*: each instruction's operations are preceded by
+//!   `pg_logical_emit_message(true, 'pgfanout', instruction_id)`, so capture tags the deltas.
+
+pub mod batch;
+pub mod plan;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_postgres::Client;
+
+use crate::backoff::Backoff;
+use crate::config::{KafkaSettings, PostgresSettings};
+use crate::contract::codec::{decode_instruction, encode_result};
+use crate::contract::{Instruction, InstructionResult};
+use crate::kafka::{self, ClientRole};
+use crate::pg;
+use crate::shutdown::Shutdown;
+use batch::{Catalog, Statements};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExecutorSettings {
+    /// Consumer group of the executors; several processes in it split the partitions.
+    #[arg(long = "group", env = "PGFANOUT_EXECUTOR_GROUP", default_value = "pgfanout-executor")]
+    pub group_id: String,
+    /// Most instructions applied in one PostgreSQL transaction.
+    #[arg(long = "batch-size", env = "PGFANOUT_EXECUTOR_BATCH_SIZE", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+    /// Longest wait (ms) for more instructions once a batch has one.
+    #[arg(long = "linger-ms", env = "PGFANOUT_EXECUTOR_LINGER_MS", default_value_t = 5)]
+    pub linger_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("postgres: {0} (check the connection string, the role's privileges on the allowed tables and on schema pgfanout)")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Runs the executor until `shutdown`.
+pub async fn run(
+    kafka_settings: &KafkaSettings,
+    pg_settings: &PostgresSettings,
+    settings: &ExecutorSettings,
+    mut shutdown: Shutdown,
+) -> Result<(), ExecutorError> {
+    let topics = kafka_settings.topics();
+    let consumer: Arc<BaseConsumer> = Arc::new(
+        kafka::client_config(kafka_settings, ClientRole::Consumer { group_id: &settings.group_id }).create()?,
+    );
+    consumer.subscribe(&[&topics.instructions])?;
+    let producer: FutureProducer = kafka::client_config(kafka_settings, ClientRole::Producer).create()?;
+
+    let mut pg_conn = None;
+    let mut catalog = Catalog::new(&pg_settings.publication);
+    let mut statements = Statements::default();
+    let linger = Duration::from_millis(settings.linger_ms);
+    let max = settings.batch_size as usize;
+    tracing::info!(topic = %topics.instructions, group = %settings.group_id, "executor started");
+
+    let outcome = loop {
+        if shutdown.is_triggered() {
+            break Ok(());
+        }
+        let polled = {
+            let consumer = Arc::clone(&consumer);
+            tokio::task::spawn_blocking(move || kafka::poll_batch(&consumer, max, Duration::from_millis(200), linger))
+                .await
+                .map_err(|e| ExecutorError::Internal(e.to_string()))?
+        };
+        let messages = match polled {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "poll failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if messages.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let mut decoded: Vec<(usize, Instruction)> = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            match m.payload().map(decode_instruction) {
+                Some(Ok(instruction)) => decoded.push((i, instruction)),
+                Some(Err(e)) => send_dead_letter(&producer, &topics.dlq, m, &e.to_string(), &mut shutdown).await?,
+                None => send_dead_letter(&producer, &topics.dlq, m, "record has no value", &mut shutdown).await?,
+            }
+        }
+        let instructions: Vec<Instruction> = decoded.iter().map(|(_, ins)| ins.clone()).collect();
+        let results = match apply_with_retry(pg_settings, &mut pg_conn, &mut catalog, &mut statements, &instructions, &mut shutdown).await? {
+            Some(r) => r,
+            None => break Ok(()), // shut down while PostgreSQL was away; nothing stored
+        };
+        publish_results(&producer, &topics.results, &results, &mut shutdown).await?;
+        store_offsets(&consumer, &messages)?;
+        for r in &results {
+            metrics::counter!("pgfanout_executor_instructions_total", "status" => r.status.as_str()).increment(1);
+        }
+        metrics::histogram!("pgfanout_executor_batch_size").record(instructions.len() as f64);
+        metrics::histogram!("pgfanout_executor_batch_duration_seconds").record(started.elapsed().as_secs_f64());
+    };
+
+    // Commit what was stored, then leave the group; both off the async runtime.
+    let consumer = Arc::try_unwrap(consumer).map_err(|_| ExecutorError::Internal("consumer still shared".into()))?;
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+            tracing::debug!(error = %e, "final offset commit");
+        }
+        kafka::close_consumer(consumer);
+    })
+    .await
+    .map_err(|e| ExecutorError::Internal(e.to_string()))?;
+    producer.flush(Timeout::After(Duration::from_secs(10)))?;
+    tracing::info!("executor stopped");
+    outcome
+}
+
+/// Applies the batch, retrying transient failures with backoff (reconnecting when the
+/// connection is gone). `None` when shutdown came first.
+async fn apply_with_retry(
+    pg_settings: &PostgresSettings,
+    conn: &mut Option<Client>,
+    catalog: &mut Catalog,
+    statements: &mut Statements,
+    instructions: &[Instruction],
+    shutdown: &mut Shutdown,
+) -> Result<Option<Vec<InstructionResult>>, ExecutorError> {
+    if instructions.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let mut backoff = Backoff::new();
+    loop {
+        if shutdown.is_triggered() {
+            return Ok(None);
+        }
+        if conn.as_ref().is_none_or(Client::is_closed) {
+            match pg::connect(&pg_settings.conninfo).await {
+                Ok(c) => {
+                    *statements = Statements::default();
+                    *conn = Some(c);
+                }
+                Err(e) if pg::is_transient(&e) => {
+                    tracing::warn!(error = %e, "cannot reach postgres; retrying");
+                    backoff.wait(shutdown).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some(client) = conn.as_ref() else { continue };
+        match batch::execute_batch(client, catalog, statements, instructions).await {
+            Ok(results) => return Ok(Some(results)),
+            Err(e) if pg::is_transient(&e) => {
+                metrics::counter!("pgfanout_executor_retries_total").increment(1);
+                tracing::warn!(error = %e, sqlstate = pg::sqlstate(&e).unwrap_or(""), "transient postgres error; retrying the batch");
+                if client.is_closed() {
+                    *conn = None;
+                }
+                backoff.wait(shutdown).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn publish_results(
+    producer: &FutureProducer,
+    topic: &str,
+    results: &[InstructionResult],
+    shutdown: &mut Shutdown,
+) -> Result<(), ExecutorError> {
+    let payloads: Vec<Vec<u8>> = results
+        .iter()
+        .map(encode_result)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ExecutorError::Internal(e.to_string()))?;
+    let mut backoff = Backoff::new();
+    let mut pending: Vec<usize> = (0..results.len()).collect();
+    while !pending.is_empty() {
+        let sends = pending.iter().map(|&i| {
+            let record = FutureRecord::to(topic).key(results[i].instruction_id.as_bytes()).payload(&payloads[i]);
+            producer.send(record, Timeout::After(Duration::from_secs(30)))
+        });
+        let outcomes = futures::future::join_all(sends).await;
+        let mut failed = Vec::new();
+        for (&i, outcome) in pending.iter().zip(outcomes) {
+            if let Err((e, _)) = outcome {
+                if !kafka::is_transient(&e) {
+                    return Err(e.into());
+                }
+                tracing::warn!(error = %e, "result not acknowledged; retrying");
+                failed.push(i);
+            }
+        }
+        pending = failed;
+        if !pending.is_empty() {
+            backoff.wait(shutdown).await;
+        }
+    }
+    Ok(())
+}
+
+async fn send_dead_letter(
+    producer: &FutureProducer,
+    dlq: &str,
+    message: &OwnedMessage,
+    reason: &str,
+    shutdown: &mut Shutdown,
+) -> Result<(), ExecutorError> {
+    tracing::warn!(partition = message.partition(), offset = message.offset(), reason, "undecodable instruction sent to the dead-letter topic");
+    let mut backoff = Backoff::new();
+    loop {
+        match kafka::dead_letter(producer, dlq, message, "executor", reason).await {
+            Ok(()) => return Ok(()),
+            Err(e) if kafka::is_transient(&e) => backoff.wait(shutdown).await,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Stores, per partition, the offset after the last record of the batch. Offsets of
+/// partitions revoked meanwhile are refused by librdkafka, which is harmless: the records
+/// are redelivered to the new owner and answered from the log.
+fn store_offsets(consumer: &BaseConsumer, messages: &[OwnedMessage]) -> Result<(), ExecutorError> {
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
+    for m in messages {
+        let e = next.entry((m.topic().to_string(), m.partition())).or_insert(0);
+        *e = (*e).max(m.offset() + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        tracing::debug!(error = %e, "offsets not stored (partition revoked?)");
+    }
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! Turns one validated operation into a parameterized SQL statement.
+//!
+//! Pure: given the table's catalog description, an operation either becomes SQL text made
+//! only of catalog identifiers plus bound text parameters cast to each column's real type
+//! (`$n::text::numeric(12,2)`), or a [`Rejection`] that says what is wrong with the input.
+
+use std::collections::HashSet;
+
+use crate::contract::value::ValueKind;
+use crate::contract::{Field, Operation, OperationKind};
+use crate::pg::{quote_ident, ColumnInfo, TableInfo};
+
+/// A statement ready to run: SQL text and its text parameters (`None` is SQL NULL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedStatement {
+    pub sql: String,
+    pub params: Vec<Option<String>>,
+}
+
+/// Why an instruction is refused before it touches PostgreSQL. `code` is a stable
+/// `PGFxx` identifier for programs; `message` is for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Rejection {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Rejection { code, message: message.into() }
+    }
+}
+
+pub const UNKNOWN_TABLE: &str = "PGF01";
+pub const UNKNOWN_COLUMN: &str = "PGF02";
+pub const BAD_KEY: &str = "PGF03";
+pub const BAD_VALUE: &str = "PGF04";
+pub const BAD_SHAPE: &str = "PGF05";
+
+struct Bound<'a> {
+    column: &'a ColumnInfo,
+    param: usize,
+}
+
+/// Plans `op` against `table`. The key must name exactly the primary-key columns; values
+/// name other existing columns, each at most once.
+pub fn plan_operation(table: &TableInfo, op: &Operation) -> Result<PlannedStatement, Rejection> {
+    let key_names: HashSet<&str> = table.key_columns().map(|c| c.name.as_str()).collect();
+    if key_names.is_empty() {
+        return Err(Rejection::new(BAD_KEY, format!("table {} has no primary key", table.name)));
+    }
+    let mut params = Vec::new();
+    let key = bind_fields(table, &op.key, &mut params, "key")?;
+    let given: HashSet<&str> = key.iter().map(|b| b.column.name.as_str()).collect();
+    if given != key_names {
+        let mut expected: Vec<&str> = key_names.into_iter().collect();
+        expected.sort_unstable();
+        return Err(Rejection::new(
+            BAD_KEY,
+            format!("key of {} must be exactly its primary key ({})", table.name, expected.join(", ")),
+        ));
+    }
+    if key.iter().any(|b| params[b.param].is_none()) {
+        return Err(Rejection::new(BAD_KEY, "key values must not be null"));
+    }
+    let values = bind_fields(table, &op.values, &mut params, "values")?;
+    if let Some(b) = values.iter().find(|b| b.column.is_key) {
+        return Err(Rejection::new(
+            BAD_SHAPE,
+            format!("column {:?} is part of the key; give it in `key`, not in `values`", b.column.name),
+        ));
+    }
+    let t = table.name.quoted();
+    let cast = |b: &Bound<'_>| format!("${}::text::{}", b.param + 1, b.column.type_sql);
+    let name = |b: &Bound<'_>| quote_ident(&b.column.name);
+    let where_key = key.iter().map(|b| format!("{} = {}", name(b), cast(b))).collect::<Vec<_>>().join(" AND ");
+    let sql = match op.op {
+        OperationKind::Insert | OperationKind::Upsert => {
+            let all: Vec<&Bound<'_>> = key.iter().chain(values.iter()).collect();
+            let cols = all.iter().map(|b| name(b)).collect::<Vec<_>>().join(", ");
+            let vals = all.iter().map(|b| cast(b)).collect::<Vec<_>>().join(", ");
+            let mut sql = format!("INSERT INTO {t} ({cols}) VALUES ({vals})");
+            if op.op == OperationKind::Upsert {
+                let conflict = key.iter().map(name).collect::<Vec<_>>().join(", ");
+                if values.is_empty() {
+                    sql.push_str(&format!(" ON CONFLICT ({conflict}) DO NOTHING"));
+                } else {
+                    let set = values
+                        .iter()
+                        .map(|b| format!("{0} = EXCLUDED.{0}", name(b)))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    sql.push_str(&format!(" ON CONFLICT ({conflict}) DO UPDATE SET {set}"));
+                }
+            }
+            sql
+        }
+        OperationKind::Update => {
+            if values.is_empty() {
+                return Err(Rejection::new(BAD_SHAPE, "an update needs at least one value"));
+            }
+            let set = values.iter().map(|b| format!("{} = {}", name(b), cast(b))).collect::<Vec<_>>().join(", ");
+            format!("UPDATE {t} SET {set} WHERE {where_key}")
+        }
+        OperationKind::Delete => {
+            if !values.is_empty() {
+                return Err(Rejection::new(BAD_SHAPE, "a delete takes only a key, no values"));
+            }
+            format!("DELETE FROM {t} WHERE {where_key}")
+        }
+    };
+    Ok(PlannedStatement { sql, params })
+}
+
+fn bind_fields<'a>(
+    table: &'a TableInfo,
+    fields: &[Field],
+    params: &mut Vec<Option<String>>,
+    part: &str,
+) -> Result<Vec<Bound<'a>>, Rejection> {
+    let mut seen = HashSet::new();
+    let mut bound = Vec::with_capacity(fields.len());
+    for field in fields {
+        let column = table.column(&field.name).ok_or_else(|| {
+            Rejection::new(
+                UNKNOWN_COLUMN,
+                format!("table {} has no column {:?}", table.name, printable(&field.name)),
+            )
+        })?;
+        if !seen.insert(column.name.as_str()) {
+            return Err(Rejection::new(BAD_SHAPE, format!("column {:?} appears twice in {part}", column.name)));
+        }
+        let text = field
+            .value
+            .to_pg_text(ValueKind::of_pg_type(&column.type_name))
+            .map_err(|why| Rejection::new(BAD_VALUE, format!("column {:?}: {why}", column.name)))?;
+        bound.push(Bound { column, param: params.len() });
+        params.push(text);
+    }
+    Ok(bound)
+}
+
+/// Input echoed in a message: at most 64 characters, control characters escaped.
+pub fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(64).flat_map(char::escape_default).collect();
+    if s.chars().count() > 64 {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::Value;
+    use crate::pg::TableName;
+
+    fn items() -> TableInfo {
+        let col = |name: &str, type_sql: &str, type_name: &str, is_key| ColumnInfo {
+            name: name.into(),
+            type_sql: type_sql.into(),
+            type_name: type_name.into(),
+            is_key,
+        };
+        TableInfo {
+            name: TableName::new("public", "items"),
+            columns: vec![
+                col("id", "bigint", "int8", true),
+                col("name", "text", "text", false),
+                col("price", "numeric(12,2)", "numeric", false),
+                col("blob", "bytea", "bytea", false),
+            ],
+        }
+    }
+
+    fn field(name: &str, value: Value) -> Field {
+        Field { name: name.into(), value }
+    }
+
+    fn op(kind: OperationKind, key: Vec<Field>, values: Vec<Field>) -> Operation {
+        Operation { op: kind, table: "public.items".into(), key, values }
+    }
+
+    #[test]
+    fn upsert_binds_every_value_as_cast_text() {
+        let p = plan_operation(
+            &items(),
+            &op(
+                OperationKind::Upsert,
+                vec![field("id", Value::Long(7))],
+                vec![field("price", Value::String("1.50".into())), field("name", Value::Null)],
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            p.sql,
+            "INSERT INTO \"public\".\"items\" (\"id\", \"price\", \"name\") VALUES ($1::text::bigint, $2::text::numeric(12,2), $3::text::text) ON CONFLICT (\"id\") DO UPDATE SET \"price\" = EXCLUDED.\"price\", \"name\" = EXCLUDED.\"name\""
+        );
+        assert_eq!(p.params, vec![Some("7".into()), Some("1.50".into()), None]);
+    }
+
+    #[test]
+    fn update_and_delete_filter_on_the_key() {
+        let u = plan_operation(
+            &items(),
+            &op(OperationKind::Update, vec![field("id", Value::Long(1))], vec![field("name", Value::String("x".into()))]),
+        )
+        .unwrap();
+        assert_eq!(u.sql, "UPDATE \"public\".\"items\" SET \"name\" = $2::text::text WHERE \"id\" = $1::text::bigint");
+        let d = plan_operation(&items(), &op(OperationKind::Delete, vec![field("id", Value::Long(1))], vec![])).unwrap();
+        assert_eq!(d.sql, "DELETE FROM \"public\".\"items\" WHERE \"id\" = $1::text::bigint");
+    }
+
+    #[test]
+    fn hostile_or_wrong_input_is_rejected_with_a_code() {
+        let t = items();
+        let id = || vec![field("id", Value::Long(1))];
+        let cases = [
+            (op(OperationKind::Insert, id(), vec![field("name\"; DROP TABLE items; --", Value::Null)]), UNKNOWN_COLUMN),
+            (op(OperationKind::Insert, vec![field("name", Value::Long(1))], vec![]), BAD_KEY),
+            (op(OperationKind::Insert, vec![], vec![]), BAD_KEY),
+            (op(OperationKind::Insert, vec![field("id", Value::Null)], vec![]), BAD_KEY),
+            (op(OperationKind::Insert, id(), vec![field("id", Value::Long(2))]), BAD_SHAPE),
+            (op(OperationKind::Insert, id(), vec![field("name", Value::Null), field("name", Value::Null)]), BAD_SHAPE),
+            (op(OperationKind::Update, id(), vec![]), BAD_SHAPE),
+            (op(OperationKind::Delete, id(), vec![field("name", Value::Null)]), BAD_SHAPE),
+            (op(OperationKind::Insert, id(), vec![field("name", Value::Bytes(vec![1]))]), BAD_VALUE),
+        ];
+        for (o, code) in cases {
+            assert_eq!(plan_operation(&t, &o).unwrap_err().code, code, "{o:?}");
+        }
+        let ok = plan_operation(&t, &op(OperationKind::Insert, id(), vec![field("blob", Value::Bytes(vec![0xab]))])).unwrap();
+        assert_eq!(ok.params[1].as_deref(), Some("\\xab"));
+    }
+
+    #[test]
+    fn printable_escapes_and_truncates() {
+        assert_eq!(printable("a\0b"), "a\\u{0}b");
+        assert_eq!(printable(&"x".repeat(100)).chars().count(), 65);
+    }
+}

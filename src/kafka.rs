@@ -1,0 +1,260 @@
+//! Kafka client set-up: the one place that turns [`KafkaSettings`] into an rdkafka
+//! `ClientConfig`, topic creation, batch polling and dead-lettering.
+//!
+//! Consumers are `BaseConsumer`s polled on blocking threads (`spawn_blocking` or a
+//! dedicated thread), never rdkafka's `StreamConsumer`: it has open stall reports, and a
+//! plain poll loop makes the moment an offset is stored explicit. Consumers are closed
+//! explicitly ([`close_consumer`]) off the async runtime, because dropping one can block
+//! for up to `session.timeout.ms`.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+
+use crate::config::KafkaSettings;
+
+/// What a client is for; each role gets the defaults it needs.
+#[derive(Debug, Clone)]
+pub enum ClientRole<'a> {
+    /// Idempotent producer: `acks=all`, ordered retries, lz4 batches.
+    Producer,
+    /// Group consumer whose offsets are stored by the application after the downstream
+    /// acknowledged (`enable.auto.offset.store=false`), then committed in the background.
+    Consumer { group_id: &'a str },
+    /// Consumer whose positions live outside Kafka (a device store); it never commits.
+    UncommittedConsumer { group_id: &'a str },
+    Admin,
+}
+
+/// Builds the rdkafka configuration for a role. User properties override the defaults.
+pub fn client_config(settings: &KafkaSettings, role: ClientRole<'_>) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &settings.brokers);
+    cfg.set("client.id", "pgfanout");
+    match role {
+        ClientRole::Producer => {
+            cfg.set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("linger.ms", "5")
+                .set("compression.type", "lz4")
+                .set("message.timeout.ms", "300000");
+        }
+        ClientRole::Consumer { group_id } => {
+            cfg.set("group.id", group_id)
+                .set("enable.auto.commit", "true")
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("partition.assignment.strategy", "cooperative-sticky");
+        }
+        ClientRole::UncommittedConsumer { group_id } => {
+            cfg.set("group.id", group_id)
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest");
+        }
+        ClientRole::Admin => {}
+    }
+    let is_consumer = matches!(role, ClientRole::Consumer { .. } | ClientRole::UncommittedConsumer { .. });
+    for (k, v) in &settings.properties.0 {
+        if !is_consumer && is_consumer_only_property(k) {
+            continue;
+        }
+        if is_consumer && is_producer_only_property(k) {
+            continue;
+        }
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+fn is_consumer_only_property(key: &str) -> bool {
+    key.starts_with("fetch.")
+        || key.starts_with("session.")
+        || key.starts_with("heartbeat.")
+        || key.starts_with("group.")
+        || key.starts_with("auto.offset")
+        || key.starts_with("max.poll")
+        || key == "isolation.level"
+        || key == "partition.assignment.strategy"
+}
+
+fn is_producer_only_property(key: &str) -> bool {
+    key.starts_with("linger.")
+        || key.starts_with("batch.")
+        || key.starts_with("queue.buffering")
+        || key == "acks"
+        || key == "compression.type"
+        || key == "enable.idempotence"
+        || key == "message.timeout.ms"
+}
+
+/// A topic the pipeline needs, with its configuration.
+pub struct TopicSpec<'a> {
+    pub name: &'a str,
+    pub partitions: i32,
+    pub config: Vec<(&'a str, &'a str)>,
+}
+
+/// Creates the topics that do not exist yet. Existing topics are left as they are.
+pub async fn ensure_topics(settings: &KafkaSettings, topics: &[TopicSpec<'_>]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(settings, ClientRole::Admin).create()?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            let mut nt = NewTopic::new(t.name, t.partitions, TopicReplication::Fixed(settings.replication_factor));
+            for (k, v) in &t.config {
+                nt = nt.set(k, v);
+            }
+            nt
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new_topics, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(topic = %name, error = %code, "cannot create topic");
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The pipeline's own topics with their default layout: deltas keyed by row and
+/// compacted-friendly, the others plain.
+pub async fn ensure_pipeline_topics(settings: &KafkaSettings) -> Result<(), KafkaError> {
+    let topics = settings.topics();
+    let specs: Vec<TopicSpec<'_>> = topics
+        .all()
+        .into_iter()
+        .map(|name| TopicSpec { name, partitions: settings.partitions, config: vec![] })
+        .collect();
+    ensure_topics(settings, &specs).await
+}
+
+/// Polls up to `max` messages: waits up to `first_wait` for the first one, then takes
+/// what is already fetched (bounded by `linger`). Runs on a blocking thread.
+pub fn poll_batch<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    max: usize,
+    first_wait: Duration,
+    linger: Duration,
+) -> Result<Vec<OwnedMessage>, KafkaError> {
+    let mut batch = Vec::new();
+    match consumer.poll(first_wait) {
+        None => return Ok(batch),
+        Some(m) => batch.push(m?.detach()),
+    }
+    let deadline = Instant::now() + linger;
+    while batch.len() < max {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match consumer.poll(left) {
+            None => break,
+            Some(m) => batch.push(m?.detach()),
+        }
+        if left.is_zero() {
+            break;
+        }
+    }
+    Ok(batch)
+}
+
+/// Sends an undecodable or unusable record to the dead-letter topic, with the reason and
+/// its origin in headers, and waits for Kafka's acknowledgement.
+pub async fn dead_letter(
+    producer: &FutureProducer,
+    dlq_topic: &str,
+    source: &OwnedMessage,
+    component: &str,
+    reason: &str,
+) -> Result<(), KafkaError> {
+    let partition = source.partition().to_string();
+    let offset = source.offset().to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: "pgfanout.error", value: Some(reason) })
+        .insert(Header { key: "pgfanout.component", value: Some(component) })
+        .insert(Header { key: "pgfanout.source.topic", value: Some(source.topic()) })
+        .insert(Header { key: "pgfanout.source.partition", value: Some(&partition) })
+        .insert(Header { key: "pgfanout.source.offset", value: Some(&offset) });
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(dlq_topic).headers(headers);
+    if let Some(k) = source.key() {
+        record = record.key(k);
+    }
+    if let Some(p) = source.payload() {
+        record = record.payload(p);
+    }
+    producer
+        .send(record, Timeout::After(Duration::from_secs(30)))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e)?;
+    metrics::counter!("pgfanout_dlq_records_total", "component" => component.to_string()).increment(1);
+    Ok(())
+}
+
+/// Closes a consumer (leaving its group) on the current, blocking thread.
+pub fn close_consumer<C: rdkafka::consumer::ConsumerContext>(consumer: BaseConsumer<C>) {
+    consumer.unsubscribe();
+    drop(consumer);
+}
+
+/// True for errors worth retrying: the broker or network is away, not the input wrong.
+pub fn is_transient(err: &KafkaError) -> bool {
+    match err.rdkafka_error_code() {
+        Some(code) => !matches!(
+            code,
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::InvalidConfig
+                | RDKafkaErrorCode::Fatal
+        ),
+        None => true,
+    }
+}
+
+/// Library version of the bundled librdkafka, for logs and benchmark reports.
+pub fn librdkafka_version() -> String {
+    rdkafka::util::get_rdkafka_version().1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Properties;
+
+    fn settings(props: &[(&str, &str)]) -> KafkaSettings {
+        KafkaSettings {
+            brokers: "b:1".into(),
+            topic_prefix: "p.".into(),
+            properties: Properties(props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            partitions: 3,
+            replication_factor: 1,
+        }
+    }
+
+    #[test]
+    fn roles_get_their_defaults_and_user_overrides() {
+        let s = settings(&[("fetch.wait.max.ms", "20"), ("linger.ms", "1")]);
+        let p = client_config(&s, ClientRole::Producer);
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(p.get("linger.ms"), Some("1"));
+        assert_eq!(p.get("fetch.wait.max.ms"), None);
+        let c = client_config(&s, ClientRole::Consumer { group_id: "g" });
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("fetch.wait.max.ms"), Some("20"));
+        assert_eq!(c.get("linger.ms"), None);
+        assert_eq!(s.topics().deltas, "p.deltas");
+    }
+}

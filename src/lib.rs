@@ -1,0 +1,22 @@
+//! pgfanout: instructions applied once to PostgreSQL, their changes read from the WAL and
+//! fanned out through Kafka to every device's SQLite store.
+//!
+//! Components (one subcommand each): [`executor`], [`capture`], [`device`], plus
+//! [`submit`], [`verify`] and [`demo`]. The data contracts are in [`contract`], Kafka
+//! client set-up in [`kafka`], PostgreSQL helpers in [`pg`].
+
+pub mod backoff;
+pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod contract;
+pub mod demo;
+pub mod device;
+pub mod executor;
+pub mod kafka;
+pub mod pg;
+pub mod shutdown;
+pub mod submit;
+pub mod telemetry;
+pub mod verify;
+pub mod workload;

@@ -1,0 +1,201 @@
+//! PostgreSQL access shared by the components: connecting, the `pgfanout` schema, and
+//! catalog look-ups (tables, columns, primary keys, publications).
+//!
+//! Identifiers that reach SQL text always come from the catalog and are quoted with
+//! [`quote_ident`]; values are always bound parameters.
+
+use std::fmt;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::contract::value::type_name_for_oid;
+
+/// Connects and drives the connection on a background task.
+pub async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// The executor's bookkeeping: one row per instruction, written in the same transaction as
+/// the instruction's effects, so a redelivered instruction finds its outcome.
+pub const SCHEMA_SQL: &str = "
+CREATE SCHEMA IF NOT EXISTS pgfanout;
+CREATE TABLE IF NOT EXISTS pgfanout.instruction_log (
+    instruction_id text PRIMARY KEY,
+    issued_by text NOT NULL,
+    status text NOT NULL CHECK (status IN ('committed', 'rejected', 'failed')),
+    error_code text,
+    error_message text,
+    rows_affected bigint NOT NULL,
+    commit_lsn bigint,
+    executed_at bigint NOT NULL
+);
+";
+
+pub async fn ensure_schema(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute(SCHEMA_SQL).await
+}
+
+/// `"ident"` with embedded quotes doubled.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// A table name as written in instructions and deltas: `schema.table`, or `table` in
+/// schema `public`. Parsing is strict: exactly one optional dot, no quoting.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        TableName { schema: schema.into(), name: name.into() }
+    }
+
+    pub fn parse(s: &str) -> Option<TableName> {
+        let (schema, name) = match s.split_once('.') {
+            Some((schema, name)) => (schema, name),
+            None => ("public", s),
+        };
+        if schema.is_empty() || name.is_empty() || name.contains('.') {
+            return None;
+        }
+        Some(TableName::new(schema, name))
+    }
+
+    /// `"schema"."table"` for SQL text.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnInfo {
+    pub name: String,
+    /// `format_type(atttypid, atttypmod)`: the type as SQL accepts it in a cast.
+    pub type_sql: String,
+    /// The type's name as capture reports it (`pg_type.typname`).
+    pub type_name: String,
+    pub is_key: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    pub name: TableName,
+    pub columns: Vec<ColumnInfo>,
+}
+
+impl TableInfo {
+    pub fn column(&self, name: &str) -> Option<&ColumnInfo> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    pub fn key_columns(&self) -> impl Iterator<Item = &ColumnInfo> {
+        self.columns.iter().filter(|c| c.is_key)
+    }
+}
+
+/// Columns of an ordinary or partitioned table, with its primary key; `None` if there is
+/// no such table.
+pub async fn table_info(client: &Client, table: &TableName) -> Result<Option<TableInfo>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text, a.atttypid,
+                    coalesce(a.attnum = ANY(i.indkey), false)
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               JOIN pg_type t ON t.oid = a.atttypid
+               LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+              ORDER BY a.attnum",
+            &[&table.schema, &table.name],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let columns = rows
+        .iter()
+        .map(|r| {
+            let oid: u32 = r.get(3);
+            let typname: String = r.get(2);
+            ColumnInfo {
+                name: r.get(0),
+                type_sql: r.get(1),
+                type_name: type_name_for_oid(oid).map(str::to_string).unwrap_or(typname),
+                is_key: r.get(4),
+            }
+        })
+        .collect();
+    Ok(Some(TableInfo { name: table.clone(), columns }))
+}
+
+/// The tables of a publication, sorted.
+pub async fn publication_tables(client: &Client, publication: &str) -> Result<Vec<TableName>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect())
+}
+
+pub async fn publication_exists(client: &Client, publication: &str) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await?;
+    Ok(row.get::<_, i64>(0) > 0)
+}
+
+/// The SQLSTATE of a PostgreSQL error, if the server sent one.
+pub fn sqlstate(err: &tokio_postgres::Error) -> Option<&str> {
+    err.code().map(|c| c.code())
+}
+
+/// Errors that go away by retrying: lost connection, serialization failure, deadlock,
+/// server shutting down or out of resources.
+pub fn is_transient(err: &tokio_postgres::Error) -> bool {
+    match sqlstate(err) {
+        None => true,
+        Some(code) => {
+            code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(code, "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "55P03")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_parse_strictly() {
+        assert_eq!(TableName::parse("items"), Some(TableName::new("public", "items")));
+        assert_eq!(TableName::parse("s.t"), Some(TableName::new("s", "t")));
+        assert_eq!(TableName::parse("a.b.c"), None);
+        assert_eq!(TableName::parse(".t"), None);
+        assert_eq!(TableName::parse("s."), None);
+        assert_eq!(TableName::new("a\"b", "c").quoted(), "\"a\"\"b\".\"c\"");
+    }
+}
+
+/// `'literal'` with embedded quotes doubled (for DDL, where parameters are not allowed).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}

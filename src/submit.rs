@@ -1,0 +1,225 @@
+//! Submitting instructions: JSON-lines or command-line input turned into Avro instructions
+//! on the instructions topic, and an optional wait for their results.
+//!
+//! JSON form of one instruction (one per line):
+//! `{"instruction_id": "<uuid, optional>", "issued_by": "<device, optional>",
+//!   "operations": [{"op": "upsert", "table": "public.items", "key": {"id": 1},
+//!   "values": {"name": "x", "blob": {"$hex": "00ff"}}}]}`
+//! JSON numbers without a fraction become longs, others doubles; `{"$hex": ...}` is bytes.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value as Json;
+
+use crate::config::KafkaSettings;
+use crate::contract::codec::{decode_result, encode_instruction};
+use crate::contract::{now_micros, Field, Instruction, InstructionResult, Operation, OperationKind, Value};
+use crate::kafka::{self, ClientRole};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("line {line}: {reason}")]
+    Input { line: usize, reason: String },
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Parses one JSON instruction. Missing ids are generated; `issued_by` defaults to `default_issuer`.
+pub fn instruction_from_json(json: &Json, default_issuer: &str) -> Result<Instruction, String> {
+    let obj = json.as_object().ok_or("an instruction is a JSON object")?;
+    let instruction_id = match obj.get("instruction_id") {
+        None | Some(Json::Null) => uuid::Uuid::new_v4().to_string(),
+        Some(Json::String(s)) => s.clone(),
+        Some(_) => return Err("instruction_id must be a string".into()),
+    };
+    let issued_by = match obj.get("issued_by") {
+        None | Some(Json::Null) => default_issuer.to_string(),
+        Some(Json::String(s)) => s.clone(),
+        Some(_) => return Err("issued_by must be a string".into()),
+    };
+    let ops = obj.get("operations").and_then(Json::as_array).ok_or("operations must be an array")?;
+    let operations = ops.iter().map(operation_from_json).collect::<Result<_, _>>()?;
+    Ok(Instruction { instruction_id, issued_by, issued_at: now_micros(), operations })
+}
+
+fn operation_from_json(json: &Json) -> Result<Operation, String> {
+    let op = match json.get("op").and_then(Json::as_str) {
+        Some("insert") => OperationKind::Insert,
+        Some("update") => OperationKind::Update,
+        Some("upsert") => OperationKind::Upsert,
+        Some("delete") => OperationKind::Delete,
+        _ => return Err("op must be one of insert, update, upsert, delete".into()),
+    };
+    let table = json.get("table").and_then(Json::as_str).ok_or("table must be a string")?.to_string();
+    let fields = |name: &str| -> Result<Vec<Field>, String> {
+        match json.get(name) {
+            None | Some(Json::Null) => Ok(Vec::new()),
+            Some(Json::Object(map)) => map
+                .iter()
+                .map(|(k, v)| Ok(Field { name: k.clone(), value: value_from_json(v)? }))
+                .collect(),
+            Some(_) => Err(format!("{name} must be an object of column: value")),
+        }
+    };
+    Ok(Operation { op, table, key: fields("key")?, values: fields("values")? })
+}
+
+/// A JSON value as a typed value.
+pub fn value_from_json(json: &Json) -> Result<Value, String> {
+    Ok(match json {
+        Json::Null => Value::Null,
+        Json::Bool(b) => Value::Boolean(*b),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => Value::Long(i),
+            None => Value::Double(n.as_f64().ok_or("number out of range")?),
+        },
+        Json::String(s) => Value::String(s.clone()),
+        Json::Object(map) if map.len() == 1 => match map.get("$hex").and_then(Json::as_str) {
+            Some(hex) => Value::Bytes(decode_hex(hex).ok_or("$hex must be an even number of hex digits")?),
+            None => Value::String(json.to_string()),
+        },
+        // Arrays and objects are JSON documents for json/jsonb (or array) columns.
+        Json::Array(_) | Json::Object(_) => Value::String(json.to_string()),
+    })
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// Reads JSON-lines text (blank lines and `#` comments skipped).
+pub fn parse_json_lines(text: &str, default_issuer: &str) -> Result<Vec<Instruction>, SubmitError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let json: Json = serde_json::from_str(line).map_err(|e| SubmitError::Input { line: i + 1, reason: e.to_string() })?;
+        out.push(instruction_from_json(&json, default_issuer).map_err(|reason| SubmitError::Input { line: i + 1, reason })?);
+    }
+    Ok(out)
+}
+
+/// Produces instructions keyed by `issued_by` (one issuer's instructions keep their order)
+/// and waits until Kafka acknowledged all of them.
+pub async fn produce_instructions(producer: &FutureProducer, topic: &str, instructions: &[Instruction]) -> Result<(), SubmitError> {
+    const WINDOW: usize = 5000;
+    for chunk in instructions.chunks(WINDOW) {
+        let payloads: Vec<Vec<u8>> = chunk
+            .iter()
+            .map(encode_instruction)
+            .collect::<Result<_, _>>()
+            .map_err(|e| SubmitError::Other(e.to_string()))?;
+        let sends = chunk.iter().zip(&payloads).map(|(ins, payload)| {
+            producer.send(FutureRecord::to(topic).key(ins.issued_by.as_bytes()).payload(payload), Timeout::After(Duration::from_secs(60)))
+        });
+        for outcome in futures::future::join_all(sends).await {
+            outcome.map_err(|(e, _)| e)?;
+        }
+    }
+    Ok(())
+}
+
+/// Follows the results topic from its end at creation time, collecting results by id.
+pub struct ResultWatcher {
+    consumer: BaseConsumer,
+    results: HashMap<String, InstructionResult>,
+}
+
+impl ResultWatcher {
+    /// Positions at the current end of every results partition: results of instructions
+    /// submitted after this call cannot be missed. Blocking.
+    pub fn start(settings: &KafkaSettings) -> Result<Self, SubmitError> {
+        let topic = settings.topics().results;
+        let group = format!("pgfanout-submit-{}", uuid::Uuid::new_v4());
+        let consumer: BaseConsumer = kafka::client_config(settings, ClientRole::UncommittedConsumer { group_id: &group }).create()?;
+        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let partitions = md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len()).unwrap_or(0);
+        if partitions == 0 {
+            return Err(SubmitError::Other(format!("topic {topic} does not exist")));
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+            tpl.add_partition_offset(&topic, p, Offset::Offset(high))?;
+        }
+        consumer.assign(&tpl)?;
+        Ok(ResultWatcher { consumer, results: HashMap::new() })
+    }
+
+    /// Polls until every id in `ids` has a result or `timeout` passes; calls `progress` with
+    /// the number of results seen so far. Blocking.
+    pub fn wait_for(&mut self, ids: &HashSet<String>, timeout: Duration, mut progress: impl FnMut(usize)) -> Result<(), SubmitError> {
+        let deadline = Instant::now() + timeout;
+        let mut last = 0;
+        while ids.iter().any(|id| !self.results.contains_key(id)) {
+            if Instant::now() > deadline {
+                let missing = ids.iter().filter(|id| !self.results.contains_key(*id)).count();
+                return Err(SubmitError::Other(format!("{missing} instructions have no result after {timeout:?}")));
+            }
+            for m in kafka::poll_batch(&self.consumer, 10_000, Duration::from_millis(200), Duration::from_millis(5))? {
+                if let Some(Ok(r)) = m.payload().map(decode_result) {
+                    self.results.insert(r.instruction_id.clone(), r);
+                }
+            }
+            let seen = ids.iter().filter(|id| self.results.contains_key(*id)).count();
+            if seen != last {
+                progress(seen);
+                last = seen;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn results(&self) -> &HashMap<String, InstructionResult> {
+        &self.results
+    }
+
+    pub fn close(self) {
+        kafka::close_consumer(self.consumer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_become_typed_instructions() {
+        let text = r#"
+# a comment
+{"instruction_id": "i1", "operations": [{"op": "upsert", "table": "items", "key": {"id": 1}, "values": {"price": 1.5, "ok": true, "b": {"$hex": "00ff"}, "doc": {"a": [1]}, "n": null}}]}
+"#;
+        let ins = parse_json_lines(text, "dev").unwrap();
+        assert_eq!(ins.len(), 1);
+        assert_eq!(ins[0].issued_by, "dev");
+        let op = &ins[0].operations[0];
+        assert_eq!(op.key, vec![Field { name: "id".into(), value: Value::Long(1) }]);
+        let get = |n: &str| op.values.iter().find(|f| f.name == n).unwrap().value.clone();
+        assert_eq!(get("price"), Value::Double(1.5));
+        assert_eq!(get("ok"), Value::Boolean(true));
+        assert_eq!(get("b"), Value::Bytes(vec![0, 255]));
+        assert_eq!(get("doc"), Value::String("{\"a\":[1]}".into()));
+        assert_eq!(get("n"), Value::Null);
+    }
+
+    #[test]
+    fn bad_lines_say_where() {
+        let err = parse_json_lines("{}\n", "d").unwrap_err();
+        assert!(err.to_string().starts_with("line 1:"), "{err}");
+        assert!(parse_json_lines("{\"operations\": [{\"op\": \"merge\", \"table\": \"t\"}]}", "d").is_err());
+        assert!(value_from_json(&serde_json::json!({"$hex": "abc"})).is_err());
+    }
+}

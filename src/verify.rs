@@ -1,0 +1,226 @@
+//! Compares device stores with PostgreSQL, table by table: row count and an
+//! order-independent checksum of the rows' values, plus the keys of the first differences.
+//!
+//! Both sides are reduced to the same canonical form through the project's one value
+//! conversion ([`crate::contract::Value`]), so a match means every row holds the same typed
+//! values, not merely similar text.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::contract::Value;
+use crate::device::store::{sqlite_table, value_from_sqlite};
+use crate::pg::{self, quote_ident, TableInfo};
+
+/// The rows of one table: canonical key → canonical row.
+pub type Rows = BTreeMap<String, String>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("device store {path}: {source}")]
+    Store { path: PathBuf, source: rusqlite::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Count and checksum of a table's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub rows: usize,
+    pub checksum: u64,
+}
+
+pub fn summarize(rows: &Rows) -> Summary {
+    let checksum = rows.iter().fold(0u64, |acc, (k, v)| acc.wrapping_add(fnv1a(k.as_bytes()) ^ fnv1a(v.as_bytes()).rotate_left(1)));
+    Summary { rows: rows.len(), checksum }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn canonical(columns: &[(String, Value)]) -> String {
+    let mut s = String::new();
+    for (name, value) in columns {
+        s.push_str(name);
+        s.push('=');
+        value.write_canonical(&mut s);
+        s.push(';');
+    }
+    s
+}
+
+/// Reads every row of a table from PostgreSQL in canonical form.
+pub async fn postgres_rows(client: &tokio_postgres::Client, table: &TableInfo) -> Result<Rows, VerifyError> {
+    let select = table.columns.iter().map(|c| format!("{}::text", quote_ident(&c.name))).collect::<Vec<_>>().join(", ");
+    let rows = client.query(&format!("SELECT {select} FROM {}", table.name.quoted()), &[]).await?;
+    let mut out = Rows::new();
+    for row in rows {
+        let mut key = Vec::new();
+        let mut all = Vec::new();
+        for (i, c) in table.columns.iter().enumerate() {
+            let text: Option<String> = row.get(i);
+            let value = match text {
+                None => Value::Null,
+                Some(t) => Value::from_pg_text(&c.type_name, &t).map_err(|e| VerifyError::Other(e.to_string()))?,
+            };
+            if c.is_key {
+                key.push((c.name.clone(), value.clone()));
+            }
+            all.push((c.name.clone(), value));
+        }
+        out.insert(canonical(&key), canonical(&all));
+    }
+    Ok(out)
+}
+
+/// Reads the live (not deleted) rows of a table from a device store in canonical form,
+/// with the columns PostgreSQL has; a column the device never saw reads as NULL.
+pub fn device_rows(conn: &Connection, table: &TableInfo) -> Result<Rows, rusqlite::Error> {
+    let name = table.name.to_string();
+    let known: Vec<String> = {
+        let mut stmt = conn.prepare("SELECT column_name FROM _pgfanout_columns WHERE table_name = ?1")?;
+        let names = stmt.query_map([&name], |r| r.get::<_, String>(0))?;
+        names.collect::<Result<_, _>>()?
+    };
+    let mut out = Rows::new();
+    if known.is_empty() {
+        return Ok(out);
+    }
+    let present: Vec<&crate::pg::ColumnInfo> = table.columns.iter().filter(|c| known.contains(&c.name)).collect();
+    let select = present.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let mut stmt = conn.prepare(&format!("SELECT {select} FROM {} WHERE _pgfanout_deleted = 0", sqlite_table(&name)))?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let mut key = Vec::new();
+        let mut all = Vec::new();
+        for c in &table.columns {
+            let value = match present.iter().position(|p| p.name == c.name) {
+                Some(i) => value_from_sqlite(&c.type_name, row.get_ref(i)?),
+                None => Value::Null,
+            };
+            if c.is_key {
+                key.push((c.name.clone(), value.clone()));
+            }
+            all.push((c.name.clone(), value));
+        }
+        out.insert(canonical(&key), canonical(&all));
+    }
+    Ok(out)
+}
+
+pub fn open_store_read_only(path: &Path) -> Result<Connection, VerifyError> {
+    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|source| VerifyError::Store { path: path.to_path_buf(), source })
+}
+
+/// How one table of one device compares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableComparison {
+    pub table: String,
+    pub postgres: Summary,
+    pub device: Summary,
+    /// Up to five keys that are missing, extra or different on the device.
+    pub sample_differences: Vec<String>,
+}
+
+impl TableComparison {
+    pub fn matches(&self) -> bool {
+        self.postgres == self.device && self.sample_differences.is_empty()
+    }
+}
+
+pub fn compare(table: &str, postgres: &Rows, device: &Rows) -> TableComparison {
+    let mut diffs = Vec::new();
+    for (k, v) in postgres {
+        if diffs.len() >= 5 {
+            break;
+        }
+        match device.get(k) {
+            None => diffs.push(format!("missing {k}")),
+            Some(d) if d != v => diffs.push(format!("different {k}")),
+            Some(_) => {}
+        }
+    }
+    for k in device.keys() {
+        if diffs.len() >= 5 {
+            break;
+        }
+        if !postgres.contains_key(k) {
+            diffs.push(format!("extra {k}"));
+        }
+    }
+    TableComparison { table: table.to_string(), postgres: summarize(postgres), device: summarize(device), sample_differences: diffs }
+}
+
+/// The outcome for every device.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub postgres_rows: usize,
+    pub devices: Vec<(PathBuf, Vec<TableComparison>)>,
+}
+
+impl Report {
+    pub fn matching_devices(&self) -> usize {
+        self.devices.iter().filter(|(_, t)| t.iter().all(TableComparison::matches)).count()
+    }
+
+    /// The last line of `pgfanout verify`.
+    pub fn summary_line(&self) -> String {
+        format!(
+            "verified: {} of {} devices match postgres ({} rows)",
+            self.matching_devices(),
+            self.devices.len(),
+            self.postgres_rows
+        )
+    }
+}
+
+/// Compares every store with the publication's tables in PostgreSQL.
+pub async fn verify(conninfo: &str, publication: &str, stores: &[PathBuf]) -> Result<Report, VerifyError> {
+    let client = pg::connect(conninfo).await?;
+    let mut tables = Vec::new();
+    for name in pg::publication_tables(&client, publication).await? {
+        if let Some(info) = pg::table_info(&client, &name).await? {
+            let rows = postgres_rows(&client, &info).await?;
+            tables.push((info, rows));
+        }
+    }
+    let postgres_rows = tables.iter().map(|(_, r)| r.len()).sum();
+    let mut devices = Vec::new();
+    for path in stores {
+        let conn = open_store_read_only(path)?;
+        let mut comparisons = Vec::new();
+        for (info, pg_rows) in &tables {
+            let rows = device_rows(&conn, info).map_err(|source| VerifyError::Store { path: path.clone(), source })?;
+            comparisons.push(compare(&info.name.to_string(), pg_rows, &rows));
+        }
+        devices.push((path.clone(), comparisons));
+    }
+    Ok(Report { postgres_rows, devices })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_ignores_order_but_not_content() {
+        let mut a = Rows::new();
+        a.insert("k1".into(), "v1".into());
+        a.insert("k2".into(), "v2".into());
+        let mut b = Rows::new();
+        b.insert("k2".into(), "v2".into());
+        b.insert("k1".into(), "v1".into());
+        assert_eq!(summarize(&a), summarize(&b));
+        b.insert("k1".into(), "v1'".into());
+        assert_ne!(summarize(&a), summarize(&b));
+        let c = compare("t", &a, &b);
+        assert!(!c.matches());
+        assert_eq!(c.sample_differences, vec!["different k1".to_string()]);
+    }
+}
