@@ -2,6 +2,7 @@
 //!
 //! Logs never contain row values or secrets: components log ids, positions and counts only.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder};
@@ -16,7 +17,10 @@ pub enum LogFormat {
 /// Logs to stderr; the level comes from `RUST_LOG` (default `info`).
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -6,8 +6,12 @@
 
 use std::sync::LazyLock;
 
+use std::io::BufRead;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_avro_fast::de::read::SliceRead;
+use serde_avro_fast::de::{DeserializerConfig, DeserializerState};
 use serde_avro_fast::ser::SerializerConfig;
 use serde_avro_fast::Schema;
 
@@ -55,11 +59,20 @@ fn encode<T: Serialize>(value: &T, schema: &Schema, what: &'static str) -> Resul
     })
 }
 
+/// Longest array accepted in a record (operations, columns): bounds the work a hostile
+/// length prefix can cause.
+const MAX_ARRAY_LEN: usize = 1_000_000;
+
 fn decode<T: DeserializeOwned>(bytes: &[u8], schema: &Schema, what: &'static str) -> Result<T, CodecError> {
-    serde_avro_fast::from_datum_slice(bytes, schema).map_err(|e| CodecError::Decode {
-        what,
-        reason: e.to_string(),
-    })
+    let mut config = DeserializerConfig::new(schema);
+    config.max_seq_size = MAX_ARRAY_LEN;
+    let mut state = DeserializerState::with_config(SliceRead::new(bytes), config);
+    let value = T::deserialize(state.deserializer()).map_err(|e| CodecError::Decode { what, reason: e.to_string() })?;
+    let rest = state.into_reader().fill_buf().map(|r| r.len()).unwrap_or(0);
+    if rest > 0 {
+        return Err(CodecError::Decode { what, reason: format!("{rest} bytes left after the record") });
+    }
+    Ok(value)
 }
 
 pub fn encode_instruction(v: &Instruction) -> Result<Vec<u8>, CodecError> {
@@ -175,6 +188,9 @@ mod tests {
             assert!(decode_instruction(&bytes[..n]).is_err(), "prefix {n}");
         }
         assert!(decode_delta(&[0xff; 40]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode_instruction(&longer).is_err(), "trailing bytes are refused");
         assert!(decode_instruction(b"{\"json\": true}").is_err());
     }
 }

@@ -10,7 +10,10 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Deserialized from the Avro union by branch name; serialized by hand so that each
+/// variant selects its own branch of the union (a derived unit variant `Null` would be
+/// written as the string "Null").
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub enum Value {
     Null,
     Boolean(bool),
@@ -18,6 +21,19 @@ pub enum Value {
     Double(f64),
     String(String),
     Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+impl Serialize for Value {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => serializer.serialize_unit(),
+            Value::Boolean(b) => serializer.serialize_bool(*b),
+            Value::Long(n) => serializer.serialize_i64(*n),
+            Value::Double(f) => serializer.serialize_f64(*f),
+            Value::String(s) => serializer.serialize_str(s),
+            Value::Bytes(b) => serializer.serialize_bytes(b),
+        }
+    }
 }
 
 /// How a PostgreSQL type is carried in a [`Value`].

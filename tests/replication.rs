@@ -1,22 +1,13 @@
-# Integration tests for capture::replication and capture::pgoutput
-
-Place as `tests/replication_it.rs` (needs `tokio-postgres` as a dev-dependency). Environment variables are described in the file header.
-
-```rust
 //! End-to-end tests of the replication client and the pgoutput decoder
 //! against a real PostgreSQL (15+) server.
 //!
-//! Environment:
-//! - `REPL_TEST_PG`: libpq conninfo of a superuser that can connect without
-//!   a password (trust), on a server with `wal_level = logical`. Every test
-//!   is skipped, with a message, when it is unset.
-//! - `REPL_TEST_PG_MD5`, `REPL_TEST_PG_SCRAM`, `REPL_TEST_PG_PASSWORD`:
+//! Environment (set by `deploy/local/test.sh`):
+//! - `PGFANOUT_TEST_POSTGRES`: libpq conninfo of a superuser that connects
+//!   without a password (trust), on a server with `wal_level = logical`.
+//! - `PGFANOUT_TEST_PG_MD5`, `PGFANOUT_TEST_PG_SCRAM`, `PGFANOUT_TEST_PG_PASSWORD`:
 //!   conninfo (with password) of roles with REPLICATION whose pg_hba.conf
-//!   lines (`host all` and `host replication`) use md5, scram-sha-256 and
-//!   password respectively. Each auth test is skipped when its variable is
-//!   unset.
-//! - `REPL_TEST_PG_UNIX`: conninfo using a Unix-domain socket directory as
-//!   host (optional).
+//!   lines use md5, scram-sha-256 and password respectively.
+//! - `PGFANOUT_TEST_PG_UNIX`: conninfo using a Unix-domain socket directory as host.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,13 +19,12 @@ use pgfanout::capture::replication::{
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// The connection string in `var`; the suite runner (`deploy/local/test.sh`) sets them
+/// all, so a missing one is a failure, not a skip.
 fn env_conninfo(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.trim().is_empty() => Some(v),
-        _ => {
-            println!("skipping: set {var} to run this test against a PostgreSQL server");
-            None
-        }
+        _ => panic!("{var} is not set: run the suite with ./deploy/local/test.sh"),
     }
 }
 
@@ -129,7 +119,7 @@ fn text(s: &str) -> TupleValue {
 
 #[tokio::test]
 async fn stream_decode_and_confirm() {
-    let Some(conninfo) = env_conninfo("REPL_TEST_PG") else {
+    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
         return;
     };
     let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
@@ -339,7 +329,7 @@ async fn stream_decode_and_confirm() {
 
 #[tokio::test]
 async fn large_values_arrive_intact() {
-    let Some(conninfo) = env_conninfo("REPL_TEST_PG") else {
+    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
         return;
     };
     let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
@@ -407,7 +397,7 @@ async fn large_values_arrive_intact() {
 
 #[tokio::test]
 async fn keepalives_are_answered() {
-    let Some(conninfo) = env_conninfo("REPL_TEST_PG") else {
+    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
         return;
     };
     let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
@@ -466,7 +456,7 @@ async fn keepalives_are_answered() {
 
 #[tokio::test]
 async fn exported_snapshot_is_usable() {
-    let Some(conninfo) = env_conninfo("REPL_TEST_PG") else {
+    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
         return;
     };
     let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
@@ -485,7 +475,7 @@ async fn exported_snapshot_is_usable() {
 
 #[tokio::test]
 async fn server_errors_are_explained() {
-    let Some(conninfo) = env_conninfo("REPL_TEST_PG") else {
+    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
         return;
     };
     let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
@@ -553,7 +543,7 @@ async fn check_auth(var: &str) {
 
 #[tokio::test]
 async fn auth_trust() {
-    let Some(conninfo) = env_conninfo("REPL_TEST_PG") else {
+    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
         return;
     };
     let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
@@ -563,22 +553,22 @@ async fn auth_trust() {
 
 #[tokio::test]
 async fn auth_md5() {
-    check_auth("REPL_TEST_PG_MD5").await;
+    check_auth("PGFANOUT_TEST_PG_MD5").await;
 }
 
 #[tokio::test]
 async fn auth_scram_sha_256() {
-    check_auth("REPL_TEST_PG_SCRAM").await;
+    check_auth("PGFANOUT_TEST_PG_SCRAM").await;
 }
 
 #[tokio::test]
 async fn auth_cleartext_password() {
-    check_auth("REPL_TEST_PG_PASSWORD").await;
+    check_auth("PGFANOUT_TEST_PG_PASSWORD").await;
 }
 
 #[tokio::test]
 async fn unix_socket() {
-    let Some(conninfo) = env_conninfo("REPL_TEST_PG_UNIX") else {
+    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_PG_UNIX") else {
         return;
     };
     let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
@@ -586,4 +576,3 @@ async fn unix_socket() {
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
     repl.identify_system().await.unwrap();
 }
-```

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Quick-start command 2: installs what is missing, starts a throwaway PostgreSQL and
+# broker (in-memory storage) on free ports, runs the whole test suite against them, and
+# stops them again. Extra arguments go to `cargo test`.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+install_prerequisites
+WORK=$(mktemp -d /tmp/pgfanout-test.XXXXXX)
+chmod 755 "$WORK"
+PG_DIR="$WORK/pg"
+SOCKETS="$WORK/sockets"
+mkdir -p "$SOCKETS" && chmod 1777 "$SOCKETS"
+cleanup() {
+    broker_stop "$WORK/broker"
+    pg_stop "$PG_DIR"
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+PG_PORT=$(free_port)
+BROKER_PORT=$(free_port)
+# Tests create and drop many databases: durability is not what they measure.
+pg_start "$PG_DIR" "$PG_PORT" "fsync = off" "full_page_writes = off" "unix_socket_directories = '$SOCKETS'"
+# Roles for the authentication tests of the replication client, one per method.
+PSQL=("$(pg_bindir)/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres)
+as_pg "${PSQL[@]}" <<'SQL'
+SET password_encryption = 'md5';
+CREATE ROLE pgf_md5 LOGIN REPLICATION PASSWORD 'md5-secret';
+SET password_encryption = 'scram-sha-256';
+CREATE ROLE pgf_scram LOGIN REPLICATION PASSWORD 'scram-secret';
+CREATE ROLE pgf_password LOGIN REPLICATION PASSWORD 'plain-secret';
+SQL
+{
+    echo "host all pgf_md5 127.0.0.1/32 md5"
+    echo "host all pgf_scram 127.0.0.1/32 scram-sha-256"
+    echo "host all pgf_password 127.0.0.1/32 password"
+    cat "$PG_DIR/pg_hba.conf"
+} | as_pg tee "$PG_DIR/pg_hba.conf.new" >/dev/null
+as_pg mv "$PG_DIR/pg_hba.conf.new" "$PG_DIR/pg_hba.conf"
+as_pg "$(pg_bindir)/pg_ctl" -D "$PG_DIR" reload >/dev/null
+broker_start "$WORK/broker" "$BROKER_PORT" memory
+log "PostgreSQL on 127.0.0.1:$PG_PORT, $BROKER broker on 127.0.0.1:$BROKER_PORT"
+
+export PGFANOUT_TEST_POSTGRES="host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
+export PGFANOUT_TEST_PG_MD5="host=127.0.0.1 port=$PG_PORT user=pgf_md5 password=md5-secret dbname=postgres"
+export PGFANOUT_TEST_PG_SCRAM="postgresql://pgf_scram:scram-secret@127.0.0.1:$PG_PORT/postgres"
+export PGFANOUT_TEST_PG_PASSWORD="host=127.0.0.1 port=$PG_PORT user=pgf_password password=plain-secret dbname=postgres"
+export PGFANOUT_TEST_PG_UNIX="host=$SOCKETS port=$PG_PORT user=postgres dbname=postgres"
+export PGFANOUT_TEST_BROKERS="127.0.0.1:$BROKER_PORT"
+export PGFANOUT_TEST_KAFKA_PROPERTIES="$LOCAL_KAFKA_PROPERTIES"
+export PGFANOUT_TEST_BROKER_BIN="$(command -v "$BROKER")"
+cd "$PGFANOUT_ROOT"
+cargo test --quiet "$@"

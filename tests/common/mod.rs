@@ -1,0 +1,311 @@
+//! Test harness: a real PostgreSQL and a real Kafka-protocol broker (started by
+//! `deploy/local/test.sh`, which exports their addresses), with one fresh database and one
+//! topic prefix per test, and the `pgfanout` binary run as child processes.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgfanout::config::{KafkaSettings, Properties, PostgresSettings};
+use pgfanout::contract::{Instruction, InstructionResult};
+use pgfanout::kafka::{self, ClientRole};
+use pgfanout::pg::{self, TableInfo};
+use pgfanout::submit::{produce_instructions, ResultWatcher};
+use pgfanout::verify::{self, Rows};
+use pgfanout::workload;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureProducer;
+
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the suite with ./deploy/local/test.sh, which starts PostgreSQL and the broker")
+    })
+}
+
+/// A pipeline under test: its own database, topics, stores and processes.
+pub struct Pipeline {
+    pub name: String,
+    pub kafka: KafkaSettings,
+    pub postgres: PostgresSettings,
+    pub dir: PathBuf,
+    children: HashMap<String, Child>,
+}
+
+fn unique_name(test: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("t_{}_{}_{:08x}", test, std::process::id(), nanos)
+}
+
+fn with_dbname(admin: &str, db: &str) -> String {
+    let kept: Vec<&str> = admin.split_whitespace().filter(|kv| !kv.starts_with("dbname=")).collect();
+    format!("{} dbname={db}", kept.join(" "))
+}
+
+impl Pipeline {
+    /// Creates the database (sample tables, publication, pgfanout schema) and the topics.
+    pub async fn new(test: &str) -> Pipeline {
+        let name = unique_name(test);
+        let admin_conninfo = required_env("PGFANOUT_TEST_POSTGRES");
+        let admin = pg::connect(&admin_conninfo).await.expect("connect to the test PostgreSQL");
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+        let postgres = PostgresSettings { conninfo: with_dbname(&admin_conninfo, &name), publication: "pgfanout".into() };
+        let client = pg::connect(&postgres.conninfo).await.unwrap();
+        pg::ensure_schema(&client).await.unwrap();
+        client.batch_execute(&workload::schema_sql(&postgres.publication)).await.unwrap();
+        let properties = std::env::var("PGFANOUT_TEST_KAFKA_PROPERTIES").unwrap_or_default();
+        let kafka = KafkaSettings {
+            brokers: required_env("PGFANOUT_TEST_BROKERS"),
+            topic_prefix: format!("{name}."),
+            properties: Properties(
+                properties
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            partitions: 3,
+            replication_factor: 1,
+        };
+        kafka::ensure_pipeline_topics(&kafka).await.expect("create topics");
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        Pipeline { name, kafka, postgres, dir, children: HashMap::new() }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        pg::connect(&self.postgres.conninfo).await.unwrap()
+    }
+
+    pub fn store(&self, device: &str) -> PathBuf {
+        self.dir.join(format!("{device}.sqlite"))
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfanout"));
+        cmd.args(args)
+            .env("PGFANOUT_BROKERS", &self.kafka.brokers)
+            .env("PGFANOUT_TOPIC_PREFIX", &self.kafka.topic_prefix)
+            .env("PGFANOUT_KAFKA_PROPERTIES", self.kafka.properties.to_string())
+            .env("PGFANOUT_POSTGRES", &self.postgres.conninfo)
+            .env("PGFANOUT_PUBLICATION", &self.postgres.publication)
+            .env("PGFANOUT_EXECUTOR_GROUP", format!("{}-executor", self.name))
+            .env("PGFANOUT_SLOT", &self.name)
+            .env_remove("PGFANOUT_METRICS_ADDR")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Starts a component; its output goes to `<dir>/<label>.log` (appended across restarts).
+    pub fn start(&mut self, label: &str, args: &[&str]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{label}.log"))).unwrap();
+        let child = self.command(args).stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("spawn pgfanout");
+        assert!(self.children.insert(label.to_string(), child).is_none(), "{label} already running");
+    }
+
+    pub fn start_executor(&mut self) {
+        self.start("executor", &["executor"]);
+    }
+
+    pub fn start_capture(&mut self) {
+        self.start("capture", &["capture"]);
+    }
+
+    pub fn start_device(&mut self, id: &str, extra: &[&str]) {
+        let store = self.store(id).to_string_lossy().into_owned();
+        let mut args = vec!["device", "--id", id, "--store", &store];
+        args.extend_from_slice(extra);
+        self.start(&format!("device-{id}"), &args);
+    }
+
+    /// SIGKILL: no chance to flush, commit or say goodbye.
+    pub fn kill(&mut self, label: &str) {
+        let mut child = self.children.remove(label).unwrap_or_else(|| panic!("{label} is not running"));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait; panics if the process does not exit cleanly in time.
+    pub fn stop(&mut self, label: &str) {
+        let mut child = self.children.remove(label).unwrap_or_else(|| panic!("{label} is not running"));
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "{label} exited with {status}; see {}", self.dir.join(format!("{label}.log")).display());
+                return;
+            }
+            assert!(Instant::now() < deadline, "{label} did not stop within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Panics with the component's log if it has exited.
+    pub fn assert_running(&mut self, label: &str) {
+        let child = self.children.get_mut(label).unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(self.dir.join(format!("{label}.log"))).unwrap_or_default();
+            panic!("{label} exited with {status}:\n{log}");
+        }
+    }
+
+    pub async fn producer(&self) -> FutureProducer {
+        kafka::client_config(&self.kafka, ClientRole::Producer).create().unwrap()
+    }
+
+    /// Follows the results topic from now on.
+    pub async fn watch_results(&self) -> ResultWatcher {
+        let ks = self.kafka.clone();
+        tokio::task::spawn_blocking(move || ResultWatcher::start(&ks)).await.unwrap().unwrap()
+    }
+
+    /// Produces instructions (acknowledged by Kafka) without waiting for their results.
+    pub async fn submit(&self, instructions: &[Instruction]) {
+        produce_instructions(&self.producer().await, &self.kafka.topics().instructions, instructions).await.unwrap();
+    }
+
+    /// Submits and waits for every result; returns them by id.
+    pub async fn submit_and_wait(&mut self, instructions: &[Instruction]) -> HashMap<String, InstructionResult> {
+        let watcher = self.watch_results().await;
+        self.submit(instructions).await;
+        self.await_results(watcher, instructions).await
+    }
+
+    /// Waits until `watcher` has seen a result for every instruction.
+    pub async fn await_results(&mut self, mut watcher: ResultWatcher, instructions: &[Instruction]) -> HashMap<String, InstructionResult> {
+        let ids: HashSet<String> = instructions.iter().map(|i| i.instruction_id.clone()).collect();
+        let (watcher, waited) = tokio::task::spawn_blocking(move || {
+            let r = watcher.wait_for(&ids, TIMEOUT, |_| {});
+            (watcher, r)
+        })
+        .await
+        .unwrap();
+        if let Err(e) = waited {
+            self.assert_running("executor");
+            panic!("{e}");
+        }
+        let results = watcher.results().clone();
+        tokio::task::spawn_blocking(move || watcher.close()).await.unwrap();
+        results
+    }
+
+    pub async fn tables(&self) -> Vec<TableInfo> {
+        let client = self.client().await;
+        let mut out = Vec::new();
+        for name in pg::publication_tables(&client, &self.postgres.publication).await.unwrap() {
+            out.push(pg::table_info(&client, &name).await.unwrap().unwrap());
+        }
+        out
+    }
+
+    /// Every published table's rows, canonical, from PostgreSQL.
+    pub async fn postgres_rows(&self) -> BTreeMap<String, Rows> {
+        let client = self.client().await;
+        let mut out = BTreeMap::new();
+        for t in self.tables().await {
+            out.insert(t.name.to_string(), verify::postgres_rows(&client, &t).await.unwrap());
+        }
+        out
+    }
+
+    pub async fn device_rows(&self, device: &str) -> BTreeMap<String, Rows> {
+        let conn = verify::open_store_read_only(&self.store(device)).unwrap();
+        let mut out = BTreeMap::new();
+        for t in self.tables().await {
+            out.insert(t.name.to_string(), verify::device_rows(&conn, &t).unwrap_or_default());
+        }
+        out
+    }
+
+    /// Polls until every device's rows equal PostgreSQL's, row by row; panics with the
+    /// differences at the deadline.
+    pub async fn wait_converged(&mut self, devices: &[&str]) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let expected = self.postgres_rows().await;
+            let mut all = true;
+            for d in devices {
+                if !self.store(d).exists() || self.device_rows(d).await != expected {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                return;
+            }
+            if Instant::now() > deadline {
+                let report = verify::verify(&self.postgres.conninfo, &self.postgres.publication, &devices.iter().map(|d| self.store(d)).collect::<Vec<_>>()).await.unwrap();
+                panic!("devices did not converge within {TIMEOUT:?}: {report:#?}");
+            }
+            for label in self.children.keys().cloned().collect::<Vec<_>>() {
+                self.assert_running(&label);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Number of records in the deltas topic (sum over partitions).
+    pub fn delta_records(&self) -> i64 {
+        let topic = self.kafka.topics().deltas;
+        let consumer: BaseConsumer = kafka::client_config(&self.kafka, ClientRole::UncommittedConsumer { group_id: "watermarks" }).create().unwrap();
+        let mut total = 0;
+        for p in 0..self.kafka.partitions {
+            let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).unwrap();
+            total += high - low;
+        }
+        total
+    }
+
+    /// Waits until the deltas topic stops growing (capture has published what was committed).
+    pub async fn wait_deltas_settled(&self) {
+        let mut last = (self.delta_records(), Instant::now());
+        let deadline = Instant::now() + TIMEOUT;
+        while last.1.elapsed() < Duration::from_millis(500) {
+            assert!(Instant::now() < deadline, "the deltas topic kept growing");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let n = self.delta_records();
+            if n != last.0 {
+                last = (n, Instant::now());
+            }
+        }
+    }
+
+    /// A durable counter of a device store (0 before the store exists).
+    pub fn store_counter(&self, device: &str, name: &str) -> i64 {
+        if !self.store(device).exists() {
+            return 0;
+        }
+        let conn = verify::open_store_read_only(&self.store(device)).unwrap();
+        conn.query_row("SELECT coalesce((SELECT value FROM _pgfanout_counters WHERE name = ?1), 0)", [name], |r| r.get(0)).unwrap()
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for (_, mut child) in self.children.drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
