@@ -281,6 +281,10 @@ impl Pipeline {
             return 0;
         }
         let conn = verify::open_store_read_only(&self.store(device)).unwrap();
+        let created: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = '_pgfanout_counters'", [], |r| r.get(0)).unwrap();
+        if created == 0 {
+            return 0;
+        }
         conn.query_row("SELECT coalesce((SELECT value FROM _pgfanout_counters WHERE name = ?1), 0)", [name], |r| r.get(0)).unwrap()
     }
 }
