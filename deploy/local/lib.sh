@@ -117,6 +117,8 @@ pg_usable_dir() {
 broker_start() {
     local dir=$1 port=$2 engine=$3 storage
     mkdir -p "$dir"
+    # Tansu's memory engine loses records on resume and seek: use its SQLite engine.
+    [ "$BROKER" = tansu ] && engine=sqlite
     case $engine in
         memory) storage="memory://$BROKER/" ;;
         sqlite) storage="sqlite://$BROKER.db" ;;

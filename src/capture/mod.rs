@@ -239,7 +239,7 @@ impl Session<'_> {
             }
             ReplicationEvent::XLogData { wal_start, data, .. } => {
                 let message = pgoutput::decode(&data).map_err(|e| CaptureError::Decode(e.to_string()))?;
-                metrics::counter!("pgfanout_capture_wal_bytes_total").increment(data.len() as u64);
+                metrics::counter!("pgfanout_capture_received_bytes_total").increment(data.len() as u64);
                 if let PgOutputMessage::Truncate { relation_ids, .. } = &message {
                     let tx = current_tx.ok_or_else(|| CaptureError::Decode("Truncate outside a transaction".into()))?;
                     for delta in decoder.on_truncate(wal_start, relation_ids).map_err(|e| CaptureError::Decode(e.to_string()))? {
