@@ -1,0 +1,688 @@
+//! A minimal client for PostgreSQL logical replication connections.
+//!
+//! It opens a `replication=database` connection, authenticates (trust,
+//! cleartext password, MD5 or SCRAM-SHA-256), runs replication commands
+//! over the simple query protocol and streams the copy-both data of
+//! `START_REPLICATION`. The XLogData payloads it hands out are raw pgoutput
+//! messages, to be decoded with [`super::pgoutput::decode`].
+//!
+//! TLS is not supported: `sslmode` values that demand it are rejected.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use tokio::io::AsyncWriteExt;
+
+pub use super::pgoutput::Lsn;
+
+/// Upper bound for the TCP connect, authentication and startup phase.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound for draining the copy stream in [`ReplicationStream::close`].
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest backend message accepted (PostgreSQL's own limit is 1 GiB of
+/// data plus a little framing).
+const MAX_MESSAGE_LEN: usize = (1 << 30) + 64 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
+/// Microseconds between 1970-01-01 and 2000-01-01.
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+mod conninfo;
+mod error;
+mod wire;
+
+use wire::{log_notice, now_pg_micros, quote_ident, quote_literal, server_error, unexpected, Body, Conn, Socket};
+
+pub use conninfo::ReplicationConfig;
+pub use error::ReplicationError;
+
+/// Formats an LSN the way PostgreSQL does (`16/B374D848`).
+pub fn format_lsn(lsn: Lsn) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Parses an LSN in PostgreSQL's `X/Y` hexadecimal notation.
+pub fn parse_lsn(s: &str) -> Result<Lsn, ReplicationError> {
+    let bad = || ReplicationError::Protocol(format!("invalid LSN {s:?}"));
+    let (hi, lo) = s.trim().split_once('/').ok_or_else(bad)?;
+    let part = |p: &str| {
+        if p.is_empty() || p.len() > 8 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        u32::from_str_radix(p, 16).map_err(|_| bad())
+    };
+    Ok((u64::from(part(hi)?) << 32) | u64::from(part(lo)?))
+}
+
+/// Result of `IDENTIFY_SYSTEM`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemInfo {
+    pub systemid: String,
+    pub timeline: u32,
+    pub xlogpos: Lsn,
+    pub dbname: Option<String>,
+}
+
+/// Result of `CREATE_REPLICATION_SLOT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedSlot {
+    pub slot_name: String,
+    pub consistent_point: Lsn,
+    /// Exported snapshot; usable with `SET TRANSACTION SNAPSHOT` by another
+    /// session until the next command runs on this connection.
+    pub snapshot_name: Option<String>,
+}
+
+/// Rows of a simple query, every value in text format.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+impl QueryResult {
+    fn value(&self, row: usize, column: &str) -> Result<Option<&str>, ReplicationError> {
+        let idx = self
+            .columns
+            .iter()
+            .position(|c| c == column)
+            .ok_or_else(|| {
+                ReplicationError::Protocol(format!("result has no column {column:?}"))
+            })?;
+        let row = self
+            .rows
+            .get(row)
+            .ok_or_else(|| ReplicationError::Protocol("result has too few rows".into()))?;
+        Ok(row.get(idx).and_then(|v| v.as_deref()))
+    }
+
+    fn required(&self, row: usize, column: &str) -> Result<&str, ReplicationError> {
+        self.value(row, column)?
+            .ok_or_else(|| ReplicationError::Protocol(format!("column {column:?} is NULL")))
+    }
+}
+
+/// A replication connection in command mode.
+pub struct ReplicationClient {
+    conn: Conn,
+    parameters: HashMap<String, String>,
+    backend_pid: Option<i32>,
+}
+
+impl fmt::Debug for ReplicationClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationClient")
+            .field("backend_pid", &self.backend_pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicationClient {
+    /// Connects with `replication=database`, authenticates and waits for
+    /// the server to be ready. The whole phase is bounded by
+    /// [`CONNECT_TIMEOUT`].
+    pub async fn connect(cfg: &ReplicationConfig) -> Result<Self, ReplicationError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(cfg)).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "connecting to {}:{} timed out after {}s",
+                    cfg.host,
+                    cfg.port,
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            )
+            .into()),
+        }
+    }
+
+    async fn connect_inner(cfg: &ReplicationConfig) -> Result<Self, ReplicationError> {
+        let socket: Box<dyn Socket> = if cfg.host.starts_with('/') {
+            #[cfg(unix)]
+            {
+                let path = format!("{}/.s.PGSQL.{}", cfg.host.trim_end_matches('/'), cfg.port);
+                Box::new(tokio::net::UnixStream::connect(path).await?)
+            }
+            #[cfg(not(unix))]
+            {
+                return Err(ReplicationError::Config(
+                    "Unix-domain sockets are not available".into(),
+                ));
+            }
+        } else {
+            let tcp = tokio::net::TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+            tcp.set_nodelay(true)?;
+            Box::new(tcp)
+        };
+        let mut client = ReplicationClient {
+            conn: Conn {
+                socket,
+                rbuf: BytesMut::with_capacity(READ_CHUNK),
+                wbuf: BytesMut::with_capacity(1024),
+            },
+            parameters: HashMap::new(),
+            backend_pid: None,
+        };
+        let params = [
+            ("user", cfg.user.as_str()),
+            ("database", cfg.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", cfg.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+        ];
+        frontend::startup_message(params, &mut client.conn.wbuf)?;
+        client.conn.flush().await?;
+        client.authenticate(cfg).await?;
+        client.read_until_ready("startup").await?;
+        tracing::debug!(
+            host = %cfg.host,
+            port = cfg.port,
+            user = %cfg.user,
+            backend_pid = client.backend_pid,
+            "replication connection established"
+        );
+        Ok(client)
+    }
+
+    fn password<'a>(cfg: &'a ReplicationConfig, method: &str) -> Result<&'a str, ReplicationError> {
+        cfg.password.as_deref().ok_or_else(|| {
+            ReplicationError::Auth(format!(
+                "the server requested {method} authentication for user {:?} but no password is configured",
+                cfg.user
+            ))
+        })
+    }
+
+    async fn authenticate(&mut self, cfg: &ReplicationConfig) -> Result<(), ReplicationError> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = self.conn.expect_frame().await?;
+            match frame.tag {
+                b'R' => {}
+                b'E' => return Err(server_error(&frame.body)),
+                b'N' => {
+                    log_notice(&frame.body);
+                    continue;
+                }
+                b'v' => {
+                    return Err(ReplicationError::Protocol(
+                        "server does not support protocol version 3.0".into(),
+                    ))
+                }
+                other => return Err(unexpected(other, "authentication")),
+            }
+            let mut body = Body(&frame.body);
+            match body.i32("authentication request")? {
+                0 => return Ok(()),
+                3 => {
+                    let pw = Self::password(cfg, "cleartext password")?;
+                    frontend::password_message(pw.as_bytes(), &mut self.conn.wbuf)?;
+                }
+                5 => {
+                    let salt = body.array::<4>("MD5 salt")?;
+                    let pw = Self::password(cfg, "MD5 password")?;
+                    let hash = md5_hash(cfg.user.as_bytes(), pw.as_bytes(), salt);
+                    frontend::password_message(hash.as_bytes(), &mut self.conn.wbuf)?;
+                }
+                10 => {
+                    let mut offered = Vec::new();
+                    loop {
+                        let m = body.cstr("SASL mechanism list")?;
+                        if m.is_empty() {
+                            break;
+                        }
+                        offered.push(String::from_utf8_lossy(m).into_owned());
+                    }
+                    if !offered.iter().any(|m| m == SCRAM_SHA_256) {
+                        return Err(ReplicationError::Auth(format!(
+                            "server offers SASL mechanisms {offered:?}; only {SCRAM_SHA_256} is supported"
+                        )));
+                    }
+                    let pw = Self::password(cfg, "SCRAM-SHA-256")?;
+                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        SCRAM_SHA_256,
+                        s.message(),
+                        &mut self.conn.wbuf,
+                    )?;
+                    scram = Some(s);
+                }
+                11 => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL continue without SASL start".into())
+                    })?;
+                    s.update(body.0).map_err(|e| {
+                        ReplicationError::Auth(format!("SCRAM exchange failed: {e}"))
+                    })?;
+                    frontend::sasl_response(s.message(), &mut self.conn.wbuf)?;
+                }
+                12 => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL final without SASL start".into())
+                    })?;
+                    s.finish(body.0).map_err(|e| {
+                        ReplicationError::Auth(format!(
+                            "server SCRAM signature did not verify: {e}"
+                        ))
+                    })?;
+                    continue;
+                }
+                code => {
+                    let name = match code {
+                        2 => "Kerberos V5",
+                        6 => "SCM credentials",
+                        7 | 8 => "GSSAPI",
+                        9 => "SSPI",
+                        _ => "unknown",
+                    };
+                    return Err(ReplicationError::Auth(format!(
+                        "unsupported authentication method {name} (request {code}); configure trust, password, md5 or scram-sha-256 in pg_hba.conf"
+                    )));
+                }
+            }
+            self.conn.flush().await?;
+        }
+    }
+
+    /// Consumes messages until ReadyForQuery; an ErrorResponse seen on the
+    /// way is returned after the server is ready again.
+    async fn read_until_ready(&mut self, during: &str) -> Result<(), ReplicationError> {
+        let mut error = None;
+        loop {
+            let frame = self.conn.frame_or_pending(&mut error).await?;
+            match frame.tag {
+                b'Z' => return error.map_or(Ok(()), Err),
+                b'E' => {
+                    if error.is_none() {
+                        error = Some(server_error(&frame.body));
+                    }
+                }
+                b'N' => log_notice(&frame.body),
+                b'S' => self.record_parameter(&frame.body),
+                b'K' => {
+                    self.backend_pid = Body(&frame.body).i32("BackendKeyData").ok();
+                }
+                b'C' | b'I' => {}
+                other => return Err(unexpected(other, during)),
+            }
+        }
+    }
+
+    fn record_parameter(&mut self, body: &[u8]) {
+        let mut b = Body(body);
+        if let (Ok(k), Ok(v)) = (b.cstr("parameter name"), b.cstr("parameter value")) {
+            self.parameters.insert(
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            );
+        }
+    }
+
+    /// A run-time parameter reported by the server (`server_version`, ...).
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.parameters.get(name).map(String::as_str)
+    }
+
+    /// Process id of the walsender serving this connection.
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.backend_pid
+    }
+
+    /// Runs one command over the simple query protocol and returns the rows
+    /// of its (last) result set.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<QueryResult, ReplicationError> {
+        frontend::query(sql, &mut self.conn.wbuf)?;
+        self.conn.flush().await?;
+        let mut result = QueryResult::default();
+        let mut error = None;
+        loop {
+            let frame = self.conn.frame_or_pending(&mut error).await?;
+            match frame.tag {
+                b'T' => {
+                    result = QueryResult::default();
+                    let mut b = Body(&frame.body);
+                    let n = b.i16("RowDescription")?;
+                    for _ in 0..n {
+                        let name = b.cstr("RowDescription")?;
+                        b.take(18, "RowDescription")?;
+                        result
+                            .columns
+                            .push(String::from_utf8_lossy(name).into_owned());
+                    }
+                }
+                b'D' => {
+                    let mut b = Body(&frame.body);
+                    let n = b.i16("DataRow")?;
+                    let mut row = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+                    for _ in 0..n {
+                        let len = b.i32("DataRow")?;
+                        if len < 0 {
+                            row.push(None);
+                        } else {
+                            let v =
+                                b.take(usize::try_from(len).unwrap_or(usize::MAX), "DataRow")?;
+                            row.push(Some(String::from_utf8_lossy(v).into_owned()));
+                        }
+                    }
+                    result.rows.push(row);
+                }
+                b'C' | b'I' => {}
+                b'E' => {
+                    if error.is_none() {
+                        error = Some(server_error(&frame.body));
+                    }
+                }
+                b'N' => log_notice(&frame.body),
+                b'S' => self.record_parameter(&frame.body),
+                b'Z' => return error.map_or(Ok(result), Err),
+                other => return Err(unexpected(other, "simple query")),
+            }
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemInfo, ReplicationError> {
+        let r = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let timeline = r.required(0, "timeline")?;
+        Ok(SystemInfo {
+            systemid: r.required(0, "systemid")?.to_owned(),
+            timeline: timeline.parse().map_err(|_| {
+                ReplicationError::Protocol(format!("invalid timeline {timeline:?}"))
+            })?,
+            xlogpos: parse_lsn(r.required(0, "xlogpos")?)?,
+            dbname: r.value(0, "dbname")?.map(str::to_owned),
+        })
+    }
+
+    /// Creates a logical slot using the pgoutput plugin (PostgreSQL 15+
+    /// syntax). With `export_snapshot`, the returned snapshot stays valid
+    /// only until the next command on this connection.
+    pub async fn create_logical_slot(
+        &mut self,
+        slot: &str,
+        export_snapshot: bool,
+    ) -> Result<CreatedSlot, ReplicationError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{}')",
+            quote_ident(slot),
+            if export_snapshot { "export" } else { "nothing" }
+        );
+        let r = self.simple_query(&sql).await?;
+        Ok(CreatedSlot {
+            slot_name: r.required(0, "slot_name")?.to_owned(),
+            consistent_point: parse_lsn(r.required(0, "consistent_point")?)?,
+            snapshot_name: r.value(0, "snapshot_name")?.map(str::to_owned),
+        })
+    }
+
+    /// Drops a replication slot; with `wait`, waits until the slot is no
+    /// longer active instead of failing with 55006.
+    pub async fn drop_slot(&mut self, slot: &str, wait: bool) -> Result<(), ReplicationError> {
+        let sql = format!(
+            "DROP_REPLICATION_SLOT {}{}",
+            quote_ident(slot),
+            if wait { " WAIT" } else { "" }
+        );
+        self.simple_query(&sql).await.map(drop)
+    }
+
+    /// Starts streaming pgoutput (protocol version 1, with logical decoding
+    /// messages) from `start` for the given publication.
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
+            quote_ident(slot),
+            format_lsn(start),
+            quote_literal(&quote_ident(publication)),
+        );
+        frontend::query(&sql, &mut self.conn.wbuf)?;
+        self.conn.flush().await?;
+        loop {
+            let frame = self.conn.expect_frame().await?;
+            match frame.tag {
+                b'W' => break,
+                b'E' => {
+                    let err = server_error(&frame.body);
+                    // The connection is consumed either way; the server's
+                    // error is the one worth reporting.
+                    let _ = self.read_until_ready("START_REPLICATION").await;
+                    return Err(err);
+                }
+                b'N' => log_notice(&frame.body),
+                b'S' => self.record_parameter(&frame.body),
+                other => return Err(unexpected(other, "START_REPLICATION")),
+            }
+        }
+        tracing::info!(slot, start = %format_lsn(start), publication, "logical replication started");
+        Ok(ReplicationStream {
+            conn: self.conn,
+            state: StreamState::Streaming,
+        })
+    }
+}
+
+/// One message of the replication stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplicationEvent {
+    /// WAL data; `data` is one raw pgoutput message.
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        send_time: i64,
+        data: Bytes,
+    },
+    /// Server heartbeat. When `reply_requested` is set, answer soon with
+    /// [`ReplicationStream::send_status`] or the server will time the
+    /// connection out (`wal_sender_timeout`).
+    Keepalive {
+        wal_end: Lsn,
+        send_time: i64,
+        reply_requested: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamState {
+    Streaming,
+    /// The server ended the copy stream and is back in command mode.
+    Ended,
+    /// Reading or writing failed; the connection is unusable.
+    Failed,
+}
+
+/// A replication connection in copy-both mode.
+///
+/// [`next_event`](Self::next_event) is cancellation safe (partial messages
+/// stay buffered); [`send_status`](Self::send_status) is not.
+pub struct ReplicationStream {
+    conn: Conn,
+    state: StreamState,
+}
+
+impl fmt::Debug for ReplicationStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationStream")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicationStream {
+    /// The next replication message; `None` once the server has ended the
+    /// copy stream.
+    pub async fn next_event(&mut self) -> Result<Option<ReplicationEvent>, ReplicationError> {
+        match self.state {
+            StreamState::Streaming => {}
+            StreamState::Ended => return Ok(None),
+            StreamState::Failed => return Err(stream_failed()),
+        }
+        let result = self.next_event_inner().await;
+        match result {
+            Ok(Some(_)) => {}
+            Ok(None) => self.state = StreamState::Ended,
+            Err(_) => self.state = StreamState::Failed,
+        }
+        result
+    }
+
+    async fn next_event_inner(&mut self) -> Result<Option<ReplicationEvent>, ReplicationError> {
+        loop {
+            let Some(frame) = self.conn.read_frame().await? else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "server closed the connection during replication",
+                )
+                .into());
+            };
+            match frame.tag {
+                b'd' => return parse_copy_data(frame.body).map(Some),
+                b'c' => {
+                    // The server ended the stream: finish our side and wait
+                    // for it to return to command mode.
+                    frontend::copy_done(&mut self.conn.wbuf);
+                    self.conn.flush().await?;
+                    self.drain_to_ready().await?;
+                    return Ok(None);
+                }
+                b'E' => return Err(server_error(&frame.body)),
+                b'N' => log_notice(&frame.body),
+                b'S' => {}
+                other => return Err(unexpected(other, "replication streaming")),
+            }
+        }
+    }
+
+    /// Sends a Standby Status Update. `flush` is the position up to which
+    /// the server may discard WAL and advance the slot.
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), ReplicationError> {
+        match self.state {
+            StreamState::Streaming => {}
+            StreamState::Ended => {
+                return Err(ReplicationError::Protocol(
+                    "cannot send a status update: the server ended the replication stream".into(),
+                ))
+            }
+            StreamState::Failed => return Err(stream_failed()),
+        }
+        let mut payload = [0u8; 34];
+        payload[0] = b'r';
+        payload[1..9].copy_from_slice(&write.to_be_bytes());
+        payload[9..17].copy_from_slice(&flush.to_be_bytes());
+        payload[17..25].copy_from_slice(&apply.to_be_bytes());
+        payload[25..33].copy_from_slice(&now_pg_micros().to_be_bytes());
+        payload[33] = u8::from(reply_requested);
+        frontend::CopyData::new(&payload[..])?.write(&mut self.conn.wbuf);
+        let result = self.conn.flush().await;
+        if result.is_err() {
+            self.state = StreamState::Failed;
+        }
+        result
+    }
+
+    /// Ends the stream: CopyDone, waits (bounded by [`CLOSE_TIMEOUT`]) for
+    /// the server to return to command mode, then Terminate. The connection
+    /// is closed in every case.
+    pub async fn close(mut self) -> Result<(), ReplicationError> {
+        let drained = if self.state == StreamState::Streaming {
+            frontend::copy_done(&mut self.conn.wbuf);
+            match self.conn.flush().await {
+                Ok(()) => match tokio::time::timeout(CLOSE_TIMEOUT, self.drain_to_ready()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ReplicationError::Protocol(format!(
+                        "server did not end the copy stream within {}s",
+                        CLOSE_TIMEOUT.as_secs()
+                    ))),
+                },
+                Err(e) => Err(e),
+            }
+        } else {
+            Ok(())
+        };
+        frontend::terminate(&mut self.conn.wbuf);
+        // Best effort: the server may already have closed its side.
+        let _ = self.conn.flush().await;
+        let _ = self.conn.socket.shutdown().await;
+        drained
+    }
+
+    /// Discards remaining copy data until ReadyForQuery.
+    async fn drain_to_ready(&mut self) -> Result<(), ReplicationError> {
+        let mut error = None;
+        loop {
+            let frame = self.conn.frame_or_pending(&mut error).await?;
+            match frame.tag {
+                b'd' | b'c' | b'C' | b'S' => {}
+                b'N' => log_notice(&frame.body),
+                b'E' => {
+                    if error.is_none() {
+                        error = Some(server_error(&frame.body));
+                    }
+                }
+                b'Z' => {
+                    self.state = StreamState::Ended;
+                    return error.map_or(Ok(()), Err);
+                }
+                other => return Err(unexpected(other, "end of replication")),
+            }
+        }
+    }
+}
+
+fn stream_failed() -> ReplicationError {
+    std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "the replication stream failed earlier; reconnect",
+    )
+    .into()
+}
+
+fn parse_copy_data(body: Bytes) -> Result<ReplicationEvent, ReplicationError> {
+    let mut b = Body(&body);
+    match b.u8("CopyData")? {
+        b'w' => {
+            let wal_start = b.i64("XLogData")? as u64;
+            let wal_end = b.i64("XLogData")? as u64;
+            let send_time = b.i64("XLogData")?;
+            let mut data = body;
+            data.advance(25);
+            Ok(ReplicationEvent::XLogData {
+                wal_start,
+                wal_end,
+                send_time,
+                data,
+            })
+        }
+        b'k' => {
+            let wal_end = b.i64("Keepalive")? as u64;
+            let send_time = b.i64("Keepalive")?;
+            let reply_requested = b.u8("Keepalive")? != 0;
+            Ok(ReplicationEvent::Keepalive {
+                wal_end,
+                send_time,
+                reply_requested,
+            })
+        }
+        other => Err(ReplicationError::Protocol(format!(
+            "unknown replication message {:?} in CopyData",
+            char::from(other)
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests;
