@@ -69,7 +69,7 @@ fn operation_from_json(json: &Json) -> Result<Operation, String> {
             Some(_) => Err(format!("{name} must be an object of column: value")),
         }
     };
-    Ok(Operation { op, table, key: fields("key")?, values: fields("values")? })
+    Ok(Operation { op, table, key: fields("key")?, values: fields("values")?, expect: fields("expect")? })
 }
 
 /// A JSON value as a typed value.

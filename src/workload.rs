@@ -170,7 +170,7 @@ fn field(name: &str, value: Value) -> Field {
 }
 
 fn op(kind: OperationKind, table: &str, key: Field, values: Vec<Field>) -> Operation {
-    Operation { op: kind, table: table.to_string(), key: vec![key], values }
+    Operation { op: kind, table: table.to_string(), key: vec![key], values, expect: Vec::new() }
 }
 
 /// Distinct operation kinds and tables in a workload (used to check the mix).

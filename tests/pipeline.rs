@@ -57,6 +57,7 @@ fn insert_item(id: i64, qty: i64) -> Instruction {
                 Field { name: "name".into(), value: Value::String("once".into()) },
                 Field { name: "qty".into(), value: Value::Long(qty) },
             ],
+            expect: vec![],
         }],
     }
 }
@@ -142,8 +143,8 @@ async fn capture_killed_and_restarted_loses_no_change() {
         // Killed while the executor is committing and capture is publishing.
         let watcher = p.watch_results().await;
         let chunk = workload.instructions(500);
-        p.submit(&chunk).await;
         let seen = p.delta_records();
+        p.submit(&chunk).await;
         wait_for("capture to publish deltas", TIMEOUT, || async { (p.delta_records() > seen).then_some(()) }).await;
         p.kill("capture");
         p.await_results(watcher, &chunk).await;

@@ -36,7 +36,19 @@ install_prerequisites() {
     command -v python3 >/dev/null || apt_install python3
     pg_bindir >/dev/null || apt_install postgresql
     pg_bindir >/dev/null || die "PostgreSQL server binaries not found after installing the postgresql package"
+    install_python_example_deps
     install_broker
+}
+
+# The Python packages of examples/python (its test runs the example producer), installed
+# with pip when they do not import.
+install_python_example_deps() {
+    python3 -c 'import confluent_kafka, fastavro' 2>/dev/null && return 0
+    python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+    log "installing the Python example's packages (examples/python/requirements.txt)"
+    python3 -m pip install --quiet -r "$PGFANOUT_ROOT/examples/python/requirements.txt" \
+        || die "pip could not install examples/python/requirements.txt"
+    python3 -c 'import confluent_kafka, fastavro' || die "confluent_kafka and fastavro do not import after pip install"
 }
 
 # The local Kafka-protocol broker: Nisshi, built once into $CARGO_HOME/bin (about 11

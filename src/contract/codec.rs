@@ -133,6 +133,7 @@ mod tests {
                     .enumerate()
                     .map(|(i, value)| Field { name: format!("c{i}"), value })
                     .collect(),
+                expect: vec![Field { name: "c2".into(), value: Value::Long(1) }],
             }],
         };
         let bytes = encode_instruction(&ins).unwrap();

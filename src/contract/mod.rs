@@ -44,6 +44,9 @@ pub struct Operation {
     pub table: String,
     pub key: Vec<Field>,
     pub values: Vec<Field>,
+    /// Precondition of an update or delete: the current values the row must hold.
+    #[serde(default)]
+    pub expect: Vec<Field>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

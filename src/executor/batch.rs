@@ -1,5 +1,4 @@
-//! Applies a batch of instructions to PostgreSQL in one transaction, each inside its own
-//! SAVEPOINT so that a failing instruction fails alone.
+//! Applies a batch of instructions to PostgreSQL in one transaction.
 //!
 //! Exactly-once effect: every instruction's outcome is written to
 //! `pgfanout.instruction_log` in the same transaction as its effects. An instruction whose
@@ -7,21 +6,38 @@
 //! redelivery yields an identical result. Transient errors (lost connection, serialization
 //! failure, deadlock) abort the whole batch, which is then retried: nothing of it was
 //! committed, so nothing takes effect twice.
+//!
+//! Two paths, one outcome:
+//! - *Pipelined*: the statements of all instructions are sent without waiting for each
+//!   other, then all outcomes are logged with one statement. One failure anywhere (an
+//!   error, a precondition that does not hold) rolls this attempt back.
+//! - *One by one*: each instruction inside its own SAVEPOINT, so a failing one fails alone
+//!   and its `rejected`/`failed` outcome is logged while the others commit.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use futures::future::join_all;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
-use super::plan::{plan_operation, printable, Rejection, UNKNOWN_TABLE};
+use super::plan::{plan_operation, printable, PlannedStatement, Rejection, BAD_ID, BAD_SHAPE, PRECONDITION_FAILED, UNKNOWN_TABLE};
 use crate::contract::{now_micros, Instruction, InstructionResult, ResultStatus};
 use crate::pg::{self, TableInfo, TableName};
 
+/// Which tables instructions may write.
+#[derive(Debug, Clone)]
+pub enum AllowedTables {
+    /// The tables of this publication (read again when a table is not found).
+    Publication(String),
+    /// An explicit list.
+    List(HashSet<TableName>),
+}
+
 /// Tables the executor may write and their catalog descriptions, cached.
 pub struct Catalog {
-    publication: String,
-    allowed: HashSet<TableName>,
+    allowed: AllowedTables,
+    allowed_now: HashSet<TableName>,
     allowed_loaded: Option<Instant>,
     tables: HashMap<TableName, TableInfo>,
 }
@@ -30,13 +46,12 @@ pub struct Catalog {
 const ALLOWED_REFRESH: Duration = Duration::from_secs(2);
 
 impl Catalog {
-    pub fn new(publication: &str) -> Self {
-        Catalog {
-            publication: publication.to_string(),
-            allowed: HashSet::new(),
-            allowed_loaded: None,
-            tables: HashMap::new(),
-        }
+    pub fn new(allowed: AllowedTables) -> Self {
+        let allowed_now = match &allowed {
+            AllowedTables::List(list) => list.clone(),
+            AllowedTables::Publication(_) => HashSet::new(),
+        };
+        Catalog { allowed, allowed_now, allowed_loaded: None, tables: HashMap::new() }
     }
 
     /// Forgets cached table descriptions (after a schema change showed up as an error).
@@ -49,15 +64,14 @@ impl Catalog {
         let Some(name) = TableName::parse(raw) else {
             return Ok(Err(Rejection::new(UNKNOWN_TABLE, format!("{:?} is not a table name (schema.table)", printable(raw)))));
         };
-        if !self.allowed.contains(&name) && self.allowed_loaded.is_none_or(|t| t.elapsed() > ALLOWED_REFRESH) {
-            self.allowed = pg::publication_tables(client, &self.publication).await?.into_iter().collect();
-            self.allowed_loaded = Some(Instant::now());
+        if let AllowedTables::Publication(publication) = &self.allowed {
+            if !self.allowed_now.contains(&name) && self.allowed_loaded.is_none_or(|t| t.elapsed() > ALLOWED_REFRESH) {
+                self.allowed_now = pg::publication_tables(client, publication).await?.into_iter().collect();
+                self.allowed_loaded = Some(Instant::now());
+            }
         }
-        if !self.allowed.contains(&name) {
-            return Ok(Err(Rejection::new(
-                UNKNOWN_TABLE,
-                format!("table {:?} is not in publication {:?}", printable(raw), self.publication),
-            )));
+        if !self.allowed_now.contains(&name) {
+            return Ok(Err(Rejection::new(UNKNOWN_TABLE, format!("table {:?} is not one the executor may write", printable(raw)))));
         }
         if let Some(info) = self.tables.get(&name) {
             return Ok(Ok(info.clone()));
@@ -92,10 +106,44 @@ impl Statements {
     }
 }
 
-enum Outcome {
-    Done(InstructionResult),
-    /// Logged by a concurrent executor; read its stored result after commit.
-    LoggedElsewhere,
+const MARKER_SQL: &str = "SELECT pg_logical_emit_message(true, 'pgfanout', $1::text)";
+
+/// One instruction to execute: its statements, or why it is refused before execution.
+enum Prepared<'a> {
+    Run { instruction: &'a Instruction, statements: Vec<(Statement, PlannedStatement)> },
+    Refuse { instruction: &'a Instruction, code: String, message: String },
+}
+
+impl Prepared<'_> {
+    fn instruction(&self) -> &Instruction {
+        match self {
+            Prepared::Run { instruction, .. } | Prepared::Refuse { instruction, .. } => instruction,
+        }
+    }
+}
+
+fn refused(instruction: &Instruction, code: &str, message: String, status: ResultStatus) -> InstructionResult {
+    InstructionResult {
+        instruction_id: instruction.instruction_id.clone(),
+        status,
+        error_code: Some(code.to_string()),
+        error_message: Some(message),
+        rows_affected: 0,
+        commit_lsn: None,
+        executed_at: now_micros(),
+    }
+}
+
+fn committed(instruction: &Instruction, rows: i64) -> InstructionResult {
+    InstructionResult {
+        instruction_id: instruction.instruction_id.clone(),
+        status: ResultStatus::Committed,
+        error_code: None,
+        error_message: None,
+        rows_affected: rows,
+        commit_lsn: None,
+        executed_at: now_micros(),
+    }
 }
 
 /// Runs the batch; returns one result per instruction, in order. An `Err` means nothing of
@@ -106,61 +154,39 @@ pub async fn execute_batch(
     statements: &mut Statements,
     batch: &[Instruction],
 ) -> Result<Vec<InstructionResult>, tokio_postgres::Error> {
-    client.batch_execute("BEGIN").await?;
-    match execute_in_transaction(client, catalog, statements, batch).await {
-        Ok(outcomes) => {
-            client.batch_execute("COMMIT").await?;
-            finish(client, batch, outcomes).await
-        }
-        Err(e) => {
-            // The connection may be gone; the server rolls back on its own then.
-            let _ = client.batch_execute("ROLLBACK").await;
-            Err(e)
-        }
-    }
-}
-
-async fn execute_in_transaction(
-    client: &Client,
-    catalog: &mut Catalog,
-    statements: &mut Statements,
-    batch: &[Instruction],
-) -> Result<Vec<Option<Outcome>>, tokio_postgres::Error> {
     let ids: Vec<&str> = batch.iter().map(|i| i.instruction_id.as_str()).collect();
-    let mut logged = load_logged(client, &ids).await?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for instruction in batch {
-        if logged.contains_key(&instruction.instruction_id) {
-            // Already executed (earlier delivery, or earlier in this batch).
-            outcomes.push(None);
-            continue;
-        }
-        let outcome = execute_one(client, catalog, statements, instruction).await?;
-        if let Outcome::Done(result) = &outcome {
-            logged.insert(instruction.instruction_id.clone(), result.clone());
-        }
-        outcomes.push(Some(outcome));
+    let logged = load_logged(client, &ids).await?;
+    let mut seen = HashSet::new();
+    let fresh: Vec<&Instruction> = batch
+        .iter()
+        .filter(|i| !logged.contains_key(&i.instruction_id) && seen.insert(i.instruction_id.as_str()))
+        .collect();
+    let mut prepared = Vec::with_capacity(fresh.len());
+    for instruction in fresh {
+        prepared.push(prepare(client, catalog, statements, instruction).await?);
     }
-    Ok(outcomes)
+    let marker = statements.get(client, MARKER_SQL).await?;
+
+    let outcomes = match pipelined(client, &marker, &prepared).await? {
+        Some(outcomes) => outcomes,
+        None => one_by_one(client, catalog, &marker, &prepared).await?,
+    };
+    finish(client, batch, logged, outcomes).await
 }
 
-async fn execute_one(
+/// Validates an instruction against the catalog and prepares its statements.
+async fn prepare<'a>(
     client: &Client,
     catalog: &mut Catalog,
     statements: &mut Statements,
-    instruction: &Instruction,
-) -> Result<Outcome, tokio_postgres::Error> {
-    let rejected = |code: &str, message: String| InstructionResult {
-        instruction_id: instruction.instruction_id.clone(),
-        status: ResultStatus::Rejected,
-        error_code: Some(code.to_string()),
-        error_message: Some(message),
-        rows_affected: 0,
-        commit_lsn: None,
-        executed_at: now_micros(),
-    };
-    if let Some(r) = validate_header(instruction) {
-        return log_outcome(client, instruction, rejected(r.code, r.message)).await;
+    instruction: &'a Instruction,
+) -> Result<Prepared<'a>, tokio_postgres::Error> {
+    let refuse = |r: Rejection| Ok(Prepared::Refuse { instruction, code: r.code.to_string(), message: r.message });
+    if uuid::Uuid::parse_str(&instruction.instruction_id).is_err() {
+        return refuse(Rejection::new(BAD_ID, "instruction_id must be a UUID"));
+    }
+    if instruction.operations.is_empty() {
+        return refuse(Rejection::new(BAD_SHAPE, "an instruction needs at least one operation"));
     }
     let mut planned = Vec::with_capacity(instruction.operations.len());
     for (i, op) in instruction.operations.iter().enumerate() {
@@ -169,66 +195,192 @@ async fn execute_one(
             Err(r) => Err(r),
         };
         match plan {
-            Ok(p) => planned.push(p),
-            Err(r) => {
-                let message = format!("operation {}: {}", i + 1, r.message);
-                return log_outcome(client, instruction, rejected(r.code, message)).await;
-            }
+            Ok(p) => match statements.get(client, &p.sql).await {
+                Ok(stmt) => planned.push((stmt, p)),
+                Err(e) if pg::is_transient(&e) => return Err(e),
+                Err(e) => {
+                    // The catalog said yes but PostgreSQL disagrees: it changed meanwhile.
+                    catalog.invalidate();
+                    let code = pg::sqlstate(&e).unwrap_or("XX000").to_string();
+                    return Ok(Prepared::Refuse { instruction, code, message: format!("operation {}: {}", i + 1, db_message(&e)) });
+                }
+            },
+            Err(r) => return refuse(Rejection { code: r.code, message: format!("operation {}: {}", i + 1, r.message) }),
         }
     }
+    Ok(Prepared::Run { instruction, statements: planned })
+}
 
-    client.batch_execute("SAVEPOINT pgfanout_instruction").await?;
-    let mut rows: i64 = 0;
-    let mut failure = None;
-    let marker = statements.get(client, "SELECT pg_logical_emit_message(true, 'pgfanout', $1::text)").await?;
-    if let Err(e) = client.execute(&marker, &[&instruction.instruction_id]).await {
-        failure = Some(e);
+fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
+}
+
+/// Sends the correlation marker and the instruction's statements without waiting in
+/// between (tokio-postgres pipelines requests polled together), in this order.
+async fn run_statements(client: &Client, marker: &Statement, instruction: &Instruction, planned: &[(Statement, PlannedStatement)]) -> Vec<Result<u64, tokio_postgres::Error>> {
+    let id: &(dyn ToSql + Sync) = &instruction.instruction_id;
+    let mark = client.execute(marker, std::slice::from_ref(&id));
+    let ops = join_all(planned.iter().map(|(stmt, p)| {
+        let params: Vec<&(dyn ToSql + Sync)> = p.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        client.execute_raw(stmt, params)
+    }));
+    let (m, o) = futures::join!(mark, ops);
+    std::iter::once(m).chain(o).collect()
+}
+
+/// The pipelined attempt. `Ok(None)`: something failed and was rolled back; run the batch
+/// one by one instead.
+async fn pipelined(client: &Client, marker: &Statement, prepared: &[Prepared<'_>]) -> Result<Option<Vec<InstructionResult>>, tokio_postgres::Error> {
+    client.batch_execute("BEGIN").await?;
+    let runs = prepared.iter().filter_map(|p| match p {
+        Prepared::Run { instruction, statements } => Some(async move { (*instruction, statements, run_statements(client, marker, instruction, statements).await) }),
+        Prepared::Refuse { .. } => None,
+    });
+    let mut failed = false;
+    let mut outcomes = Vec::with_capacity(prepared.len());
+    for (instruction, planned, results) in join_all(runs).await {
+        let mut rows: i64 = 0;
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Err(e) if pg::is_transient(&e) => {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(e);
+                }
+                Err(_) => failed = true,
+                Ok(n) => {
+                    // i == 0 is the correlation marker.
+                    if i > 0 {
+                        if n == 0 && planned[i - 1].1.has_precondition {
+                            failed = true;
+                        }
+                        rows = rows.saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                }
+            }
+        }
+        outcomes.push(committed(instruction, rows));
     }
-    for (i, p) in planned.iter().enumerate() {
-        if failure.is_some() {
-            break;
+    if failed {
+        client.batch_execute("ROLLBACK").await?;
+        return Ok(None);
+    }
+    for p in prepared {
+        if let Prepared::Refuse { instruction, code, message } = p {
+            outcomes.push(refused(instruction, code, message.clone(), ResultStatus::Rejected));
         }
-        let result = async {
-            let stmt = statements.get(client, &p.sql).await?;
-            let params: Vec<&(dyn ToSql + Sync)> = p.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-            client.execute(&stmt, &params).await
+    }
+    match log_outcomes(client, prepared, &outcomes).await {
+        Ok(()) => {
+            client.batch_execute("COMMIT").await?;
+            Ok(Some(outcomes))
         }
-        .await;
-        match result {
-            Ok(n) => rows = rows.saturating_add(i64::try_from(n).unwrap_or(i64::MAX)),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            if pg::is_transient(&e) {
+                return Err(e);
+            }
+            Ok(None) // e.g. logged concurrently by another executor: sort it out one by one
+        }
+    }
+}
+
+async fn log_outcomes(client: &Client, prepared: &[Prepared<'_>], outcomes: &[InstructionResult]) -> Result<(), tokio_postgres::Error> {
+    let issuer: HashMap<&str, &str> = prepared.iter().map(|p| (p.instruction().instruction_id.as_str(), p.instruction().issued_by.as_str())).collect();
+    let ids: Vec<&str> = outcomes.iter().map(|r| r.instruction_id.as_str()).collect();
+    let issued_by: Vec<&str> = ids.iter().map(|id| issuer.get(id).copied().unwrap_or("")).collect();
+    let status: Vec<&str> = outcomes.iter().map(|r| r.status.as_str()).collect();
+    let codes: Vec<Option<&str>> = outcomes.iter().map(|r| r.error_code.as_deref()).collect();
+    let messages: Vec<Option<&str>> = outcomes.iter().map(|r| r.error_message.as_deref()).collect();
+    let rows: Vec<i64> = outcomes.iter().map(|r| r.rows_affected).collect();
+    let at: Vec<i64> = outcomes.iter().map(|r| r.executed_at).collect();
+    client
+        .execute(
+            "INSERT INTO pgfanout.instruction_log
+                 (instruction_id, issued_by, status, error_code, error_message, rows_affected, executed_at)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[])",
+            &[&ids, &issued_by, &status, &codes, &messages, &rows, &at],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Each instruction inside its own SAVEPOINT: a failing one is rolled back and logged as
+/// `rejected`/`failed`, the others commit.
+async fn one_by_one(client: &Client, catalog: &mut Catalog, marker: &Statement, prepared: &[Prepared<'_>]) -> Result<Vec<InstructionResult>, tokio_postgres::Error> {
+    client.batch_execute("BEGIN").await?;
+    let mut outcomes = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        match one(client, catalog, marker, p).await {
+            Ok(Some(outcome)) => outcomes.push(outcome),
+            Ok(None) => {} // logged concurrently elsewhere; read back after commit
             Err(e) => {
-                tracing::debug!(operation = i + 1, error = %e, "instruction failed");
-                failure = Some(e);
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
             }
         }
     }
-    if let Some(e) = failure {
-        if pg::is_transient(&e) {
-            return Err(e);
+    client.batch_execute("COMMIT").await?;
+    Ok(outcomes)
+}
+
+async fn one(client: &Client, catalog: &mut Catalog, marker: &Statement, p: &Prepared<'_>) -> Result<Option<InstructionResult>, tokio_postgres::Error> {
+    client.batch_execute("SAVEPOINT pgfanout_instruction").await?;
+    let outcome = match p {
+        Prepared::Refuse { instruction, code, message } => refused(instruction, code, message.clone(), ResultStatus::Rejected),
+        Prepared::Run { instruction, statements } => {
+            let mut outcome = None;
+            let mut rows: i64 = 0;
+            for (i, r) in run_statements(client, marker, instruction, statements).await.into_iter().enumerate() {
+                match r {
+                    Err(e) if pg::is_transient(&e) => return Err(e),
+                    Err(e) => {
+                        let code = pg::sqlstate(&e).unwrap_or("XX000").to_string();
+                        if code == "25P02" {
+                            continue; // a later statement of the same failed pipeline
+                        }
+                        if code.starts_with("42") {
+                            catalog.invalidate();
+                        }
+                        let status = classify_definite(&code);
+                        outcome.get_or_insert_with(|| refused(instruction, &code, format!("operation {i}: {}", db_message(&e)), status));
+                    }
+                    Ok(0) if i > 0 && statements[i - 1].1.has_precondition => {
+                        outcome.get_or_insert_with(|| {
+                            refused(
+                                instruction,
+                                PRECONDITION_FAILED,
+                                format!("operation {i}: the precondition does not hold (no row with that key has the expected values)"),
+                                ResultStatus::Rejected,
+                            )
+                        });
+                    }
+                    Ok(n) if i > 0 => rows = rows.saturating_add(i64::try_from(n).unwrap_or(i64::MAX)),
+                    Ok(_) => {}
+                }
+            }
+            match outcome {
+                Some(failure) => {
+                    client.batch_execute("ROLLBACK TO SAVEPOINT pgfanout_instruction").await?;
+                    failure
+                }
+                None => committed(instruction, rows),
+            }
         }
-        client.batch_execute("ROLLBACK TO SAVEPOINT pgfanout_instruction").await?;
-        let code = pg::sqlstate(&e).unwrap_or("XX000").to_string();
-        if code.starts_with("42") {
-            // The catalog may be stale (a column or table changed): look it up again next time.
-            catalog.invalidate();
-        }
-        let status = classify_definite(&code);
-        let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
-        let result = InstructionResult { status, ..rejected(&code, message) };
-        return log_outcome(client, instruction, result).await;
-    }
-    let result = InstructionResult {
-        instruction_id: instruction.instruction_id.clone(),
-        status: ResultStatus::Committed,
-        error_code: None,
-        error_message: None,
-        rows_affected: rows,
-        commit_lsn: None,
-        executed_at: now_micros(),
     };
-    let outcome = log_outcome(client, instruction, result).await?;
-    client.batch_execute("RELEASE SAVEPOINT pgfanout_instruction").await?;
-    Ok(outcome)
+    client.batch_execute("SAVEPOINT pgfanout_log").await?;
+    match log_outcomes(client, std::slice::from_ref(p), std::slice::from_ref(&outcome)).await {
+        Ok(()) => {
+            client.batch_execute("RELEASE SAVEPOINT pgfanout_instruction").await?;
+            Ok(Some(outcome))
+        }
+        Err(e) if pg::sqlstate(&e) == Some("23505") => {
+            // Another executor logged this id concurrently: its outcome stands, undo ours.
+            client.batch_execute("ROLLBACK TO SAVEPOINT pgfanout_instruction").await?;
+            client.batch_execute("RELEASE SAVEPOINT pgfanout_instruction").await?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Definite PostgreSQL errors: bad data, constraint violations and references to things
@@ -241,54 +393,15 @@ fn classify_definite(sqlstate: &str) -> ResultStatus {
     }
 }
 
-fn validate_header(instruction: &Instruction) -> Option<Rejection> {
-    if uuid::Uuid::parse_str(&instruction.instruction_id).is_err() {
-        return Some(Rejection::new("PGF06", "instruction_id must be a UUID"));
-    }
-    if instruction.operations.is_empty() {
-        return Some(Rejection::new("PGF05", "an instruction needs at least one operation"));
-    }
-    None
-}
-
-/// Writes the outcome row inside the current transaction. A unique violation means another
-/// executor logged the same id concurrently: its outcome stands.
-async fn log_outcome(
-    client: &Client,
-    instruction: &Instruction,
-    result: InstructionResult,
-) -> Result<Outcome, tokio_postgres::Error> {
-    client.batch_execute("SAVEPOINT pgfanout_log").await?;
-    let inserted = client
-        .execute(
-            "INSERT INTO pgfanout.instruction_log
-                 (instruction_id, issued_by, status, error_code, error_message, rows_affected, executed_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[
-                &result.instruction_id,
-                &instruction.issued_by,
-                &result.status.as_str(),
-                &result.error_code,
-                &result.error_message,
-                &result.rows_affected,
-                &result.executed_at,
-            ],
-        )
-        .await;
-    match inserted {
-        Ok(_) => {
-            client.batch_execute("RELEASE SAVEPOINT pgfanout_log").await?;
-            Ok(Outcome::Done(result))
-        }
-        Err(e) if pg::sqlstate(&e) == Some("23505") => {
-            client.batch_execute("ROLLBACK TO SAVEPOINT pgfanout_log").await?;
-            if result.status == ResultStatus::Committed {
-                // Undo this execution's effects too: the other one counts.
-                client.batch_execute("ROLLBACK TO SAVEPOINT pgfanout_instruction").await?;
-            }
-            Ok(Outcome::LoggedElsewhere)
-        }
-        Err(e) => Err(e),
+fn result_from_row(r: &tokio_postgres::Row) -> InstructionResult {
+    InstructionResult {
+        instruction_id: r.get(0),
+        status: ResultStatus::parse(r.get(1)).unwrap_or(ResultStatus::Failed),
+        error_code: r.get(2),
+        error_message: r.get(3),
+        rows_affected: r.get(4),
+        commit_lsn: r.get(5),
+        executed_at: r.get(6),
     }
 }
 
@@ -300,61 +413,56 @@ async fn load_logged(client: &Client, ids: &[&str]) -> Result<HashMap<String, In
             &[&ids],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let result = InstructionResult {
-                instruction_id: r.get(0),
-                status: ResultStatus::parse(r.get(1)).unwrap_or(ResultStatus::Failed),
-                error_code: r.get(2),
-                error_message: r.get(3),
-                rows_affected: r.get(4),
-                commit_lsn: r.get(5),
-                executed_at: r.get(6),
-            };
-            (result.instruction_id.clone(), result)
-        })
-        .collect())
+    Ok(rows.iter().map(result_from_row).map(|r| (r.instruction_id.clone(), r)).collect())
 }
 
 /// After COMMIT: stamps committed instructions with an LSN at or after their commit record
-/// (`pg_current_wal_insert_lsn()` read after the commit returned), then reads every result
-/// back from the log, so first deliveries and redeliveries report the same stored values.
+/// (`pg_current_wal_insert_lsn()` read after the commit returned) and assembles the results.
+/// They equal what a redelivery reads back from the log, field for field.
 async fn finish(
     client: &Client,
     batch: &[Instruction],
-    outcomes: Vec<Option<Outcome>>,
+    mut logged: HashMap<String, InstructionResult>,
+    outcomes: Vec<InstructionResult>,
 ) -> Result<Vec<InstructionResult>, tokio_postgres::Error> {
-    let ids: Vec<&str> = batch.iter().map(|i| i.instruction_id.as_str()).collect();
-    client
-        .execute(
-            "UPDATE pgfanout.instruction_log
-                SET commit_lsn = (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint
-              WHERE instruction_id = ANY($1) AND status = 'committed' AND commit_lsn IS NULL",
-            &[&ids],
-        )
-        .await?;
-    let logged = load_logged(client, &ids).await?;
-    let mut results = Vec::with_capacity(batch.len());
-    for (instruction, outcome) in batch.iter().zip(outcomes) {
-        let stored = logged.get(&instruction.instruction_id).cloned();
-        let result = match (stored, outcome) {
-            (Some(r), _) => r,
-            // Not logged although executed: only possible for a log row removed meanwhile.
-            (None, Some(Outcome::Done(r))) => r,
-            (None, _) => InstructionResult {
-                instruction_id: instruction.instruction_id.clone(),
-                status: ResultStatus::Failed,
-                error_code: Some("PGF07".into()),
-                error_message: Some("the outcome of this instruction could not be read back".into()),
-                rows_affected: 0,
-                commit_lsn: None,
-                executed_at: now_micros(),
-            },
-        };
-        results.push(result);
+    for o in outcomes {
+        logged.insert(o.instruction_id.clone(), o);
     }
-    Ok(results)
+    let stamp: Vec<&str> = logged
+        .values()
+        .filter(|r| r.status == ResultStatus::Committed && r.commit_lsn.is_none())
+        .map(|r| r.instruction_id.as_str())
+        .collect();
+    if !stamp.is_empty() {
+        let rows = client
+            .query(
+                "UPDATE pgfanout.instruction_log
+                    SET commit_lsn = (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint
+                  WHERE instruction_id = ANY($1) AND status = 'committed' AND commit_lsn IS NULL
+              RETURNING instruction_id, commit_lsn",
+                &[&stamp],
+            )
+            .await?;
+        let stamped: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for (id, lsn) in stamped {
+            if let Some(r) = logged.get_mut(&id) {
+                r.commit_lsn = Some(lsn);
+            }
+        }
+    }
+    // Ids logged by a concurrent executor: read their stored outcome.
+    let missing: Vec<&str> = batch.iter().map(|i| i.instruction_id.as_str()).filter(|id| !logged.contains_key(*id)).collect();
+    if !missing.is_empty() {
+        logged.extend(load_logged(client, &missing).await?);
+    }
+    Ok(batch
+        .iter()
+        .map(|i| {
+            logged.get(&i.instruction_id).cloned().unwrap_or_else(|| {
+                refused(i, "PGF07", "the outcome of this instruction could not be read back".into(), ResultStatus::Failed)
+            })
+        })
+        .collect())
 }
 
 #[cfg(test)]

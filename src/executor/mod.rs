@@ -33,7 +33,8 @@ use crate::contract::{Instruction, InstructionResult};
 use crate::kafka::{self, ClientRole};
 use crate::pg;
 use crate::shutdown::Shutdown;
-use batch::{Catalog, Statements};
+use crate::pg::TableName;
+use batch::{AllowedTables, Catalog, Statements};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExecutorSettings {
@@ -43,9 +44,17 @@ pub struct ExecutorSettings {
     /// Most instructions applied in one PostgreSQL transaction.
     #[arg(long = "batch-size", env = "PGFANOUT_EXECUTOR_BATCH_SIZE", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
+    /// Tables instructions may write (schema.table, comma separated); default: the
+    /// publication's tables.
+    #[arg(long = "allowed-tables", env = "PGFANOUT_ALLOWED_TABLES", value_delimiter = ',', value_parser = parse_table_name)]
+    pub allowed_tables: Option<Vec<TableName>>,
     /// Longest wait (ms) for more instructions once a batch has one.
     #[arg(long = "linger-ms", env = "PGFANOUT_EXECUTOR_LINGER_MS", default_value_t = 5)]
     pub linger_ms: u64,
+}
+
+fn parse_table_name(s: &str) -> Result<TableName, String> {
+    TableName::parse(s.trim()).ok_or_else(|| format!("{s:?} is not a table name (schema.table)"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +82,11 @@ pub async fn run(
     let producer: FutureProducer = kafka::client_config(kafka_settings, ClientRole::Producer).create()?;
 
     let mut pg_conn = None;
-    let mut catalog = Catalog::new(&pg_settings.publication);
+    let allowed = match &settings.allowed_tables {
+        Some(list) => AllowedTables::List(list.iter().cloned().collect()),
+        None => AllowedTables::Publication(pg_settings.publication.clone()),
+    };
+    let mut catalog = Catalog::new(allowed);
     let mut statements = Statements::default();
     let linger = Duration::from_millis(settings.linger_ms);
     let max = settings.batch_size as usize;

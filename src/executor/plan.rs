@@ -15,6 +15,8 @@ use crate::pg::{quote_ident, ColumnInfo, TableInfo};
 pub struct PlannedStatement {
     pub sql: String,
     pub params: Vec<Option<String>>,
+    /// A compare-and-set: zero rows affected means the precondition did not hold.
+    pub has_precondition: bool,
 }
 
 /// Why an instruction is refused before it touches PostgreSQL. `code` is a stable
@@ -37,6 +39,8 @@ pub const UNKNOWN_COLUMN: &str = "PGF02";
 pub const BAD_KEY: &str = "PGF03";
 pub const BAD_VALUE: &str = "PGF04";
 pub const BAD_SHAPE: &str = "PGF05";
+pub const BAD_ID: &str = "PGF06";
+pub const PRECONDITION_FAILED: &str = "PGF08";
 
 struct Bound<'a> {
     column: &'a ColumnInfo,
@@ -71,10 +75,19 @@ pub fn plan_operation(table: &TableInfo, op: &Operation) -> Result<PlannedStatem
             format!("column {:?} is part of the key; give it in `key`, not in `values`", b.column.name),
         ));
     }
+    let expect = bind_fields(table, &op.expect, &mut params, "expect")?;
+    if !expect.is_empty() && !matches!(op.op, OperationKind::Update | OperationKind::Delete) {
+        return Err(Rejection::new(BAD_SHAPE, "`expect` (a precondition) applies to update and delete only"));
+    }
     let t = table.name.quoted();
     let cast = |b: &Bound<'_>| format!("${}::text::{}", b.param + 1, b.column.type_sql);
     let name = |b: &Bound<'_>| quote_ident(&b.column.name);
-    let where_key = key.iter().map(|b| format!("{} = {}", name(b), cast(b))).collect::<Vec<_>>().join(" AND ");
+    let where_key = key
+        .iter()
+        .map(|b| format!("{} = {}", name(b), cast(b)))
+        .chain(expect.iter().map(|b| format!("{} IS NOT DISTINCT FROM {}", name(b), cast(b))))
+        .collect::<Vec<_>>()
+        .join(" AND ");
     let sql = match op.op {
         OperationKind::Insert | OperationKind::Upsert => {
             let all: Vec<&Bound<'_>> = key.iter().chain(values.iter()).collect();
@@ -110,7 +123,7 @@ pub fn plan_operation(table: &TableInfo, op: &Operation) -> Result<PlannedStatem
             format!("DELETE FROM {t} WHERE {where_key}")
         }
     };
-    Ok(PlannedStatement { sql, params })
+    Ok(PlannedStatement { sql, params, has_precondition: !expect.is_empty() })
 }
 
 fn bind_fields<'a>(
@@ -179,7 +192,7 @@ mod tests {
     }
 
     fn op(kind: OperationKind, key: Vec<Field>, values: Vec<Field>) -> Operation {
-        Operation { op: kind, table: "public.items".into(), key, values }
+        Operation { op: kind, table: "public.items".into(), key, values, expect: vec![] }
     }
 
     #[test]
@@ -210,6 +223,21 @@ mod tests {
         assert_eq!(u.sql, "UPDATE \"public\".\"items\" SET \"name\" = $2::text::text WHERE \"id\" = $1::text::bigint");
         let d = plan_operation(&items(), &op(OperationKind::Delete, vec![field("id", Value::Long(1))], vec![])).unwrap();
         assert_eq!(d.sql, "DELETE FROM \"public\".\"items\" WHERE \"id\" = $1::text::bigint");
+    }
+
+    #[test]
+    fn a_precondition_becomes_a_compare_and_set() {
+        let mut o = op(OperationKind::Update, vec![field("id", Value::Long(1))], vec![field("name", Value::String("new".into()))]);
+        o.expect = vec![field("name", Value::String("old".into())), field("price", Value::Null)];
+        let p = plan_operation(&items(), &o).unwrap();
+        assert_eq!(
+            p.sql,
+            "UPDATE \"public\".\"items\" SET \"name\" = $2::text::text WHERE \"id\" = $1::text::bigint AND \"name\" IS NOT DISTINCT FROM $3::text::text AND \"price\" IS NOT DISTINCT FROM $4::text::numeric(12,2)"
+        );
+        assert!(p.has_precondition);
+        let mut ins = op(OperationKind::Upsert, vec![field("id", Value::Long(1))], vec![]);
+        ins.expect = vec![field("name", Value::Null)];
+        assert_eq!(plan_operation(&items(), &ins).unwrap_err().code, BAD_SHAPE);
     }
 
     #[test]

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Submit one pgfanout instruction from Python, and optionally wait for its result.
+
+Wire format (the same as `pgfanout submit`):
+  * topic `<prefix>instructions`; record value = a plain Avro binary datum of
+    schemas/instruction.avsc (no Confluent schema-registry framing, no container header);
+    record key = issued_by (UTF-8), so one issuer's instructions keep their order.
+  * The executor answers on `<prefix>results` with a plain Avro datum of
+    schemas/result.avsc, keyed by instruction_id; status is committed, rejected or failed.
+  * instruction_id (a UUID) is the idempotency key: sending the same instruction again
+    never applies it twice, and yields the same result.
+  * Field values are a union [null, boolean, long, double, string, bytes]; PostgreSQL
+    casts each to its column's type, so numeric, date or json values travel as strings.
+
+Example:
+  python3 submit_instruction.py --op upsert --table public.items --key id=7 \\
+      --value name='"widget"' --value qty=3 --wait
+Values are JSON when they parse (3 is a long, 1.5 a double, "x" a string, null,
+{"$hex": "00ff"} bytes, other arrays and objects JSON text), else plain strings.
+Several --op groups make one instruction, applied atomically.
+Exit status: 0 submitted (and committed with --wait), 1 rejected or failed, 2 no result
+within --timeout, 3 bad input or a Kafka error.
+"""
+import argparse, io, json, os, re, sys, time, uuid
+from datetime import datetime, timedelta, timezone
+
+import fastavro
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+SCHEMAS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "schemas")
+INSTRUCTION = fastavro.schema.load_schema(os.path.join(SCHEMAS, "instruction.avsc"))
+RESULT = fastavro.schema.load_schema(os.path.join(SCHEMAS, "result.avsc"))
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+CONSUMER_ONLY = ("fetch.", "session.", "heartbeat.", "group.", "auto.offset", "max.poll")
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(3)
+
+
+def no_constant(name):  # NaN and Infinity are not JSON: they stay strings
+    raise ValueError(name)
+
+
+def avro_value(text):
+    """A command-line value for the Field.value union. fastavro's (branch, value) tuples name
+    the branch: a Python int is always written as long, a float as double."""
+    try:
+        v = json.loads(text, parse_constant=no_constant)
+    except ValueError:
+        return ("string", text)
+    if v is None:
+        return None
+    if isinstance(v, bool):  # before int: bool is a subclass of int
+        return ("boolean", v)
+    if isinstance(v, int):
+        return ("long", v) if -2**63 <= v < 2**63 else ("double", float(v))
+    if isinstance(v, float):
+        return ("double", v)
+    if isinstance(v, str):
+        return ("string", v)
+    if isinstance(v, dict) and len(v) == 1 and isinstance(v.get("$hex"), str):
+        if not re.fullmatch(r"([0-9a-fA-F]{2})*", v["$hex"]):
+            fail(f"{text}: $hex must be an even number of hex digits")
+        return ("bytes", bytes.fromhex(v["$hex"]))
+    return ("string", json.dumps(v, separators=(",", ":")))  # for json/jsonb columns
+
+
+class OpAction(argparse.Action):
+    """--op starts an operation; --table, --key and --value fill in the latest one."""
+    def __call__(self, parser, ns, value, option):
+        if self.dest == "op":
+            ns.ops.append({"op": value, "table": None, "key": [], "values": []})
+            return
+        if not ns.ops:
+            parser.error(f"{option} must follow an --op")
+        if self.dest == "table":
+            ns.ops[-1]["table"] = value
+            return
+        name, sep, raw = value.partition("=")
+        if not sep:
+            parser.error(f"{value!r} is not name=value")
+        ns.ops[-1][self.dest].append({"name": name, "value": avro_value(raw)})
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: (p.print_usage(sys.stderr), fail(message))
+    env = os.environ.get
+    p.add_argument("--brokers", default=env("PGFANOUT_BROKERS", "127.0.0.1:9092"))
+    p.add_argument("--topic-prefix", default=env("PGFANOUT_TOPIC_PREFIX", "pgfanout."))
+    p.add_argument("--kafka-properties", default=env("PGFANOUT_KAFKA_PROPERTIES", ""),
+                   help="librdkafka key=value pairs, comma separated")
+    p.add_argument("--issued-by", default=env("PGFANOUT_DEVICE_ID", "python-example"))
+    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    p.add_argument("--op", action=OpAction, choices=["insert", "update", "upsert", "delete"])
+    p.add_argument("--table", action=OpAction, help="schema.table")
+    p.add_argument("--key", action=OpAction, dest="key", metavar="NAME=VALUE")
+    p.add_argument("--value", action=OpAction, dest="values", metavar="NAME=VALUE")
+    p.set_defaults(ops=[])
+    args = p.parse_args()
+    if not args.ops or any(op["table"] is None for op in args.ops):
+        p.error("give at least one --op, each with a --table")
+    return args
+
+
+def main():
+    args = parse_args()
+    conf = {"bootstrap.servers": args.brokers}
+    conf.update(kv.split("=", 1) for kv in args.kafka_properties.split(",") if "=" in kv)
+    instruction = {
+        "instruction_id": str(uuid.uuid4()),
+        "issued_by": args.issued_by,
+        "issued_at": time.time_ns() // 1000,  # timestamp-micros
+        "operations": args.ops,
+    }
+    if args.wait:  # positioned BEFORE producing, so the result cannot be missed
+        results_topic = args.topic_prefix + "results"
+        consumer = Consumer({**conf, "group.id": f"pgfanout-example-{uuid.uuid4()}",
+                             "enable.auto.commit": False, "enable.auto.offset.store": False})
+        topic = consumer.list_topics(results_topic, timeout=10).topics[results_topic]
+        if topic.error is not None or not topic.partitions:
+            fail(f"topic {results_topic} does not exist")
+        consumer.assign([TopicPartition(results_topic, p, consumer.get_watermark_offsets(
+            TopicPartition(results_topic, p), timeout=10)[1]) for p in topic.partitions])
+
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, INSTRUCTION, instruction)
+    # Consumer settings in --kafka-properties would only draw warnings from the producer.
+    producer_conf = {k: v for k, v in conf.items() if not k.startswith(CONSUMER_ONLY)}
+    producer = Producer({**producer_conf, "enable.idempotence": True, "acks": "all"})
+    delivery = []
+    producer.produce(args.topic_prefix + "instructions", key=args.issued_by.encode(), value=buf.getvalue(),
+                     on_delivery=lambda err, msg: delivery.append(err))
+    if producer.flush(30) > 0 or delivery != [None]:
+        fail(f"not delivered: {delivery[0] if delivery else 'timed out'}")
+    print(f"submitted {instruction['instruction_id']}", flush=True)
+    if not args.wait:
+        return 0
+
+    deadline = time.monotonic() + args.timeout
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error() is not None:
+                continue
+            try:
+                result = fastavro.schemaless_reader(io.BytesIO(msg.value()), RESULT)
+            except Exception:  # not a result record: not ours either
+                continue
+            if result["instruction_id"] == instruction["instruction_id"]:
+                # fastavro reads timestamp-micros as a datetime: back to microseconds
+                result["executed_at"] = (result["executed_at"] - EPOCH) // timedelta(microseconds=1)
+                print(json.dumps(result))
+                return 0 if result["status"] == "committed" else 1
+    finally:
+        consumer.close()
+    print(f"error: no result for {instruction['instruction_id']} within {args.timeout} s", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KafkaException as e:
+        fail(f"kafka: {e}")
