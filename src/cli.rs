@@ -11,7 +11,7 @@ use rdkafka::producer::FutureProducer;
 
 use crate::config::{KafkaSettings, MetricsSettings, PostgresSettings};
 use crate::kafka::{self, ClientRole};
-use crate::submit::{self, ResultWatcher};
+use crate::submit::{self, AckWatcher, ResultWatcher};
 use crate::telemetry::{self, LogFormat};
 use crate::{capture, demo, device, executor, pg, shutdown, verify};
 
@@ -87,10 +87,19 @@ pub enum Command {
         /// Issuing device id.
         #[arg(long = "issued-by", env = "PGFANOUT_DEVICE_ID", default_value = "cli")]
         issued_by: String,
-        /// Wait for every instruction's result and print it.
-        #[arg(long = "wait")]
-        wait: bool,
-        /// Longest wait for results, in seconds.
+        /// Wait for every instruction's result and print it (`committed`, the default), and
+        /// with `all-devices` also until every live device has applied it. Exit status: 0
+        /// done, 1 an instruction was rejected or failed, 2 timed out.
+        #[arg(long = "wait", value_enum, num_args = 0..=1, default_missing_value = "committed")]
+        wait: Option<WaitFor>,
+        /// Devices that must acknowledge (with `--wait all-devices`), besides every device
+        /// that acknowledged within the live window.
+        #[arg(long = "devices", value_delimiter = ',')]
+        devices: Vec<String>,
+        /// A device counts as live when it acknowledged within this many seconds.
+        #[arg(long = "live-window-secs", default_value_t = 30)]
+        live_window_secs: u64,
+        /// Longest wait, in seconds.
         #[arg(long = "timeout-secs", default_value_t = 60)]
         timeout_secs: u64,
     },
@@ -111,6 +120,92 @@ pub enum Command {
         #[command(flatten)]
         settings: demo::DemoSettings,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WaitFor {
+    /// The instruction's result.
+    Committed,
+    /// The result, then every live device's applied watermark.
+    AllDevices,
+}
+
+/// Submits, then waits as asked; the exit status tells the outcome.
+async fn submit_and_wait(
+    kafka: &KafkaSettings,
+    instructions: &[crate::contract::Instruction],
+    wait: Option<WaitFor>,
+    required: &[String],
+    live: Duration,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let watcher = match wait {
+        Some(_) => {
+            let ks = kafka.clone();
+            Some(tokio::task::spawn_blocking(move || ResultWatcher::start(&ks)).await??)
+        }
+        None => None,
+    };
+    let producer: FutureProducer = kafka::client_config(kafka, ClientRole::Producer).create()?;
+    submit::produce_instructions(&producer, &kafka.topics().instructions, instructions).await?;
+    for i in instructions {
+        println!("submitted {}", i.instruction_id);
+    }
+    let Some(mut watcher) = watcher else { return Ok(ExitCode::SUCCESS) };
+    let ids = instructions.iter().map(|i| i.instruction_id.clone()).collect();
+    let (watcher, waited) = tokio::task::spawn_blocking(move || {
+        let r = watcher.wait_for(&ids, timeout, |_| {});
+        (watcher, r)
+    })
+    .await?;
+    let results: Vec<_> = instructions.iter().filter_map(|i| watcher.results().get(&i.instruction_id).cloned()).collect();
+    tokio::task::spawn_blocking(move || watcher.close()).await?;
+    for r in &results {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    if let Err(e) = waited {
+        eprintln!("error: {e}");
+        return Ok(ExitCode::from(2));
+    }
+    if results.iter().any(|r| r.status != crate::contract::ResultStatus::Committed) {
+        return Ok(ExitCode::FAILURE);
+    }
+    if wait != Some(WaitFor::AllDevices) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let target = results.iter().filter_map(|r| r.commit_lsn).max().unwrap_or(0);
+    let ks = kafka.clone();
+    let required = required.to_vec();
+    let left = timeout.saturating_sub(started.elapsed());
+    let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<Result<Vec<String>, submit::SubmitError>> {
+        let mut acks = AckWatcher::start(&ks, live + Duration::from_secs(5))?;
+        let r = acks.wait_applied(target, &required, live, left, |device, applied, done| {
+            let state = if done { "applied" } else { "waiting" };
+            println!("device {device}: {state} (watermark {}, instruction at {})", lsn_text(applied), lsn_text(target));
+        });
+        acks.close();
+        Ok(r)
+    })
+    .await??;
+    match outcome {
+        Ok(devices) => {
+            println!("applied on all {} live devices ({}) in {:.2}s", devices.len(), devices.join(", "), started.elapsed().as_secs_f64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn lsn_text(lsn: i64) -> String {
+    if lsn < 0 {
+        "none".to_string()
+    } else {
+        crate::capture::replication::format_lsn(lsn as u64)
+    }
 }
 
 /// Runs the parsed command line.
@@ -154,7 +249,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let shutdown = shutdown::on_signals();
             tokio::task::spawn_blocking(move || device::run_blocking(&kafka, &settings, shutdown)).await??;
         }
-        Command::Submit { kafka, file, op, table, key, value, issued_by, wait, timeout_secs } => {
+        Command::Submit { kafka, file, op, table, key, value, issued_by, wait, devices, live_window_secs, timeout_secs } => {
             let instructions = match (file, op, table) {
                 (Some(path), _, _) => {
                     let mut text = String::new();
@@ -181,32 +276,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 _ => anyhow::bail!("give --file, or --op and --table"),
             };
-            let watcher = if wait {
-                let ks = kafka.clone();
-                Some(tokio::task::spawn_blocking(move || ResultWatcher::start(&ks)).await??)
-            } else {
-                None
-            };
-            let producer: FutureProducer = kafka::client_config(&kafka, ClientRole::Producer).create()?;
-            submit::produce_instructions(&producer, &kafka.topics().instructions, &instructions).await?;
-            for i in &instructions {
-                println!("submitted {}", i.instruction_id);
-            }
-            if let Some(mut watcher) = watcher {
-                let ids = instructions.iter().map(|i| i.instruction_id.clone()).collect();
-                let (watcher, waited) = tokio::task::spawn_blocking(move || {
-                    let r = watcher.wait_for(&ids, Duration::from_secs(timeout_secs), |_| {});
-                    (watcher, r)
-                })
-                .await?;
-                for i in &instructions {
-                    if let Some(r) = watcher.results().get(&i.instruction_id) {
-                        println!("{}", serde_json::to_string(r)?);
-                    }
-                }
-                watcher.close();
-                waited?;
-            }
+            return submit_and_wait(&kafka, &instructions, wait, &devices, Duration::from_secs(live_window_secs), Duration::from_secs(timeout_secs)).await;
         }
         Command::Verify { postgres, stores } => {
             let report = verify::verify(&postgres.conninfo, &postgres.publication, &stores).await?;

@@ -18,8 +18,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value as Json;
 
 use crate::config::KafkaSettings;
-use crate::contract::codec::{decode_result, encode_instruction};
-use crate::contract::{now_micros, Field, Instruction, InstructionResult, Operation, OperationKind, Value};
+use crate::contract::codec::{decode_device_ack, decode_result, encode_instruction};
+use crate::contract::{now_micros, DeviceAck, Field, Instruction, InstructionResult, Operation, OperationKind, Value};
 use crate::kafka::{self, ClientRole};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,8 @@ pub enum SubmitError {
     Input { line: usize, reason: String },
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("timed out: {0}")]
+    Timeout(String),
     #[error("{0}")]
     Other(String),
 }
@@ -136,6 +138,8 @@ pub async fn produce_instructions(producer: &FutureProducer, topic: &str, instru
 pub struct ResultWatcher {
     consumer: BaseConsumer,
     results: HashMap<String, InstructionResult>,
+    deliveries: usize,
+    differing: Vec<(InstructionResult, InstructionResult)>,
 }
 
 impl ResultWatcher {
@@ -156,7 +160,7 @@ impl ResultWatcher {
             tpl.add_partition_offset(&topic, p, Offset::Offset(high))?;
         }
         consumer.assign(&tpl)?;
-        Ok(ResultWatcher { consumer, results: HashMap::new() })
+        Ok(ResultWatcher { consumer, results: HashMap::new(), deliveries: 0, differing: Vec::new() })
     }
 
     /// Polls until every id in `ids` has a result or `timeout` passes; calls `progress` with
@@ -167,11 +171,16 @@ impl ResultWatcher {
         while ids.iter().any(|id| !self.results.contains_key(id)) {
             if Instant::now() > deadline {
                 let missing = ids.iter().filter(|id| !self.results.contains_key(*id)).count();
-                return Err(SubmitError::Other(format!("{missing} instructions have no result after {timeout:?}")));
+                return Err(SubmitError::Timeout(format!("{missing} instructions have no result after {timeout:?}")));
             }
             for m in kafka::poll_batch(&self.consumer, 10_000, Duration::from_millis(200), Duration::from_millis(5))? {
                 if let Some(Ok(r)) = m.payload().map(decode_result) {
-                    self.results.insert(r.instruction_id.clone(), r);
+                    self.deliveries += 1;
+                    if let Some(old) = self.results.insert(r.instruction_id.clone(), r.clone()) {
+                        if old != r {
+                            self.differing.push((old, r));
+                        }
+                    }
                 }
             }
             let seen = ids.iter().filter(|id| self.results.contains_key(*id)).count();
@@ -185,6 +194,114 @@ impl ResultWatcher {
 
     pub fn results(&self) -> &HashMap<String, InstructionResult> {
         &self.results
+    }
+
+    /// Results received, duplicates included.
+    pub fn deliveries(&self) -> usize {
+        self.deliveries
+    }
+
+    /// Pairs of results for the same instruction that differ (there should be none).
+    pub fn differing(&self) -> &[(InstructionResult, InstructionResult)] {
+        &self.differing
+    }
+
+    pub fn close(self) {
+        kafka::close_consumer(self.consumer);
+    }
+}
+
+/// Follows the `device-acks` topic: the latest acknowledgement of every device.
+pub struct AckWatcher {
+    consumer: BaseConsumer,
+    latest: HashMap<String, DeviceAck>,
+}
+
+impl AckWatcher {
+    /// Starts reading acknowledgements published during the last `history` (so devices
+    /// that are alive but idle are known at once). Blocking.
+    pub fn start(settings: &KafkaSettings, history: Duration) -> Result<Self, SubmitError> {
+        let topic = settings.topics().device_acks;
+        let group = format!("pgfanout-submit-{}", uuid::Uuid::new_v4());
+        let consumer: BaseConsumer = kafka::client_config(settings, ClientRole::UncommittedConsumer { group_id: &group }).create()?;
+        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let partitions = md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len()).unwrap_or(0);
+        if partitions == 0 {
+            return Err(SubmitError::Other(format!("topic {topic} does not exist")));
+        }
+        let since_ms = (now_micros() / 1000).saturating_sub(history.as_millis() as i64);
+        let mut query = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            query.add_partition_offset(&topic, p, Offset::Offset(since_ms))?;
+        }
+        let found = consumer.offsets_for_times(query, Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        for e in found.elements() {
+            let offset = match e.offset() {
+                Offset::Offset(o) if o >= 0 => Offset::Offset(o),
+                _ => Offset::End, // nothing that recent in this partition
+            };
+            tpl.add_partition_offset(&topic, e.partition(), offset)?;
+        }
+        consumer.assign(&tpl)?;
+        Ok(AckWatcher { consumer, latest: HashMap::new() })
+    }
+
+    fn poll(&mut self, wait: Duration) -> Result<(), SubmitError> {
+        for m in kafka::poll_batch(&self.consumer, 10_000, wait, Duration::from_millis(5))? {
+            if let Some(Ok(ack)) = m.payload().map(decode_device_ack) {
+                let newer = self.latest.get(&ack.device_id).is_none_or(|old| old.at <= ack.at);
+                if newer {
+                    self.latest.insert(ack.device_id.clone(), ack);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every device that acknowledged within `live` (and every device in
+    /// `required`) has applied everything up to `target`. Calls `progress` whenever a
+    /// device's position changes. Returns the devices counted. Blocking.
+    pub fn wait_applied(
+        &mut self,
+        target: i64,
+        required: &[String],
+        live: Duration,
+        timeout: Duration,
+        mut progress: impl FnMut(&str, i64, bool),
+    ) -> Result<Vec<String>, SubmitError> {
+        let deadline = Instant::now() + timeout;
+        let mut shown: HashMap<String, i64> = HashMap::new();
+        loop {
+            self.poll(Duration::from_millis(100))?;
+            let live_since = now_micros() - live.as_micros() as i64;
+            let mut devices: Vec<String> = self.latest.values().filter(|a| a.at >= live_since).map(|a| a.device_id.clone()).collect();
+            for r in required {
+                if !devices.contains(r) {
+                    devices.push(r.clone());
+                }
+            }
+            devices.sort();
+            for d in &devices {
+                let applied = self.latest.get(d).map_or(-1, |a| a.applied_lsn);
+                if shown.get(d) != Some(&applied) {
+                    progress(d, applied, applied >= target);
+                    shown.insert(d.clone(), applied);
+                }
+            }
+            let done = !devices.is_empty() && devices.iter().all(|d| self.latest.get(d).is_some_and(|a| a.applied_lsn >= target));
+            if done {
+                return Ok(devices);
+            }
+            if Instant::now() > deadline {
+                let pending: Vec<&String> = devices.iter().filter(|d| self.latest.get(*d).is_none_or(|a| a.applied_lsn < target)).collect();
+                return Err(SubmitError::Timeout(if devices.is_empty() {
+                    format!("no device acknowledged anything in the last {live:?}")
+                } else {
+                    format!("not applied on {pending:?} after {timeout:?}")
+                }));
+            }
+        }
     }
 
     pub fn close(self) {

@@ -81,6 +81,16 @@ impl FlushLsnTracker {
         }
     }
 
+    /// The server has decoded and sent everything before `lsn` (a keepalive outside any
+    /// transaction). If every delta sent so far is acknowledged, nothing published lies
+    /// below `lsn` unacknowledged, so the slot may move there: this keeps it advancing
+    /// while only unpublished tables are written.
+    pub fn idle_at(&mut self, lsn: Lsn) {
+        if self.txs.is_empty() {
+            self.flushed = self.flushed.max(lsn);
+        }
+    }
+
     /// The LSN up to which everything is in Kafka.
     pub fn flushed(&self) -> Lsn {
         self.flushed
@@ -117,6 +127,22 @@ mod tests {
         assert_eq!(t.flushed(), 200, "an open transaction holds nothing back yet");
         t.committed(c, 300);
         assert_eq!(t.flushed(), 300, "an empty transaction flushes at commit");
+    }
+
+    #[test]
+    fn idle_positions_move_the_slot_only_when_nothing_is_pending() {
+        let mut t = FlushLsnTracker::new(10);
+        t.idle_at(50);
+        assert_eq!(t.flushed(), 50);
+        let a = t.begin();
+        t.sent(a);
+        t.committed(a, 60);
+        t.idle_at(90);
+        assert_eq!(t.flushed(), 50, "a delta below 90 is not acknowledged yet");
+        t.acknowledged(a);
+        assert_eq!(t.flushed(), 60);
+        t.idle_at(90);
+        assert_eq!(t.flushed(), 90);
     }
 
     proptest! {

@@ -28,7 +28,7 @@ use rdkafka::util::Timeout;
 use crate::backoff::Backoff;
 use crate::config::{KafkaSettings, PostgresSettings};
 use crate::contract::codec::encode_delta;
-use crate::contract::{delta_kafka_key, Delta};
+use crate::contract::{delta_kafka_key, Delta, DeltaOp};
 use crate::kafka::{self, ClientRole};
 use crate::pg;
 use crate::shutdown::Shutdown;
@@ -42,9 +42,14 @@ pub struct CaptureSettings {
     /// Logical replication slot (created with the pgoutput plugin on first start).
     #[arg(long = "slot", env = "PGFANOUT_SLOT", default_value = "pgfanout")]
     pub slot: String,
-    /// Seconds between status updates sent to PostgreSQL.
-    #[arg(long = "status-interval-secs", env = "PGFANOUT_STATUS_INTERVAL_SECS", default_value_t = 1)]
-    pub status_interval_secs: u64,
+    /// Milliseconds between status updates sent to PostgreSQL (each asks the server for
+    /// its position, which moves the slot and the watermark while tables are idle).
+    #[arg(long = "status-interval-ms", env = "PGFANOUT_STATUS_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub status_interval_ms: u64,
+    /// Milliseconds between watermark deltas (sent to every partition when the watermark
+    /// moved).
+    #[arg(long = "watermark-interval-ms", env = "PGFANOUT_WATERMARK_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub watermark_interval_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +131,9 @@ impl Session<'_> {
         let mut decoder = ChangeDecoder::new();
         let mut in_flight: InFlight = FuturesUnordered::new();
         let mut current_tx: Option<TxHandle> = None;
-        let mut status = tokio::time::interval(Duration::from_secs(self.settings.status_interval_secs.max(1)));
+        let mut status = tokio::time::interval(Duration::from_millis(self.settings.status_interval_ms));
+        let mut watermark_timer = tokio::time::interval(Duration::from_millis(self.settings.watermark_interval_ms));
+        let mut watermark = Watermark { candidate: confirmed, sent: confirmed };
         let mut reported = confirmed;
         tracing::info!(slot = %self.settings.slot, from = %replication::format_lsn(confirmed), "streaming changes");
 
@@ -140,13 +147,21 @@ impl Session<'_> {
                     }
                 }
                 _ = status.tick() => {
-                    if let Err(e) = report(&mut stream, &tracker, &mut reported).await {
+                    if let Err(e) = report(&mut stream, &tracker, &mut reported, true).await {
                         break Err(e);
+                    }
+                }
+                _ = watermark_timer.tick() => {
+                    if watermark.candidate > watermark.sent {
+                        if let Err(e) = self.send_watermark(watermark.candidate, &mut tracker, &mut in_flight).await {
+                            break Err(e);
+                        }
+                        watermark.sent = watermark.candidate;
                     }
                 }
                 event = stream.next_event() => {
                     let step = match event {
-                        Ok(Some(ev)) => self.on_event(ev, &mut stream, &mut decoder, &mut tracker, &mut in_flight, &mut current_tx, &mut reported).await,
+                        Ok(Some(ev)) => self.on_event(ev, &mut stream, &mut decoder, &mut tracker, &mut in_flight, &mut current_tx, &mut reported, &mut watermark).await,
                         Ok(None) => Err(CaptureError::Replication(ReplicationError::Protocol("the server ended the replication stream".into()))),
                         Err(e) => Err(e.into()),
                     };
@@ -166,7 +181,7 @@ impl Session<'_> {
             }
         }
         if result.is_ok() {
-            report(&mut stream, &tracker, &mut reported).await?;
+            report(&mut stream, &tracker, &mut reported, false).await?;
             stream.close().await?;
         }
         result
@@ -229,11 +244,17 @@ impl Session<'_> {
         in_flight: &mut InFlight,
         current_tx: &mut Option<TxHandle>,
         reported: &mut Lsn,
+        watermark: &mut Watermark,
     ) -> Result<(), CaptureError> {
         match event {
-            ReplicationEvent::Keepalive { reply_requested, .. } => {
+            ReplicationEvent::Keepalive { reply_requested, wal_end, .. } => {
+                if current_tx.is_none() {
+                    // Everything committed before wal_end has been received and handed on.
+                    tracker.idle_at(wal_end);
+                    watermark.candidate = watermark.candidate.max(wal_end);
+                }
                 if reply_requested {
-                    report(stream, tracker, reported).await?;
+                    report(stream, tracker, reported, false).await?;
                 }
                 Ok(())
             }
@@ -263,12 +284,41 @@ impl Session<'_> {
                         if let Some(tx) = current_tx.take() {
                             tracker.committed(tx, end_lsn);
                         }
+                        watermark.candidate = watermark.candidate.max(end_lsn);
                         metrics::counter!("pgfanout_capture_transactions_total").increment(1);
                     }
                 }
                 Ok(())
             }
         }
+    }
+
+    /// Sends a watermark delta to every partition: every transaction that committed at or
+    /// before `lsn` has all its deltas ahead of it in each partition.
+    async fn send_watermark(&self, lsn: Lsn, tracker: &mut FlushLsnTracker, in_flight: &mut InFlight) -> Result<(), CaptureError> {
+        let lsn_i64 = i64::try_from(lsn).unwrap_or(i64::MAX);
+        let delta = Delta {
+            table: String::new(),
+            op: DeltaOp::Watermark,
+            key: Vec::new(),
+            after: None,
+            old_key: None,
+            commit_lsn: lsn_i64,
+            lsn: lsn_i64,
+            xid: 0,
+            commit_ts: crate::contract::now_micros(),
+            seq: 0,
+            instruction_id: None,
+        };
+        // Tracked like a transaction that moves nothing: the flush LSN waits for it only
+        // through the transactions before it.
+        let tx = tracker.begin();
+        for partition in 0..self.partitions {
+            self.send(&delta, Some(partition), tx, tracker, in_flight).await?;
+        }
+        tracker.committed(tx, 0);
+        metrics::gauge!("pgfanout_capture_watermark_lsn").set(lsn as f64);
+        Ok(())
     }
 
     /// Hands one delta to the producer. When the producer's queue is full, waits for
@@ -292,7 +342,9 @@ impl Session<'_> {
                 Ok(delivery) => {
                     tracker.sent(tx);
                     in_flight.push(Box::pin(track(tx, delivery)));
-                    metrics::counter!("pgfanout_capture_changes_total", "op" => delta.op.as_str()).increment(1);
+                    if delta.op != DeltaOp::Watermark {
+                        metrics::counter!("pgfanout_capture_changes_total", "op" => delta.op.as_str()).increment(1);
+                    }
                     metrics::gauge!("pgfanout_capture_in_flight_deltas").set(tracker.in_flight() as f64);
                     return Ok(());
                 }
@@ -325,10 +377,18 @@ fn on_delivered(tracker: &mut FlushLsnTracker, (tx, sent, result): (TxHandle, In
     Ok(())
 }
 
-/// Sends a standby status update carrying the tracker's flush LSN.
-async fn report(stream: &mut ReplicationStream, tracker: &FlushLsnTracker, reported: &mut Lsn) -> Result<(), CaptureError> {
+/// The watermark: the newest LSN below which every committed transaction has been handed
+/// to the producer (`candidate`), and the last one sent to the partitions.
+struct Watermark {
+    candidate: Lsn,
+    sent: Lsn,
+}
+
+/// Sends a standby status update carrying the tracker's flush LSN; `ask` requests the
+/// server's position in reply (a keepalive).
+async fn report(stream: &mut ReplicationStream, tracker: &FlushLsnTracker, reported: &mut Lsn, ask: bool) -> Result<(), CaptureError> {
     let flushed = tracker.flushed();
-    stream.send_status(flushed, flushed, flushed, false).await?;
+    stream.send_status(flushed, flushed, flushed, ask).await?;
     if flushed != *reported {
         tracing::debug!(flush = %replication::format_lsn(flushed), "flush position reported");
         *reported = flushed;

@@ -7,6 +7,7 @@
 //! crash at any moment loses nothing and applies nothing twice, and rewinding the stored
 //! offsets replays history safely, since a delta only changes a row it is newer than.
 
+pub mod ack;
 pub mod store;
 
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use crate::contract::codec::decode_delta;
 use crate::contract::now_micros;
 use crate::kafka::{self, ClientRole};
 use crate::shutdown::Shutdown;
+use ack::{AckPublisher, Watermark};
 use store::{Record, Store};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -54,7 +56,13 @@ pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, s
     let group_id = format!("pgfanout-device-{}", settings.id);
     let consumer: BaseConsumer =
         kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: &group_id }).create()?;
-    assign_from_store(&consumer, &store, &topic, &shutdown)?;
+    let partitions = assign_from_store(&consumer, &store, &topic, &shutdown)?;
+    let mut watermark = Watermark::new(partitions, store.applied_lsns(&topic)?);
+    let mut acks = AckPublisher::new(
+        kafka::client_config(kafka_settings, ClientRole::Producer).create()?,
+        kafka_settings.topics().device_acks,
+        settings.id.clone(),
+    );
     tracing::info!(device = %settings.id, store = %settings.store.display(), "device started");
 
     let device_label = settings.id.clone();
@@ -68,6 +76,7 @@ pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, s
             }
         };
         if batch.is_empty() {
+            acks.maybe_publish(watermark.value());
             continue;
         }
         let started = Instant::now();
@@ -84,6 +93,8 @@ pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, s
             })
             .collect();
         let stats = store.apply_batch(&topic, &records)?;
+        watermark.update(&stats.applied_lsn);
+        acks.maybe_publish(watermark.value());
         let now = now_micros();
         for r in &records {
             if let Ok(d) = &r.delta {
@@ -106,8 +117,9 @@ pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, s
     Ok(())
 }
 
-/// Assigns every partition of `topic`, each at the offset the store recorded.
-fn assign_from_store(consumer: &BaseConsumer, store: &Store, topic: &str, shutdown: &Shutdown) -> Result<(), DeviceError> {
+/// Assigns every partition of `topic`, each at the offset the store recorded; returns the
+/// partitions.
+fn assign_from_store(consumer: &BaseConsumer, store: &Store, topic: &str, shutdown: &Shutdown) -> Result<Vec<i32>, DeviceError> {
     let offsets = store.offsets(topic)?;
     let partitions = loop {
         match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
@@ -134,5 +146,5 @@ fn assign_from_store(consumer: &BaseConsumer, store: &Store, topic: &str, shutdo
         tpl.add_partition_offset(topic, p, offset)?;
     }
     consumer.assign(&tpl)?;
-    Ok(())
+    Ok((0..partitions as i32).collect())
 }

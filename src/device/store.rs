@@ -29,7 +29,7 @@ const DELETED: &str = "_pgfanout_deleted";
 const META_SQL: &str = "
 CREATE TABLE IF NOT EXISTS _pgfanout_offsets (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
-    max_commit_lsn INTEGER NOT NULL DEFAULT 0,
+    applied_lsn INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (topic, partition));
 CREATE TABLE IF NOT EXISTS _pgfanout_columns (
     table_name TEXT NOT NULL, column_name TEXT NOT NULL, pg_type TEXT NOT NULL,
@@ -66,6 +66,9 @@ pub struct BatchStats {
     pub skipped_older: u64,
     pub rejected: u64,
     pub applied_by_op: HashMap<&'static str, u64>,
+    /// Per partition touched by the batch: the position below which every transaction is
+    /// fully applied on this device (see [`Store::applied_lsns`]).
+    pub applied_lsn: HashMap<i32, i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +132,14 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Per partition of `topic`: the LSN at or below which every transaction's deltas in
+    /// that partition are applied.
+    pub fn applied_lsns(&self, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT partition, applied_lsn FROM _pgfanout_offsets WHERE topic = ?1")?;
+        let rows = stmt.query_map([topic], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// A durable counter (`processed`, `applied`, ...), kept in the same transactions as
     /// the rows.
     pub fn counter(&self, name: &str) -> Result<i64, StoreError> {
@@ -150,7 +161,11 @@ impl Store {
             entry.0 = entry.0.max(record.offset + 1);
             match &record.delta {
                 Ok(delta) => {
-                    entry.1 = entry.1.max(delta.commit_lsn);
+                    // Within a partition deltas come in WAL order: a delta of the
+                    // transaction committed at C means every earlier transaction is complete
+                    // here; a watermark W means every transaction at or below W is.
+                    let complete_below = if delta.op == DeltaOp::Watermark { delta.commit_lsn } else { delta.commit_lsn - 1 };
+                    entry.1 = entry.1.max(complete_below);
                     match apply_delta(&tx, &mut self.tables, delta) {
                         Ok(true) => {
                             stats.applied += 1;
@@ -170,14 +185,15 @@ impl Store {
                 }
             }
         }
-        for (partition, (next, max_lsn)) in &next_offsets {
+        for (partition, (next, applied)) in &next_offsets {
             tx.execute(
-                "INSERT INTO _pgfanout_offsets (topic, partition, next_offset, max_commit_lsn) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO _pgfanout_offsets (topic, partition, next_offset, applied_lsn) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (topic, partition) DO UPDATE SET
                      next_offset = max(next_offset, excluded.next_offset),
-                     max_commit_lsn = max(max_commit_lsn, excluded.max_commit_lsn)",
-                params![topic, partition, next, max_lsn],
+                     applied_lsn = max(applied_lsn, excluded.applied_lsn)",
+                params![topic, partition, next, applied],
             )?;
+            stats.applied_lsn.insert(*partition, *applied);
         }
         for (name, n) in [("processed", stats.processed), ("applied", stats.applied), ("rejected", stats.rejected)] {
             if n > 0 {

@@ -30,7 +30,7 @@ use crate::backoff::Backoff;
 use crate::config::{KafkaSettings, PostgresSettings};
 use crate::contract::codec::{decode_instruction, encode_result};
 use crate::contract::{Instruction, InstructionResult};
-use crate::kafka::{self, ClientRole};
+use crate::kafka::{self, ClientRole, RebalanceLogger};
 use crate::pg;
 use crate::shutdown::Shutdown;
 use crate::pg::TableName;
@@ -75,8 +75,8 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> Result<(), ExecutorError> {
     let topics = kafka_settings.topics();
-    let consumer: Arc<BaseConsumer> = Arc::new(
-        kafka::client_config(kafka_settings, ClientRole::Consumer { group_id: &settings.group_id }).create()?,
+    let consumer: Arc<BaseConsumer<RebalanceLogger>> = Arc::new(
+        kafka::client_config(kafka_settings, ClientRole::Consumer { group_id: &settings.group_id }).create_with_context(RebalanceLogger)?,
     );
     consumer.subscribe(&[&topics.instructions])?;
     let producer: FutureProducer = kafka::client_config(kafka_settings, ClientRole::Producer).create()?;
@@ -257,7 +257,7 @@ async fn send_dead_letter(
 /// Stores, per partition, the offset after the last record of the batch. Offsets of
 /// partitions revoked meanwhile are refused by librdkafka, which is harmless: the records
 /// are redelivered to the new owner and answered from the log.
-fn store_offsets(consumer: &BaseConsumer, messages: &[OwnedMessage]) -> Result<(), ExecutorError> {
+fn store_offsets(consumer: &BaseConsumer<RebalanceLogger>, messages: &[OwnedMessage]) -> Result<(), ExecutorError> {
     let mut next: HashMap<(String, i32), i64> = HashMap::new();
     for m in messages {
         let e = next.entry((m.topic().to_string(), m.partition())).or_insert(0);

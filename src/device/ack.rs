@@ -1,0 +1,95 @@
+//! The device's applied watermark and its publication on the `device-acks` topic.
+//!
+//! Per partition, the store knows the LSN at or below which every transaction is fully
+//! applied (deltas arrive in WAL order per partition; capture's watermark deltas move idle
+//! partitions). The device's watermark is the minimum over all partitions: every
+//! transaction at or below it is applied on this device. Comparing it with an
+//! instruction's `commit_lsn` is the one confirmation a submitter needs.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+
+use crate::contract::codec::encode_device_ack;
+use crate::contract::{now_micros, DeviceAck};
+
+/// Applied positions per partition and their minimum.
+#[derive(Debug, Clone, Default)]
+pub struct Watermark {
+    partitions: Vec<i32>,
+    applied: HashMap<i32, i64>,
+}
+
+impl Watermark {
+    pub fn new(partitions: Vec<i32>, applied: HashMap<i32, i64>) -> Self {
+        Watermark { partitions, applied }
+    }
+
+    pub fn update(&mut self, applied: &HashMap<i32, i64>) {
+        for (p, lsn) in applied {
+            let e = self.applied.entry(*p).or_insert(0);
+            *e = (*e).max(*lsn);
+        }
+    }
+
+    /// Minimum over the assigned partitions (0 while a partition has seen nothing).
+    pub fn value(&self) -> i64 {
+        self.partitions.iter().map(|p| self.applied.get(p).copied().unwrap_or(0)).min().unwrap_or(0)
+    }
+
+    pub fn per_partition(&self) -> impl Iterator<Item = (i32, i64)> + '_ {
+        self.partitions.iter().map(|p| (*p, self.applied.get(p).copied().unwrap_or(0)))
+    }
+}
+
+/// Publishes the watermark when it moved (at most every `MIN_GAP`) and, as a sign of life,
+/// every `HEARTBEAT` even when it did not.
+pub struct AckPublisher {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    topic: String,
+    device_id: String,
+    last: Option<(i64, Instant)>,
+}
+
+const MIN_GAP: Duration = Duration::from_millis(100);
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
+impl AckPublisher {
+    pub fn new(producer: ThreadedProducer<DefaultProducerContext>, topic: String, device_id: String) -> Self {
+        AckPublisher { producer, topic, device_id, last: None }
+    }
+
+    pub fn maybe_publish(&mut self, watermark: i64) {
+        let due = match self.last {
+            None => true,
+            Some((sent, at)) => (watermark != sent && at.elapsed() >= MIN_GAP) || at.elapsed() >= HEARTBEAT,
+        };
+        if !due {
+            return;
+        }
+        let ack = DeviceAck { device_id: self.device_id.clone(), applied_lsn: watermark, at: now_micros() };
+        let Ok(payload) = encode_device_ack(&ack) else { return };
+        // Fire and forget: a lost ack is replaced by the next one.
+        match self.producer.send(BaseRecord::to(&self.topic).key(self.device_id.as_bytes()).payload(&payload)) {
+            Ok(()) => self.last = Some((watermark, Instant::now())),
+            Err((e, _)) => tracing::debug!(error = %e, "device ack not queued"),
+        }
+        metrics::gauge!("pgfanout_device_watermark_lsn", "device" => self.device_id.clone()).set(watermark as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watermark_is_the_slowest_partition() {
+        let mut w = Watermark::new(vec![0, 1, 2], HashMap::new());
+        assert_eq!(w.value(), 0);
+        w.update(&HashMap::from([(0, 50), (1, 70)]));
+        assert_eq!(w.value(), 0, "partition 2 has seen nothing yet");
+        w.update(&HashMap::from([(2, 60), (0, 40)]));
+        assert_eq!(w.value(), 50, "positions never move back");
+    }
+}
