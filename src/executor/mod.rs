@@ -42,7 +42,7 @@ pub struct ExecutorSettings {
     #[arg(long = "group", env = "PGFANOUT_EXECUTOR_GROUP", default_value = "pgfanout-executor")]
     pub group_id: String,
     /// Most instructions applied in one PostgreSQL transaction.
-    #[arg(long = "batch-size", env = "PGFANOUT_EXECUTOR_BATCH_SIZE", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long = "batch-size", env = "PGFANOUT_EXECUTOR_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
     /// Tables instructions may write (schema.table, comma separated); default: the
     /// publication's tables.
