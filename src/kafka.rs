@@ -44,7 +44,10 @@ pub fn client_config(settings: &KafkaSettings, role: ClientRole<'_>) -> ClientCo
                 .set("acks", "all")
                 .set("linger.ms", "5")
                 .set("compression.type", "lz4")
-                .set("message.timeout.ms", "300000");
+                // A record not acknowledged in 30 s fails back to the caller, which retries
+                // it (executor) or restarts from its last safe position (capture), rather
+                // than waiting on librdkafka's own 5-minute default.
+                .set("message.timeout.ms", "30000");
         }
         ClientRole::Consumer { group_id } => {
             cfg.set("group.id", group_id)
@@ -164,6 +167,10 @@ pub async fn ensure_pipeline_topics(settings: &KafkaSettings) -> Result<(), Kafk
 
 /// Polls up to `max` messages: waits up to `first_wait` for the first one, then takes
 /// what is already fetched (bounded by `linger`). Runs on a blocking thread.
+///
+/// A message handed out by `poll` has moved the consumer's position past it, so it must
+/// never be dropped: an error after some messages ends the batch early and is returned
+/// only when nothing was collected.
 pub fn poll_batch<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     max: usize,
@@ -180,7 +187,11 @@ pub fn poll_batch<C: rdkafka::consumer::ConsumerContext>(
         let left = deadline.saturating_duration_since(Instant::now());
         match consumer.poll(left) {
             None => break,
-            Some(m) => batch.push(m?.detach()),
+            Some(Ok(m)) => batch.push(m.detach()),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "consumer error; ending the batch early");
+                break;
+            }
         }
         if left.is_zero() {
             break;

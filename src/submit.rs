@@ -173,7 +173,15 @@ impl ResultWatcher {
                 let missing = ids.iter().filter(|id| !self.results.contains_key(*id)).count();
                 return Err(SubmitError::Timeout(format!("{missing} instructions have no result after {timeout:?}")));
             }
-            for m in kafka::poll_batch(&self.consumer, 10_000, Duration::from_millis(200), Duration::from_millis(5))? {
+            let batch = match kafka::poll_batch(&self.consumer, 10_000, Duration::from_millis(200), Duration::from_millis(5)) {
+                Ok(batch) => batch,
+                Err(e) if kafka::is_transient(&e) => {
+                    tracing::debug!(error = %e, "results not readable yet; retrying");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for m in batch {
                 if let Some(Ok(r)) = m.payload().map(decode_result) {
                     self.deliveries += 1;
                     if let Some(old) = self.results.insert(r.instruction_id.clone(), r.clone()) {
@@ -248,7 +256,15 @@ impl AckWatcher {
     }
 
     fn poll(&mut self, wait: Duration) -> Result<(), SubmitError> {
-        for m in kafka::poll_batch(&self.consumer, 10_000, wait, Duration::from_millis(5))? {
+        let batch = match kafka::poll_batch(&self.consumer, 10_000, wait, Duration::from_millis(5)) {
+            Ok(batch) => batch,
+            Err(e) if kafka::is_transient(&e) => {
+                tracing::debug!(error = %e, "acknowledgements not readable yet; retrying");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for m in batch {
             if let Some(Ok(ack)) = m.payload().map(decode_device_ack) {
                 let newer = self.latest.get(&ack.device_id).is_none_or(|old| old.at <= ack.at);
                 if newer {

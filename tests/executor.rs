@@ -374,3 +374,32 @@ async fn submit_waits_until_every_device_applied_the_instruction() {
     p.stop("capture");
     p.stop("executor");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_delays_instructions_but_never_loses_or_doubles_them() {
+    let mut p = Pipeline::with_own_broker("broker_down").await;
+    p.start_executor();
+    const N: i64 = 3000;
+    let all: Vec<Instruction> = (0..N).map(|i| insert_item(i, Value::String(format!("n{i}")), Value::Long(1))).collect();
+    let (before, after) = all.split_at(N as usize / 2);
+    let watcher = p.watch_results().await;
+    p.submit(before).await;
+    let client = p.client().await;
+    wait_for("the executor to start committing", TIMEOUT, || async {
+        let n: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    p.kill_broker();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.start_broker();
+    p.submit(after).await;
+    let watcher = p.await_watcher(watcher, &all).await;
+    assert!(watcher.differing().is_empty(), "{:?}", watcher.differing().first());
+    assert!(watcher.results().values().all(|r| r.status == ResultStatus::Committed));
+    let rows: i64 = client.query_one("SELECT count(*) FROM public.items", &[]).await.unwrap().get(0);
+    let logged: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+    assert_eq!((rows, logged), (N, N));
+    tokio::task::spawn_blocking(move || watcher.close()).await.unwrap();
+    p.stop("executor");
+}

@@ -29,6 +29,8 @@ fn required_env(name: &str) -> String {
 /// A pipeline under test: its own database, topics, stores and processes.
 pub struct Pipeline {
     pub name: String,
+    /// A broker of this pipeline's own (see [`Pipeline::with_own_broker`]).
+    broker: Option<OwnBroker>,
     pub kafka: KafkaSettings,
     pub postgres: PostgresSettings,
     pub dir: PathBuf,
@@ -48,6 +50,10 @@ fn with_dbname(admin: &str, db: &str) -> String {
 impl Pipeline {
     /// Creates the database (sample tables, publication, pgfanout schema) and the topics.
     pub async fn new(test: &str) -> Pipeline {
+        Self::new_on(test, &required_env("PGFANOUT_TEST_BROKERS")).await
+    }
+
+    async fn new_on(test: &str, brokers: &str) -> Pipeline {
         let name = unique_name(test);
         let admin_conninfo = required_env("PGFANOUT_TEST_POSTGRES");
         let admin = pg::connect(&admin_conninfo).await.expect("connect to the test PostgreSQL");
@@ -58,7 +64,7 @@ impl Pipeline {
         client.batch_execute(&workload::schema_sql(&postgres.publication)).await.unwrap();
         let properties = std::env::var("PGFANOUT_TEST_KAFKA_PROPERTIES").unwrap_or_default();
         let kafka = KafkaSettings {
-            brokers: required_env("PGFANOUT_TEST_BROKERS"),
+            brokers: brokers.to_string(),
             topic_prefix: format!("{name}."),
             properties: Properties(
                 properties
@@ -73,7 +79,27 @@ impl Pipeline {
         kafka::ensure_pipeline_topics(&kafka).await.expect("create topics");
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
-        Pipeline { name, kafka, postgres, dir, children: HashMap::new() }
+        Pipeline { name, broker: None, kafka, postgres, dir, children: HashMap::new() }
+    }
+
+    /// Like [`Pipeline::new`], with a broker of its own on durable (SQLite) storage, so
+    /// that a test can kill and restart it.
+    pub async fn with_own_broker(test: &str) -> Pipeline {
+        let dir = std::env::temp_dir().join(format!("{}-broker", unique_name(test)));
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut broker = OwnBroker { dir, port, child: None };
+        broker.start();
+        let mut p = Pipeline::new_on(test, &format!("127.0.0.1:{port}")).await;
+        p.broker = Some(broker);
+        p
+    }
+
+    pub fn kill_broker(&mut self) {
+        self.broker.as_mut().expect("a broker of its own").kill();
+    }
+
+    pub fn start_broker(&mut self) {
+        self.broker.as_mut().expect("a broker of its own").start();
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -309,6 +335,49 @@ impl Drop for Pipeline {
         for (_, mut child) in self.children.drain() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(b) = self.broker.as_mut() {
+            b.kill();
+        }
+    }
+}
+
+/// A Kafka-protocol broker process on SQLite storage in `dir`.
+struct OwnBroker {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnBroker {
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let bin = required_env("PGFANOUT_TEST_BROKER_BIN");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("broker.log")).unwrap();
+        let mut cmd = Command::new(&bin);
+        cmd.current_dir(&self.dir)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "sqlite://broker.db"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if bin.ends_with("nisshi") {
+            cmd.arg("--group-initial-rebalance-delay=0s");
+        }
+        self.child = Some(cmd.spawn().expect("start the broker"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "the broker did not listen within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
