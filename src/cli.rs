@@ -84,6 +84,10 @@ pub enum Command {
         /// Value of the single operation, as name=value (value parsed as JSON if it can be).
         #[arg(long = "value")]
         value: Vec<String>,
+        /// Precondition of the single update or delete: a current value the row must
+        /// hold, as name=value.
+        #[arg(long = "expect")]
+        expect: Vec<String>,
         /// Issuing device id.
         #[arg(long = "issued-by", env = "PGFANOUT_DEVICE_ID", default_value = "cli")]
         issued_by: String,
@@ -249,7 +253,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let shutdown = shutdown::on_signals();
             tokio::task::spawn_blocking(move || device::run_blocking(&kafka, &settings, shutdown)).await??;
         }
-        Command::Submit { kafka, file, op, table, key, value, issued_by, wait, devices, live_window_secs, timeout_secs } => {
+        Command::Submit { kafka, file, op, table, key, value, expect, issued_by, wait, devices, live_window_secs, timeout_secs } => {
             let instructions = match (file, op, table) {
                 (Some(path), _, _) => {
                     let mut text = String::new();
@@ -271,7 +275,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                             })
                             .collect()
                     };
-                    let json = serde_json::json!({"operations": [{"op": op, "table": table, "key": pairs(&key)?, "values": pairs(&value)?}]});
+                    let json = serde_json::json!({"operations": [{"op": op, "table": table, "key": pairs(&key)?, "values": pairs(&value)?, "expect": pairs(&expect)?}]});
                     vec![submit::instruction_from_json(&json, &issued_by).map_err(|e| anyhow::anyhow!(e))?]
                 }
                 _ => anyhow::bail!("give --file, or --op and --table"),

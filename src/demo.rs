@@ -84,7 +84,10 @@ pub async fn run(kafka_settings: &KafkaSettings, pg_settings: &PostgresSettings,
         );
     }
 
-    let outcome = drive(kafka_settings, pg_settings, settings, &stores, shutdown).await;
+    let outcome = tokio::select! {
+        outcome = drive(kafka_settings, pg_settings, settings, &stores, shutdown) => outcome,
+        exited = first_exit(&mut children) => Err(DemoError::Other(format!("{exited}; see {}", logs.display()))),
+    };
     for (name, child) in &mut children {
         stop_child(name, child).await;
     }
@@ -194,6 +197,18 @@ fn spawn(
     }
     let child = cmd.spawn().map_err(other)?;
     Ok((name.to_string(), child))
+}
+
+/// Resolves when a component exits on its own, naming it.
+async fn first_exit(children: &mut [(String, Child)]) -> String {
+    loop {
+        for (name, child) in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return format!("{name} exited with {status}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// SIGTERM, then SIGKILL if the child has not exited after 15 s.

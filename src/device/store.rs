@@ -47,6 +47,21 @@ CREATE TABLE IF NOT EXISTS _pgfanout_rejected (
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("the store has layout version {found}, this pgfanout knows {LAYOUT_VERSION}: use the matching pgfanout, or move the file away and let the device rebuild it from the topic")]
+    Layout { found: i64 },
+}
+
+/// Version of the store's own tables (`PRAGMA user_version`).
+const LAYOUT_VERSION: i64 = 1;
+
+/// Refuses stores whose bookkeeping tables this version does not know.
+fn check_layout(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let has_tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = '_pgfanout_offsets'", [], |r| r.get(0))?;
+    if (version == 0 && has_tables > 0) || version > LAYOUT_VERSION {
+        return Err(StoreError::Layout { found: version });
+    }
+    Ok(())
 }
 
 /// One consumed record, decoded or not.
@@ -64,6 +79,7 @@ pub struct BatchStats {
     pub processed: u64,
     pub applied: u64,
     pub skipped_older: u64,
+    pub watermarks: u64,
     pub rejected: u64,
     pub applied_by_op: HashMap<&'static str, u64>,
     /// Per partition touched by the batch: the position below which every transaction is
@@ -95,7 +111,9 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        check_layout(&conn)?;
         conn.execute_batch(META_SQL)?;
+        conn.pragma_update(None, "user_version", LAYOUT_VERSION)?;
         let mut store = Store { conn, tables: HashMap::new() };
         store.load_shapes()?;
         Ok(store)
@@ -166,6 +184,10 @@ impl Store {
                     // here; a watermark W means every transaction at or below W is.
                     let complete_below = if delta.op == DeltaOp::Watermark { delta.commit_lsn } else { delta.commit_lsn - 1 };
                     entry.1 = entry.1.max(complete_below);
+                    if delta.op == DeltaOp::Watermark {
+                        stats.watermarks += 1;
+                        continue;
+                    }
                     match apply_delta(&tx, &mut self.tables, delta) {
                         Ok(true) => {
                             stats.applied += 1;
@@ -195,7 +217,13 @@ impl Store {
             )?;
             stats.applied_lsn.insert(*partition, *applied);
         }
-        for (name, n) in [("processed", stats.processed), ("applied", stats.applied), ("rejected", stats.rejected)] {
+        for (name, n) in [
+            ("processed", stats.processed),
+            ("applied", stats.applied),
+            ("skipped", stats.skipped_older),
+            ("watermarks", stats.watermarks),
+            ("rejected", stats.rejected),
+        ] {
             if n > 0 {
                 tx.execute(
                     "INSERT INTO _pgfanout_counters (name, value) VALUES (?1, ?2)
@@ -240,7 +268,7 @@ impl From<rusqlite::Error> for ApplyError {
 fn apply_delta(tx: &rusqlite::Transaction<'_>, tables: &mut HashMap<String, TableShape>, delta: &Delta) -> Result<bool, ApplyError> {
     let version = delta.version();
     match delta.op {
-        DeltaOp::Watermark => Ok(false),
+        DeltaOp::Watermark => Ok(false), // positions only; handled by the caller
         DeltaOp::Truncate => {
             let Some(shape) = tables.get_mut(&delta.table) else {
                 return Ok(false); // nothing of this table here yet
