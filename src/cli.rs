@@ -16,7 +16,11 @@ use crate::telemetry::{self, LogFormat};
 use crate::{capture, demo, device, executor, pg, shutdown, verify};
 
 #[derive(Debug, Parser)]
-#[command(name = "pgfanout", version, about = "One instruction in, every device in step: PostgreSQL changes fanned out through Kafka to every device's SQLite store.")]
+#[command(
+    name = "pgfanout",
+    version,
+    about = "One instruction in, every device in step: PostgreSQL changes fanned out through Kafka to every device's SQLite store."
+)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long = "log-format", env = "PGFANOUT_LOG_FORMAT", value_enum, default_value = "text", global = true)]
@@ -194,7 +198,12 @@ async fn submit_and_wait(
     .await??;
     match outcome {
         Ok(devices) => {
-            println!("applied on all {} live devices ({}) in {:.2}s", devices.len(), devices.join(", "), started.elapsed().as_secs_f64());
+            println!(
+                "applied on all {} live devices ({}) in {:.2}s",
+                devices.len(),
+                devices.join(", "),
+                started.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -253,7 +262,20 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let shutdown = shutdown::on_signals();
             tokio::task::spawn_blocking(move || device::run_blocking(&kafka, &settings, shutdown)).await??;
         }
-        Command::Submit { kafka, file, op, table, key, value, expect, issued_by, wait, devices, live_window_secs, timeout_secs } => {
+        Command::Submit {
+            kafka,
+            file,
+            op,
+            table,
+            key,
+            value,
+            expect,
+            issued_by,
+            wait,
+            devices,
+            live_window_secs,
+            timeout_secs,
+        } => {
             let instructions = match (file, op, table) {
                 (Some(path), _, _) => {
                     let mut text = String::new();
@@ -280,7 +302,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 _ => anyhow::bail!("give --file, or --op and --table"),
             };
-            return submit_and_wait(&kafka, &instructions, wait, &devices, Duration::from_secs(live_window_secs), Duration::from_secs(timeout_secs)).await;
+            return submit_and_wait(
+                &kafka,
+                &instructions,
+                wait,
+                &devices,
+                Duration::from_secs(live_window_secs),
+                Duration::from_secs(timeout_secs),
+            )
+            .await;
         }
         Command::Verify { postgres, stores } => {
             let report = verify::verify(&postgres.conninfo, &postgres.publication, &stores).await?;

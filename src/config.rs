@@ -34,9 +34,7 @@ pub struct Properties(pub Vec<(String, String)>);
 fn parse_properties(s: &str) -> Result<Properties, String> {
     let mut out = Vec::new();
     for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| format!("kafka property {pair:?} is not key=value"))?;
+        let (k, v) = pair.split_once('=').ok_or_else(|| format!("kafka property {pair:?} is not key=value"))?;
         if k.trim().is_empty() {
             return Err(format!("kafka property {pair:?} has an empty key"));
         }
@@ -78,7 +76,11 @@ impl Topics {
 #[derive(Debug, Clone, Args)]
 pub struct PostgresSettings {
     /// PostgreSQL connection string (libpq key=value form or a postgres:// URL).
-    #[arg(long = "postgres", env = "PGFANOUT_POSTGRES", default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres")]
+    #[arg(
+        long = "postgres",
+        env = "PGFANOUT_POSTGRES",
+        default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+    )]
     pub conninfo: String,
     /// Publication whose tables the pipeline captures and the executor may write.
     #[arg(long = "publication", env = "PGFANOUT_PUBLICATION", default_value = "pgfanout")]
@@ -94,6 +96,13 @@ pub struct MetricsSettings {
     pub listen: Option<SocketAddr>,
 }
 
+impl std::fmt::Display for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pairs: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        f.write_str(&pairs.join(","))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,12 +116,5 @@ mod tests {
         assert!(parse_properties("novalue").is_err());
         assert!(parse_properties("=1").is_err());
         assert_eq!(parse_properties("").unwrap(), Properties::default());
-    }
-}
-
-impl std::fmt::Display for Properties {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pairs: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        f.write_str(&pairs.join(","))
     }
 }

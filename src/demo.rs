@@ -55,14 +55,20 @@ fn other(e: impl std::fmt::Display) -> DemoError {
 }
 
 /// Runs the demo; `Ok(true)` when every device matches PostgreSQL.
-pub async fn run(kafka_settings: &KafkaSettings, pg_settings: &PostgresSettings, settings: &DemoSettings, shutdown: Shutdown) -> Result<bool, DemoError> {
+pub async fn run(
+    kafka_settings: &KafkaSettings,
+    pg_settings: &PostgresSettings,
+    settings: &DemoSettings,
+    shutdown: Shutdown,
+) -> Result<bool, DemoError> {
     let client = pg::connect(&pg_settings.conninfo).await?;
     pg::ensure_schema(&client).await?;
     client.batch_execute(&workload::schema_sql(&pg_settings.publication)).await?;
     kafka::ensure_pipeline_topics(kafka_settings).await?;
     let logs = settings.data_dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(other)?;
-    let stores: Vec<PathBuf> = (0..settings.devices).map(|i| settings.data_dir.join(format!("device-{}.sqlite", device_name(i)))).collect();
+    let stores: Vec<PathBuf> =
+        (0..settings.devices).map(|i| settings.data_dir.join(format!("device-{}.sqlite", device_name(i)))).collect();
 
     let mut children = Vec::new();
     let port = |i: u16| (settings.metrics_base_port != 0).then(|| settings.metrics_base_port.saturating_add(i));
@@ -71,7 +77,14 @@ pub async fn run(kafka_settings: &KafkaSettings, pg_settings: &PostgresSettings,
     for (i, store) in stores.iter().enumerate() {
         let id = device_name(i as u16);
         let store = store.to_string_lossy().into_owned();
-        children.push(spawn(&format!("device-{id}"), &["device", "--id", &id, "--store", &store], port(2 + i as u16), kafka_settings, pg_settings, &logs)?);
+        children.push(spawn(
+            &format!("device-{id}"),
+            &["device", "--id", &id, "--store", &store],
+            port(2 + i as u16),
+            kafka_settings,
+            pg_settings,
+            &logs,
+        )?);
     }
     println!("started executor, capture and {} devices (logs in {})", settings.devices, logs.display());
     if settings.metrics_base_port != 0 {
@@ -94,7 +107,13 @@ pub async fn run(kafka_settings: &KafkaSettings, pg_settings: &PostgresSettings,
     outcome
 }
 
-async fn drive(kafka_settings: &KafkaSettings, pg_settings: &PostgresSettings, settings: &DemoSettings, stores: &[PathBuf], shutdown: Shutdown) -> Result<bool, DemoError> {
+async fn drive(
+    kafka_settings: &KafkaSettings,
+    pg_settings: &PostgresSettings,
+    settings: &DemoSettings,
+    stores: &[PathBuf],
+    shutdown: Shutdown,
+) -> Result<bool, DemoError> {
     let timeout = Duration::from_secs(settings.timeout_secs);
     let seed = settings.seed.unwrap_or_else(|| crate::contract::now_micros() as u64);
     let instructions = Workload::new(seed, "demo").instructions(settings.instructions);

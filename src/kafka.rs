@@ -17,6 +17,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
 
@@ -27,9 +28,13 @@ pub enum ClientRole<'a> {
     Producer,
     /// Group consumer whose offsets are stored by the application after the downstream
     /// acknowledged (`enable.auto.offset.store=false`), then committed in the background.
-    Consumer { group_id: &'a str },
+    Consumer {
+        group_id: &'a str,
+    },
     /// Consumer whose positions live outside Kafka (a device store); it never commits.
-    UncommittedConsumer { group_id: &'a str },
+    UncommittedConsumer {
+        group_id: &'a str,
+    },
     Admin,
 }
 
@@ -157,11 +162,8 @@ pub async fn ensure_topics(settings: &KafkaSettings, topics: &[TopicSpec<'_>]) -
 /// compacted-friendly, the others plain.
 pub async fn ensure_pipeline_topics(settings: &KafkaSettings) -> Result<(), KafkaError> {
     let topics = settings.topics();
-    let specs: Vec<TopicSpec<'_>> = topics
-        .all()
-        .into_iter()
-        .map(|name| TopicSpec { name, partitions: settings.partitions, config: vec![] })
-        .collect();
+    let specs: Vec<TopicSpec<'_>> =
+        topics.all().into_iter().map(|name| TopicSpec { name, partitions: settings.partitions, config: vec![] }).collect();
     ensure_topics(settings, &specs).await
 }
 
@@ -200,6 +202,40 @@ pub fn poll_batch<C: rdkafka::consumer::ConsumerContext>(
     Ok(batch)
 }
 
+/// Number of partitions of `topic` (0 when it does not exist). Blocking.
+pub fn partition_count<C: ClientContext>(client: &rdkafka::client::Client<C>, topic: &str) -> Result<usize, KafkaError> {
+    let md = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len()))
+}
+
+/// A consumer outside any group's assignment (`assign`, never `subscribe`), for reading a
+/// topic from chosen offsets.
+fn reader(settings: &KafkaSettings) -> Result<BaseConsumer, KafkaError> {
+    let group = format!("pgfanout-reader-{}", uuid::Uuid::new_v4());
+    client_config(settings, ClientRole::UncommittedConsumer { group_id: &group }).create()
+}
+
+/// A reader assigned to every partition of `topic`, each at the offset `start` chooses
+/// for it; `None` when the topic does not exist. Blocking.
+pub fn reader_at(
+    settings: &KafkaSettings,
+    topic: &str,
+    mut start: impl FnMut(&BaseConsumer, i32) -> Result<Offset, KafkaError>,
+) -> Result<Option<BaseConsumer>, KafkaError> {
+    let consumer = reader(settings)?;
+    let partitions = partition_count(consumer.client(), topic)?;
+    if partitions == 0 {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        let offset = start(&consumer, p)?;
+        tpl.add_partition_offset(topic, p, offset)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(Some(consumer))
+}
+
 /// Sends an undecodable or unusable record to the dead-letter topic, with the reason and
 /// its origin in headers, and waits for Kafka's acknowledgement.
 pub async fn dead_letter(
@@ -224,11 +260,7 @@ pub async fn dead_letter(
     if let Some(p) = source.payload() {
         record = record.payload(p);
     }
-    producer
-        .send(record, Timeout::After(Duration::from_secs(30)))
-        .await
-        .map(|_| ())
-        .map_err(|(e, _)| e)?;
+    producer.send(record, Timeout::After(Duration::from_secs(30))).await.map(|_| ()).map_err(|(e, _)| e)?;
     metrics::counter!("pgfanout_dlq_records_total", "component" => component.to_string()).increment(1);
     Ok(())
 }

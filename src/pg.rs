@@ -156,9 +156,7 @@ pub async fn publication_tables(client: &Client, publication: &str) -> Result<Ve
 }
 
 pub async fn publication_exists(client: &Client, publication: &str) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[&publication])
-        .await?;
+    let row = client.query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[&publication]).await?;
     Ok(row.get::<_, i64>(0) > 0)
 }
 
@@ -180,6 +178,11 @@ pub fn is_transient(err: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// `'literal'` with embedded quotes doubled (for DDL, where parameters are not allowed).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,9 +196,4 @@ mod tests {
         assert_eq!(TableName::parse("s."), None);
         assert_eq!(TableName::new("a\"b", "c").quoted(), "\"a\"\"b\".\"c\"");
     }
-}
-
-/// `'literal'` with embedded quotes doubled (for DDL, where parameters are not allowed).
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }

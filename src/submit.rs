@@ -20,7 +20,7 @@ use serde_json::Value as Json;
 use crate::config::KafkaSettings;
 use crate::contract::codec::{decode_device_ack, decode_result, encode_instruction};
 use crate::contract::{now_micros, DeviceAck, Field, Instruction, InstructionResult, Operation, OperationKind, Value};
-use crate::kafka::{self, ClientRole};
+use crate::kafka;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -64,10 +64,9 @@ fn operation_from_json(json: &Json) -> Result<Operation, String> {
     let fields = |name: &str| -> Result<Vec<Field>, String> {
         match json.get(name) {
             None | Some(Json::Null) => Ok(Vec::new()),
-            Some(Json::Object(map)) => map
-                .iter()
-                .map(|(k, v)| Ok(Field { name: k.clone(), value: value_from_json(v)? }))
-                .collect(),
+            Some(Json::Object(map)) => {
+                map.iter().map(|(k, v)| Ok(Field { name: k.clone(), value: value_from_json(v)? })).collect()
+            }
             Some(_) => Err(format!("{name} must be an object of column: value")),
         }
     };
@@ -94,7 +93,7 @@ pub fn value_from_json(json: &Json) -> Result<Value, String> {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
@@ -116,16 +115,20 @@ pub fn parse_json_lines(text: &str, default_issuer: &str) -> Result<Vec<Instruct
 
 /// Produces instructions keyed by `issued_by` (one issuer's instructions keep their order)
 /// and waits until Kafka acknowledged all of them.
-pub async fn produce_instructions(producer: &FutureProducer, topic: &str, instructions: &[Instruction]) -> Result<(), SubmitError> {
+pub async fn produce_instructions(
+    producer: &FutureProducer,
+    topic: &str,
+    instructions: &[Instruction],
+) -> Result<(), SubmitError> {
     const WINDOW: usize = 5000;
     for chunk in instructions.chunks(WINDOW) {
-        let payloads: Vec<Vec<u8>> = chunk
-            .iter()
-            .map(encode_instruction)
-            .collect::<Result<_, _>>()
-            .map_err(|e| SubmitError::Other(e.to_string()))?;
+        let payloads: Vec<Vec<u8>> =
+            chunk.iter().map(encode_instruction).collect::<Result<_, _>>().map_err(|e| SubmitError::Other(e.to_string()))?;
         let sends = chunk.iter().zip(&payloads).map(|(ins, payload)| {
-            producer.send(FutureRecord::to(topic).key(ins.issued_by.as_bytes()).payload(payload), Timeout::After(Duration::from_secs(60)))
+            producer.send(
+                FutureRecord::to(topic).key(ins.issued_by.as_bytes()).payload(payload),
+                Timeout::After(Duration::from_secs(60)),
+            )
         });
         for outcome in futures::future::join_all(sends).await {
             outcome.map_err(|(e, _)| e)?;
@@ -147,25 +150,22 @@ impl ResultWatcher {
     /// submitted after this call cannot be missed. Blocking.
     pub fn start(settings: &KafkaSettings) -> Result<Self, SubmitError> {
         let topic = settings.topics().results;
-        let group = format!("pgfanout-submit-{}", uuid::Uuid::new_v4());
-        let consumer: BaseConsumer = kafka::client_config(settings, ClientRole::UncommittedConsumer { group_id: &group }).create()?;
-        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let partitions = md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len()).unwrap_or(0);
-        if partitions == 0 {
-            return Err(SubmitError::Other(format!("topic {topic} does not exist")));
-        }
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
-            let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-            tpl.add_partition_offset(&topic, p, Offset::Offset(high))?;
-        }
-        consumer.assign(&tpl)?;
+        let consumer = kafka::reader_at(settings, &topic, |c, p| {
+            let (_, high) = c.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+            Ok(Offset::Offset(high))
+        })?
+        .ok_or_else(|| SubmitError::Other(format!("topic {topic} does not exist")))?;
         Ok(ResultWatcher { consumer, results: HashMap::new(), deliveries: 0, differing: Vec::new() })
     }
 
     /// Polls until every id in `ids` has a result or `timeout` passes; calls `progress` with
     /// the number of results seen so far. Blocking.
-    pub fn wait_for(&mut self, ids: &HashSet<String>, timeout: Duration, mut progress: impl FnMut(usize)) -> Result<(), SubmitError> {
+    pub fn wait_for(
+        &mut self,
+        ids: &HashSet<String>,
+        timeout: Duration,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(), SubmitError> {
         let deadline = Instant::now() + timeout;
         let mut last = 0;
         while ids.iter().any(|id| !self.results.contains_key(id)) {
@@ -230,28 +230,18 @@ impl AckWatcher {
     /// that are alive but idle are known at once). Blocking.
     pub fn start(settings: &KafkaSettings, history: Duration) -> Result<Self, SubmitError> {
         let topic = settings.topics().device_acks;
-        let group = format!("pgfanout-submit-{}", uuid::Uuid::new_v4());
-        let consumer: BaseConsumer = kafka::client_config(settings, ClientRole::UncommittedConsumer { group_id: &group }).create()?;
-        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let partitions = md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len()).unwrap_or(0);
-        if partitions == 0 {
-            return Err(SubmitError::Other(format!("topic {topic} does not exist")));
-        }
         let since_ms = (now_micros() / 1000).saturating_sub(history.as_millis() as i64);
-        let mut query = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
+        let consumer = kafka::reader_at(settings, &topic, |c, p| {
+            let mut query = TopicPartitionList::new();
             query.add_partition_offset(&topic, p, Offset::Offset(since_ms))?;
-        }
-        let found = consumer.offsets_for_times(query, Duration::from_secs(10))?;
-        let mut tpl = TopicPartitionList::new();
-        for e in found.elements() {
-            let offset = match e.offset() {
-                Offset::Offset(o) if o >= 0 => Offset::Offset(o),
-                _ => Offset::End, // nothing that recent in this partition
-            };
-            tpl.add_partition_offset(&topic, e.partition(), offset)?;
-        }
-        consumer.assign(&tpl)?;
+            let found = c.offsets_for_times(query, Duration::from_secs(10))?;
+            // Nothing that recent in this partition: start at its end.
+            Ok(match found.elements().first().map(|e| e.offset()) {
+                Some(Offset::Offset(o)) if o >= 0 => Offset::Offset(o),
+                _ => Offset::End,
+            })
+        })?
+        .ok_or_else(|| SubmitError::Other(format!("topic {topic} does not exist")))?;
         Ok(AckWatcher { consumer, latest: HashMap::new() })
     }
 
@@ -291,7 +281,8 @@ impl AckWatcher {
         loop {
             self.poll(Duration::from_millis(100))?;
             let live_since = now_micros() - live.as_micros() as i64;
-            let mut devices: Vec<String> = self.latest.values().filter(|a| a.at >= live_since).map(|a| a.device_id.clone()).collect();
+            let mut devices: Vec<String> =
+                self.latest.values().filter(|a| a.at >= live_since).map(|a| a.device_id.clone()).collect();
             for r in required {
                 if !devices.contains(r) {
                     devices.push(r.clone());
@@ -310,7 +301,8 @@ impl AckWatcher {
                 return Ok(devices);
             }
             if Instant::now() > deadline {
-                let pending: Vec<&String> = devices.iter().filter(|d| self.latest.get(*d).is_none_or(|a| a.applied_lsn < target)).collect();
+                let pending: Vec<&String> =
+                    devices.iter().filter(|d| self.latest.get(*d).is_none_or(|a| a.applied_lsn < target)).collect();
                 return Err(SubmitError::Timeout(if devices.is_empty() {
                     format!("no device acknowledged anything in the last {live:?}")
                 } else {

@@ -35,7 +35,8 @@ pub struct Summary {
 }
 
 pub fn summarize(rows: &Rows) -> Summary {
-    let checksum = rows.iter().fold(0u64, |acc, (k, v)| acc.wrapping_add(fnv1a(k.as_bytes()) ^ fnv1a(v.as_bytes()).rotate_left(1)));
+    let checksum =
+        rows.iter().fold(0u64, |acc, (k, v)| acc.wrapping_add(fnv1a(k.as_bytes()) ^ fnv1a(v.as_bytes()).rotate_left(1)));
     Summary { rows: rows.len(), checksum }
 }
 
@@ -154,7 +155,12 @@ pub fn compare(table: &str, postgres: &Rows, device: &Rows) -> TableComparison {
             diffs.push(format!("extra {k}"));
         }
     }
-    TableComparison { table: table.to_string(), postgres: summarize(postgres), device: summarize(device), sample_differences: diffs }
+    TableComparison {
+        table: table.to_string(),
+        postgres: summarize(postgres),
+        device: summarize(device),
+        sample_differences: diffs,
+    }
 }
 
 /// The outcome for every device.

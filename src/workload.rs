@@ -106,7 +106,10 @@ impl Workload {
                 field("name", Value::String(format!("item-{}", rng.below(1_000_000)))),
                 field("qty", Value::Long(rng.below(1000) as i64)),
                 field("price", Value::String(format!("{}.{:02}", rng.below(10_000), rng.below(100)))),
-                field("tags", if rng.below(3) == 0 { Value::Null } else { Value::String(format!("{{\"batch\": {}}}", rng.below(50))) }),
+                field(
+                    "tags",
+                    if rng.below(3) == 0 { Value::Null } else { Value::String(format!("{{\"batch\": {}}}", rng.below(50))) },
+                ),
             ]
         };
         match (roll, self.pick(self.items.len())) {
@@ -117,7 +120,12 @@ impl Workload {
             }
             (40..65, Some(i)) => {
                 let id = self.items[i];
-                op(OperationKind::Update, "public.items", field("id", Value::Long(id)), vec![field("qty", Value::Long(self.rng.below(1000) as i64))])
+                op(
+                    OperationKind::Update,
+                    "public.items",
+                    field("id", Value::Long(id)),
+                    vec![field("qty", Value::Long(self.rng.below(1000) as i64))],
+                )
             }
             (65..85, Some(i)) => {
                 let id = if self.rng.below(2) == 0 {
@@ -155,7 +163,12 @@ impl Workload {
             }
             (45..75, Some(i)) => {
                 let code = self.sites[i].clone();
-                op(OperationKind::Update, "public.sites", field("code", Value::String(code)), vec![field("active", Value::Boolean(self.rng.below(2) == 0))])
+                op(
+                    OperationKind::Update,
+                    "public.sites",
+                    field("code", Value::String(code)),
+                    vec![field("active", Value::Boolean(self.rng.below(2) == 0))],
+                )
             }
             (_, Some(i)) => {
                 let code = self.sites.swap_remove(i);
@@ -188,7 +201,10 @@ mod tests {
     fn workload_is_reproducible_and_mixed() {
         let a = Workload::new(7, "d").instructions(500);
         let b = Workload::new(7, "d").instructions(500);
-        assert_eq!(a.iter().map(|i| &i.instruction_id).collect::<Vec<_>>(), b.iter().map(|i| &i.instruction_id).collect::<Vec<_>>());
+        assert_eq!(
+            a.iter().map(|i| &i.instruction_id).collect::<Vec<_>>(),
+            b.iter().map(|i| &i.instruction_id).collect::<Vec<_>>()
+        );
         let (ops, tables) = mix(&a);
         assert_eq!(ops.into_iter().collect::<Vec<_>>(), vec!["delete", "insert", "update", "upsert"]);
         assert_eq!(tables.len(), 2);

@@ -59,14 +59,32 @@ async fn the_python_producer_submits_and_reads_its_result() {
     let mut p = Pipeline::new("py_example").await;
 
     // No executor yet: no result, and exit status 2 once --timeout has passed.
-    let (code, stdout, report) = submit_with_python(&p, &["--op", "upsert", "--table", "public.items", "--key", "id=8", "--value", "name=\"late\"", "--value", "qty=1"], 2).await;
+    let (code, stdout, report) = submit_with_python(
+        &p,
+        &["--op", "upsert", "--table", "public.items", "--key", "id=8", "--value", "name=\"late\"", "--value", "qty=1"],
+        2,
+    )
+    .await;
     assert_eq!(code, 2, "{report}");
     assert!(stdout.starts_with("submitted "), "{report}");
 
     p.start_executor();
     let (code, stdout, report) = submit_with_python(
         &p,
-        &["--op", "upsert", "--table", "public.items", "--key", "id=7", "--value", "name=\"widget\"", "--value", "qty=3", "--value", "price=\"12.50\""],
+        &[
+            "--op",
+            "upsert",
+            "--table",
+            "public.items",
+            "--key",
+            "id=7",
+            "--value",
+            "name=\"widget\"",
+            "--value",
+            "qty=3",
+            "--value",
+            "price=\"12.50\"",
+        ],
         90,
     )
     .await;
@@ -79,11 +97,18 @@ async fn the_python_producer_submits_and_reads_its_result() {
 
     let client = p.client().await;
     let row = client.query_one("SELECT name, qty, price::text FROM public.items WHERE id = 7", &[]).await.unwrap();
-    assert_eq!((row.get::<_, String>(0), row.get::<_, i32>(1), row.get::<_, String>(2)), ("widget".to_string(), 3, "12.50".to_string()));
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1), row.get::<_, String>(2)),
+        ("widget".to_string(), 3, "12.50".to_string())
+    );
 
     // An unknown column: rejected as a whole, and said so by the exit status.
-    let (code, stdout, report) =
-        submit_with_python(&p, &["--op", "update", "--table", "public.items", "--key", "id=7", "--value", "qty=4", "--value", "colour=\"red\""], 90).await;
+    let (code, stdout, report) = submit_with_python(
+        &p,
+        &["--op", "update", "--table", "public.items", "--key", "id=7", "--value", "qty=4", "--value", "colour=\"red\""],
+        90,
+    )
+    .await;
     assert_eq!(code, 1, "{report}");
     let result = printed_result(&stdout, &report);
     assert_eq!(result["status"], "rejected", "{report}");
@@ -91,7 +116,8 @@ async fn the_python_producer_submits_and_reads_its_result() {
     let qty: i32 = client.query_one("SELECT qty FROM public.items WHERE id = 7", &[]).await.unwrap().get(0);
     assert_eq!(qty, 3, "a rejected instruction changes nothing");
     // The instruction that timed out waiting was not lost: the executor applied it later.
-    let late: i64 = client.query_one("SELECT count(*) FROM public.items WHERE id = 8 AND name = 'late'", &[]).await.unwrap().get(0);
+    let late: i64 =
+        client.query_one("SELECT count(*) FROM public.items WHERE id = 8 AND name = 'late'", &[]).await.unwrap().get(0);
     assert_eq!(late, 1);
     p.stop("executor");
 }

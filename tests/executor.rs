@@ -24,11 +24,24 @@ fn op(kind: OperationKind, table: &str, key: Vec<Field>, values: Vec<Field>) -> 
 }
 
 fn instruction(issued_by: &str, operations: Vec<Operation>) -> Instruction {
-    Instruction { instruction_id: uuid::Uuid::new_v4().to_string(), issued_by: issued_by.into(), issued_at: now_micros(), operations }
+    Instruction {
+        instruction_id: uuid::Uuid::new_v4().to_string(),
+        issued_by: issued_by.into(),
+        issued_at: now_micros(),
+        operations,
+    }
 }
 
 fn insert_item(id: i64, name: Value, qty: Value) -> Instruction {
-    instruction("t", vec![op(OperationKind::Insert, "public.items", vec![field("id", Value::Long(id))], vec![field("name", name), field("qty", qty)])])
+    instruction(
+        "t",
+        vec![op(
+            OperationKind::Insert,
+            "public.items",
+            vec![field("id", Value::Long(id))],
+            vec![field("name", name), field("qty", qty)],
+        )],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,12 +60,39 @@ async fn hostile_identifiers_and_values_are_rejected_or_stored_verbatim() {
         "Robert'); DROP TABLE students;--",
         big.as_str(),
     ];
-    let mut batch: Vec<Instruction> = hostile_values.iter().enumerate().map(|(i, v)| insert_item(i as i64, text(v), Value::Long(1))).collect();
+    let mut batch: Vec<Instruction> =
+        hostile_values.iter().enumerate().map(|(i, v)| insert_item(i as i64, text(v), Value::Long(1))).collect();
     let rejected_cases: Vec<(Instruction, &str)> = vec![
-        (instruction("t", vec![op(OperationKind::Insert, "public.items; DROP TABLE public.items; --", vec![field("id", Value::Long(100))], vec![])]), "PGF01"),
-        (instruction("t", vec![op(OperationKind::Insert, "\"public\".\"items\"", vec![field("id", Value::Long(101))], vec![])]), "PGF01"),
-        (instruction("t", vec![op(OperationKind::Insert, "pg_catalog.pg_authid", vec![field("oid", Value::Long(1))], vec![])]), "PGF01"),
-        (instruction("t", vec![op(OperationKind::Insert, "pgfanout.instruction_log", vec![field("instruction_id", text("x"))], vec![])]), "PGF01"),
+        (
+            instruction(
+                "t",
+                vec![op(
+                    OperationKind::Insert,
+                    "public.items; DROP TABLE public.items; --",
+                    vec![field("id", Value::Long(100))],
+                    vec![],
+                )],
+            ),
+            "PGF01",
+        ),
+        (
+            instruction(
+                "t",
+                vec![op(OperationKind::Insert, "\"public\".\"items\"", vec![field("id", Value::Long(101))], vec![])],
+            ),
+            "PGF01",
+        ),
+        (
+            instruction("t", vec![op(OperationKind::Insert, "pg_catalog.pg_authid", vec![field("oid", Value::Long(1))], vec![])]),
+            "PGF01",
+        ),
+        (
+            instruction(
+                "t",
+                vec![op(OperationKind::Insert, "pgfanout.instruction_log", vec![field("instruction_id", text("x"))], vec![])],
+            ),
+            "PGF01",
+        ),
         (insert_item_with_column(102, "name\"; DROP TABLE public.items; --"), "PGF02"),
         (insert_item_with_column(103, "qty/* comment */"), "PGF02"),
         (insert_item_with_column(104, "na\0me"), "PGF02"),
@@ -66,7 +106,10 @@ async fn hostile_identifiers_and_values_are_rejected_or_stored_verbatim() {
 
     for (i, v) in hostile_values.iter().enumerate() {
         assert_eq!(results[i].status, ResultStatus::Committed, "{:?}", results[i]);
-        let row = client.query_one("SELECT name, length(name), md5(name) = md5($2) FROM public.items WHERE id = $1", &[&(i as i64), v]).await.unwrap();
+        let row = client
+            .query_one("SELECT name, length(name), md5(name) = md5($2) FROM public.items WHERE id = $1", &[&(i as i64), v])
+            .await
+            .unwrap();
         assert!(row.get::<_, bool>(2), "value {i} stored verbatim");
         assert_eq!(row.get::<_, i32>(1) as usize, v.chars().count());
     }
@@ -88,7 +131,10 @@ async fn hostile_identifiers_and_values_are_rejected_or_stored_verbatim() {
 }
 
 fn insert_item_with_column(id: i64, column: &str) -> Instruction {
-    instruction("t", vec![op(OperationKind::Insert, "public.items", vec![field("id", Value::Long(id))], vec![field(column, Value::Long(1))])])
+    instruction(
+        "t",
+        vec![op(OperationKind::Insert, "public.items", vec![field("id", Value::Long(id))], vec![field(column, Value::Long(1))])],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,20 +165,34 @@ async fn each_error_class_gets_its_outcome() {
     let dup = insert_item(1, text("again"), Value::Long(1));
     let bad_type = insert_item(2, text("x"), text("abc"));
     let unknown_column = insert_item_with_column(3, "colour");
-    let mut cas = instruction("t", vec![op(OperationKind::Update, "public.items", vec![field("id", Value::Long(1))], vec![field("qty", Value::Long(9))])]);
+    let mut cas = instruction(
+        "t",
+        vec![op(OperationKind::Update, "public.items", vec![field("id", Value::Long(1))], vec![field("qty", Value::Long(9))])],
+    );
     cas.operations[0].expect = vec![field("qty", Value::Long(5))];
     let not_uuid = Instruction { instruction_id: "not-a-uuid".into(), ..insert_item(4, text("x"), Value::Long(1)) };
     let explode = insert_item(5, text("explode"), Value::Long(1));
     let atomic = instruction(
         "t",
         vec![
-            op(OperationKind::Insert, "public.items", vec![field("id", Value::Long(6))], vec![field("name", text("first")), field("qty", Value::Long(1))]),
-            op(OperationKind::Insert, "public.items", vec![field("id", Value::Long(1))], vec![field("name", text("clash")), field("qty", Value::Long(1))]),
+            op(
+                OperationKind::Insert,
+                "public.items",
+                vec![field("id", Value::Long(6))],
+                vec![field("name", text("first")), field("qty", Value::Long(1))],
+            ),
+            op(
+                OperationKind::Insert,
+                "public.items",
+                vec![field("id", Value::Long(1))],
+                vec![field("name", text("clash")), field("qty", Value::Long(1))],
+            ),
         ],
     );
-    let first = p.submit_and_wait(&[ok.clone()]).await;
+    let first = p.submit_and_wait(std::slice::from_ref(&ok)).await;
     assert_eq!(first[&ok.instruction_id].status, ResultStatus::Committed);
-    let batch = [dup.clone(), bad_type.clone(), unknown_column.clone(), cas.clone(), not_uuid.clone(), explode.clone(), atomic.clone()];
+    let batch =
+        [dup.clone(), bad_type.clone(), unknown_column.clone(), cas.clone(), not_uuid.clone(), explode.clone(), atomic.clone()];
     let results = p.submit_and_wait(&batch).await;
     let expect = |i: &Instruction, status: ResultStatus, code: &str| {
         let r = &results[&i.instruction_id];
@@ -205,11 +265,17 @@ async fn each_error_class_gets_its_outcome() {
     let mut payload = pgfanout::contract::codec::encode_instruction(&insert_item(30, text("x"), Value::Long(1))).unwrap();
     payload[1] = 0xff; // inside the instruction id: not UTF-8 any more
     for bad in [b"not avro at all".to_vec(), payload] {
-        producer.send(FutureRecord::to(&topics.instructions).key("bad").payload(&bad), Timeout::After(Duration::from_secs(10))).await.unwrap();
+        producer
+            .send(FutureRecord::to(&topics.instructions).key("bad").payload(&bad), Timeout::After(Duration::from_secs(10)))
+            .await
+            .unwrap();
     }
     let good = insert_item(31, text("after garbage"), Value::Long(1));
-    assert_eq!(p.submit_and_wait(&[good.clone()]).await[&good.instruction_id].status, ResultStatus::Committed);
-    let dlq: BaseConsumer = pgfanout::kafka::client_config(&p.kafka, pgfanout::kafka::ClientRole::UncommittedConsumer { group_id: "dlq-reader" }).create().unwrap();
+    assert_eq!(p.submit_and_wait(std::slice::from_ref(&good)).await[&good.instruction_id].status, ResultStatus::Committed);
+    let dlq: BaseConsumer =
+        pgfanout::kafka::client_config(&p.kafka, pgfanout::kafka::ClientRole::UncommittedConsumer { group_id: "dlq-reader" })
+            .create()
+            .unwrap();
     dlq.assign(&(0..p.kafka.partitions).map(|part| ((topics.dlq.clone(), part), rdkafka::Offset::Beginning)).collect()).unwrap();
     let mut letters = Vec::new();
     let deadline = std::time::Instant::now() + TIMEOUT;
@@ -217,7 +283,11 @@ async fn each_error_class_gets_its_outcome() {
         if let Some(Ok(m)) = dlq.poll(Duration::from_millis(200)) {
             let headers: HashMap<String, String> = m
                 .headers()
-                .map(|h| h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
                 .unwrap_or_default();
             letters.push(headers);
         }
@@ -261,14 +331,19 @@ async fn two_executors_split_partitions_and_keep_each_issuers_order() {
     let rejected: Vec<_> = results.values().filter(|r| r.status != ResultStatus::Committed).collect();
     assert!(rejected.is_empty(), "every step found its predecessor applied: {:?}", rejected.first());
     for i in 0..ISSUERS {
-        let city: String = client.query_one("SELECT city FROM public.sites WHERE code = $1", &[&format!("counter-{i}")]).await.unwrap().get(0);
+        let city: String =
+            client.query_one("SELECT city FROM public.sites WHERE code = $1", &[&format!("counter-{i}")]).await.unwrap().get(0);
         assert_eq!(city, STEPS.to_string());
     }
-    let per_executor: i64 = client.query_one("SELECT count(DISTINCT issued_by) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+    let per_executor: i64 =
+        client.query_one("SELECT count(DISTINCT issued_by) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
     assert_eq!(per_executor, ISSUERS as i64);
     // Both executors did work (each logs the batches it committed).
     wait_for("both executors to have worked", TIMEOUT, || async {
-        let logs: Vec<String> = ["executor", "executor-2"].iter().map(|l| std::fs::read_to_string(p.dir.join(format!("{l}.log"))).unwrap_or_default()).collect();
+        let logs: Vec<String> = ["executor", "executor-2"]
+            .iter()
+            .map(|l| std::fs::read_to_string(p.dir.join(format!("{l}.log"))).unwrap_or_default())
+            .collect();
         logs.iter().all(|l| l.contains("partitions assigned")).then_some(())
     })
     .await;
@@ -280,7 +355,8 @@ async fn two_executors_split_partitions_and_keep_each_issuers_order() {
 async fn an_executor_killed_mid_batch_leaves_every_instruction_applied_once() {
     let mut p = Pipeline::new("executor_kill").await;
     const N: usize = 20_000;
-    let all: Vec<Instruction> = (0..N as i64).map(|i| insert_item(i, Value::String(format!("n{i}")), Value::Long(i % 1000))).collect();
+    let all: Vec<Instruction> =
+        (0..N as i64).map(|i| insert_item(i, Value::String(format!("n{i}")), Value::Long(i % 1000))).collect();
     let watcher = p.watch_results().await;
     p.start_executor();
     p.submit(&all).await;
@@ -357,7 +433,9 @@ async fn submit_waits_until_every_device_applied_the_instruction() {
         // The confirmation means the row is there on every device, right now.
         for d in ["a", "b", "c"] {
             let conn = pgfanout::verify::open_store_read_only(&p.store(d)).unwrap();
-            let qty: i64 = conn.query_row("SELECT qty FROM \"public.items\" WHERE id = ?1 AND _pgfanout_deleted = 0", [id], |r| r.get(0)).unwrap();
+            let qty: i64 = conn
+                .query_row("SELECT qty FROM \"public.items\" WHERE id = ?1 AND _pgfanout_deleted = 0", [id], |r| r.get(0))
+                .unwrap();
             assert_eq!(qty, id, "device {d}");
         }
     }

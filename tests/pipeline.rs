@@ -25,7 +25,12 @@ async fn a_thousand_instructions_reach_three_devices_row_by_row() {
     let results = p.submit_and_wait(&instructions).await;
     assert_eq!(results.len(), 1000);
     let committed = results.values().filter(|r| r.status == ResultStatus::Committed).count();
-    assert_eq!(committed, 1000, "every sample instruction is valid: {:?}", results.values().find(|r| r.status != ResultStatus::Committed));
+    assert_eq!(
+        committed,
+        1000,
+        "every sample instruction is valid: {:?}",
+        results.values().find(|r| r.status != ResultStatus::Committed)
+    );
     assert!(results.values().all(|r| r.commit_lsn.is_some()));
 
     p.wait_converged(&DEVICES).await;
@@ -123,7 +128,10 @@ async fn a_device_killed_mid_stream_converges_applying_each_delta_once() {
     // Every record of the topic was applied exactly once: none twice after a restart, none
     // skipped. (Capture ran throughout, so the topic holds no duplicate.)
     let records = p.delta_records();
-    wait_for("the device to process every record", TIMEOUT, || async { (p.store_counter("a", "processed") == records).then_some(()) }).await;
+    wait_for("the device to process every record", TIMEOUT, || async {
+        (p.store_counter("a", "processed") == records).then_some(())
+    })
+    .await;
     let (applied, watermarks) = (p.store_counter("a", "applied"), p.store_counter("a", "watermarks"));
     assert_eq!(applied + watermarks, records, "each delta applied once");
     assert_eq!(p.store_counter("a", "skipped"), 0, "no delta was seen twice");
@@ -152,7 +160,9 @@ async fn capture_killed_and_restarted_loses_no_change() {
         p.await_results(watcher, &chunk).await;
         // Changes committed while capture is down, also straight through SQL.
         client
-            .batch_execute(&format!("INSERT INTO public.sites (code, city) SELECT 'direct-{round}-' || g, 'Lyon' FROM generate_series(1, 50) g"))
+            .batch_execute(&format!(
+                "INSERT INTO public.sites (code, city) SELECT 'direct-{round}-' || g, 'Lyon' FROM generate_series(1, 50) g"
+            ))
             .await
             .unwrap();
         p.start_capture();

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pgfanout::capture::pgoutput::{self, OldTuple, PgOutputMessage, TupleValue};
 use pgfanout::capture::replication::{
-    format_lsn, parse_lsn, Lsn, ReplicationClient, ReplicationConfig, ReplicationError,
-    ReplicationEvent, ReplicationStream,
+    format_lsn, parse_lsn, Lsn, ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -29,17 +28,12 @@ fn env_conninfo(var: &str) -> Option<String> {
 }
 
 fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
     format!("{prefix}_{}_{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 async fn sql_client(conninfo: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
-        .await
-        .expect("regular SQL connection");
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await.expect("regular SQL connection");
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -48,10 +42,7 @@ async fn sql_client(conninfo: &str) -> tokio_postgres::Client {
 
 /// Reads events until `done` says the collected messages are complete,
 /// answering keepalives that ask for a reply.
-async fn collect_until(
-    stream: &mut ReplicationStream,
-    mut done: impl FnMut(&[PgOutputMessage]) -> bool,
-) -> Vec<PgOutputMessage> {
+async fn collect_until(stream: &mut ReplicationStream, mut done: impl FnMut(&[PgOutputMessage]) -> bool) -> Vec<PgOutputMessage> {
     let deadline = Instant::now() + WAIT;
     let mut out = Vec::new();
     let mut last_end: Lsn = 0;
@@ -63,25 +54,15 @@ async fn collect_until(
             .expect("replication stream error")
             .expect("stream ended early");
         match event {
-            ReplicationEvent::XLogData {
-                wal_start, data, ..
-            } => {
+            ReplicationEvent::XLogData { wal_start, data, .. } => {
                 let msg = pgoutput::decode(&data).expect("decodable pgoutput payload");
-                assert!(
-                    wal_start >= last_end || wal_start == 0,
-                    "WAL start went backwards"
-                );
+                assert!(wal_start >= last_end || wal_start == 0, "WAL start went backwards");
                 last_end = last_end.max(wal_start);
                 out.push(msg);
             }
-            ReplicationEvent::Keepalive {
-                reply_requested, ..
-            } => {
+            ReplicationEvent::Keepalive { reply_requested, .. } => {
                 if reply_requested {
-                    stream
-                        .send_status(0, 0, 0, false)
-                        .await
-                        .expect("status reply");
+                    stream.send_status(0, 0, 0, false).await.expect("status reply");
                 }
             }
         }
@@ -91,10 +72,7 @@ async fn collect_until(
 
 async fn slot_row(sql: &tokio_postgres::Client, slot: &str) -> (bool, Option<Lsn>) {
     let row = sql
-        .query_one(
-            "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
+        .query_one("SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
         .await
         .expect("slot row");
     let lsn: Option<String> = row.get(1);
@@ -150,10 +128,7 @@ async fn stream_decode_and_confirm() {
     let dup = repl.create_logical_slot(&slot, false).await.unwrap_err();
     assert_eq!(dup.sqlstate(), Some("42710"), "{dup}");
 
-    let mut stream = repl
-        .start_replication(&slot, 0, &publication)
-        .await
-        .unwrap();
+    let mut stream = repl.start_replication(&slot, 0, &publication).await.unwrap();
 
     sql.batch_execute(&format!(
         "BEGIN;
@@ -166,108 +141,44 @@ async fn stream_decode_and_confirm() {
     .await
     .unwrap();
 
-    let msgs = collect_until(&mut stream, |m| {
-        matches!(m.last(), Some(PgOutputMessage::Commit { .. }))
-    })
-    .await;
+    let msgs = collect_until(&mut stream, |m| matches!(m.last(), Some(PgOutputMessage::Commit { .. }))).await;
     assert_eq!(msgs.len(), 7, "{msgs:#?}");
-    let PgOutputMessage::Begin { final_lsn, xid, .. } = msgs[0] else {
-        panic!("expected Begin, got {:?}", msgs[0])
-    };
+    let PgOutputMessage::Begin { final_lsn, xid, .. } = msgs[0] else { panic!("expected Begin, got {:?}", msgs[0]) };
     assert!(xid > 0);
-    let PgOutputMessage::Relation(rel) = &msgs[1] else {
-        panic!("expected Relation, got {:?}", msgs[1])
-    };
+    let PgOutputMessage::Relation(rel) = &msgs[1] else { panic!("expected Relation, got {:?}", msgs[1]) };
     assert_eq!(rel.namespace, "public");
     assert_eq!(rel.name, table);
     assert_eq!(rel.replica_identity, b'd');
-    let cols: Vec<_> = rel
-        .columns
-        .iter()
-        .map(|c| (c.name.as_str(), c.is_key, c.type_oid))
-        .collect();
+    let cols: Vec<_> = rel.columns.iter().map(|c| (c.name.as_str(), c.is_key, c.type_oid)).collect();
     assert_eq!(cols, [("id", true, 23), ("name", false, 25)]);
     let rel_id = rel.id;
-    assert_eq!(
-        msgs[2],
-        PgOutputMessage::Insert {
-            relation_id: rel_id,
-            new: vec![text("1"), text("a")]
-        }
-    );
-    assert_eq!(
-        msgs[3],
-        PgOutputMessage::Update {
-            relation_id: rel_id,
-            old: None,
-            new: vec![text("1"), text("b")]
-        }
-    );
-    assert_eq!(
-        msgs[4],
-        PgOutputMessage::Delete {
-            relation_id: rel_id,
-            old: OldTuple::Key(vec![text("1"), TupleValue::Null])
-        }
-    );
-    let PgOutputMessage::Message {
-        transactional,
-        prefix,
-        content,
-        ..
-    } = &msgs[5]
-    else {
+    assert_eq!(msgs[2], PgOutputMessage::Insert { relation_id: rel_id, new: vec![text("1"), text("a")] });
+    assert_eq!(msgs[3], PgOutputMessage::Update { relation_id: rel_id, old: None, new: vec![text("1"), text("b")] });
+    assert_eq!(msgs[4], PgOutputMessage::Delete { relation_id: rel_id, old: OldTuple::Key(vec![text("1"), TupleValue::Null]) });
+    let PgOutputMessage::Message { transactional, prefix, content, .. } = &msgs[5] else {
         panic!("expected Message, got {:?}", msgs[5])
     };
     assert!(*transactional);
     assert_eq!(prefix, "pgfanout");
     assert_eq!(content, b"x");
-    let PgOutputMessage::Commit {
-        commit_lsn,
-        end_lsn,
-        ..
-    } = msgs[6]
-    else {
-        panic!("expected Commit, got {:?}", msgs[6])
-    };
+    let PgOutputMessage::Commit { commit_lsn, end_lsn, .. } = msgs[6] else { panic!("expected Commit, got {:?}", msgs[6]) };
     assert_eq!(commit_lsn, final_lsn);
     assert!(end_lsn > commit_lsn);
 
     let (active, before) = slot_row(&sql, &slot).await;
     assert!(active);
-    assert!(
-        before.unwrap_or(0) < end_lsn,
-        "slot already confirmed {:?}",
-        before.map(format_lsn)
-    );
-    stream
-        .send_status(end_lsn, end_lsn, end_lsn, false)
-        .await
-        .unwrap();
-    wait_for("confirmed_flush_lsn to advance", || async {
-        slot_row(&sql, &slot).await.1 == Some(end_lsn)
-    })
-    .await;
+    assert!(before.unwrap_or(0) < end_lsn, "slot already confirmed {:?}", before.map(format_lsn));
+    stream.send_status(end_lsn, end_lsn, end_lsn, false).await.unwrap();
+    wait_for("confirmed_flush_lsn to advance", || async { slot_row(&sql, &slot).await.1 == Some(end_lsn) }).await;
 
     stream.close().await.unwrap();
-    wait_for("the slot to become inactive", || async {
-        !slot_row(&sql, &slot).await.0
-    })
-    .await;
+    wait_for("the slot to become inactive", || async { !slot_row(&sql, &slot).await.0 }).await;
 
     // Resuming streams only what was not confirmed.
     let repl = ReplicationClient::connect(&cfg).await.unwrap();
-    let mut stream = repl
-        .start_replication(&slot, 0, &publication)
-        .await
-        .unwrap();
-    sql.execute(&format!("INSERT INTO {table} VALUES (2, 'c')"), &[])
-        .await
-        .unwrap();
-    let msgs = collect_until(&mut stream, |m| {
-        matches!(m.last(), Some(PgOutputMessage::Commit { .. }))
-    })
-    .await;
+    let mut stream = repl.start_replication(&slot, 0, &publication).await.unwrap();
+    sql.execute(&format!("INSERT INTO {table} VALUES (2, 'c')"), &[]).await.unwrap();
+    let msgs = collect_until(&mut stream, |m| matches!(m.last(), Some(PgOutputMessage::Commit { .. }))).await;
     let inserts: Vec<_> = msgs
         .iter()
         .filter_map(|m| match m {
@@ -282,25 +193,16 @@ async fn stream_decode_and_confirm() {
 
     // A second consumer of an active slot gets a transient "in use" error.
     let other = ReplicationClient::connect(&cfg).await.unwrap();
-    let busy = other
-        .start_replication(&slot, 0, &publication)
-        .await
-        .unwrap_err();
+    let busy = other.start_replication(&slot, 0, &publication).await.unwrap_err();
     assert_eq!(busy.sqlstate(), Some("55006"), "{busy}");
     assert!(busy.is_transient());
 
     // A terminated walsender surfaces as a transient server error.
-    sql.execute(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
-        &[&slot],
-    )
-    .await
-    .unwrap();
+    sql.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .unwrap();
     let err = loop {
-        match tokio::time::timeout(WAIT, stream.next_event())
-            .await
-            .expect("timed out")
-        {
+        match tokio::time::timeout(WAIT, stream.next_event()).await.expect("timed out") {
             Ok(Some(_)) => continue,
             Ok(None) => panic!("stream ended without an error"),
             Err(e) => break e,
@@ -312,19 +214,12 @@ async fn stream_decode_and_confirm() {
     assert!(stream.send_status(0, 0, 0, false).await.is_err());
     let _ = stream.close().await;
 
-    wait_for("the slot to become inactive", || async {
-        !slot_row(&sql, &slot).await.0
-    })
-    .await;
+    wait_for("the slot to become inactive", || async { !slot_row(&sql, &slot).await.0 }).await;
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
     repl.drop_slot(&slot, true).await.unwrap();
     let err = repl.drop_slot(&slot, false).await.unwrap_err();
     assert_eq!(err.sqlstate(), Some("42704"), "{err}");
-    sql.batch_execute(&format!(
-        "DROP PUBLICATION {publication}; DROP TABLE {table};"
-    ))
-    .await
-    .unwrap();
+    sql.batch_execute(&format!("DROP PUBLICATION {publication}; DROP TABLE {table};")).await.unwrap();
 }
 
 #[tokio::test]
@@ -345,10 +240,7 @@ async fn large_values_arrive_intact() {
     .unwrap();
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
     repl.create_logical_slot(&slot, false).await.unwrap();
-    let mut stream = repl
-        .start_replication(&slot, 0, &publication)
-        .await
-        .unwrap();
+    let mut stream = repl.start_replication(&slot, 0, &publication).await.unwrap();
 
     const LEN: usize = 6 * 1024 * 1024;
     sql.batch_execute(&format!(
@@ -358,13 +250,8 @@ async fn large_values_arrive_intact() {
     ))
     .await
     .unwrap();
-    let msgs = collect_until(&mut stream, |m| {
-        m.iter()
-            .filter(|m| matches!(m, PgOutputMessage::Commit { .. }))
-            .count()
-            == 2
-    })
-    .await;
+    let msgs =
+        collect_until(&mut stream, |m| m.iter().filter(|m| matches!(m, PgOutputMessage::Commit { .. })).count() == 2).await;
     let inserts: Vec<_> = msgs
         .iter()
         .filter_map(|m| match m {
@@ -373,9 +260,7 @@ async fn large_values_arrive_intact() {
         })
         .collect();
     assert_eq!(inserts.len(), 500);
-    let TupleValue::Text(big) = &inserts[0][1] else {
-        panic!("{:?}", inserts[0][0])
-    };
+    let TupleValue::Text(big) = &inserts[0][1] else { panic!("{:?}", inserts[0][0]) };
     assert_eq!(big.len(), LEN);
     assert_eq!(inserts[0][2], TupleValue::Null);
     for (i, row) in inserts.iter().enumerate().skip(1) {
@@ -384,15 +269,10 @@ async fn large_values_arrive_intact() {
         assert_eq!(row[2], text("\\x00ff"));
     }
     stream.close().await.unwrap();
-    wait_for("the slot to become inactive", || async {
-        !slot_row(&sql, &slot).await.0
-    })
-    .await;
-    sql.batch_execute(&format!(
-        "SELECT pg_drop_replication_slot('{slot}'); DROP PUBLICATION {publication}; DROP TABLE {table};"
-    ))
-    .await
-    .unwrap();
+    wait_for("the slot to become inactive", || async { !slot_row(&sql, &slot).await.0 }).await;
+    sql.batch_execute(&format!("SELECT pg_drop_replication_slot('{slot}'); DROP PUBLICATION {publication}; DROP TABLE {table};"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -404,21 +284,14 @@ async fn keepalives_are_answered() {
     let slot = unique("it_ka");
     let publication = unique("it_kapub");
     let sql = sql_client(&conninfo).await;
-    sql.batch_execute(&format!("CREATE PUBLICATION {publication}"))
-        .await
-        .unwrap();
+    sql.batch_execute(&format!("CREATE PUBLICATION {publication}")).await.unwrap();
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
     // Replication connections to a database also run plain SQL.
-    repl.simple_query("SET wal_sender_timeout = '2s'")
-        .await
-        .unwrap();
+    repl.simple_query("SET wal_sender_timeout = '2s'").await.unwrap();
     let shown = repl.simple_query("SHOW wal_sender_timeout").await.unwrap();
     assert_eq!(shown.rows, vec![vec![Some("2s".to_owned())]]);
     let created = repl.create_logical_slot(&slot, false).await.unwrap();
-    let mut stream = repl
-        .start_replication(&slot, created.consistent_point, &publication)
-        .await
-        .unwrap();
+    let mut stream = repl.start_replication(&slot, created.consistent_point, &publication).await.unwrap();
     // Outlive several timeouts by answering the server's requests.
     let until = Instant::now() + Duration::from_secs(5);
     let mut requested = 0;
@@ -426,32 +299,17 @@ async fn keepalives_are_answered() {
         match tokio::time::timeout(Duration::from_secs(3), stream.next_event()).await {
             Err(_) => continue,
             Ok(event) => {
-                if let ReplicationEvent::Keepalive {
-                    wal_end,
-                    reply_requested: true,
-                    ..
-                } = event.unwrap().unwrap()
-                {
+                if let ReplicationEvent::Keepalive { wal_end, reply_requested: true, .. } = event.unwrap().unwrap() {
                     requested += 1;
-                    stream
-                        .send_status(wal_end, wal_end, wal_end, false)
-                        .await
-                        .unwrap();
+                    stream.send_status(wal_end, wal_end, wal_end, false).await.unwrap();
                 }
             }
         }
     }
     assert!(requested >= 2, "only {requested} keepalive requests");
     stream.close().await.unwrap();
-    wait_for("the slot to become inactive", || async {
-        !slot_row(&sql, &slot).await.0
-    })
-    .await;
-    sql.batch_execute(&format!(
-        "SELECT pg_drop_replication_slot('{slot}'); DROP PUBLICATION {publication};"
-    ))
-    .await
-    .unwrap();
+    wait_for("the slot to become inactive", || async { !slot_row(&sql, &slot).await.0 }).await;
+    sql.batch_execute(&format!("SELECT pg_drop_replication_slot('{slot}'); DROP PUBLICATION {publication};")).await.unwrap();
 }
 
 #[tokio::test]
@@ -481,36 +339,26 @@ async fn server_errors_are_explained() {
     let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
 
     let repl = ReplicationClient::connect(&cfg).await.unwrap();
-    let err = repl
-        .start_replication("it_no_such_slot", 0, "it_no_such_pub")
-        .await
-        .unwrap_err();
+    let err = repl.start_replication("it_no_such_slot", 0, "it_no_such_pub").await.unwrap_err();
     assert_eq!(err.sqlstate(), Some("42704"), "{err}");
     assert!(!err.is_transient());
     assert!(err.to_string().contains("slot"), "{err}");
 
     // The connection stays usable after a failed command.
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
-    assert!(repl
-        .simple_query("DROP_REPLICATION_SLOT it_no_such_slot")
-        .await
-        .is_err());
+    assert!(repl.simple_query("DROP_REPLICATION_SLOT it_no_such_slot").await.is_err());
     repl.identify_system().await.unwrap();
 
     if cfg.password.is_none() {
         let sql = sql_client(&conninfo).await;
         let role = unique("it_norepl");
-        sql.batch_execute(&format!("CREATE ROLE {role} LOGIN"))
-            .await
-            .unwrap();
+        sql.batch_execute(&format!("CREATE ROLE {role} LOGIN")).await.unwrap();
         let mut c = cfg.clone();
         c.user = role.clone();
         let err = ReplicationClient::connect(&c).await.unwrap_err();
         assert_eq!(err.sqlstate(), Some("42501"), "{err}");
         assert!(err.to_string().contains("REPLICATION"), "{err}");
-        sql.batch_execute(&format!("DROP ROLE {role}"))
-            .await
-            .unwrap();
+        sql.batch_execute(&format!("DROP ROLE {role}")).await.unwrap();
     }
 
     let mut c = cfg.clone();

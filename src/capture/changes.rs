@@ -79,7 +79,8 @@ impl ChangeDecoder {
                 Ok(None)
             }
             PgOutputMessage::Type { oid, namespace, name } => {
-                let qualified = if namespace.is_empty() || namespace == "pg_catalog" { name } else { format!("{namespace}.{name}") };
+                let qualified =
+                    if namespace.is_empty() || namespace == "pg_catalog" { name } else { format!("{namespace}.{name}") };
                 self.types.insert(oid, qualified);
                 Ok(None)
             }
@@ -209,12 +210,7 @@ fn lsn_i64(lsn: u64) -> i64 {
 
 /// The replica-identity (primary-key) columns of a row.
 fn key_of(rel: &Relation, row: &[Column]) -> Vec<Column> {
-    rel.columns
-        .iter()
-        .zip(row)
-        .filter(|(c, _)| c.is_key)
-        .map(|(_, v)| Column { unchanged: false, ..v.clone() })
-        .collect()
+    rel.columns.iter().zip(row).filter(|(c, _)| c.is_key).map(|(_, v)| Column { unchanged: false, ..v.clone() }).collect()
 }
 
 #[cfg(test)]
@@ -243,9 +239,18 @@ mod tests {
     fn a_transaction_becomes_tagged_versioned_deltas() {
         let mut d = ChangeDecoder::new();
         assert_eq!(d.on_message(1, PgOutputMessage::Relation(rel())).unwrap(), None);
-        assert_eq!(d.on_message(2, PgOutputMessage::Begin { final_lsn: 500, commit_ts: 0, xid: 9 }).unwrap(), Some(Change::Begin));
-        d.on_message(3, PgOutputMessage::Message { transactional: true, lsn: 3, prefix: "pgfanout".into(), content: b"abc".to_vec() }).unwrap();
-        let Some(Change::Delta(ins)) = d.on_message(4, PgOutputMessage::Insert { relation_id: 7, new: vec![text("1"), text("x")] }).unwrap() else {
+        assert_eq!(
+            d.on_message(2, PgOutputMessage::Begin { final_lsn: 500, commit_ts: 0, xid: 9 }).unwrap(),
+            Some(Change::Begin)
+        );
+        d.on_message(
+            3,
+            PgOutputMessage::Message { transactional: true, lsn: 3, prefix: "pgfanout".into(), content: b"abc".to_vec() },
+        )
+        .unwrap();
+        let Some(Change::Delta(ins)) =
+            d.on_message(4, PgOutputMessage::Insert { relation_id: 7, new: vec![text("1"), text("x")] }).unwrap()
+        else {
             panic!("expected a delta")
         };
         d.next_seq();
@@ -256,7 +261,14 @@ mod tests {
         assert_eq!(ins.commit_ts, PG_EPOCH_OFFSET_MICROS);
         assert_eq!(ins.instruction_id.as_deref(), Some("abc"));
         let Some(Change::Delta(upd)) = d
-            .on_message(5, PgOutputMessage::Update { relation_id: 7, old: Some(OldTuple::Key(vec![text("0"), TupleValue::Null])), new: vec![text("1"), TupleValue::UnchangedToast] })
+            .on_message(
+                5,
+                PgOutputMessage::Update {
+                    relation_id: 7,
+                    old: Some(OldTuple::Key(vec![text("0"), TupleValue::Null])),
+                    new: vec![text("1"), TupleValue::UnchangedToast],
+                },
+            )
             .unwrap()
         else {
             panic!("expected a delta")
@@ -265,15 +277,24 @@ mod tests {
         assert_eq!(upd.old_key.as_ref().unwrap()[0].value, Value::Long(0));
         let doc = &upd.after.as_ref().unwrap()[1];
         assert!(doc.unchanged, "unchanged TOAST must be marked, not nulled silently");
-        assert_eq!(d.on_message(6, PgOutputMessage::Commit { flags: 0, commit_lsn: 500, end_lsn: 520, commit_ts: 0 }).unwrap(), Some(Change::Commit { end_lsn: 520 }));
+        assert_eq!(
+            d.on_message(6, PgOutputMessage::Commit { flags: 0, commit_lsn: 500, end_lsn: 520, commit_ts: 0 }).unwrap(),
+            Some(Change::Commit { end_lsn: 520 })
+        );
     }
 
     #[test]
     fn unknown_relation_and_bad_tuples_are_errors() {
         let mut d = ChangeDecoder::new();
         d.on_message(1, PgOutputMessage::Begin { final_lsn: 5, commit_ts: 0, xid: 1 }).unwrap();
-        assert_eq!(d.on_message(2, PgOutputMessage::Insert { relation_id: 3, new: vec![] }).unwrap_err(), ChangeError::UnknownRelation(3));
+        assert_eq!(
+            d.on_message(2, PgOutputMessage::Insert { relation_id: 3, new: vec![] }).unwrap_err(),
+            ChangeError::UnknownRelation(3)
+        );
         d.on_message(3, PgOutputMessage::Relation(rel())).unwrap();
-        assert!(matches!(d.on_message(4, PgOutputMessage::Insert { relation_id: 7, new: vec![text("1")] }), Err(ChangeError::TupleShape { .. })));
+        assert!(matches!(
+            d.on_message(4, PgOutputMessage::Insert { relation_id: 7, new: vec![text("1")] }),
+            Err(ChangeError::TupleShape { .. })
+        ));
     }
 }

@@ -106,15 +106,15 @@ pub async fn run(
 }
 
 async fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, CaptureError> {
-    let md = tokio::task::block_in_place(|| producer.client().fetch_metadata(Some(topic), Duration::from_secs(10)))?;
-    let n = md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len()).unwrap_or(0);
+    let n = tokio::task::block_in_place(|| kafka::partition_count(producer.client(), topic))?;
     if n == 0 {
         return Err(CaptureError::Config(format!("topic {topic} does not exist; create the pipeline's topics first")));
     }
     Ok(i32::try_from(n).unwrap_or(i32::MAX))
 }
 
-type InFlight = FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = (TxHandle, Instant, Result<(), KafkaError>)> + Send>>>;
+type InFlight =
+    FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = (TxHandle, Instant, Result<(), KafkaError>)> + Send>>>;
 
 struct Session<'a> {
     producer: &'a FutureProducer,
@@ -295,7 +295,12 @@ impl Session<'_> {
 
     /// Sends a watermark delta to every partition: every transaction that committed at or
     /// before `lsn` has all its deltas ahead of it in each partition.
-    async fn send_watermark(&self, lsn: Lsn, tracker: &mut FlushLsnTracker, in_flight: &mut InFlight) -> Result<(), CaptureError> {
+    async fn send_watermark(
+        &self,
+        lsn: Lsn,
+        tracker: &mut FlushLsnTracker,
+        in_flight: &mut InFlight,
+    ) -> Result<(), CaptureError> {
         let lsn_i64 = i64::try_from(lsn).unwrap_or(i64::MAX);
         let delta = Delta {
             table: String::new(),
@@ -368,7 +373,10 @@ async fn track(tx: TxHandle, delivery: DeliveryFuture) -> (TxHandle, Instant, Re
     (tx, sent, result)
 }
 
-fn on_delivered(tracker: &mut FlushLsnTracker, (tx, sent, result): (TxHandle, Instant, Result<(), KafkaError>)) -> Result<(), CaptureError> {
+fn on_delivered(
+    tracker: &mut FlushLsnTracker,
+    (tx, sent, result): (TxHandle, Instant, Result<(), KafkaError>),
+) -> Result<(), CaptureError> {
     // A delta Kafka refused after all retries cannot be skipped: stop, acknowledge nothing
     // more, and let the next session re-read it from the slot.
     result?;
@@ -386,7 +394,12 @@ struct Watermark {
 
 /// Sends a standby status update carrying the tracker's flush LSN; `ask` requests the
 /// server's position in reply (a keepalive).
-async fn report(stream: &mut ReplicationStream, tracker: &FlushLsnTracker, reported: &mut Lsn, ask: bool) -> Result<(), CaptureError> {
+async fn report(
+    stream: &mut ReplicationStream,
+    tracker: &FlushLsnTracker,
+    reported: &mut Lsn,
+    ask: bool,
+) -> Result<(), CaptureError> {
     let flushed = tracker.flushed();
     stream.send_status(flushed, flushed, flushed, ask).await?;
     if flushed != *reported {

@@ -133,11 +133,7 @@ pub enum DecodeError {
     #[error("unknown pgoutput tuple column kind {0:#04x}")]
     UnknownColumnKind(u8),
     #[error("unexpected marker {found:#04x} in pgoutput {what}, expected {expected}")]
-    UnexpectedMarker {
-        what: &'static str,
-        expected: &'static str,
-        found: u8,
-    },
+    UnexpectedMarker { what: &'static str, expected: &'static str, found: u8 },
     #[error("{count} unexpected trailing bytes after pgoutput {what} message")]
     TrailingBytes { what: &'static str, count: usize },
 }
@@ -145,9 +141,7 @@ pub enum DecodeError {
 fn describe_tag(tag: u8) -> &'static str {
     match tag {
         b'S' | b'E' | b'c' | b'A' => "streaming message; only protocol version 1 is supported",
-        b'b' | b'P' | b'K' | b'r' | b'p' => {
-            "two-phase message; only protocol version 1 is supported"
-        }
+        b'b' | b'P' | b'K' | b'r' | b'p' => "two-phase message; only protocol version 1 is supported",
         _ => "not part of protocol version 1",
     }
 }
@@ -191,10 +185,7 @@ fn decode_commit(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
 }
 
 fn decode_origin(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
-    Ok(PgOutputMessage::Origin {
-        commit_lsn: r.u64("Origin commit LSN")?,
-        name: r.cstr("Origin name")?,
-    })
+    Ok(PgOutputMessage::Origin { commit_lsn: r.u64("Origin commit LSN")?, name: r.cstr("Origin name")? })
 }
 
 fn decode_relation(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
@@ -215,37 +206,20 @@ fn decode_relation(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
             type_modifier: r.i32("Relation column type modifier")?,
         });
     }
-    Ok(PgOutputMessage::Relation(Relation {
-        id,
-        namespace,
-        name,
-        replica_identity,
-        columns,
-    }))
+    Ok(PgOutputMessage::Relation(Relation { id, namespace, name, replica_identity, columns }))
 }
 
 fn decode_type(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
-    Ok(PgOutputMessage::Type {
-        oid: r.u32("Type OID")?,
-        namespace: r.cstr("Type namespace")?,
-        name: r.cstr("Type name")?,
-    })
+    Ok(PgOutputMessage::Type { oid: r.u32("Type OID")?, namespace: r.cstr("Type namespace")?, name: r.cstr("Type name")? })
 }
 
 fn decode_insert(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     let relation_id = r.u32("Insert relation id")?;
     let marker = r.u8("Insert tuple marker")?;
     if marker != b'N' {
-        return Err(DecodeError::UnexpectedMarker {
-            what: "Insert",
-            expected: "'N'",
-            found: marker,
-        });
+        return Err(DecodeError::UnexpectedMarker { what: "Insert", expected: "'N'", found: marker });
     }
-    Ok(PgOutputMessage::Insert {
-        relation_id,
-        new: decode_tuple(r)?,
-    })
+    Ok(PgOutputMessage::Insert { relation_id, new: decode_tuple(r)? })
 }
 
 fn decode_update(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
@@ -262,19 +236,11 @@ fn decode_update(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     if marker != b'N' {
         return Err(DecodeError::UnexpectedMarker {
             what: "Update",
-            expected: if old.is_some() {
-                "'N'"
-            } else {
-                "'K', 'O' or 'N'"
-            },
+            expected: if old.is_some() { "'N'" } else { "'K', 'O' or 'N'" },
             found: marker,
         });
     }
-    Ok(PgOutputMessage::Update {
-        relation_id,
-        old,
-        new: decode_tuple(r)?,
-    })
+    Ok(PgOutputMessage::Update { relation_id, old, new: decode_tuple(r)? })
 }
 
 fn decode_delete(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
@@ -282,32 +248,21 @@ fn decode_delete(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     let old = match r.u8("Delete tuple marker")? {
         b'K' => OldTuple::Key(decode_tuple(r)?),
         b'O' => OldTuple::Full(decode_tuple(r)?),
-        found => {
-            return Err(DecodeError::UnexpectedMarker {
-                what: "Delete",
-                expected: "'K' or 'O'",
-                found,
-            })
-        }
+        found => return Err(DecodeError::UnexpectedMarker { what: "Delete", expected: "'K' or 'O'", found }),
     };
     Ok(PgOutputMessage::Delete { relation_id, old })
 }
 
 fn decode_truncate(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     let count = r.i32("Truncate relation count")?;
-    let count = usize::try_from(count).map_err(|_| DecodeError::InvalidLength {
-        what: "Truncate relation count",
-        len: i64::from(count),
-    })?;
+    let count = usize::try_from(count)
+        .map_err(|_| DecodeError::InvalidLength { what: "Truncate relation count", len: i64::from(count) })?;
     let options = r.u8("Truncate options")?;
     let mut relation_ids = Vec::with_capacity(count.min(r.remaining() / 4));
     for _ in 0..count {
         relation_ids.push(r.u32("Truncate relation id")?);
     }
-    Ok(PgOutputMessage::Truncate {
-        options,
-        relation_ids,
-    })
+    Ok(PgOutputMessage::Truncate { options, relation_ids })
 }
 
 fn decode_message(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
@@ -316,12 +271,7 @@ fn decode_message(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     let prefix = r.cstr("Message prefix")?;
     let len = r.len_i32("Message content length")?;
     let content = r.bytes(len, "Message content")?.to_vec();
-    Ok(PgOutputMessage::Message {
-        transactional: flags & 1 != 0,
-        lsn,
-        prefix,
-        content,
-    })
+    Ok(PgOutputMessage::Message { transactional: flags & 1 != 0, lsn, prefix, content })
 }
 
 fn decode_tuple(r: &mut Reader<'_>) -> Result<Vec<TupleValue>, DecodeError> {
@@ -357,10 +307,7 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
-        let (head, rest) = self
-            .buf
-            .split_first_chunk::<N>()
-            .ok_or(DecodeError::Truncated { what })?;
+        let (head, rest) = self.buf.split_first_chunk::<N>().ok_or(DecodeError::Truncated { what })?;
         self.buf = rest;
         Ok(*head)
     }
@@ -392,10 +339,7 @@ impl<'a> Reader<'a> {
     /// A non-negative Int32 length.
     fn len_i32(&mut self, what: &'static str) -> Result<usize, DecodeError> {
         let len = self.i32(what)?;
-        usize::try_from(len).map_err(|_| DecodeError::InvalidLength {
-            what,
-            len: i64::from(len),
-        })
+        usize::try_from(len).map_err(|_| DecodeError::InvalidLength { what, len: i64::from(len) })
     }
 
     fn bytes(&mut self, len: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
@@ -409,26 +353,17 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated UTF-8 string.
     fn cstr(&mut self, what: &'static str) -> Result<String, DecodeError> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(DecodeError::Truncated { what })?;
+        let end = self.buf.iter().position(|&b| b == 0).ok_or(DecodeError::Truncated { what })?;
         let s = self.bytes(end, what)?;
         self.u8(what)?;
-        std::str::from_utf8(s)
-            .map(str::to_owned)
-            .map_err(|_| DecodeError::InvalidUtf8 { what })
+        std::str::from_utf8(s).map(str::to_owned).map_err(|_| DecodeError::InvalidUtf8 { what })
     }
 
     fn finish(&self, what: &'static str) -> Result<(), DecodeError> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(DecodeError::TrailingBytes {
-                what,
-                count: self.buf.len(),
-            })
+            Err(DecodeError::TrailingBytes { what, count: self.buf.len() })
         }
     }
 }

@@ -57,39 +57,18 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>, PgOutputMessage)> {
     vec![
         (
             "begin",
-            Buf::tag(b'B')
-                .u64(0x0000_0001_0000_00A0)
-                .i64(776_000_000_000_123)
-                .u32(742)
-                .done(),
-            PgOutputMessage::Begin {
-                final_lsn: 0x0000_0001_0000_00A0,
-                commit_ts: 776_000_000_000_123,
-                xid: 742,
-            },
+            Buf::tag(b'B').u64(0x0000_0001_0000_00A0).i64(776_000_000_000_123).u32(742).done(),
+            PgOutputMessage::Begin { final_lsn: 0x0000_0001_0000_00A0, commit_ts: 776_000_000_000_123, xid: 742 },
         ),
         (
             "commit",
-            Buf::tag(b'C')
-                .u8(0)
-                .u64(0x16B_3748)
-                .u64(0x16B_3778)
-                .i64(-5)
-                .done(),
-            PgOutputMessage::Commit {
-                flags: 0,
-                commit_lsn: 0x16B_3748,
-                end_lsn: 0x16B_3778,
-                commit_ts: -5,
-            },
+            Buf::tag(b'C').u8(0).u64(0x16B_3748).u64(0x16B_3778).i64(-5).done(),
+            PgOutputMessage::Commit { flags: 0, commit_lsn: 0x16B_3748, end_lsn: 0x16B_3778, commit_ts: -5 },
         ),
         (
             "origin",
             Buf::tag(b'O').u64(99).cstr("node_a").done(),
-            PgOutputMessage::Origin {
-                commit_lsn: 99,
-                name: "node_a".into(),
-            },
+            PgOutputMessage::Origin { commit_lsn: 99, name: "node_a".into() },
         ),
         (
             "relation",
@@ -118,36 +97,15 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>, PgOutputMessage)> {
                 name: "items".into(),
                 replica_identity: b'd',
                 columns: vec![
-                    RelationColumn {
-                        is_key: true,
-                        name: "id".into(),
-                        type_oid: 23,
-                        type_modifier: -1,
-                    },
-                    RelationColumn {
-                        is_key: false,
-                        name: "name".into(),
-                        type_oid: 1043,
-                        type_modifier: 68,
-                    },
-                    RelationColumn {
-                        is_key: false,
-                        name: "prix€".into(),
-                        type_oid: 1700,
-                        type_modifier: 655366,
-                    },
+                    RelationColumn { is_key: true, name: "id".into(), type_oid: 23, type_modifier: -1 },
+                    RelationColumn { is_key: false, name: "name".into(), type_oid: 1043, type_modifier: 68 },
+                    RelationColumn { is_key: false, name: "prix€".into(), type_oid: 1700, type_modifier: 655366 },
                 ],
             }),
         ),
         (
             "relation without columns",
-            Buf::tag(b'R')
-                .u32(7)
-                .cstr("s")
-                .cstr("")
-                .u8(b'n')
-                .u16(0)
-                .done(),
+            Buf::tag(b'R').u32(7).cstr("s").cstr("").u8(b'n').u16(0).done(),
             PgOutputMessage::Relation(Relation {
                 id: 7,
                 namespace: "s".into(),
@@ -159,23 +117,11 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>, PgOutputMessage)> {
         (
             "type",
             Buf::tag(b'Y').u32(16390).cstr("public").cstr("mood").done(),
-            PgOutputMessage::Type {
-                oid: 16390,
-                namespace: "public".into(),
-                name: "mood".into(),
-            },
+            PgOutputMessage::Type { oid: 16390, namespace: "public".into(), name: "mood".into() },
         ),
         (
             "insert",
-            Buf::tag(b'I')
-                .u32(16385)
-                .u8(b'N')
-                .u16(4)
-                .text(b"1")
-                .u8(b'n')
-                .bin(&[0, 1, 2])
-                .text(b"")
-                .done(),
+            Buf::tag(b'I').u32(16385).u8(b'N').u16(4).text(b"1").u8(b'n').bin(&[0, 1, 2]).text(b"").done(),
             PgOutputMessage::Insert {
                 relation_id: 16385,
                 new: vec![
@@ -188,13 +134,7 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>, PgOutputMessage)> {
         ),
         (
             "update without old tuple",
-            Buf::tag(b'U')
-                .u32(16385)
-                .u8(b'N')
-                .u16(2)
-                .text(b"1")
-                .u8(b'u')
-                .done(),
+            Buf::tag(b'U').u32(16385).u8(b'N').u16(2).text(b"1").u8(b'u').done(),
             PgOutputMessage::Update {
                 relation_id: 16385,
                 old: None,
@@ -203,40 +143,16 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>, PgOutputMessage)> {
         ),
         (
             "update with key",
-            Buf::tag(b'U')
-                .u32(16385)
-                .u8(b'K')
-                .u16(2)
-                .text(b"1")
-                .u8(b'n')
-                .u8(b'N')
-                .u16(2)
-                .text(b"2")
-                .text(b"b")
-                .done(),
+            Buf::tag(b'U').u32(16385).u8(b'K').u16(2).text(b"1").u8(b'n').u8(b'N').u16(2).text(b"2").text(b"b").done(),
             PgOutputMessage::Update {
                 relation_id: 16385,
-                old: Some(OldTuple::Key(vec![
-                    TupleValue::Text(b"1".to_vec()),
-                    TupleValue::Null,
-                ])),
-                new: vec![
-                    TupleValue::Text(b"2".to_vec()),
-                    TupleValue::Text(b"b".to_vec()),
-                ],
+                old: Some(OldTuple::Key(vec![TupleValue::Text(b"1".to_vec()), TupleValue::Null])),
+                new: vec![TupleValue::Text(b"2".to_vec()), TupleValue::Text(b"b".to_vec())],
             },
         ),
         (
             "update with full old row",
-            Buf::tag(b'U')
-                .u32(9)
-                .u8(b'O')
-                .u16(1)
-                .text(b"a")
-                .u8(b'N')
-                .u16(1)
-                .text(b"b")
-                .done(),
+            Buf::tag(b'U').u32(9).u8(b'O').u16(1).text(b"a").u8(b'N').u16(1).text(b"b").done(),
             PgOutputMessage::Update {
                 relation_id: 9,
                 old: Some(OldTuple::Full(vec![TupleValue::Text(b"a".to_vec())])),
@@ -245,13 +161,7 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>, PgOutputMessage)> {
         ),
         (
             "delete with key",
-            Buf::tag(b'D')
-                .u32(16385)
-                .u8(b'K')
-                .u16(2)
-                .text(b"2")
-                .u8(b'n')
-                .done(),
+            Buf::tag(b'D').u32(16385).u8(b'K').u16(2).text(b"2").u8(b'n').done(),
             PgOutputMessage::Delete {
                 relation_id: 16385,
                 old: OldTuple::Key(vec![TupleValue::Text(b"2".to_vec()), TupleValue::Null]),
@@ -260,50 +170,22 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>, PgOutputMessage)> {
         (
             "delete with full old row",
             Buf::tag(b'D').u32(5).u8(b'O').u16(1).bin(b"\xff").done(),
-            PgOutputMessage::Delete {
-                relation_id: 5,
-                old: OldTuple::Full(vec![TupleValue::Binary(vec![0xff])]),
-            },
+            PgOutputMessage::Delete { relation_id: 5, old: OldTuple::Full(vec![TupleValue::Binary(vec![0xff])]) },
         ),
         (
             "truncate",
             Buf::tag(b'T').i32(2).u8(3).u32(16385).u32(16400).done(),
-            PgOutputMessage::Truncate {
-                options: 3,
-                relation_ids: vec![16385, 16400],
-            },
+            PgOutputMessage::Truncate { options: 3, relation_ids: vec![16385, 16400] },
         ),
         (
             "transactional message",
-            Buf::tag(b'M')
-                .u8(1)
-                .u64(0x16B_3700)
-                .cstr("pgfanout")
-                .i32(1)
-                .raw(b"x")
-                .done(),
-            PgOutputMessage::Message {
-                transactional: true,
-                lsn: 0x16B_3700,
-                prefix: "pgfanout".into(),
-                content: b"x".to_vec(),
-            },
+            Buf::tag(b'M').u8(1).u64(0x16B_3700).cstr("pgfanout").i32(1).raw(b"x").done(),
+            PgOutputMessage::Message { transactional: true, lsn: 0x16B_3700, prefix: "pgfanout".into(), content: b"x".to_vec() },
         ),
         (
             "non-transactional message with binary content",
-            Buf::tag(b'M')
-                .u8(0)
-                .u64(1)
-                .cstr("p")
-                .i32(3)
-                .raw(&[0, 0xfe, 0])
-                .done(),
-            PgOutputMessage::Message {
-                transactional: false,
-                lsn: 1,
-                prefix: "p".into(),
-                content: vec![0, 0xfe, 0],
-            },
+            Buf::tag(b'M').u8(0).u64(1).cstr("p").i32(3).raw(&[0, 0xfe, 0]).done(),
+            PgOutputMessage::Message { transactional: false, lsn: 1, prefix: "p".into(), content: vec![0, 0xfe, 0] },
         ),
     ]
 }
@@ -320,11 +202,7 @@ fn decodes_every_fixture() {
 fn every_truncation_is_an_error() {
     for (name, bytes, _) in fixtures() {
         for len in 0..bytes.len() {
-            assert!(
-                decode(&bytes[..len]).is_err(),
-                "{name}: prefix of {len} of {} bytes decoded",
-                bytes.len()
-            );
+            assert!(decode(&bytes[..len]).is_err(), "{name}: prefix of {len} of {} bytes decoded", bytes.len());
         }
     }
 }
@@ -333,13 +211,7 @@ fn every_truncation_is_an_error() {
 fn trailing_bytes_are_an_error() {
     for (name, mut bytes, _) in fixtures() {
         bytes.push(0);
-        assert!(
-            matches!(
-                decode(&bytes),
-                Err(DecodeError::TrailingBytes { count: 1, .. })
-            ),
-            "{name}"
-        );
+        assert!(matches!(decode(&bytes), Err(DecodeError::TrailingBytes { count: 1, .. })), "{name}");
     }
 }
 
@@ -361,48 +233,23 @@ fn unknown_and_streaming_tags() {
 #[test]
 fn truncation_names_the_field() {
     let err = decode(&[b'B', 0, 0]).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "pgoutput payload truncated while reading Begin final LSN"
-    );
+    assert_eq!(err.to_string(), "pgoutput payload truncated while reading Begin final LSN");
 }
 
 #[test]
 fn invalid_utf8_in_names() {
-    let bytes = Buf::tag(b'Y')
-        .u32(1)
-        .cstr("ns")
-        .raw(&[0xc3, 0x28, 0])
-        .done();
-    assert!(matches!(
-        decode(&bytes),
-        Err(DecodeError::InvalidUtf8 { what: "Type name" })
-    ));
+    let bytes = Buf::tag(b'Y').u32(1).cstr("ns").raw(&[0xc3, 0x28, 0]).done();
+    assert!(matches!(decode(&bytes), Err(DecodeError::InvalidUtf8 { what: "Type name" })));
 }
 
 #[test]
 fn negative_lengths_are_rejected() {
-    let bytes = Buf::tag(b'I')
-        .u32(1)
-        .u8(b'N')
-        .u16(1)
-        .u8(b't')
-        .i32(-1)
-        .done();
-    assert!(matches!(
-        decode(&bytes),
-        Err(DecodeError::InvalidLength { len: -1, .. })
-    ));
+    let bytes = Buf::tag(b'I').u32(1).u8(b'N').u16(1).u8(b't').i32(-1).done();
+    assert!(matches!(decode(&bytes), Err(DecodeError::InvalidLength { len: -1, .. })));
     let bytes = Buf::tag(b'M').u8(0).u64(0).cstr("p").i32(i32::MIN).done();
-    assert!(matches!(
-        decode(&bytes),
-        Err(DecodeError::InvalidLength { .. })
-    ));
+    assert!(matches!(decode(&bytes), Err(DecodeError::InvalidLength { .. })));
     let bytes = Buf::tag(b'T').i32(-2).u8(0).done();
-    assert!(matches!(
-        decode(&bytes),
-        Err(DecodeError::InvalidLength { len: -2, .. })
-    ));
+    assert!(matches!(decode(&bytes), Err(DecodeError::InvalidLength { len: -2, .. })));
 }
 
 #[test]
@@ -411,43 +258,22 @@ fn huge_counts_do_not_allocate_or_panic() {
     assert!(matches!(decode(&bytes), Err(DecodeError::Truncated { .. })));
     let bytes = Buf::tag(b'I').u32(1).u8(b'N').u16(u16::MAX).u8(b'n').done();
     assert!(matches!(decode(&bytes), Err(DecodeError::Truncated { .. })));
-    let bytes = Buf::tag(b'I')
-        .u32(1)
-        .u8(b'N')
-        .u16(1)
-        .u8(b't')
-        .i32(i32::MAX)
-        .done();
+    let bytes = Buf::tag(b'I').u32(1).u8(b'N').u16(1).u8(b't').i32(i32::MAX).done();
     assert!(matches!(decode(&bytes), Err(DecodeError::Truncated { .. })));
 }
 
 #[test]
 fn bad_markers_and_column_kinds() {
     let bytes = Buf::tag(b'I').u32(1).u8(b'K').u16(0).done();
-    assert!(matches!(
-        decode(&bytes),
-        Err(DecodeError::UnexpectedMarker { found: b'K', .. })
-    ));
+    assert!(matches!(decode(&bytes), Err(DecodeError::UnexpectedMarker { found: b'K', .. })));
     let bytes = Buf::tag(b'U').u32(1).u8(b'X').u16(0).done();
-    assert!(matches!(
-        decode(&bytes),
-        Err(DecodeError::UnexpectedMarker { found: b'X', .. })
-    ));
+    assert!(matches!(decode(&bytes), Err(DecodeError::UnexpectedMarker { found: b'X', .. })));
     let bytes = Buf::tag(b'U').u32(1).u8(b'K').u16(0).u8(b'K').u16(0).done();
-    assert!(matches!(
-        decode(&bytes),
-        Err(DecodeError::UnexpectedMarker { found: b'K', .. })
-    ));
+    assert!(matches!(decode(&bytes), Err(DecodeError::UnexpectedMarker { found: b'K', .. })));
     let bytes = Buf::tag(b'D').u32(1).u8(b'N').u16(0).done();
-    assert!(matches!(
-        decode(&bytes),
-        Err(DecodeError::UnexpectedMarker { found: b'N', .. })
-    ));
+    assert!(matches!(decode(&bytes), Err(DecodeError::UnexpectedMarker { found: b'N', .. })));
     let bytes = Buf::tag(b'I').u32(1).u8(b'N').u16(1).u8(b'x').done();
-    assert!(matches!(
-        decode(&bytes),
-        Err(DecodeError::UnknownColumnKind(b'x'))
-    ));
+    assert!(matches!(decode(&bytes), Err(DecodeError::UnknownColumnKind(b'x'))));
 }
 
 fn any_tag() -> impl Strategy<Value = u8> {

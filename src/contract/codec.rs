@@ -40,8 +40,7 @@ pub static SCHEMAS: LazyLock<Schemas> = LazyLock::new(|| Schemas {
 fn parse(json: &str, name: &str) -> Schema {
     // The schemas are compiled into the binary and covered by tests: a failure here is a
     // build defect, never a consequence of outside input.
-    json.parse()
-        .unwrap_or_else(|e| panic!("schemas/{name}.avsc is not a valid Avro schema: {e}"))
+    json.parse().unwrap_or_else(|e| panic!("schemas/{name}.avsc is not a valid Avro schema: {e}"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,10 +52,8 @@ pub enum CodecError {
 }
 
 fn encode<T: Serialize>(value: &T, schema: &Schema, what: &'static str) -> Result<Vec<u8>, CodecError> {
-    serde_avro_fast::to_datum_vec(value, &mut SerializerConfig::new(schema)).map_err(|e| CodecError::Encode {
-        what,
-        reason: e.to_string(),
-    })
+    serde_avro_fast::to_datum_vec(value, &mut SerializerConfig::new(schema))
+        .map_err(|e| CodecError::Encode { what, reason: e.to_string() })
 }
 
 /// Longest array accepted in a record (operations, columns): bounds the work a hostile
@@ -103,9 +100,7 @@ pub fn decode_device_ack(bytes: &[u8]) -> Result<DeviceAck, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{
-        Column, DeltaOp, Field, Operation, OperationKind, ResultStatus, Value,
-    };
+    use crate::contract::{Column, DeltaOp, Field, Operation, OperationKind, ResultStatus, Value};
 
     fn sample_values() -> Vec<Value> {
         vec![
@@ -142,12 +137,7 @@ mod tests {
 
     #[test]
     fn delta_and_result_round_trip() {
-        let col = |name: &str, value: Value| Column {
-            name: name.into(),
-            type_name: "text".into(),
-            value,
-            unchanged: false,
-        };
+        let col = |name: &str, value: Value| Column { name: name.into(), type_name: "text".into(), value, unchanged: false };
         let delta = Delta {
             table: "public.items".into(),
             op: DeltaOp::Update,
@@ -178,12 +168,7 @@ mod tests {
 
     #[test]
     fn garbage_and_truncations_are_errors() {
-        let ins = Instruction {
-            instruction_id: "id".into(),
-            issued_by: "d".into(),
-            issued_at: 0,
-            operations: vec![],
-        };
+        let ins = Instruction { instruction_id: "id".into(), issued_by: "d".into(), issued_at: 0, operations: vec![] };
         let bytes = encode_instruction(&ins).unwrap();
         for n in 0..bytes.len() {
             assert!(decode_instruction(&bytes[..n]).is_err(), "prefix {n}");

@@ -69,10 +69,7 @@ pub struct ValueParseError {
 impl Value {
     /// Converts PostgreSQL's text output of a value of type `type_name` to a typed value.
     pub fn from_pg_text(type_name: &str, text: &str) -> Result<Value, ValueParseError> {
-        let bad = || ValueParseError {
-            type_name: type_name.to_string(),
-            text: text.chars().take(64).collect(),
-        };
+        let bad = || ValueParseError { type_name: type_name.to_string(), text: text.chars().take(64).collect() };
         Ok(match ValueKind::of_pg_type(type_name) {
             ValueKind::Boolean => match text {
                 "t" | "true" => Value::Boolean(true),
@@ -99,9 +96,7 @@ impl Value {
             Value::Boolean(b) => if *b { "true" } else { "false" }.to_string(),
             Value::Long(n) => n.to_string(),
             Value::Double(f) if f.is_nan() => "NaN".to_string(),
-            Value::Double(f) if f.is_infinite() => {
-                if *f > 0.0 { "Infinity" } else { "-Infinity" }.to_string()
-            }
+            Value::Double(f) if f.is_infinite() => if *f > 0.0 { "Infinity" } else { "-Infinity" }.to_string(),
             Value::Double(f) => f.to_string(),
             Value::String(s) => s.clone(),
             Value::Bytes(b) if type_kind == ValueKind::Bytes => encode_bytea_hex(b),
@@ -144,9 +139,7 @@ fn decode_bytea_hex(text: &str) -> Option<Vec<u8>> {
     if hex.len() % 2 != 0 {
         return None;
     }
-    hex.chunks_exact(2)
-        .map(|pair| Some((hex_digit(pair[0])? << 4) | hex_digit(pair[1])?))
-        .collect()
+    hex.chunks_exact(2).map(|pair| Some((hex_digit(pair[0])? << 4) | hex_digit(pair[1])?)).collect()
 }
 
 fn hex_digit(c: u8) -> Option<u8> {

@@ -67,7 +67,12 @@ pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, s
 
     let device_label = settings.id.clone();
     while !shutdown.is_triggered() {
-        let batch = match kafka::poll_batch(&consumer, settings.batch_size as usize, Duration::from_millis(200), Duration::from_millis(5)) {
+        let batch = match kafka::poll_batch(
+            &consumer,
+            settings.batch_size as usize,
+            Duration::from_millis(200),
+            Duration::from_millis(5),
+        ) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "poll failed; retrying");
@@ -105,9 +110,11 @@ pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, s
             }
         }
         for (op, n) in &stats.applied_by_op {
-            metrics::counter!("pgfanout_device_deltas_applied_total", "device" => device_label.clone(), "op" => *op).increment(*n);
+            metrics::counter!("pgfanout_device_deltas_applied_total", "device" => device_label.clone(), "op" => *op)
+                .increment(*n);
         }
-        metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => device_label.clone()).increment(stats.skipped_older);
+        metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => device_label.clone())
+            .increment(stats.skipped_older);
         metrics::counter!("pgfanout_device_deltas_rejected_total", "device" => device_label.clone()).increment(stats.rejected);
         metrics::histogram!("pgfanout_device_apply_batch_duration_seconds", "device" => device_label.clone())
             .record(started.elapsed().as_secs_f64());
@@ -122,17 +129,9 @@ pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, s
 fn assign_from_store(consumer: &BaseConsumer, store: &Store, topic: &str, shutdown: &Shutdown) -> Result<Vec<i32>, DeviceError> {
     let offsets = store.offsets(topic)?;
     let partitions = loop {
-        match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
-            Ok(md) => {
-                let n = md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len()).unwrap_or(0);
-                if n > 0 {
-                    break n;
-                }
-                if shutdown.is_triggered() {
-                    return Err(DeviceError::NoPartitions(topic.to_string()));
-                }
-                tracing::info!(topic, "waiting for the deltas topic to exist");
-            }
+        match kafka::partition_count(consumer.client(), topic) {
+            Ok(n) if n > 0 => break n,
+            Ok(_) => tracing::info!(topic, "waiting for the deltas topic to exist"),
             Err(e) => tracing::warn!(error = %e, "cannot read topic metadata; retrying"),
         }
         if shutdown.is_triggered() {

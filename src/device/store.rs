@@ -57,7 +57,8 @@ const LAYOUT_VERSION: i64 = 1;
 /// Refuses stores whose bookkeeping tables this version does not know.
 fn check_layout(conn: &Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let has_tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = '_pgfanout_offsets'", [], |r| r.get(0))?;
+    let has_tables: i64 =
+        conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = '_pgfanout_offsets'", [], |r| r.get(0))?;
     if (version == 0 && has_tables > 0) || version > LAYOUT_VERSION {
         return Err(StoreError::Layout { found: version });
     }
@@ -243,7 +244,12 @@ impl Store {
 }
 
 fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, record: &Record<'_>, reason: &str) -> Result<(), rusqlite::Error> {
-    tracing::warn!(partition = record.partition, offset = record.offset, reason, "delta cannot be applied; recorded in _pgfanout_rejected");
+    tracing::warn!(
+        partition = record.partition,
+        offset = record.offset,
+        reason,
+        "delta cannot be applied; recorded in _pgfanout_rejected"
+    );
     tx.execute(
         "INSERT OR REPLACE INTO _pgfanout_rejected (topic, partition, record_offset, reason) VALUES (?1, ?2, ?3, ?4)",
         params![topic, record.partition, record.offset, reason],
@@ -265,7 +271,11 @@ impl From<rusqlite::Error> for ApplyError {
 
 /// Applies one delta if it is newer than what the store holds; `Ok(true)` if it changed
 /// anything.
-fn apply_delta(tx: &rusqlite::Transaction<'_>, tables: &mut HashMap<String, TableShape>, delta: &Delta) -> Result<bool, ApplyError> {
+fn apply_delta(
+    tx: &rusqlite::Transaction<'_>,
+    tables: &mut HashMap<String, TableShape>,
+    delta: &Delta,
+) -> Result<bool, ApplyError> {
     let version = delta.version();
     match delta.op {
         DeltaOp::Watermark => Ok(false), // positions only; handled by the caller
@@ -297,7 +307,9 @@ fn apply_delta(tx: &rusqlite::Transaction<'_>, tables: &mut HashMap<String, Tabl
             let row: &[Column] = match (&delta.op, &delta.after) {
                 (DeltaOp::Delete, _) => &delta.key,
                 (_, Some(after)) => after,
-                (_, None) => return Err(ApplyError::Invalid(format!("{} delta on {} has no row", delta.op.as_str(), delta.table))),
+                (_, None) => {
+                    return Err(ApplyError::Invalid(format!("{} delta on {} has no row", delta.op.as_str(), delta.table)))
+                }
             };
             let shape = ensure_shape(tx, tables, &delta.table, &delta.key, row)?;
             if shape.truncated_at >= version {
@@ -365,7 +377,7 @@ fn ensure_shape(
         return Err(ApplyError::Invalid(format!("table {table} vanished")));
     };
     for c in row {
-        if !shape.columns.iter().any(|n| *n == c.name) {
+        if !shape.columns.contains(&c.name) {
             tx.execute_batch(&format!("ALTER TABLE {t} ADD COLUMN {} {}", quote_ident(&c.name), sqlite_type(&c.type_name)))?;
             record_column(tx, table, c, false, shape.columns.len())?;
             shape.columns.push(c.name.clone());
@@ -374,7 +386,13 @@ fn ensure_shape(
     Ok(shape.clone())
 }
 
-fn record_column(tx: &rusqlite::Transaction<'_>, table: &str, c: &Column, is_key: bool, ordinal: usize) -> Result<(), rusqlite::Error> {
+fn record_column(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    c: &Column,
+    is_key: bool,
+    ordinal: usize,
+) -> Result<(), rusqlite::Error> {
     tx.execute(
         "INSERT OR REPLACE INTO _pgfanout_columns (table_name, column_name, pg_type, is_key, ordinal) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![table, c.name, c.type_name, is_key, ordinal as i64],
@@ -394,15 +412,16 @@ pub fn sqlite_type(pg_type: &str) -> &'static str {
 }
 
 fn null_assignments(shape: &TableShape) -> String {
-    shape
-        .columns
-        .iter()
-        .filter(|c| !shape.key.contains(c))
-        .map(|c| format!("{} = NULL, ", quote_ident(c)))
-        .collect()
+    shape.columns.iter().filter(|c| !shape.key.contains(c)).map(|c| format!("{} = NULL, ", quote_ident(c))).collect()
 }
 
-fn write_row(tx: &rusqlite::Transaction<'_>, table: &str, shape: &TableShape, row: &[Column], version: (i64, i64)) -> Result<bool, ApplyError> {
+fn write_row(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    shape: &TableShape,
+    row: &[Column],
+    version: (i64, i64),
+) -> Result<bool, ApplyError> {
     let t = sqlite_table(table);
     let cols: Vec<&Column> = row.iter().collect();
     let names = cols.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
@@ -428,7 +447,13 @@ fn write_row(tx: &rusqlite::Transaction<'_>, table: &str, shape: &TableShape, ro
     Ok(stmt.execute(values.as_slice())? > 0)
 }
 
-fn write_tombstone(tx: &rusqlite::Transaction<'_>, table: &str, shape: &TableShape, key: &[Column], version: (i64, i64)) -> Result<bool, ApplyError> {
+fn write_tombstone(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    shape: &TableShape,
+    key: &[Column],
+    version: (i64, i64),
+) -> Result<bool, ApplyError> {
     let t = sqlite_table(table);
     let names = key.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
     let marks = (1..=key.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");

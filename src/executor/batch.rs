@@ -21,7 +21,9 @@ use futures::future::join_all;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
-use super::plan::{plan_operation, printable, PlannedStatement, Rejection, BAD_ID, BAD_SHAPE, PRECONDITION_FAILED, UNKNOWN_TABLE};
+use super::plan::{
+    plan_operation, printable, PlannedStatement, Rejection, BAD_ID, BAD_SHAPE, PRECONDITION_FAILED, UNKNOWN_TABLE,
+};
 use crate::contract::{now_micros, Instruction, InstructionResult, ResultStatus};
 use crate::pg::{self, TableInfo, TableName};
 
@@ -71,7 +73,10 @@ impl Catalog {
             }
         }
         if !self.allowed_now.contains(&name) {
-            return Ok(Err(Rejection::new(UNKNOWN_TABLE, format!("table {:?} is not one the executor may write", printable(raw)))));
+            return Ok(Err(Rejection::new(
+                UNKNOWN_TABLE,
+                format!("table {:?} is not one the executor may write", printable(raw)),
+            )));
         }
         if let Some(info) = self.tables.get(&name) {
             return Ok(Ok(info.clone()));
@@ -157,10 +162,8 @@ pub async fn execute_batch(
     let ids: Vec<&str> = batch.iter().map(|i| i.instruction_id.as_str()).collect();
     let logged = load_logged(client, &ids).await?;
     let mut seen = HashSet::new();
-    let fresh: Vec<&Instruction> = batch
-        .iter()
-        .filter(|i| !logged.contains_key(&i.instruction_id) && seen.insert(i.instruction_id.as_str()))
-        .collect();
+    let fresh: Vec<&Instruction> =
+        batch.iter().filter(|i| !logged.contains_key(&i.instruction_id) && seen.insert(i.instruction_id.as_str())).collect();
     let mut prepared = Vec::with_capacity(fresh.len());
     for instruction in fresh {
         prepared.push(prepare(client, catalog, statements, instruction).await?);
@@ -202,7 +205,11 @@ async fn prepare<'a>(
                     // The catalog said yes but PostgreSQL disagrees: it changed meanwhile.
                     catalog.invalidate();
                     let code = pg::sqlstate(&e).unwrap_or("XX000").to_string();
-                    return Ok(Prepared::Refuse { instruction, code, message: format!("operation {}: {}", i + 1, db_message(&e)) });
+                    return Ok(Prepared::Refuse {
+                        instruction,
+                        code,
+                        message: format!("operation {}: {}", i + 1, db_message(&e)),
+                    });
                 }
             },
             Err(r) => return refuse(Rejection { code: r.code, message: format!("operation {}: {}", i + 1, r.message) }),
@@ -217,7 +224,12 @@ fn db_message(e: &tokio_postgres::Error) -> String {
 
 /// Sends the correlation marker and the instruction's statements without waiting in
 /// between (tokio-postgres pipelines requests polled together), in this order.
-async fn run_statements(client: &Client, marker: &Statement, instruction: &Instruction, planned: &[(Statement, PlannedStatement)]) -> Vec<Result<u64, tokio_postgres::Error>> {
+async fn run_statements(
+    client: &Client,
+    marker: &Statement,
+    instruction: &Instruction,
+    planned: &[(Statement, PlannedStatement)],
+) -> Vec<Result<u64, tokio_postgres::Error>> {
     let id: &(dyn ToSql + Sync) = &instruction.instruction_id;
     let mark = client.execute(marker, std::slice::from_ref(&id));
     let ops = join_all(planned.iter().map(|(stmt, p)| {
@@ -230,10 +242,16 @@ async fn run_statements(client: &Client, marker: &Statement, instruction: &Instr
 
 /// The pipelined attempt. `Ok(None)`: something failed and was rolled back; run the batch
 /// one by one instead.
-async fn pipelined(client: &Client, marker: &Statement, prepared: &[Prepared<'_>]) -> Result<Option<Vec<InstructionResult>>, tokio_postgres::Error> {
+async fn pipelined(
+    client: &Client,
+    marker: &Statement,
+    prepared: &[Prepared<'_>],
+) -> Result<Option<Vec<InstructionResult>>, tokio_postgres::Error> {
     client.batch_execute("BEGIN").await?;
     let runs = prepared.iter().filter_map(|p| match p {
-        Prepared::Run { instruction, statements } => Some(async move { (*instruction, statements, run_statements(client, marker, instruction, statements).await) }),
+        Prepared::Run { instruction, statements } => {
+            Some(async move { (*instruction, statements, run_statements(client, marker, instruction, statements).await) })
+        }
         Prepared::Refuse { .. } => None,
     });
     let mut failed = false;
@@ -284,8 +302,13 @@ async fn pipelined(client: &Client, marker: &Statement, prepared: &[Prepared<'_>
     }
 }
 
-async fn log_outcomes(client: &Client, prepared: &[Prepared<'_>], outcomes: &[InstructionResult]) -> Result<(), tokio_postgres::Error> {
-    let issuer: HashMap<&str, &str> = prepared.iter().map(|p| (p.instruction().instruction_id.as_str(), p.instruction().issued_by.as_str())).collect();
+async fn log_outcomes(
+    client: &Client,
+    prepared: &[Prepared<'_>],
+    outcomes: &[InstructionResult],
+) -> Result<(), tokio_postgres::Error> {
+    let issuer: HashMap<&str, &str> =
+        prepared.iter().map(|p| (p.instruction().instruction_id.as_str(), p.instruction().issued_by.as_str())).collect();
     let ids: Vec<&str> = outcomes.iter().map(|r| r.instruction_id.as_str()).collect();
     let issued_by: Vec<&str> = ids.iter().map(|id| issuer.get(id).copied().unwrap_or("")).collect();
     let status: Vec<&str> = outcomes.iter().map(|r| r.status.as_str()).collect();
@@ -306,7 +329,12 @@ async fn log_outcomes(client: &Client, prepared: &[Prepared<'_>], outcomes: &[In
 
 /// Each instruction inside its own SAVEPOINT: a failing one is rolled back and logged as
 /// `rejected`/`failed`, the others commit.
-async fn one_by_one(client: &Client, catalog: &mut Catalog, marker: &Statement, prepared: &[Prepared<'_>]) -> Result<Vec<InstructionResult>, tokio_postgres::Error> {
+async fn one_by_one(
+    client: &Client,
+    catalog: &mut Catalog,
+    marker: &Statement,
+    prepared: &[Prepared<'_>],
+) -> Result<Vec<InstructionResult>, tokio_postgres::Error> {
     client.batch_execute("BEGIN").await?;
     let mut outcomes = Vec::with_capacity(prepared.len());
     for p in prepared {
@@ -323,7 +351,12 @@ async fn one_by_one(client: &Client, catalog: &mut Catalog, marker: &Statement, 
     Ok(outcomes)
 }
 
-async fn one(client: &Client, catalog: &mut Catalog, marker: &Statement, p: &Prepared<'_>) -> Result<Option<InstructionResult>, tokio_postgres::Error> {
+async fn one(
+    client: &Client,
+    catalog: &mut Catalog,
+    marker: &Statement,
+    p: &Prepared<'_>,
+) -> Result<Option<InstructionResult>, tokio_postgres::Error> {
     client.batch_execute("SAVEPOINT pgfanout_instruction").await?;
     let outcome = match p {
         Prepared::Refuse { instruction, code, message } => refused(instruction, code, message.clone(), ResultStatus::Rejected),
@@ -342,7 +375,9 @@ async fn one(client: &Client, catalog: &mut Catalog, marker: &Statement, p: &Pre
                             catalog.invalidate();
                         }
                         let status = classify_definite(&code);
-                        outcome.get_or_insert_with(|| refused(instruction, &code, format!("operation {i}: {}", db_message(&e)), status));
+                        outcome.get_or_insert_with(|| {
+                            refused(instruction, &code, format!("operation {i}: {}", db_message(&e)), status)
+                        });
                     }
                     Ok(0) if i > 0 && statements[i - 1].1.has_precondition => {
                         outcome.get_or_insert_with(|| {

@@ -32,8 +32,8 @@ use crate::contract::codec::{decode_instruction, encode_result};
 use crate::contract::{Instruction, InstructionResult};
 use crate::kafka::{self, ClientRole, RebalanceLogger};
 use crate::pg;
-use crate::shutdown::Shutdown;
 use crate::pg::TableName;
+use crate::shutdown::Shutdown;
 use batch::{AllowedTables, Catalog, Statements};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -76,7 +76,8 @@ pub async fn run(
 ) -> Result<(), ExecutorError> {
     let topics = kafka_settings.topics();
     let consumer: Arc<BaseConsumer<RebalanceLogger>> = Arc::new(
-        kafka::client_config(kafka_settings, ClientRole::Consumer { group_id: &settings.group_id }).create_with_context(RebalanceLogger)?,
+        kafka::client_config(kafka_settings, ClientRole::Consumer { group_id: &settings.group_id })
+            .create_with_context(RebalanceLogger)?,
     );
     consumer.subscribe(&[&topics.instructions])?;
     let producer: FutureProducer = kafka::client_config(kafka_settings, ClientRole::Producer).create()?;
@@ -123,10 +124,12 @@ pub async fn run(
             }
         }
         let instructions: Vec<Instruction> = decoded.iter().map(|(_, ins)| ins.clone()).collect();
-        let results = match apply_with_retry(pg_settings, &mut pg_conn, &mut catalog, &mut statements, &instructions, &mut shutdown).await? {
-            Some(r) => r,
-            None => break Ok(()), // shut down while PostgreSQL was away; nothing stored
-        };
+        let results =
+            match apply_with_retry(pg_settings, &mut pg_conn, &mut catalog, &mut statements, &instructions, &mut shutdown).await?
+            {
+                Some(r) => r,
+                None => break Ok(()), // shut down while PostgreSQL was away; nothing stored
+            };
         publish_results(&producer, &topics.results, &results, &mut shutdown).await?;
         store_offsets(&consumer, &messages)?;
         for r in &results {
@@ -205,11 +208,8 @@ async fn publish_results(
     results: &[InstructionResult],
     shutdown: &mut Shutdown,
 ) -> Result<(), ExecutorError> {
-    let payloads: Vec<Vec<u8>> = results
-        .iter()
-        .map(encode_result)
-        .collect::<Result<_, _>>()
-        .map_err(|e| ExecutorError::Internal(e.to_string()))?;
+    let payloads: Vec<Vec<u8>> =
+        results.iter().map(encode_result).collect::<Result<_, _>>().map_err(|e| ExecutorError::Internal(e.to_string()))?;
     let mut backoff = Backoff::new();
     let mut pending: Vec<usize> = (0..results.len()).collect();
     while !pending.is_empty() {
@@ -243,7 +243,12 @@ async fn send_dead_letter(
     reason: &str,
     shutdown: &mut Shutdown,
 ) -> Result<(), ExecutorError> {
-    tracing::warn!(partition = message.partition(), offset = message.offset(), reason, "undecodable instruction sent to the dead-letter topic");
+    tracing::warn!(
+        partition = message.partition(),
+        offset = message.offset(),
+        reason,
+        "undecodable instruction sent to the dead-letter topic"
+    );
     let mut backoff = Backoff::new();
     loop {
         match kafka::dead_letter(producer, dlq, message, "executor", reason).await {

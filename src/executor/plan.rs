@@ -99,11 +99,7 @@ pub fn plan_operation(table: &TableInfo, op: &Operation) -> Result<PlannedStatem
                 if values.is_empty() {
                     sql.push_str(&format!(" ON CONFLICT ({conflict}) DO NOTHING"));
                 } else {
-                    let set = values
-                        .iter()
-                        .map(|b| format!("{0} = EXCLUDED.{0}", name(b)))
-                        .collect::<Vec<_>>()
-                        .join(", ");
+                    let set = values.iter().map(|b| format!("{0} = EXCLUDED.{0}", name(b))).collect::<Vec<_>>().join(", ");
                     sql.push_str(&format!(" ON CONFLICT ({conflict}) DO UPDATE SET {set}"));
                 }
             }
@@ -136,10 +132,7 @@ fn bind_fields<'a>(
     let mut bound = Vec::with_capacity(fields.len());
     for field in fields {
         let column = table.column(&field.name).ok_or_else(|| {
-            Rejection::new(
-                UNKNOWN_COLUMN,
-                format!("table {} has no column {:?}", table.name, printable(&field.name)),
-            )
+            Rejection::new(UNKNOWN_COLUMN, format!("table {} has no column {:?}", table.name, printable(&field.name)))
         })?;
         if !seen.insert(column.name.as_str()) {
             return Err(Rejection::new(BAD_SHAPE, format!("column {:?} appears twice in {part}", column.name)));
@@ -227,7 +220,8 @@ mod tests {
 
     #[test]
     fn a_precondition_becomes_a_compare_and_set() {
-        let mut o = op(OperationKind::Update, vec![field("id", Value::Long(1))], vec![field("name", Value::String("new".into()))]);
+        let mut o =
+            op(OperationKind::Update, vec![field("id", Value::Long(1))], vec![field("name", Value::String("new".into()))]);
         o.expect = vec![field("name", Value::String("old".into())), field("price", Value::Null)];
         let p = plan_operation(&items(), &o).unwrap();
         assert_eq!(

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pgfanout::config::{KafkaSettings, Properties, PostgresSettings};
+use pgfanout::config::{KafkaSettings, PostgresSettings, Properties};
 use pgfanout::contract::{Instruction, InstructionResult};
 use pgfanout::kafka::{self, ClientRole};
 use pgfanout::pg::{self, TableInfo};
@@ -67,11 +67,7 @@ impl Pipeline {
             brokers: brokers.to_string(),
             topic_prefix: format!("{name}."),
             properties: Properties(
-                properties
-                    .split(',')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
+                properties.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ),
             partitions: 3,
             replication_factor: 1,
@@ -170,7 +166,11 @@ impl Pipeline {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "{label} exited with {status}; see {}", self.dir.join(format!("{label}.log")).display());
+                assert!(
+                    status.success(),
+                    "{label} exited with {status}; see {}",
+                    self.dir.join(format!("{label}.log")).display()
+                );
                 return;
             }
             assert!(Instant::now() < deadline, "{label} did not stop within 30 s");
@@ -210,7 +210,11 @@ impl Pipeline {
     }
 
     /// Waits until `watcher` has seen a result for every instruction.
-    pub async fn await_results(&mut self, watcher: ResultWatcher, instructions: &[Instruction]) -> HashMap<String, InstructionResult> {
+    pub async fn await_results(
+        &mut self,
+        watcher: ResultWatcher,
+        instructions: &[Instruction],
+    ) -> HashMap<String, InstructionResult> {
         let watcher = self.await_watcher(watcher, instructions).await;
         let results = watcher.results().clone();
         tokio::task::spawn_blocking(move || watcher.close()).await.unwrap();
@@ -280,7 +284,13 @@ impl Pipeline {
                 return;
             }
             if Instant::now() > deadline {
-                let report = verify::verify(&self.postgres.conninfo, &self.postgres.publication, &devices.iter().map(|d| self.store(d)).collect::<Vec<_>>()).await.unwrap();
+                let report = verify::verify(
+                    &self.postgres.conninfo,
+                    &self.postgres.publication,
+                    &devices.iter().map(|d| self.store(d)).collect::<Vec<_>>(),
+                )
+                .await
+                .unwrap();
                 panic!("devices did not converge within {TIMEOUT:?}: {report:#?}");
             }
             for label in self.children.keys().cloned().collect::<Vec<_>>() {
@@ -293,7 +303,8 @@ impl Pipeline {
     /// Number of records in the deltas topic (sum over partitions).
     pub fn delta_records(&self) -> i64 {
         let topic = self.kafka.topics().deltas;
-        let consumer: BaseConsumer = kafka::client_config(&self.kafka, ClientRole::UncommittedConsumer { group_id: "watermarks" }).create().unwrap();
+        let consumer: BaseConsumer =
+            kafka::client_config(&self.kafka, ClientRole::UncommittedConsumer { group_id: "watermarks" }).create().unwrap();
         let mut total = 0;
         for p in 0..self.kafka.partitions {
             let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).unwrap();
@@ -322,11 +333,13 @@ impl Pipeline {
             return 0;
         }
         let conn = verify::open_store_read_only(&self.store(device)).unwrap();
-        let created: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = '_pgfanout_counters'", [], |r| r.get(0)).unwrap();
+        let created: i64 =
+            conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = '_pgfanout_counters'", [], |r| r.get(0)).unwrap();
         if created == 0 {
             return 0;
         }
-        conn.query_row("SELECT coalesce((SELECT value FROM _pgfanout_counters WHERE name = ?1), 0)", [name], |r| r.get(0)).unwrap()
+        conn.query_row("SELECT coalesce((SELECT value FROM _pgfanout_counters WHERE name = ?1), 0)", [name], |r| r.get(0))
+            .unwrap()
     }
 }
 

@@ -41,11 +41,8 @@ impl ReplicationConfig {
     /// application_name `pgfanout`.
     pub fn from_conninfo(s: &str) -> Result<Self, ReplicationError> {
         let s = s.trim();
-        let pairs = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            parse_url(s)?
-        } else {
-            parse_key_values(s)?
-        };
+        let pairs =
+            if s.starts_with("postgres://") || s.starts_with("postgresql://") { parse_url(s)? } else { parse_key_values(s)? };
         let mut cfg = ReplicationConfig {
             host: "localhost".into(),
             port: 5432,
@@ -97,10 +94,7 @@ impl ReplicationConfig {
             cfg.host = addr;
         }
         if cfg.host.contains(',') {
-            return Err(ReplicationError::Config(format!(
-                "multiple hosts are not supported: {:?}",
-                cfg.host
-            )));
+            return Err(ReplicationError::Config(format!("multiple hosts are not supported: {:?}", cfg.host)));
         }
         if cfg.dbname.is_empty() {
             cfg.dbname = cfg.user.clone();
@@ -126,9 +120,7 @@ fn parse_key_values(s: &str) -> Result<Vec<(String, String)>, ReplicationError> 
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
-            return Err(ReplicationError::Config(format!(
-                "missing \"=\" after {key:?} in connection string"
-            )));
+            return Err(ReplicationError::Config(format!("missing \"=\" after {key:?} in connection string")));
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -168,10 +160,7 @@ fn parse_key_values(s: &str) -> Result<Vec<(String, String)>, ReplicationError> 
 }
 
 fn parse_url(s: &str) -> Result<Vec<(String, String)>, ReplicationError> {
-    let rest = s
-        .strip_prefix("postgresql://")
-        .or_else(|| s.strip_prefix("postgres://"))
-        .unwrap_or(s);
+    let rest = s.strip_prefix("postgresql://").or_else(|| s.strip_prefix("postgres://")).unwrap_or(s);
     let (rest, query) = match rest.split_once('?') {
         Some((a, q)) => (a, Some(q)),
         None => (rest, None),
@@ -196,9 +185,8 @@ fn parse_url(s: &str) -> Result<Vec<(String, String)>, ReplicationError> {
         None => authority,
     };
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or_else(|| ReplicationError::Config("unterminated IPv6 address in URL".into()))?;
+        let (host, after) =
+            v6.split_once(']').ok_or_else(|| ReplicationError::Config("unterminated IPv6 address in URL".into()))?;
         (host, after.strip_prefix(':'))
     } else {
         match hostport.rsplit_once(':') {
@@ -214,9 +202,8 @@ fn parse_url(s: &str) -> Result<Vec<(String, String)>, ReplicationError> {
         out.push(("dbname".to_owned(), percent_decode(db)?));
     }
     for param in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = param.split_once('=').ok_or_else(|| {
-            ReplicationError::Config(format!("URL parameter {param:?} has no value"))
-        })?;
+        let (k, v) =
+            param.split_once('=').ok_or_else(|| ReplicationError::Config(format!("URL parameter {param:?} has no value")))?;
         out.push((percent_decode(k)?, percent_decode(v)?));
     }
     Ok(out)
@@ -233,9 +220,7 @@ fn percent_decode(s: &str) -> Result<String, ReplicationError> {
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    ReplicationError::Config(format!("invalid percent-encoding in {s:?}"))
-                })?;
+                .ok_or_else(|| ReplicationError::Config(format!("invalid percent-encoding in {s:?}")))?;
             out.push(hex);
             i += 3;
         } else {
@@ -243,6 +228,5 @@ fn percent_decode(s: &str) -> Result<String, ReplicationError> {
             i += 1;
         }
     }
-    String::from_utf8(out)
-        .map_err(|_| ReplicationError::Config("percent-decoded URL part is not UTF-8".into()))
+    String::from_utf8(out).map_err(|_| ReplicationError::Config("percent-decoded URL part is not UTF-8".into()))
 }

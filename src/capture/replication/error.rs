@@ -5,12 +5,7 @@ pub enum ReplicationError {
     #[error("replication connection I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("{}", describe_server_error(.code, .message, .detail.as_deref(), .hint.as_deref()))]
-    Server {
-        code: String,
-        message: String,
-        detail: Option<String>,
-        hint: Option<String>,
-    },
+    Server { code: String, message: String, detail: Option<String>, hint: Option<String> },
     #[error("replication protocol error: {0}")]
     Protocol(String),
     #[error("replication authentication failed: {0}")]
@@ -25,11 +20,7 @@ impl ReplicationError {
         match self {
             ReplicationError::Io(_) => true,
             ReplicationError::Server { code, .. } => {
-                code.starts_with("08")
-                    || matches!(
-                        code.as_str(),
-                        "57P01" | "57P02" | "57P03" | "55006" | "53300"
-                    )
+                code.starts_with("08") || matches!(code.as_str(), "57P01" | "57P02" | "57P03" | "55006" | "53300")
             }
             _ => false,
         }
@@ -44,12 +35,7 @@ impl ReplicationError {
     }
 }
 
-fn describe_server_error(
-    code: &str,
-    message: &str,
-    detail: Option<&str>,
-    hint: Option<&str>,
-) -> String {
+fn describe_server_error(code: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> String {
     let mut s = format!("server error {code}: {message}");
     if let Some(d) = detail {
         s.push_str("; detail: ");

@@ -12,11 +12,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
-use tokio::io::AsyncWriteExt;
 
 pub use super::pgoutput::Lsn;
 
@@ -33,12 +32,14 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 mod conninfo;
 mod error;
+mod stream;
 mod wire;
 
-use wire::{log_notice, now_pg_micros, quote_ident, quote_literal, server_error, unexpected, Body, Conn, Socket};
+use wire::{log_notice, quote_ident, quote_literal, server_error, unexpected, Body, Conn, Socket};
 
 pub use conninfo::ReplicationConfig;
 pub use error::ReplicationError;
+pub use stream::{ReplicationEvent, ReplicationStream};
 
 /// Formats an LSN the way PostgreSQL does (`16/B374D848`).
 pub fn format_lsn(lsn: Lsn) -> String {
@@ -90,19 +91,13 @@ impl QueryResult {
             .columns
             .iter()
             .position(|c| c == column)
-            .ok_or_else(|| {
-                ReplicationError::Protocol(format!("result has no column {column:?}"))
-            })?;
-        let row = self
-            .rows
-            .get(row)
-            .ok_or_else(|| ReplicationError::Protocol("result has too few rows".into()))?;
+            .ok_or_else(|| ReplicationError::Protocol(format!("result has no column {column:?}")))?;
+        let row = self.rows.get(row).ok_or_else(|| ReplicationError::Protocol("result has too few rows".into()))?;
         Ok(row.get(idx).and_then(|v| v.as_deref()))
     }
 
     fn required(&self, row: usize, column: &str) -> Result<&str, ReplicationError> {
-        self.value(row, column)?
-            .ok_or_else(|| ReplicationError::Protocol(format!("column {column:?} is NULL")))
+        self.value(row, column)?.ok_or_else(|| ReplicationError::Protocol(format!("column {column:?} is NULL")))
     }
 }
 
@@ -115,9 +110,7 @@ pub struct ReplicationClient {
 
 impl fmt::Debug for ReplicationClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReplicationClient")
-            .field("backend_pid", &self.backend_pid)
-            .finish_non_exhaustive()
+        f.debug_struct("ReplicationClient").field("backend_pid", &self.backend_pid).finish_non_exhaustive()
     }
 }
 
@@ -130,12 +123,7 @@ impl ReplicationClient {
             Ok(result) => result,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!(
-                    "connecting to {}:{} timed out after {}s",
-                    cfg.host,
-                    cfg.port,
-                    CONNECT_TIMEOUT.as_secs()
-                ),
+                format!("connecting to {}:{} timed out after {}s", cfg.host, cfg.port, CONNECT_TIMEOUT.as_secs()),
             )
             .into()),
         }
@@ -150,9 +138,7 @@ impl ReplicationClient {
             }
             #[cfg(not(unix))]
             {
-                return Err(ReplicationError::Config(
-                    "Unix-domain sockets are not available".into(),
-                ));
+                return Err(ReplicationError::Config("Unix-domain sockets are not available".into()));
             }
         } else {
             let tcp = tokio::net::TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
@@ -160,11 +146,7 @@ impl ReplicationClient {
             Box::new(tcp)
         };
         let mut client = ReplicationClient {
-            conn: Conn {
-                socket,
-                rbuf: BytesMut::with_capacity(READ_CHUNK),
-                wbuf: BytesMut::with_capacity(1024),
-            },
+            conn: Conn { socket, rbuf: BytesMut::with_capacity(READ_CHUNK), wbuf: BytesMut::with_capacity(1024) },
             parameters: HashMap::new(),
             backend_pid: None,
         };
@@ -209,11 +191,7 @@ impl ReplicationClient {
                     log_notice(&frame.body);
                     continue;
                 }
-                b'v' => {
-                    return Err(ReplicationError::Protocol(
-                        "server does not support protocol version 3.0".into(),
-                    ))
-                }
+                b'v' => return Err(ReplicationError::Protocol("server does not support protocol version 3.0".into())),
                 other => return Err(unexpected(other, "authentication")),
             }
             let mut body = Body(&frame.body);
@@ -245,31 +223,19 @@ impl ReplicationClient {
                     }
                     let pw = Self::password(cfg, "SCRAM-SHA-256")?;
                     let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(
-                        SCRAM_SHA_256,
-                        s.message(),
-                        &mut self.conn.wbuf,
-                    )?;
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.conn.wbuf)?;
                     scram = Some(s);
                 }
                 11 => {
-                    let s = scram.as_mut().ok_or_else(|| {
-                        ReplicationError::Protocol("SASL continue without SASL start".into())
-                    })?;
-                    s.update(body.0).map_err(|e| {
-                        ReplicationError::Auth(format!("SCRAM exchange failed: {e}"))
-                    })?;
+                    let s =
+                        scram.as_mut().ok_or_else(|| ReplicationError::Protocol("SASL continue without SASL start".into()))?;
+                    s.update(body.0).map_err(|e| ReplicationError::Auth(format!("SCRAM exchange failed: {e}")))?;
                     frontend::sasl_response(s.message(), &mut self.conn.wbuf)?;
                 }
                 12 => {
-                    let s = scram.as_mut().ok_or_else(|| {
-                        ReplicationError::Protocol("SASL final without SASL start".into())
-                    })?;
-                    s.finish(body.0).map_err(|e| {
-                        ReplicationError::Auth(format!(
-                            "server SCRAM signature did not verify: {e}"
-                        ))
-                    })?;
+                    let s = scram.as_mut().ok_or_else(|| ReplicationError::Protocol("SASL final without SASL start".into()))?;
+                    s.finish(body.0)
+                        .map_err(|e| ReplicationError::Auth(format!("server SCRAM signature did not verify: {e}")))?;
                     continue;
                 }
                 code => {
@@ -316,10 +282,7 @@ impl ReplicationClient {
     fn record_parameter(&mut self, body: &[u8]) {
         let mut b = Body(body);
         if let (Ok(k), Ok(v)) = (b.cstr("parameter name"), b.cstr("parameter value")) {
-            self.parameters.insert(
-                String::from_utf8_lossy(k).into_owned(),
-                String::from_utf8_lossy(v).into_owned(),
-            );
+            self.parameters.insert(String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned());
         }
     }
 
@@ -350,9 +313,7 @@ impl ReplicationClient {
                     for _ in 0..n {
                         let name = b.cstr("RowDescription")?;
                         b.take(18, "RowDescription")?;
-                        result
-                            .columns
-                            .push(String::from_utf8_lossy(name).into_owned());
+                        result.columns.push(String::from_utf8_lossy(name).into_owned());
                     }
                 }
                 b'D' => {
@@ -364,8 +325,7 @@ impl ReplicationClient {
                         if len < 0 {
                             row.push(None);
                         } else {
-                            let v =
-                                b.take(usize::try_from(len).unwrap_or(usize::MAX), "DataRow")?;
+                            let v = b.take(usize::try_from(len).unwrap_or(usize::MAX), "DataRow")?;
                             row.push(Some(String::from_utf8_lossy(v).into_owned()));
                         }
                     }
@@ -390,9 +350,7 @@ impl ReplicationClient {
         let timeline = r.required(0, "timeline")?;
         Ok(SystemInfo {
             systemid: r.required(0, "systemid")?.to_owned(),
-            timeline: timeline.parse().map_err(|_| {
-                ReplicationError::Protocol(format!("invalid timeline {timeline:?}"))
-            })?,
+            timeline: timeline.parse().map_err(|_| ReplicationError::Protocol(format!("invalid timeline {timeline:?}")))?,
             xlogpos: parse_lsn(r.required(0, "xlogpos")?)?,
             dbname: r.value(0, "dbname")?.map(str::to_owned),
         })
@@ -401,11 +359,7 @@ impl ReplicationClient {
     /// Creates a logical slot using the pgoutput plugin (PostgreSQL 15+
     /// syntax). With `export_snapshot`, the returned snapshot stays valid
     /// only until the next command on this connection.
-    pub async fn create_logical_slot(
-        &mut self,
-        slot: &str,
-        export_snapshot: bool,
-    ) -> Result<CreatedSlot, ReplicationError> {
+    pub async fn create_logical_slot(&mut self, slot: &str, export_snapshot: bool) -> Result<CreatedSlot, ReplicationError> {
         let sql = format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{}')",
             quote_ident(slot),
@@ -422,11 +376,7 @@ impl ReplicationClient {
     /// Drops a replication slot; with `wait`, waits until the slot is no
     /// longer active instead of failing with 55006.
     pub async fn drop_slot(&mut self, slot: &str, wait: bool) -> Result<(), ReplicationError> {
-        let sql = format!(
-            "DROP_REPLICATION_SLOT {}{}",
-            quote_ident(slot),
-            if wait { " WAIT" } else { "" }
-        );
+        let sql = format!("DROP_REPLICATION_SLOT {}{}", quote_ident(slot), if wait { " WAIT" } else { "" });
         self.simple_query(&sql).await.map(drop)
     }
 
@@ -463,224 +413,7 @@ impl ReplicationClient {
             }
         }
         tracing::info!(slot, start = %format_lsn(start), publication, "logical replication started");
-        Ok(ReplicationStream {
-            conn: self.conn,
-            state: StreamState::Streaming,
-        })
-    }
-}
-
-/// One message of the replication stream.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ReplicationEvent {
-    /// WAL data; `data` is one raw pgoutput message.
-    XLogData {
-        wal_start: Lsn,
-        wal_end: Lsn,
-        send_time: i64,
-        data: Bytes,
-    },
-    /// Server heartbeat. When `reply_requested` is set, answer soon with
-    /// [`ReplicationStream::send_status`] or the server will time the
-    /// connection out (`wal_sender_timeout`).
-    Keepalive {
-        wal_end: Lsn,
-        send_time: i64,
-        reply_requested: bool,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamState {
-    Streaming,
-    /// The server ended the copy stream and is back in command mode.
-    Ended,
-    /// Reading or writing failed; the connection is unusable.
-    Failed,
-}
-
-/// A replication connection in copy-both mode.
-///
-/// [`next_event`](Self::next_event) is cancellation safe (partial messages
-/// stay buffered); [`send_status`](Self::send_status) is not.
-pub struct ReplicationStream {
-    conn: Conn,
-    state: StreamState,
-}
-
-impl fmt::Debug for ReplicationStream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReplicationStream")
-            .field("state", &self.state)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ReplicationStream {
-    /// The next replication message; `None` once the server has ended the
-    /// copy stream.
-    pub async fn next_event(&mut self) -> Result<Option<ReplicationEvent>, ReplicationError> {
-        match self.state {
-            StreamState::Streaming => {}
-            StreamState::Ended => return Ok(None),
-            StreamState::Failed => return Err(stream_failed()),
-        }
-        let result = self.next_event_inner().await;
-        match result {
-            Ok(Some(_)) => {}
-            Ok(None) => self.state = StreamState::Ended,
-            Err(_) => self.state = StreamState::Failed,
-        }
-        result
-    }
-
-    async fn next_event_inner(&mut self) -> Result<Option<ReplicationEvent>, ReplicationError> {
-        loop {
-            let Some(frame) = self.conn.read_frame().await? else {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "server closed the connection during replication",
-                )
-                .into());
-            };
-            match frame.tag {
-                b'd' => return parse_copy_data(frame.body).map(Some),
-                b'c' => {
-                    // The server ended the stream: finish our side and wait
-                    // for it to return to command mode.
-                    frontend::copy_done(&mut self.conn.wbuf);
-                    self.conn.flush().await?;
-                    self.drain_to_ready().await?;
-                    return Ok(None);
-                }
-                b'E' => return Err(server_error(&frame.body)),
-                b'N' => log_notice(&frame.body),
-                b'S' => {}
-                other => return Err(unexpected(other, "replication streaming")),
-            }
-        }
-    }
-
-    /// Sends a Standby Status Update. `flush` is the position up to which
-    /// the server may discard WAL and advance the slot.
-    pub async fn send_status(
-        &mut self,
-        write: Lsn,
-        flush: Lsn,
-        apply: Lsn,
-        reply_requested: bool,
-    ) -> Result<(), ReplicationError> {
-        match self.state {
-            StreamState::Streaming => {}
-            StreamState::Ended => {
-                return Err(ReplicationError::Protocol(
-                    "cannot send a status update: the server ended the replication stream".into(),
-                ))
-            }
-            StreamState::Failed => return Err(stream_failed()),
-        }
-        let mut payload = [0u8; 34];
-        payload[0] = b'r';
-        payload[1..9].copy_from_slice(&write.to_be_bytes());
-        payload[9..17].copy_from_slice(&flush.to_be_bytes());
-        payload[17..25].copy_from_slice(&apply.to_be_bytes());
-        payload[25..33].copy_from_slice(&now_pg_micros().to_be_bytes());
-        payload[33] = u8::from(reply_requested);
-        frontend::CopyData::new(&payload[..])?.write(&mut self.conn.wbuf);
-        let result = self.conn.flush().await;
-        if result.is_err() {
-            self.state = StreamState::Failed;
-        }
-        result
-    }
-
-    /// Ends the stream: CopyDone, waits (bounded by [`CLOSE_TIMEOUT`]) for
-    /// the server to return to command mode, then Terminate. The connection
-    /// is closed in every case.
-    pub async fn close(mut self) -> Result<(), ReplicationError> {
-        let drained = if self.state == StreamState::Streaming {
-            frontend::copy_done(&mut self.conn.wbuf);
-            match self.conn.flush().await {
-                Ok(()) => match tokio::time::timeout(CLOSE_TIMEOUT, self.drain_to_ready()).await {
-                    Ok(r) => r,
-                    Err(_) => Err(ReplicationError::Protocol(format!(
-                        "server did not end the copy stream within {}s",
-                        CLOSE_TIMEOUT.as_secs()
-                    ))),
-                },
-                Err(e) => Err(e),
-            }
-        } else {
-            Ok(())
-        };
-        frontend::terminate(&mut self.conn.wbuf);
-        // Best effort: the server may already have closed its side.
-        let _ = self.conn.flush().await;
-        let _ = self.conn.socket.shutdown().await;
-        drained
-    }
-
-    /// Discards remaining copy data until ReadyForQuery.
-    async fn drain_to_ready(&mut self) -> Result<(), ReplicationError> {
-        let mut error = None;
-        loop {
-            let frame = self.conn.frame_or_pending(&mut error).await?;
-            match frame.tag {
-                b'd' | b'c' | b'C' | b'S' => {}
-                b'N' => log_notice(&frame.body),
-                b'E' => {
-                    if error.is_none() {
-                        error = Some(server_error(&frame.body));
-                    }
-                }
-                b'Z' => {
-                    self.state = StreamState::Ended;
-                    return error.map_or(Ok(()), Err);
-                }
-                other => return Err(unexpected(other, "end of replication")),
-            }
-        }
-    }
-}
-
-fn stream_failed() -> ReplicationError {
-    std::io::Error::new(
-        std::io::ErrorKind::NotConnected,
-        "the replication stream failed earlier; reconnect",
-    )
-    .into()
-}
-
-fn parse_copy_data(body: Bytes) -> Result<ReplicationEvent, ReplicationError> {
-    let mut b = Body(&body);
-    match b.u8("CopyData")? {
-        b'w' => {
-            let wal_start = b.i64("XLogData")? as u64;
-            let wal_end = b.i64("XLogData")? as u64;
-            let send_time = b.i64("XLogData")?;
-            let mut data = body;
-            data.advance(25);
-            Ok(ReplicationEvent::XLogData {
-                wal_start,
-                wal_end,
-                send_time,
-                data,
-            })
-        }
-        b'k' => {
-            let wal_end = b.i64("Keepalive")? as u64;
-            let send_time = b.i64("Keepalive")?;
-            let reply_requested = b.u8("Keepalive")? != 0;
-            Ok(ReplicationEvent::Keepalive {
-                wal_end,
-                send_time,
-                reply_requested,
-            })
-        }
-        other => Err(ReplicationError::Protocol(format!(
-            "unknown replication message {:?} in CopyData",
-            char::from(other)
-        ))),
+        Ok(ReplicationStream::new(self.conn))
     }
 }
 

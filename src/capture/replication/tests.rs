@@ -1,5 +1,6 @@
+use super::stream::parse_copy_data;
 use super::*;
-
+use bytes::Bytes;
 
 #[test]
 fn lsn_round_trip() {
@@ -8,18 +9,7 @@ fn lsn_round_trip() {
     assert_eq!(parse_lsn("16/B374D848").unwrap(), 0x16_B374_D848);
     assert_eq!(parse_lsn("0/1a").unwrap(), 0x1a);
     assert_eq!(parse_lsn("FFFFFFFF/FFFFFFFF").unwrap(), u64::MAX);
-    for bad in [
-        "",
-        "/",
-        "1/",
-        "/1",
-        "1",
-        "1/2/3",
-        "+1/2",
-        "1/-2",
-        "123456789/0",
-        "g/0",
-    ] {
+    for bad in ["", "/", "1/", "/1", "1", "1/2/3", "+1/2", "1/-2", "123456789/0", "g/0"] {
         assert!(parse_lsn(bad).is_err(), "{bad:?}");
     }
     for lsn in [1u64, 0xFFFF_FFFF, 0x1_0000_0000, u64::MAX] {
@@ -29,9 +19,7 @@ fn lsn_round_trip() {
 
 #[test]
 fn conninfo_key_values() {
-    let c = ReplicationConfig::from_conninfo(
-        "host=127.0.0.1 port=5433 user=app password='it''s \\'x\\' me' dbname = shop",
-    );
+    let c = ReplicationConfig::from_conninfo("host=127.0.0.1 port=5433 user=app password='it''s \\'x\\' me' dbname = shop");
     // libpq does not treat '' as an escape: the value ends at the second quote.
     assert!(c.is_err());
     let c = ReplicationConfig::from_conninfo(
@@ -98,13 +86,7 @@ fn conninfo_errors() {
         "postgres://u%zz@h",
         "host=a,b",
     ] {
-        assert!(
-            matches!(
-                ReplicationConfig::from_conninfo(bad),
-                Err(ReplicationError::Config(_))
-            ),
-            "{bad:?}"
-        );
+        assert!(matches!(ReplicationConfig::from_conninfo(bad), Err(ReplicationError::Config(_))), "{bad:?}");
     }
 }
 
@@ -118,12 +100,7 @@ fn debug_redacts_password() {
 
 #[test]
 fn transient_classification() {
-    let server = |code: &str| ReplicationError::Server {
-        code: code.into(),
-        message: "m".into(),
-        detail: None,
-        hint: None,
-    };
+    let server = |code: &str| ReplicationError::Server { code: code.into(), message: "m".into(), detail: None, hint: None };
     for code in ["57P01", "57P02", "57P03", "08006", "08P01", "55006"] {
         assert!(server(code).is_transient(), "{code}");
     }
@@ -153,11 +130,7 @@ fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
 
 fn conn_with(bytes: &[u8]) -> Conn {
     let (client, _server) = tokio::io::duplex(64);
-    Conn {
-        socket: Box::new(client),
-        rbuf: BytesMut::from(bytes),
-        wbuf: BytesMut::new(),
-    }
+    Conn { socket: Box::new(client), rbuf: BytesMut::from(bytes), wbuf: BytesMut::new() }
 }
 
 #[test]
@@ -200,11 +173,7 @@ fn garbled_frames_are_errors() {
 async fn reads_frames_across_partial_socket_reads() {
     use tokio::io::AsyncWriteExt as _;
     let (client, mut server) = tokio::io::duplex(7);
-    let mut c = Conn {
-        socket: Box::new(client),
-        rbuf: BytesMut::new(),
-        wbuf: BytesMut::new(),
-    };
+    let mut c = Conn { socket: Box::new(client), rbuf: BytesMut::new(), wbuf: BytesMut::new() };
     let mut bytes = frame(b'd', &[b'k'; 100]);
     bytes.extend(frame(b'Z', b"I"));
     let writer = tokio::spawn(async move {
@@ -222,11 +191,7 @@ async fn reads_frames_across_partial_socket_reads() {
 async fn eof_inside_a_frame_is_an_error() {
     let (client, server) = tokio::io::duplex(64);
     drop(server);
-    let mut c = Conn {
-        socket: Box::new(client),
-        rbuf: BytesMut::from(&[b'd', 0, 0, 0, 9, 1][..]),
-        wbuf: BytesMut::new(),
-    };
+    let mut c = Conn { socket: Box::new(client), rbuf: BytesMut::from(&[b'd', 0, 0, 0, 9, 1][..]), wbuf: BytesMut::new() };
     assert!(matches!(c.read_frame().await, Err(ReplicationError::Io(_))));
 }
 
@@ -239,12 +204,7 @@ fn copy_data_parsing() {
     w.extend_from_slice(b"Bpayload");
     assert_eq!(
         parse_copy_data(Bytes::from(w.clone())).unwrap(),
-        ReplicationEvent::XLogData {
-            wal_start: 1,
-            wal_end: 2,
-            send_time: 3,
-            data: Bytes::from_static(b"Bpayload")
-        }
+        ReplicationEvent::XLogData { wal_start: 1, wal_end: 2, send_time: 3, data: Bytes::from_static(b"Bpayload") }
     );
     for len in 0..25 {
         assert!(parse_copy_data(Bytes::copy_from_slice(&w[..len])).is_err());
@@ -255,11 +215,7 @@ fn copy_data_parsing() {
     k.push(1);
     assert_eq!(
         parse_copy_data(Bytes::from(k.clone())).unwrap(),
-        ReplicationEvent::Keepalive {
-            wal_end: 9,
-            send_time: 8,
-            reply_requested: true
-        }
+        ReplicationEvent::Keepalive { wal_end: 9, send_time: 8, reply_requested: true }
     );
     for len in 0..k.len() {
         assert!(parse_copy_data(Bytes::copy_from_slice(&k[..len])).is_err());

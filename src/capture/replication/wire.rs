@@ -33,12 +33,9 @@ impl Conn {
         let Some(header) = backend::Header::parse(&self.rbuf)? else {
             return Ok(None);
         };
-        let len = usize::try_from(header.len())
-            .map_err(|_| ReplicationError::Protocol("negative message length".into()))?;
+        let len = usize::try_from(header.len()).map_err(|_| ReplicationError::Protocol("negative message length".into()))?;
         if len > MAX_MESSAGE_LEN {
-            return Err(ReplicationError::Protocol(format!(
-                "backend message of {len} bytes exceeds the 1 GiB limit"
-            )));
+            return Err(ReplicationError::Protocol(format!("backend message of {len} bytes exceeds the 1 GiB limit")));
         }
         let total = len + 1;
         if self.rbuf.len() < total {
@@ -47,10 +44,7 @@ impl Conn {
         }
         let mut body = self.rbuf.split_to(total).freeze();
         body.advance(5);
-        Ok(Some(Frame {
-            tag: header.tag(),
-            body,
-        }))
+        Ok(Some(Frame { tag: header.tag(), body }))
     }
 
     /// Reads the next message; `None` on a clean end of stream between
@@ -77,22 +71,15 @@ impl Conn {
     }
 
     pub(super) async fn expect_frame(&mut self) -> Result<Frame, ReplicationError> {
-        self.read_frame().await?.ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "server closed the connection",
-            )
-            .into()
-        })
+        self.read_frame()
+            .await?
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "server closed the connection").into())
     }
 
     /// Like [`expect_frame`](Self::expect_frame), but when the connection
     /// fails after the server reported an error (a FATAL error closes it),
     /// that error is the one returned.
-    pub(super) async fn frame_or_pending(
-        &mut self,
-        pending: &mut Option<ReplicationError>,
-    ) -> Result<Frame, ReplicationError> {
+    pub(super) async fn frame_or_pending(&mut self, pending: &mut Option<ReplicationError>) -> Result<Frame, ReplicationError> {
         match self.expect_frame().await {
             Ok(frame) => Ok(frame),
             Err(e) => Err(pending.take().unwrap_or(e)),
@@ -124,10 +111,7 @@ impl<'a> Body<'a> {
         Ok(head)
     }
     pub(super) fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ReplicationError> {
-        let (head, rest) = self
-            .0
-            .split_first_chunk::<N>()
-            .ok_or_else(|| Self::truncated(what))?;
+        let (head, rest) = self.0.split_first_chunk::<N>().ok_or_else(|| Self::truncated(what))?;
         self.0 = rest;
         Ok(*head)
     }
@@ -144,11 +128,7 @@ impl<'a> Body<'a> {
         Ok(i64::from_be_bytes(self.array(what)?))
     }
     pub(super) fn cstr(&mut self, what: &str) -> Result<&'a [u8], ReplicationError> {
-        let end = self
-            .0
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| Self::truncated(what))?;
+        let end = self.0.iter().position(|&b| b == 0).ok_or_else(|| Self::truncated(what))?;
         let s = self.take(end, what)?;
         self.take(1, what)?;
         Ok(s)
@@ -186,19 +166,11 @@ pub(super) fn server_error(body: &[u8]) -> ReplicationError {
 pub(super) fn log_notice(body: &[u8]) {
     let f = parse_fields(body);
     let get = |k: u8| f.get(&k).map(String::as_str).unwrap_or("");
-    tracing::info!(
-        severity = get(b'V'),
-        code = get(b'C'),
-        "postgres replication notice: {}",
-        get(b'M')
-    );
+    tracing::info!(severity = get(b'V'), code = get(b'C'), "postgres replication notice: {}", get(b'M'));
 }
 
 pub(super) fn unexpected(tag: u8, during: &str) -> ReplicationError {
-    ReplicationError::Protocol(format!(
-        "unexpected backend message {:?} during {during}",
-        char::from(tag)
-    ))
+    ReplicationError::Protocol(format!("unexpected backend message {:?} during {during}", char::from(tag)))
 }
 
 pub(super) fn quote_ident(s: &str) -> String {
@@ -210,9 +182,7 @@ pub(super) fn quote_literal(s: &str) -> String {
 }
 
 pub(super) fn now_pg_micros() -> i64 {
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
+    let unix =
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)).unwrap_or(0);
     unix.saturating_sub(PG_EPOCH_OFFSET_MICROS)
 }
