@@ -69,6 +69,14 @@ pub enum Command {
         #[command(flatten)]
         settings: device::DeviceSettings,
     },
+    /// Rewind a device's stored offsets and apply the deltas again from there, until it has
+    /// caught up (stop the device first).
+    Replay {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        settings: device::replay::ReplaySettings,
+    },
     /// Submit instructions from a JSON-lines file (`-` for stdin) or from flags.
     Submit {
         #[command(flatten)]
@@ -261,6 +269,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             telemetry::install_metrics(metrics.listen)?;
             let shutdown = shutdown::on_signals();
             tokio::task::spawn_blocking(move || device::run_blocking(&kafka, &settings, shutdown)).await??;
+        }
+        Command::Replay { kafka, settings } => {
+            let shutdown = shutdown::on_signals();
+            let report =
+                tokio::task::spawn_blocking(move || device::replay::replay_blocking(&kafka, &settings, shutdown)).await??;
+            let mut from: Vec<_> = report.from.into_iter().collect();
+            from.sort();
+            println!("replayed {} deltas from {from:?}", report.processed);
         }
         Command::Submit {
             kafka,

@@ -5,11 +5,14 @@
 //! partition of the deltas topic at the offsets recorded in the store (or the beginning),
 //! and each batch's rows and offsets commit in one SQLite transaction ([`store`]). So a
 //! crash at any moment loses nothing and applies nothing twice, and rewinding the stored
-//! offsets replays history safely, since a delta only changes a row it is newer than.
+//! offsets ([`replay`]) replays history safely, since a delta only changes a row it is
+//! newer than.
 
 pub mod ack;
+pub mod replay;
 pub mod store;
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -28,7 +31,7 @@ use store::{Record, Store};
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeviceSettings {
     /// This device's id; its consumer group is `pgfanout-device-<id>`.
-    #[arg(long = "id", env = "PGFANOUT_DEVICE_ID")]
+    #[arg(long = "id", visible_alias = "device", env = "PGFANOUT_DEVICE_ID")]
     pub id: String,
     /// Path of the device's SQLite store (created if missing).
     #[arg(long = "store", env = "PGFANOUT_DEVICE_STORE")]
@@ -36,40 +39,69 @@ pub struct DeviceSettings {
     /// Most deltas applied in one SQLite transaction.
     #[arg(long = "batch-size", env = "PGFANOUT_DEVICE_BATCH_SIZE", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch_size: u32,
+    /// Tables this device keeps (schema.table, comma separated); default: all. Deltas of
+    /// other tables are skipped but still move the offsets and the watermark.
+    #[arg(long = "tables", env = "PGFANOUT_DEVICE_TABLES", value_delimiter = ',')]
+    pub tables: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("store: {0} (is the store path writable, and used by this device only?)")]
+    #[error("store: {0}")]
     Store(#[from] store::StoreError),
     #[error("topic {0} does not exist or has no partitions; start capture first or create the topics")]
     NoPartitions(String),
+    #[error("{0}")]
+    Replay(String),
 }
 
-/// Runs the device on the current thread until `shutdown`. Blocking: call it from a
-/// dedicated thread or `spawn_blocking`.
-pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, shutdown: Shutdown) -> Result<(), DeviceError> {
-    let topic = kafka_settings.topics().deltas;
-    let mut store = Store::open(&settings.store)?;
-    let group_id = format!("pgfanout-device-{}", settings.id);
-    let consumer: BaseConsumer =
-        kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: &group_id }).create()?;
-    let partitions = assign_from_store(&consumer, &store, &topic, &shutdown)?;
-    let mut watermark = Watermark::new(partitions, store.applied_lsns(&topic)?);
-    let mut acks = AckPublisher::new(
-        kafka::client_config(kafka_settings, ClientRole::Producer).create()?,
-        kafka_settings.topics().device_acks,
-        settings.id.clone(),
-    );
-    tracing::info!(device = %settings.id, store = %settings.store.display(), "device started");
+/// A device's store, consumer and watermark, wired together.
+pub(crate) struct Device {
+    settings: DeviceSettings,
+    topic: String,
+    store: Store,
+    consumer: BaseConsumer,
+    watermark: Watermark,
+    acks: AckPublisher,
+}
 
-    let device_label = settings.id.clone();
-    while !shutdown.is_triggered() {
+/// What one step of the device did.
+pub(crate) struct Step {
+    pub processed: u64,
+    /// Next offset per partition after this step.
+    pub positions: HashMap<i32, i64>,
+}
+
+impl Device {
+    /// Opens the store (exclusively), assigns every partition at its stored offset.
+    pub(crate) fn open(
+        kafka_settings: &KafkaSettings,
+        settings: &DeviceSettings,
+        shutdown: &Shutdown,
+    ) -> Result<Device, DeviceError> {
+        let topic = kafka_settings.topics().deltas;
+        let mut store = Store::open(&settings.store)?;
+        store.subscribe_to(settings.tables.as_ref().map(|t| t.iter().map(|s| s.trim().to_string()).collect::<HashSet<_>>()));
+        let group_id = format!("pgfanout-device-{}", settings.id);
+        let consumer: BaseConsumer =
+            kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: &group_id }).create()?;
+        let partitions = assign_from_store(&consumer, &store, &topic, shutdown)?;
+        let watermark = Watermark::new(partitions, store.applied_lsns(&topic)?);
+        let acks = AckPublisher::new(
+            kafka::client_config(kafka_settings, ClientRole::Producer).create()?,
+            kafka_settings.topics().device_acks,
+            settings.id.clone(),
+        );
+        Ok(Device { settings: settings.clone(), topic, store, consumer, watermark, acks })
+    }
+
+    /// Polls one batch and applies it in one SQLite transaction.
+    pub(crate) fn step(&mut self) -> Result<Step, DeviceError> {
         let batch = match kafka::poll_batch(
-            &consumer,
-            settings.batch_size as usize,
+            &self.consumer,
+            self.settings.batch_size as usize,
             Duration::from_millis(200),
             Duration::from_millis(5),
         ) {
@@ -77,12 +109,12 @@ pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, s
             Err(e) => {
                 tracing::warn!(error = %e, "poll failed; retrying");
                 std::thread::sleep(Duration::from_millis(200));
-                continue;
+                return Ok(Step { processed: 0, positions: HashMap::new() });
             }
         };
         if batch.is_empty() {
-            acks.maybe_publish(watermark.value());
-            continue;
+            self.acks.maybe_publish(self.watermark.value());
+            return Ok(Step { processed: 0, positions: HashMap::new() });
         }
         let started = Instant::now();
         let records: Vec<Record<'_>> = batch
@@ -97,29 +129,46 @@ pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, s
                 key: m.key(),
             })
             .collect();
-        let stats = store.apply_batch(&topic, &records)?;
-        watermark.update(&stats.applied_lsn);
-        acks.maybe_publish(watermark.value());
+        let stats = self.store.apply_batch(&self.topic, &records)?;
+        self.watermark.update(&stats.applied_lsn);
+        self.acks.maybe_publish(self.watermark.value());
+        let device = self.settings.id.clone();
         let now = now_micros();
-        for r in &records {
-            if let Ok(d) = &r.delta {
-                if d.commit_ts > 0 {
-                    metrics::histogram!("pgfanout_device_end_to_end_seconds", "device" => device_label.clone())
-                        .record((now - d.commit_ts).max(0) as f64 / 1e6);
-                }
+        for d in records.iter().filter_map(|r| r.delta.as_ref().ok()) {
+            if d.commit_ts > 0 {
+                metrics::histogram!("pgfanout_device_end_to_end_seconds", "device" => device.clone())
+                    .record((now - d.commit_ts).max(0) as f64 / 1e6);
             }
         }
         for (op, n) in &stats.applied_by_op {
-            metrics::counter!("pgfanout_device_deltas_applied_total", "device" => device_label.clone(), "op" => *op)
-                .increment(*n);
+            metrics::counter!("pgfanout_device_deltas_applied_total", "device" => device.clone(), "op" => *op).increment(*n);
         }
-        metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => device_label.clone())
-            .increment(stats.skipped_older);
-        metrics::counter!("pgfanout_device_deltas_rejected_total", "device" => device_label.clone()).increment(stats.rejected);
-        metrics::histogram!("pgfanout_device_apply_batch_duration_seconds", "device" => device_label.clone())
+        metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => device.clone()).increment(stats.skipped_older);
+        metrics::counter!("pgfanout_device_deltas_rejected_total", "device" => device.clone()).increment(stats.rejected);
+        metrics::histogram!("pgfanout_device_apply_batch_duration_seconds", "device" => device)
             .record(started.elapsed().as_secs_f64());
+        let mut positions = HashMap::new();
+        for r in &records {
+            let e = positions.entry(r.partition).or_insert(0);
+            *e = (*e).max(r.offset + 1);
+        }
+        Ok(Step { processed: stats.processed, positions })
     }
-    kafka::close_consumer(consumer);
+
+    pub(crate) fn close(self) {
+        kafka::close_consumer(self.consumer);
+    }
+}
+
+/// Runs the device on the current thread until `shutdown`. Blocking: call it from a
+/// dedicated thread or `spawn_blocking`.
+pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, shutdown: Shutdown) -> Result<(), DeviceError> {
+    let mut device = Device::open(kafka_settings, settings, &shutdown)?;
+    tracing::info!(device = %settings.id, store = %settings.store.display(), "device started");
+    while !shutdown.is_triggered() {
+        device.step()?;
+    }
+    device.close();
     tracing::info!(device = %settings.id, "device stopped");
     Ok(())
 }

@@ -11,7 +11,7 @@
 //! resumes exactly where its last transaction ended. This module is the only place that
 //! records device offsets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS _pgfanout_rejected (
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("store file: {0}")]
+    Io(std::io::Error),
+    #[error("store {0} is in use by another process (a running device or replay); stop it first")]
+    InUse(std::path::PathBuf),
     #[error("the store has layout version {found}, this pgfanout knows {LAYOUT_VERSION}: use the matching pgfanout, or move the file away and let the device rebuild it from the topic")]
     Layout { found: i64 },
 }
@@ -81,6 +85,7 @@ pub struct BatchStats {
     pub applied: u64,
     pub skipped_older: u64,
     pub watermarks: u64,
+    pub not_subscribed: u64,
     pub rejected: u64,
     pub applied_by_op: HashMap<&'static str, u64>,
     /// Per partition touched by the batch: the position below which every transaction is
@@ -99,6 +104,29 @@ struct TableShape {
 pub struct Store {
     conn: Connection,
     tables: HashMap<String, TableShape>,
+    /// Tables this device keeps; `None` for all. Deltas of other tables only move positions.
+    subscribed: Option<HashSet<String>>,
+    _lock: StoreLock,
+}
+
+/// One process per store: an exclusive `flock` on `<store>.lock`, released when the
+/// process ends, however it ends.
+struct StoreLock {
+    _file: std::fs::File,
+}
+
+impl StoreLock {
+    fn acquire(store: &Path) -> Result<StoreLock, StoreError> {
+        let mut name = store.as_os_str().to_owned();
+        name.push(".lock");
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&name).map_err(StoreError::Io)?;
+        // SAFETY: flock(2) on a descriptor this function owns.
+        let locked = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if !locked {
+            return Err(StoreError::InUse(store.to_path_buf()));
+        }
+        Ok(StoreLock { _file: file })
+    }
 }
 
 /// Name of the SQLite table holding `schema.table`.
@@ -108,6 +136,7 @@ pub fn sqlite_table(table: &str) -> String {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let lock = StoreLock::acquire(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -115,7 +144,7 @@ impl Store {
         check_layout(&conn)?;
         conn.execute_batch(META_SQL)?;
         conn.pragma_update(None, "user_version", LAYOUT_VERSION)?;
-        let mut store = Store { conn, tables: HashMap::new() };
+        let mut store = Store { conn, tables: HashMap::new(), subscribed: None, _lock: lock };
         store.load_shapes()?;
         Ok(store)
     }
@@ -141,6 +170,27 @@ impl Store {
             }
             shape.columns.push(column);
         }
+        Ok(())
+    }
+
+    /// Keep only these tables (`schema.table`); deltas of others still move offsets and
+    /// the watermark.
+    pub fn subscribe_to(&mut self, tables: Option<HashSet<String>>) {
+        self.subscribed = tables;
+    }
+
+    /// Sets the next offset to consume of the given partitions: the device re-reads from
+    /// there. Applied positions are kept; re-applied deltas change only older rows.
+    pub fn rewind(&mut self, topic: &str, offsets: &HashMap<i32, i64>) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        for (partition, offset) in offsets {
+            tx.execute(
+                "INSERT INTO _pgfanout_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                params![topic, partition, offset],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -189,6 +239,10 @@ impl Store {
                         stats.watermarks += 1;
                         continue;
                     }
+                    if self.subscribed.as_ref().is_some_and(|t| !t.contains(&delta.table)) {
+                        stats.not_subscribed += 1;
+                        continue;
+                    }
                     match apply_delta(&tx, &mut self.tables, delta) {
                         Ok(true) => {
                             stats.applied += 1;
@@ -212,7 +266,7 @@ impl Store {
             tx.execute(
                 "INSERT INTO _pgfanout_offsets (topic, partition, next_offset, applied_lsn) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (topic, partition) DO UPDATE SET
-                     next_offset = max(next_offset, excluded.next_offset),
+                     next_offset = excluded.next_offset,
                      applied_lsn = max(applied_lsn, excluded.applied_lsn)",
                 params![topic, partition, next, applied],
             )?;
@@ -223,6 +277,7 @@ impl Store {
             ("applied", stats.applied),
             ("skipped", stats.skipped_older),
             ("watermarks", stats.watermarks),
+            ("not_subscribed", stats.not_subscribed),
             ("rejected", stats.rejected),
         ] {
             if n > 0 {

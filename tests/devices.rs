@@ -1,0 +1,125 @@
+//! Devices: replay from offsets and times, and partial subscriptions, on real parts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_for, Pipeline, TIMEOUT};
+use pgfanout::verify;
+use pgfanout::workload::Workload;
+
+async fn replay(p: &Pipeline, device: &str, from: &str) -> u64 {
+    let store = p.store(device).to_string_lossy().into_owned();
+    let out = p.run_cli(&["replay", "--device", device, "--store", &store, "--from", from]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let n = stdout.split_whitespace().nth(1).and_then(|n| n.parse().ok());
+    n.unwrap_or_else(|| panic!("no count in {stdout:?}"))
+}
+
+fn checksums(p: &Pipeline, device: &str, tables: &[pgfanout::pg::TableInfo]) -> Vec<verify::Summary> {
+    let conn = verify::open_store_read_only(&p.store(device)).unwrap();
+    tables.iter().map(|t| verify::summarize(&verify::device_rows(&conn, t).unwrap())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_never_moves_a_store_backwards_and_starts_where_asked() {
+    let mut p = Pipeline::new("replay").await;
+    p.start_executor();
+    p.start_capture();
+    p.start_device("a", &[]);
+    let mut workload = Workload::new(4, "device-a");
+    p.submit_and_wait(&workload.instructions(400)).await;
+    p.wait_converged(&["a"]).await;
+    p.wait_deltas_settled().await;
+    let records_before = p.delta_records();
+    let applied_before = p.store_counter("a", "applied");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let since = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    p.submit_and_wait(&workload.instructions(300)).await;
+    p.wait_converged(&["a"]).await;
+    p.wait_deltas_settled().await;
+    p.stop("device-a");
+    let tables = p.tables().await;
+    let before = checksums(&p, "a", &tables);
+    let total = p.delta_records();
+    let applied = p.store_counter("a", "applied");
+    let rows_after_since = applied - applied_before;
+
+    // From the beginning: every record again, nothing changes.
+    let processed_before = p.store_counter("a", "processed");
+    let replayed = replay(&p, "a", "beginning").await;
+    assert!(replayed as i64 >= total, "replayed {replayed} of {total}");
+    assert_eq!(p.store_counter("a", "processed") - processed_before, replayed as i64);
+    assert_eq!(p.store_counter("a", "applied"), applied, "no delta is newer than what the store holds");
+    assert_eq!(checksums(&p, "a", &tables), before, "the store did not move");
+
+    // From a time: only what came after it.
+    let replayed = replay(&p, "a", &format!("time:{since}")).await as i64;
+    assert!(replayed >= rows_after_since, "replayed {replayed}, but {rows_after_since} row deltas came after {since}");
+    assert!(
+        replayed <= total - records_before,
+        "replayed {replayed}, more than the {} records after {since}",
+        total - records_before
+    );
+    assert_eq!(checksums(&p, "a", &tables), before);
+
+    // A store changed behind the device's back is repaired by a replay.
+    {
+        let conn = rusqlite::Connection::open(p.store("a")).unwrap();
+        conn.execute("DELETE FROM \"public.items\"", []).unwrap();
+    }
+    replay(&p, "a", "beginning").await;
+    assert_eq!(p.device_rows("a").await, p.postgres_rows().await, "the replay restored every row");
+
+    // The device resumes where the replay ended.
+    p.start_device("a", &[]);
+    p.submit_and_wait(&workload.instructions(50)).await;
+    p.wait_converged(&["a"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_can_keep_a_subset_of_tables() {
+    let mut p = Pipeline::new("partial").await;
+    p.start_executor();
+    p.start_capture();
+    p.start_device("b", &["--tables", "public.items"]);
+    let mut workload = Workload::new(5, "device-b");
+    p.submit_and_wait(&workload.instructions(400)).await;
+    p.wait_deltas_settled().await;
+    let expected = p.postgres_rows().await;
+    assert!(!expected["public.sites"].is_empty());
+    wait_for("the device to keep its tables", TIMEOUT, || async {
+        (p.device_rows("b").await.get("public.items") == expected.get("public.items")).then_some(())
+    })
+    .await;
+    let conn = verify::open_store_read_only(&p.store("b")).unwrap();
+    let sites: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'public.sites'", [], |r| r.get(0)).unwrap();
+    assert_eq!(sites, 0, "no table for what the device does not keep");
+    // Skipped deltas still move its offsets and its watermark.
+    let records = p.delta_records();
+    wait_for("every record to be processed", TIMEOUT, || async { (p.store_counter("b", "processed") >= records).then_some(()) })
+        .await;
+    assert!(p.store_counter("b", "not_subscribed") > 0);
+    let out = p
+        .run_cli(&[
+            "submit",
+            "--op",
+            "upsert",
+            "--table",
+            "public.sites",
+            "--key",
+            "code=\"x\"",
+            "--value",
+            "city=\"Cork\"",
+            "--wait",
+            "all-devices",
+            "--devices",
+            "b",
+            "--timeout-secs",
+            "30",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
