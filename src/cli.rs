@@ -77,6 +77,22 @@ pub enum Command {
         #[command(flatten)]
         settings: device::replay::ReplaySettings,
     },
+    /// Build a fresh store from the whole deltas topic and swap it in atomically (stop the
+    /// device first).
+    Rebuild {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        settings: device::DeviceSettings,
+    },
+    /// Show a device's position per partition, its lag, watermark and counters.
+    Status {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        /// The device's store.
+        #[arg(long = "store", env = "PGFANOUT_DEVICE_STORE")]
+        store: PathBuf,
+    },
     /// Submit instructions from a JSON-lines file (`-` for stdin) or from flags.
     Submit {
         #[command(flatten)]
@@ -277,6 +293,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let mut from: Vec<_> = report.from.into_iter().collect();
             from.sort();
             println!("replayed {} deltas from {from:?}", report.processed);
+        }
+        Command::Rebuild { kafka, settings } => {
+            let shutdown = shutdown::on_signals();
+            let report = tokio::task::spawn_blocking(move || device::rebuild::rebuild_blocking(&kafka, &settings, shutdown)).await??;
+            println!("rebuilt {} from {} deltas", report.store.display(), report.processed);
+        }
+        Command::Status { kafka, store } => {
+            let status = tokio::task::spawn_blocking(move || device::status::status_blocking(&kafka, &store)).await??;
+            print!("{}", status.render());
         }
         Command::Submit {
             kafka,

@@ -123,3 +123,42 @@ async fn a_device_can_keep_a_subset_of_tables() {
         .await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_swaps_in_a_store_equal_to_postgres() {
+    let mut p = Pipeline::new("rebuild").await;
+    p.start_executor();
+    p.start_capture();
+    p.start_device("a", &[]);
+    let mut workload = Workload::new(6, "device-a");
+    p.submit_and_wait(&workload.instructions(500)).await;
+    p.wait_converged(&["a"]).await;
+    let store = p.store("a").to_string_lossy().into_owned();
+
+    // The running device owns its store: a rebuild refuses to touch it.
+    let out = p.run_cli(&["rebuild", "--id", "a", "--store", &store]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let status = p.run_cli(&["status", "--store", &store]).await;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success() && text.contains("lag 0 records"), "{text}");
+
+    p.stop("device-a");
+    {
+        let conn = rusqlite::Connection::open(p.store("a")).unwrap();
+        conn.execute("DELETE FROM \"public.sites\"", []).unwrap();
+        conn.execute("UPDATE \"public.items\" SET qty = -1", []).unwrap();
+    }
+    assert_ne!(p.device_rows("a").await, p.postgres_rows().await);
+    let out = p.run_cli(&["rebuild", "--id", "a", "--store", &store]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("rebuilt"));
+    assert_eq!(p.device_rows("a").await, p.postgres_rows().await, "the rebuilt store equals PostgreSQL");
+    assert!(!p.store("a").with_extension("sqlite.rebuild").exists());
+
+    // The device carries on from the rebuilt store's positions.
+    p.start_device("a", &[]);
+    p.submit_and_wait(&workload.instructions(50)).await;
+    p.wait_converged(&["a"]).await;
+}

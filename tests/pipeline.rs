@@ -132,8 +132,9 @@ async fn a_device_killed_mid_stream_converges_applying_each_delta_once() {
         (p.store_counter("a", "processed") == records).then_some(())
     })
     .await;
-    let (applied, watermarks) = (p.store_counter("a", "applied"), p.store_counter("a", "watermarks"));
-    assert_eq!(applied + watermarks, records, "each delta applied once");
+    let (applied, watermarks, tombstones) = (p.store_counter("a", "applied"), p.store_counter("a", "watermarks"), p.store_counter("a", "tombstones"));
+    assert!(tombstones > 0, "deletes are followed by Kafka tombstones");
+    assert_eq!(applied + watermarks + tombstones, records, "each delta applied once");
     assert_eq!(p.store_counter("a", "skipped"), 0, "no delta was seen twice");
     assert_eq!(p.store_counter("a", "rejected"), 0);
     p.stop("device-a");

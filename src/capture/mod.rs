@@ -326,8 +326,8 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Hands one delta to the producer. When the producer's queue is full, waits for
-    /// acknowledgements first: that is the back-pressure that bounds memory.
+    /// Hands one delta to the producer; a delete is followed by a Kafka tombstone (same key,
+    /// no value), so a compacted deltas topic eventually forgets deleted rows entirely.
     async fn send(
         &self,
         delta: &Delta,
@@ -338,8 +338,32 @@ impl Session<'_> {
     ) -> Result<(), CaptureError> {
         let payload = encode_delta(delta).map_err(|e| CaptureError::Decode(e.to_string()))?;
         let key = delta_kafka_key(&delta.table, &delta.key);
+        self.send_record(&key, Some(&payload), partition, tx, tracker, in_flight).await?;
+        if delta.op != DeltaOp::Watermark {
+            metrics::counter!("pgfanout_capture_changes_total", "op" => delta.op.as_str()).increment(1);
+        }
+        if delta.op == DeltaOp::Delete {
+            self.send_record(&key, None, partition, tx, tracker, in_flight).await?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues one record. When the producer's queue is full, waits for acknowledgements
+    /// first: that is the back-pressure that bounds memory.
+    async fn send_record(
+        &self,
+        key: &[u8],
+        payload: Option<&[u8]>,
+        partition: Option<i32>,
+        tx: TxHandle,
+        tracker: &mut FlushLsnTracker,
+        in_flight: &mut InFlight,
+    ) -> Result<(), CaptureError> {
         loop {
-            let mut record = FutureRecord::to(self.topic).key(&key).payload(&payload);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(self.topic).key(key);
+            if let Some(p) = payload {
+                record = record.payload(p);
+            }
             if let Some(p) = partition {
                 record = record.partition(p);
             }
@@ -347,9 +371,6 @@ impl Session<'_> {
                 Ok(delivery) => {
                     tracker.sent(tx);
                     in_flight.push(Box::pin(track(tx, delivery)));
-                    if delta.op != DeltaOp::Watermark {
-                        metrics::counter!("pgfanout_capture_changes_total", "op" => delta.op.as_str()).increment(1);
-                    }
                     metrics::gauge!("pgfanout_capture_in_flight_deltas").set(tracker.in_flight() as f64);
                     return Ok(());
                 }

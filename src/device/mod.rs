@@ -9,7 +9,9 @@
 //! newer than.
 
 pub mod ack;
+pub mod rebuild;
 pub mod replay;
+pub mod status;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -65,7 +67,12 @@ pub(crate) struct Device {
     consumer: BaseConsumer,
     watermark: Watermark,
     acks: AckPublisher,
+    positions: HashMap<i32, i64>,
+    lag_checked: Instant,
 }
+
+/// How often a running device measures its lag behind the topic's end.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What one step of the device did.
 pub(crate) struct Step {
@@ -94,11 +101,29 @@ impl Device {
             kafka_settings.topics().device_acks,
             settings.id.clone(),
         );
-        Ok(Device { settings: settings.clone(), topic, store, consumer, watermark, acks })
+        let positions = store.offsets(&topic)?;
+        let lag_checked = Instant::now() - LAG_INTERVAL;
+        Ok(Device { settings: settings.clone(), topic, store, consumer, watermark, acks, positions, lag_checked })
+    }
+
+    /// Publishes the lag per partition (records between the position and the topic's end).
+    fn measure_lag(&mut self) {
+        if self.lag_checked.elapsed() < LAG_INTERVAL {
+            return;
+        }
+        self.lag_checked = Instant::now();
+        for p in self.watermark.per_partition().map(|(p, _)| p).collect::<Vec<_>>() {
+            if let Ok((low, high)) = self.consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(1)) {
+                let position = self.positions.get(&p).copied().unwrap_or(low);
+                metrics::gauge!("pgfanout_device_lag_records", "device" => self.settings.id.clone(), "partition" => p.to_string())
+                    .set((high - position).max(0) as f64);
+            }
+        }
     }
 
     /// Polls one batch and applies it in one SQLite transaction.
     pub(crate) fn step(&mut self) -> Result<Step, DeviceError> {
+        self.measure_lag();
         let batch = match kafka::poll_batch(
             &self.consumer,
             self.settings.batch_size as usize,
@@ -123,8 +148,8 @@ impl Device {
                 partition: m.partition(),
                 offset: m.offset(),
                 delta: match m.payload() {
-                    Some(p) => decode_delta(p).map_err(|e| e.to_string()),
-                    None => Err("record has no value".to_string()),
+                    Some(p) => decode_delta(p).map(Some).map_err(|e| e.to_string()),
+                    None => Ok(None),
                 },
                 key: m.key(),
             })
@@ -134,7 +159,7 @@ impl Device {
         self.acks.maybe_publish(self.watermark.value());
         let device = self.settings.id.clone();
         let now = now_micros();
-        for d in records.iter().filter_map(|r| r.delta.as_ref().ok()) {
+        for d in records.iter().filter_map(|r| r.delta.as_ref().ok().and_then(Option::as_ref)) {
             if d.commit_ts > 0 {
                 metrics::histogram!("pgfanout_device_end_to_end_seconds", "device" => device.clone())
                     .record((now - d.commit_ts).max(0) as f64 / 1e6);
@@ -152,11 +177,13 @@ impl Device {
             let e = positions.entry(r.partition).or_insert(0);
             *e = (*e).max(r.offset + 1);
         }
+        self.positions.extend(positions.iter().map(|(p, o)| (*p, *o)));
         Ok(Step { processed: stats.processed, positions })
     }
 
     pub(crate) fn close(self) {
         kafka::close_consumer(self.consumer);
+        drop(self.store);
     }
 }
 

@@ -69,11 +69,12 @@ fn check_layout(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// One consumed record, decoded or not.
+/// One consumed record: a delta, a Kafka tombstone (`Ok(None)`: no value, written after a
+/// delete for compaction), or why it could not be decoded.
 pub struct Record<'a> {
     pub partition: i32,
     pub offset: i64,
-    pub delta: Result<Delta, String>,
+    pub delta: Result<Option<Delta>, String>,
     /// The raw key, for logs only.
     pub key: Option<&'a [u8]>,
 }
@@ -85,6 +86,7 @@ pub struct BatchStats {
     pub applied: u64,
     pub skipped_older: u64,
     pub watermarks: u64,
+    pub tombstones: u64,
     pub not_subscribed: u64,
     pub rejected: u64,
     pub applied_by_op: HashMap<&'static str, u64>,
@@ -111,12 +113,12 @@ pub struct Store {
 
 /// One process per store: an exclusive `flock` on `<store>.lock`, released when the
 /// process ends, however it ends.
-struct StoreLock {
+pub(crate) struct StoreLock {
     _file: std::fs::File,
 }
 
 impl StoreLock {
-    fn acquire(store: &Path) -> Result<StoreLock, StoreError> {
+    pub(crate) fn acquire(store: &Path) -> Result<StoreLock, StoreError> {
         let mut name = store.as_os_str().to_owned();
         name.push(".lock");
         let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&name).map_err(StoreError::Io)?;
@@ -229,7 +231,8 @@ impl Store {
             let entry = next_offsets.entry(record.partition).or_insert((0, 0));
             entry.0 = entry.0.max(record.offset + 1);
             match &record.delta {
-                Ok(delta) => {
+                Ok(None) => stats.tombstones += 1,
+                Ok(Some(delta)) => {
                     // Within a partition deltas come in WAL order: a delta of the
                     // transaction committed at C means every earlier transaction is complete
                     // here; a watermark W means every transaction at or below W is.
@@ -277,6 +280,7 @@ impl Store {
             ("applied", stats.applied),
             ("skipped", stats.skipped_older),
             ("watermarks", stats.watermarks),
+            ("tombstones", stats.tombstones),
             ("not_subscribed", stats.not_subscribed),
             ("rejected", stats.rejected),
         ] {

@@ -1,0 +1,78 @@
+//! `pgfanout status`: where a device stands — per partition its next offset, the topic's
+//! end, the lag between them and the applied position — and its watermark and counters.
+//! Reads the store without locking it, so it works while the device runs.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rusqlite::{Connection, OpenFlags};
+
+use super::DeviceError;
+use crate::config::KafkaSettings;
+use crate::kafka::{self, ClientRole};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionStatus {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub end: i64,
+    pub applied_lsn: i64,
+}
+
+impl PartitionStatus {
+    pub fn lag(&self) -> i64 {
+        (self.end - self.next_offset).max(0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceStatus {
+    pub partitions: Vec<PartitionStatus>,
+    pub counters: Vec<(String, i64)>,
+}
+
+impl DeviceStatus {
+    /// Every transaction at or below it is applied on the device.
+    pub fn watermark(&self) -> i64 {
+        self.partitions.iter().map(|p| p.applied_lsn).min().unwrap_or(0)
+    }
+
+    pub fn render(&self) -> String {
+        let lsn = |l: i64| crate::capture::replication::format_lsn(l.max(0) as u64);
+        let mut out = String::from("partition  next_offset        end        lag  applied\n");
+        for p in &self.partitions {
+            out.push_str(&format!("{:>9}  {:>11}  {:>9}  {:>9}  {}\n", p.partition, p.next_offset, p.end, p.lag(), lsn(p.applied_lsn)));
+        }
+        let total: i64 = self.partitions.iter().map(PartitionStatus::lag).sum();
+        out.push_str(&format!("lag {total} records; watermark {}\n", lsn(self.watermark())));
+        let counters: Vec<String> = self.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!("counters: {}\n", counters.join(" ")));
+        out
+    }
+}
+
+/// Reads the status of the store at `path`. Blocking.
+pub fn status_blocking(kafka_settings: &KafkaSettings, path: &std::path::Path) -> Result<DeviceStatus, DeviceError> {
+    let topic = kafka_settings.topics().deltas;
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| DeviceError::Replay(format!("cannot open store {}: {e}", path.display())))?;
+    let not_a_store = |e: rusqlite::Error| DeviceError::Replay(format!("{} is not a device store: {e}", path.display()));
+    let stored: Vec<(i32, i64, i64)> = conn
+        .prepare("SELECT partition, next_offset, applied_lsn FROM _pgfanout_offsets WHERE topic = ?1")
+        .and_then(|mut stmt| stmt.query_map([&topic], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect())
+        .map_err(not_a_store)?;
+    let counters: Vec<(String, i64)> = conn
+        .prepare("SELECT name, value FROM _pgfanout_counters ORDER BY name")
+        .and_then(|mut stmt| stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .map_err(not_a_store)?;
+    let probe: BaseConsumer = kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: "pgfanout-status" }).create()?;
+    let n = kafka::partition_count(probe.client(), &topic)?;
+    let mut partitions = Vec::with_capacity(n);
+    for p in 0..n as i32 {
+        let (_, end) = probe.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+        let (next_offset, applied_lsn) =
+            stored.iter().find(|(sp, _, _)| *sp == p).map_or((0, 0), |(_, next, applied)| (*next, *applied));
+        partitions.push(PartitionStatus { partition: p, next_offset, end, applied_lsn });
+    }
+    Ok(DeviceStatus { partitions, counters })
+}
