@@ -296,7 +296,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Rebuild { kafka, settings } => {
             let shutdown = shutdown::on_signals();
-            let report = tokio::task::spawn_blocking(move || device::rebuild::rebuild_blocking(&kafka, &settings, shutdown)).await??;
+            let report =
+                tokio::task::spawn_blocking(move || device::rebuild::rebuild_blocking(&kafka, &settings, shutdown)).await??;
             println!("rebuilt {} from {} deltas", report.store.display(), report.processed);
         }
         Command::Status { kafka, store } => {

@@ -158,12 +158,19 @@ pub async fn ensure_topics(settings: &KafkaSettings, topics: &[TopicSpec<'_>]) -
     Ok(())
 }
 
-/// The pipeline's own topics with their default layout: deltas keyed by row and
-/// compacted-friendly, the others plain.
+/// The pipeline's own topics. The deltas topic is compacted: its records are keyed by row
+/// and every delete is followed by a tombstone, so it keeps the newest change of every
+/// live row for ever — what `pgfanout rebuild` needs — while its size follows the tables'.
 pub async fn ensure_pipeline_topics(settings: &KafkaSettings) -> Result<(), KafkaError> {
     let topics = settings.topics();
-    let specs: Vec<TopicSpec<'_>> =
-        topics.all().into_iter().map(|name| TopicSpec { name, partitions: settings.partitions, config: vec![] }).collect();
+    let specs: Vec<TopicSpec<'_>> = topics
+        .all()
+        .into_iter()
+        .map(|name| {
+            let config = if name == topics.deltas { vec![("cleanup.policy", "compact")] } else { vec![] };
+            TopicSpec { name, partitions: settings.partitions, config }
+        })
+        .collect();
     ensure_topics(settings, &specs).await
 }
 

@@ -33,10 +33,15 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Rebuilds `settings.store` from the topic. Blocking; the device must be stopped.
-pub fn rebuild_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, shutdown: Shutdown) -> Result<RebuildReport, DeviceError> {
+pub fn rebuild_blocking(
+    kafka_settings: &KafkaSettings,
+    settings: &DeviceSettings,
+    shutdown: Shutdown,
+) -> Result<RebuildReport, DeviceError> {
     let _live = StoreLock::acquire(&settings.store)?;
     let topic = kafka_settings.topics().deltas;
-    let probe: BaseConsumer = kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: "pgfanout-rebuild" }).create()?;
+    let probe: BaseConsumer =
+        kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: "pgfanout-rebuild" }).create()?;
     let partitions = kafka::partition_count(probe.client(), &topic)?;
     if partitions == 0 {
         return Err(DeviceError::NoPartitions(topic));
@@ -73,11 +78,12 @@ pub fn rebuild_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSetting
         positions.extend(step.positions);
     }
     device.close(); // closes SQLite: its WAL is checkpointed into the file
-    // The old store's WAL must not outlive it: SQLite would replay it into the new file.
+                    // The old store's WAL must not outlive it: SQLite would replay it into the new file.
     for old in [with_suffix(&settings.store, "-wal"), with_suffix(&settings.store, "-shm")] {
         remove_if_present(&old)?;
     }
-    std::fs::rename(&fresh, &settings.store).map_err(|e| DeviceError::Replay(format!("cannot swap in the rebuilt store: {e}")))?;
+    std::fs::rename(&fresh, &settings.store)
+        .map_err(|e| DeviceError::Replay(format!("cannot swap in the rebuilt store: {e}")))?;
     Ok(RebuildReport { processed, store: settings.store.clone() })
 }
 

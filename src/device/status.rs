@@ -41,7 +41,14 @@ impl DeviceStatus {
         let lsn = |l: i64| crate::capture::replication::format_lsn(l.max(0) as u64);
         let mut out = String::from("partition  next_offset        end        lag  applied\n");
         for p in &self.partitions {
-            out.push_str(&format!("{:>9}  {:>11}  {:>9}  {:>9}  {}\n", p.partition, p.next_offset, p.end, p.lag(), lsn(p.applied_lsn)));
+            out.push_str(&format!(
+                "{:>9}  {:>11}  {:>9}  {:>9}  {}\n",
+                p.partition,
+                p.next_offset,
+                p.end,
+                p.lag(),
+                lsn(p.applied_lsn)
+            ));
         }
         let total: i64 = self.partitions.iter().map(PartitionStatus::lag).sum();
         out.push_str(&format!("lag {total} records; watermark {}\n", lsn(self.watermark())));
@@ -65,7 +72,8 @@ pub fn status_blocking(kafka_settings: &KafkaSettings, path: &std::path::Path) -
         .prepare("SELECT name, value FROM _pgfanout_counters ORDER BY name")
         .and_then(|mut stmt| stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
         .map_err(not_a_store)?;
-    let probe: BaseConsumer = kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: "pgfanout-status" }).create()?;
+    let probe: BaseConsumer =
+        kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: "pgfanout-status" }).create()?;
     let n = kafka::partition_count(probe.client(), &topic)?;
     let mut partitions = Vec::with_capacity(n);
     for p in 0..n as i32 {
