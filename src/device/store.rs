@@ -562,3 +562,7 @@ pub fn value_from_sqlite(pg_type: &str, v: ValueRef<'_>) -> Value {
         (_, ValueRef::Blob(b)) => Value::Bytes(b.to_vec()),
     }
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

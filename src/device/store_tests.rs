@@ -1,0 +1,174 @@
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::contract::{Column, Delta, DeltaOp, Value};
+
+/// One change in WAL order: a row written (`Some(v)`), deleted (`None`), or the table
+/// truncated.
+#[derive(Debug, Clone)]
+enum Change {
+    Write(i64, Option<i64>),
+    Truncate,
+}
+
+fn column(name: &str, value: Value) -> Column {
+    Column { name: name.into(), type_name: "int8".into(), value, unchanged: false }
+}
+
+/// Deltas of the changes, with versions in WAL order (several changes per transaction).
+fn deltas(changes: &[(Change, bool)]) -> Vec<Delta> {
+    let mut out = Vec::new();
+    let (mut lsn, mut seq) = (100i64, 0i64);
+    for (change, new_tx) in changes {
+        if *new_tx {
+            lsn += 100;
+            seq = 0;
+        }
+        let base = Delta {
+            table: "public.t".into(),
+            op: DeltaOp::Truncate,
+            key: vec![],
+            after: None,
+            old_key: None,
+            commit_lsn: lsn,
+            lsn: lsn - 50 + seq,
+            xid: lsn,
+            commit_ts: 0,
+            seq,
+            instruction_id: None,
+        };
+        out.push(match change {
+            Change::Truncate => base,
+            Change::Write(id, Some(v)) => Delta {
+                op: DeltaOp::Update,
+                key: vec![column("id", Value::Long(*id))],
+                after: Some(vec![column("id", Value::Long(*id)), column("v", Value::Long(*v))]),
+                ..base
+            },
+            Change::Write(id, None) => Delta { op: DeltaOp::Delete, key: vec![column("id", Value::Long(*id))], ..base },
+        });
+        seq += 1;
+    }
+    out
+}
+
+/// The table after applying the changes in WAL order.
+fn expected(changes: &[(Change, bool)]) -> BTreeMap<i64, i64> {
+    let mut rows = BTreeMap::new();
+    for (change, _) in changes {
+        match change {
+            Change::Write(id, Some(v)) => {
+                rows.insert(*id, *v);
+            }
+            Change::Write(id, None) => {
+                rows.remove(id);
+            }
+            Change::Truncate => rows.clear(),
+        }
+    }
+    rows
+}
+
+const PARTITIONS: i32 = 3;
+
+/// Where capture puts a delta: a row's partition by its key; a truncate in every partition.
+fn partitions_of(delta: &Delta) -> Vec<i32> {
+    match delta.key.first().map(|c| &c.value) {
+        Some(Value::Long(id)) => vec![(*id % i64::from(PARTITIONS)) as i32],
+        _ => (0..PARTITIONS).collect(),
+    }
+}
+
+fn temp_store(tag: u64) -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    std::env::temp_dir().join(format!("pgfanout-store-prop-{}-{tag}-{nanos}.sqlite", std::process::id()))
+}
+
+fn live_rows(store: &Store) -> BTreeMap<i64, i64> {
+    let conn = store.connection();
+    let exists: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'public.t'", [], |r| r.get(0)).unwrap();
+    if exists == 0 {
+        return BTreeMap::new();
+    }
+    let has_v: i64 = conn.query_row("SELECT count(*) FROM pragma_table_info('public.t') WHERE name = 'v'", [], |r| r.get(0)).unwrap();
+    if has_v == 0 {
+        // Only deletes reached the table so far: it may hold tombstones, nothing live.
+        let live: i64 = conn.query_row("SELECT count(*) FROM \"public.t\" WHERE _pgfanout_deleted = 0", [], |r| r.get(0)).unwrap();
+        assert_eq!(live, 0);
+        return BTreeMap::new();
+    }
+    let mut stmt = conn.prepare("SELECT id, v FROM \"public.t\" WHERE _pgfanout_deleted = 0").unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+fn change() -> impl Strategy<Value = (Change, bool)> {
+    let write = (0i64..6, prop::option::weighted(0.75, 0i64..100)).prop_map(|(id, v)| Change::Write(id, v));
+    (prop_oneof![12 => write, 1 => Just(Change::Truncate)], prop::bool::weighted(0.4))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Partitions interleaved at random, records delivered twice and partitions replayed
+    /// from the start, in batches of random sizes: the store ends as the changes applied in
+    /// WAL order.
+    #[test]
+    fn any_interleaving_with_duplicates_and_replays_converges(
+        changes in prop::collection::vec(change(), 1..40),
+        seed in any::<u64>(),
+        batch in 1usize..7,
+    ) {
+        let all = deltas(&changes);
+        let mut per_partition: Vec<Vec<&Delta>> = vec![Vec::new(); PARTITIONS as usize];
+        for d in &all {
+            for p in partitions_of(d) {
+                per_partition[p as usize].push(d);
+            }
+        }
+        // Interleave, duplicating and replaying on the way.
+        let mut rng = seed | 1;
+        let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+        let mut cursor = vec![0usize; PARTITIONS as usize];
+        let mut replays_left = 2;
+        let mut stream: Vec<(i32, &Delta)> = Vec::new();
+        while cursor.iter().zip(&per_partition).any(|(c, p)| *c < p.len()) {
+            let p = (next() % PARTITIONS as u64) as usize;
+            if cursor[p] >= per_partition[p].len() {
+                continue;
+            }
+            stream.push((p as i32, per_partition[p][cursor[p]]));
+            match next() % 10 {
+                // An earlier record of this partition delivered again, late.
+                0 => stream.push((p as i32, per_partition[p][(next() % (cursor[p] as u64 + 1)) as usize])),
+                1 if replays_left > 0 => {
+                    replays_left -= 1;
+                    cursor[p] = 0; // the partition is replayed from its beginning
+                    continue;
+                }
+                _ => {}
+            }
+            cursor[p] += 1;
+        }
+        let path = temp_store(seed);
+        let mut store = Store::open(&path).unwrap();
+        let mut offset = 0i64;
+        for chunk in stream.chunks(batch) {
+            let records: Vec<Record<'_>> = chunk
+                .iter()
+                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some((*d).clone())), key: None } })
+                .collect();
+            store.apply_batch("t", &records).unwrap();
+        }
+        let got = live_rows(&store);
+        drop(store);
+        for suffix in ["", "-wal", "-shm", ".lock"] {
+            let mut f = path.as_os_str().to_owned();
+            f.push(suffix);
+            let _ = std::fs::remove_file(f);
+        }
+        prop_assert_eq!(got, expected(&changes));
+    }
+}
