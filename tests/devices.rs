@@ -162,3 +162,26 @@ async fn rebuild_swaps_in_a_store_equal_to_postgres() {
     p.submit_and_wait(&workload.instructions(50)).await;
     p.wait_converged(&["a"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_offline_during_fifty_thousand_changes_catches_up() {
+    let mut p = Pipeline::new("offline").await;
+    p.start_executor();
+    p.start_capture();
+    p.start_device("a", &[]);
+    let mut workload = Workload::new(7, "device-a");
+    p.submit_and_wait(&workload.instructions(200)).await;
+    p.wait_converged(&["a"]).await;
+    p.stop("device-a");
+    let processed_before = p.store_counter("a", "processed");
+    let records_before = p.delta_records();
+    for _ in 0..5 {
+        p.submit_and_wait(&workload.instructions(9_200)).await;
+    }
+    p.wait_deltas_settled().await;
+    let missed = p.delta_records() - records_before;
+    assert!(missed >= 50_000, "{missed} records while the device was offline");
+    p.start_device("a", &[]);
+    p.wait_converged(&["a"]).await;
+    assert!(p.store_counter("a", "processed") - processed_before >= missed);
+}

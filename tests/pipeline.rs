@@ -104,9 +104,12 @@ async fn a_device_killed_mid_stream_converges_applying_each_delta_once() {
     let device_args = ["--batch-size", "1"];
     let mut workload = Workload::new(2, "device-a");
     let mut kills_behind_the_stream = 0;
-    for _ in 0..3 {
+    let seed = pgfanout::contract::now_micros() as u64;
+    let mut rng = pgfanout::workload::Rng::new(seed);
+    eprintln!("device kill points seeded with {seed}");
+    for _ in 0..5 {
         // A backlog builds up while the device is down...
-        p.submit_and_wait(&workload.instructions(300)).await;
+        p.submit_and_wait(&workload.instructions(200)).await;
         p.wait_deltas_settled().await;
         // ...and the device is killed as soon as it has started on it.
         let before = p.store_counter("a", "processed");
@@ -116,6 +119,8 @@ async fn a_device_killed_mid_stream_converges_applying_each_delta_once() {
             assert!(std::time::Instant::now() < deadline, "the device made no progress");
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
+        // ...at a random point of its backlog.
+        tokio::time::sleep(std::time::Duration::from_millis(rng.below(40))).await;
         p.kill("device-a");
         if p.store_counter("a", "processed") < p.delta_records() {
             kills_behind_the_stream += 1;

@@ -92,10 +92,12 @@ fn live_rows(store: &Store) -> BTreeMap<i64, i64> {
     if exists == 0 {
         return BTreeMap::new();
     }
-    let has_v: i64 = conn.query_row("SELECT count(*) FROM pragma_table_info('public.t') WHERE name = 'v'", [], |r| r.get(0)).unwrap();
+    let has_v: i64 =
+        conn.query_row("SELECT count(*) FROM pragma_table_info('public.t') WHERE name = 'v'", [], |r| r.get(0)).unwrap();
     if has_v == 0 {
         // Only deletes reached the table so far: it may hold tombstones, nothing live.
-        let live: i64 = conn.query_row("SELECT count(*) FROM \"public.t\" WHERE _pgfanout_deleted = 0", [], |r| r.get(0)).unwrap();
+        let live: i64 =
+            conn.query_row("SELECT count(*) FROM \"public.t\" WHERE _pgfanout_deleted = 0", [], |r| r.get(0)).unwrap();
         assert_eq!(live, 0);
         return BTreeMap::new();
     }
