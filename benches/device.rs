@@ -33,7 +33,11 @@ fn settings() -> KafkaSettings {
         brokers: env("PGFANOUT_BROKERS"),
         topic_prefix: std::env::var("PGFANOUT_TOPIC_PREFIX").unwrap_or_else(|_| "pgfanout.".into()),
         properties: Properties(
-            env("PGFANOUT_KAFKA_PROPERTIES").split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect(),
+            env("PGFANOUT_KAFKA_PROPERTIES")
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
         ),
         partitions: 3,
         replication_factor: 1,
@@ -75,7 +79,8 @@ fn sqlite_raw(rows: &[(i64, String, i64, String, String)], path: &Path) -> f64 {
     let mut conn = rusqlite::Connection::open(path).unwrap();
     conn.pragma_update(None, "journal_mode", "WAL").unwrap();
     conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
-    conn.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price TEXT, updated_at TEXT)").unwrap();
+    conn.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price TEXT, updated_at TEXT)")
+        .unwrap();
     let started = Instant::now();
     for chunk in rows.chunks(BATCH) {
         let tx = conn.transaction().unwrap();
@@ -116,7 +121,9 @@ fn main() {
         if matches!(d.op, DeltaOp::Insert | DeltaOp::Update) {
             let after = d.after.unwrap();
             let get = |name: &str| after.iter().find(|c| c.name == name).map(|c| c.value.clone()).unwrap_or(Value::Null);
-            let (Value::Long(id), Value::Long(qty)) = (get("id"), get("qty")) else { panic!("items rows have ids and quantities") };
+            let (Value::Long(id), Value::Long(qty)) = (get("id"), get("qty")) else {
+                panic!("items rows have ids and quantities")
+            };
             rows.push((id, text(&get("name")), qty, text(&get("price")), text(&get("updated_at"))));
         }
     }
@@ -150,7 +157,9 @@ fn main() {
     remove_store(&device.store);
     let (_, shutdown) = Shutdown::new();
     let started = Instant::now();
-    let report = replay_blocking(&kafka, &ReplaySettings { device: device.clone(), from: ReplayFrom::Beginning }, shutdown.clone()).unwrap();
+    let report =
+        replay_blocking(&kafka, &ReplaySettings { device: device.clone(), from: ReplayFrom::Beginning }, shutdown.clone())
+            .unwrap();
     let device_secs = started.elapsed().as_secs_f64();
     assert_eq!(report.processed as usize, records.len());
 

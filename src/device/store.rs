@@ -101,6 +101,35 @@ struct TableShape {
     columns: Vec<String>,
     key: Vec<String>,
     truncated_at: (i64, i64),
+    /// Statement text by the shape of the delta it writes (its columns, which are
+    /// unchanged), so that the hot path formats no SQL.
+    statements: std::cell::RefCell<HashMap<String, std::rc::Rc<str>>>,
+}
+
+impl TableShape {
+    fn new(columns: Vec<String>, key: Vec<String>, truncated_at: (i64, i64)) -> Self {
+        TableShape { columns, key, truncated_at, statements: Default::default() }
+    }
+
+    /// The statement for `signature`, built by `build` the first time.
+    fn statement(&self, signature: String, build: impl FnOnce() -> String) -> std::rc::Rc<str> {
+        let mut cache = self.statements.borrow_mut();
+        if cache.len() > 256 {
+            cache.clear();
+        }
+        cache.entry(signature).or_insert_with(|| build().into()).clone()
+    }
+}
+
+/// What distinguishes the statements writing `columns`: their names and unchanged flags.
+fn signature(kind: char, columns: &[Column]) -> String {
+    let mut s = String::with_capacity(1 + columns.iter().map(|c| c.name.len() + 2).sum::<usize>());
+    s.push(kind);
+    for c in columns {
+        s.push_str(&c.name);
+        s.push(if c.unchanged { '\u{1}' } else { '\u{0}' });
+    }
+    s
 }
 
 pub struct Store {
@@ -162,11 +191,7 @@ impl Store {
         })?;
         for row in rows {
             let (table, column, is_key, tl, ts) = row?;
-            let shape = self.tables.entry(table).or_insert_with(|| TableShape {
-                columns: Vec::new(),
-                key: Vec::new(),
-                truncated_at: (tl, ts),
-            });
+            let shape = self.tables.entry(table).or_insert_with(|| TableShape::new(Vec::new(), Vec::new(), (tl, ts)));
             if is_key {
                 shape.key.push(column.clone());
             }
@@ -376,13 +401,13 @@ fn apply_delta(
             }
             if let Some(old_key) = &delta.old_key {
                 if !same_key(old_key, &delta.key) {
-                    write_tombstone(tx, &delta.table, &shape, old_key, version)?;
+                    write_tombstone(tx, &delta.table, shape, old_key, version)?;
                 }
             }
             if delta.op == DeltaOp::Delete {
-                write_tombstone(tx, &delta.table, &shape, &delta.key, version)
+                write_tombstone(tx, &delta.table, shape, &delta.key, version)
             } else {
-                write_row(tx, &delta.table, &shape, row, version)
+                write_row(tx, &delta.table, shape, row, version)
             }
         }
     }
@@ -397,18 +422,18 @@ fn is_reserved(name: &str) -> bool {
 }
 
 /// Creates the table or adds the columns the delta brings; returns the table's shape.
-fn ensure_shape(
+fn ensure_shape<'t>(
     tx: &rusqlite::Transaction<'_>,
-    tables: &mut HashMap<String, TableShape>,
+    tables: &'t mut HashMap<String, TableShape>,
     table: &str,
     key: &[Column],
     row: &[Column],
-) -> Result<TableShape, ApplyError> {
+) -> Result<&'t TableShape, ApplyError> {
     if let Some(c) = key.iter().chain(row).find(|c| is_reserved(&c.name)) {
         return Err(ApplyError::Invalid(format!("column name {:?} is reserved on devices", c.name)));
     }
-    let t = sqlite_table(table);
     if !tables.contains_key(table) {
+        let t = sqlite_table(table);
         let mut cols = Vec::new();
         let mut defs = Vec::new();
         for c in key.iter().chain(row.iter().filter(|c| !key.iter().any(|k| k.name == c.name))) {
@@ -425,11 +450,11 @@ fn ensure_shape(
         }
         tables.insert(
             table.to_string(),
-            TableShape {
-                columns: cols.iter().map(|c| c.name.clone()).collect(),
-                key: key.iter().map(|k| k.name.clone()).collect(),
-                truncated_at: (-1, -1),
-            },
+            TableShape::new(
+                cols.iter().map(|c| c.name.clone()).collect(),
+                key.iter().map(|k| k.name.clone()).collect(),
+                (-1, -1),
+            ),
         );
     }
     let Some(shape) = tables.get_mut(table) else {
@@ -437,12 +462,13 @@ fn ensure_shape(
     };
     for c in row {
         if !shape.columns.contains(&c.name) {
+            let t = sqlite_table(table);
             tx.execute_batch(&format!("ALTER TABLE {t} ADD COLUMN {} {}", quote_ident(&c.name), sqlite_type(&c.type_name)))?;
             record_column(tx, table, c, false, shape.columns.len())?;
             shape.columns.push(c.name.clone());
         }
     }
-    Ok(shape.clone())
+    Ok(shape)
 }
 
 fn record_column(
@@ -481,26 +507,28 @@ fn write_row(
     row: &[Column],
     version: (i64, i64),
 ) -> Result<bool, ApplyError> {
-    let t = sqlite_table(table);
-    let cols: Vec<&Column> = row.iter().collect();
-    let names = cols.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-    let marks = (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
-    let n = cols.len();
-    let updates: String = cols
-        .iter()
-        .filter(|c| !c.unchanged && !shape.key.contains(&c.name))
-        .map(|c| format!("{0} = excluded.{0}, ", quote_ident(&c.name)))
-        .collect();
-    let conflict = shape.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
-    let sql = format!(
-        "INSERT INTO {t} ({names}, {LSN}, {SEQ}, {DELETED}) VALUES ({marks}, ?{}, ?{}, 0)
-         ON CONFLICT ({conflict}) DO UPDATE SET {updates}{LSN} = excluded.{LSN}, {SEQ} = excluded.{SEQ}, {DELETED} = 0
-         WHERE ({LSN}, {SEQ}) < (excluded.{LSN}, excluded.{SEQ})",
-        n + 1,
-        n + 2
-    );
+    let sql = shape.statement(signature('W', row), || {
+        let t = sqlite_table(table);
+        let cols: Vec<&Column> = row.iter().collect();
+        let names = cols.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+        let marks = (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+        let n = cols.len();
+        let updates: String = cols
+            .iter()
+            .filter(|c| !c.unchanged && !shape.key.contains(&c.name))
+            .map(|c| format!("{0} = excluded.{0}, ", quote_ident(&c.name)))
+            .collect();
+        let conflict = shape.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+        format!(
+            "INSERT INTO {t} ({names}, {LSN}, {SEQ}, {DELETED}) VALUES ({marks}, ?{}, ?{}, 0)
+             ON CONFLICT ({conflict}) DO UPDATE SET {updates}{LSN} = excluded.{LSN}, {SEQ} = excluded.{SEQ}, {DELETED} = 0
+             WHERE ({LSN}, {SEQ}) < (excluded.{LSN}, excluded.{SEQ})",
+            n + 1,
+            n + 2
+        )
+    });
     let mut stmt = tx.prepare_cached(&sql)?;
-    let mut values: Vec<&dyn ToSql> = cols.iter().map(|c| &c.value as &dyn ToSql).collect();
+    let mut values: Vec<&dyn ToSql> = row.iter().map(|c| &c.value as &dyn ToSql).collect();
     values.push(&version.0);
     values.push(&version.1);
     Ok(stmt.execute(values.as_slice())? > 0)
@@ -513,19 +541,24 @@ fn write_tombstone(
     key: &[Column],
     version: (i64, i64),
 ) -> Result<bool, ApplyError> {
-    let t = sqlite_table(table);
-    let names = key.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-    let marks = (1..=key.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
-    let n = key.len();
-    let nulls = null_assignments(shape);
-    let conflict = shape.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
-    let sql = format!(
-        "INSERT INTO {t} ({names}, {LSN}, {SEQ}, {DELETED}) VALUES ({marks}, ?{}, ?{}, 1)
-         ON CONFLICT ({conflict}) DO UPDATE SET {nulls}{LSN} = excluded.{LSN}, {SEQ} = excluded.{SEQ}, {DELETED} = 1
-         WHERE ({LSN}, {SEQ}) < (excluded.{LSN}, excluded.{SEQ})",
-        n + 1,
-        n + 2
-    );
+    // A tombstone clears every non-key column the table has now: part of its signature.
+    let mut sig = signature('D', key);
+    sig.push_str(&shape.columns.len().to_string());
+    let sql = shape.statement(sig, || {
+        let t = sqlite_table(table);
+        let names = key.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+        let marks = (1..=key.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+        let n = key.len();
+        let nulls = null_assignments(shape);
+        let conflict = shape.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+        format!(
+            "INSERT INTO {t} ({names}, {LSN}, {SEQ}, {DELETED}) VALUES ({marks}, ?{}, ?{}, 1)
+             ON CONFLICT ({conflict}) DO UPDATE SET {nulls}{LSN} = excluded.{LSN}, {SEQ} = excluded.{SEQ}, {DELETED} = 1
+             WHERE ({LSN}, {SEQ}) < (excluded.{LSN}, excluded.{SEQ})",
+            n + 1,
+            n + 2
+        )
+    });
     let mut stmt = tx.prepare_cached(&sql)?;
     let mut values: Vec<&dyn ToSql> = key.iter().map(|c| &c.value as &dyn ToSql).collect();
     values.push(&version.0);
