@@ -22,7 +22,14 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::Offset;
 
+/// The same allocator as the `pgfanout` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BATCH: usize = 2000;
+
+/// A consumed record: partition, offset and value (none for a tombstone).
+type RawRecord = (i32, i64, Option<Vec<u8>>);
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run bench/run device"))
@@ -53,7 +60,7 @@ fn remove_store(path: &Path) {
 }
 
 /// (b): every record of the deltas topic, read by a plain consumer; returns the payloads.
-fn raw_consume(kafka: &KafkaSettings) -> (Vec<(i32, i64, Option<Vec<u8>>)>, f64) {
+fn raw_consume(kafka: &KafkaSettings) -> (Vec<RawRecord>, f64) {
     let topic = kafka.topics().deltas;
     let mut ends = Vec::new();
     let started = Instant::now();

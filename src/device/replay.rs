@@ -169,7 +169,7 @@ impl Progress {
         let rate = done as f64 / secs;
         let left = self.total.saturating_sub(done);
         let eta = if rate > 0.0 { format!("{:.0}s", left as f64 / rate) } else { "?".into() };
-        let pct = if self.total > 0 { (done.min(self.total) * 100 / self.total) as usize } else { 100 };
+        let pct = (done.min(self.total) * 100).checked_div(self.total).unwrap_or(100) as usize;
         let bar: String = (0..20).map(|i| if i * 5 < pct { '#' } else { '.' }).collect();
         format!("replay [{bar}] {done}/{} deltas, {rate:.0}/s, ETA {eta}", self.total)
     }
