@@ -142,7 +142,7 @@ fn main() {
     let mut store = Store::open(&core_path).unwrap();
     let started = Instant::now();
     for chunk in records.chunks(BATCH) {
-        let batch: Vec<Record<'_>> = chunk
+        let batch: Vec<Record> = chunk
             .iter()
             .map(|(p, o, payload)| Record {
                 partition: *p,
@@ -151,7 +151,6 @@ fn main() {
                     Some(b) => decode_delta(b).map(Some).map_err(|e| e.to_string()),
                     None => Ok(None),
                 },
-                key: None,
             })
             .collect();
         store.apply_batch("bench", &batch).unwrap();

@@ -295,11 +295,6 @@ pub fn is_transient(err: &KafkaError) -> bool {
     }
 }
 
-/// Library version of the bundled librdkafka, for logs and benchmark reports.
-pub fn librdkafka_version() -> String {
-    rdkafka::util::get_rdkafka_version().1
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

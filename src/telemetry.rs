@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 
-use metrics_exporter_prometheus::{BuildError, PrometheusBuilder};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -25,10 +25,17 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// Serves metrics at `addr` (any path) when given. Histograms are exported as summaries.
+/// Buckets of every `*_seconds` metric: from a millisecond to half a minute.
+const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Serves metrics at `addr` (any path) when given. Durations (`*_seconds`) are Prometheus
+/// histograms, so they aggregate across processes; other distributions are summaries.
 pub fn install_metrics(addr: Option<SocketAddr>) -> Result<(), BuildError> {
     if let Some(addr) = addr {
-        PrometheusBuilder::new().with_http_listener(addr).install()?;
+        PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
+            .install()?;
         tracing::info!(%addr, "metrics endpoint listening");
     }
     Ok(())

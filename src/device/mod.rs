@@ -142,7 +142,7 @@ impl Device {
             return Ok(Step { processed: 0, positions: HashMap::new() });
         }
         let started = Instant::now();
-        let records: Vec<Record<'_>> = batch
+        let records: Vec<Record> = batch
             .iter()
             .map(|m| Record {
                 partition: m.partition(),
@@ -151,7 +151,6 @@ impl Device {
                     Some(p) => decode_delta(p).map(Some).map_err(|e| e.to_string()),
                     None => Ok(None),
                 },
-                key: m.key(),
             })
             .collect();
         let stats = self.store.apply_batch(&self.topic, &records)?;

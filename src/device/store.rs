@@ -71,12 +71,10 @@ fn check_layout(conn: &Connection) -> Result<(), StoreError> {
 
 /// One consumed record: a delta, a Kafka tombstone (`Ok(None)`: no value, written after a
 /// delete for compaction), or why it could not be decoded.
-pub struct Record<'a> {
+pub struct Record {
     pub partition: i32,
     pub offset: i64,
     pub delta: Result<Option<Delta>, String>,
-    /// The raw key, for logs only.
-    pub key: Option<&'a [u8]>,
 }
 
 /// What one batch did.
@@ -247,7 +245,7 @@ impl Store {
     }
 
     /// Applies a batch of records and records their offsets, in one SQLite transaction.
-    pub fn apply_batch(&mut self, topic: &str, records: &[Record<'_>]) -> Result<BatchStats, StoreError> {
+    pub fn apply_batch(&mut self, topic: &str, records: &[Record]) -> Result<BatchStats, StoreError> {
         let tx = self.conn.transaction()?;
         let mut stats = BatchStats::default();
         let mut next_offsets: HashMap<i32, (i64, i64)> = HashMap::new();
@@ -327,7 +325,7 @@ impl Store {
     }
 }
 
-fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, record: &Record<'_>, reason: &str) -> Result<(), rusqlite::Error> {
+fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, record: &Record, reason: &str) -> Result<(), rusqlite::Error> {
     tracing::warn!(
         partition = record.partition,
         offset = record.offset,

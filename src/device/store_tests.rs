@@ -158,9 +158,9 @@ proptest! {
         let mut store = Store::open(&path).unwrap();
         let mut offset = 0i64;
         for chunk in stream.chunks(batch) {
-            let records: Vec<Record<'_>> = chunk
+            let records: Vec<Record> = chunk
                 .iter()
-                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some((*d).clone())), key: None } })
+                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some((*d).clone())) } })
                 .collect();
             store.apply_batch("t", &records).unwrap();
         }
