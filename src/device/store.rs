@@ -248,11 +248,20 @@ impl Store {
     pub fn apply_batch(&mut self, topic: &str, records: &[Record]) -> Result<BatchStats, StoreError> {
         let tx = self.conn.transaction()?;
         let mut stats = BatchStats::default();
-        let mut next_offsets: HashMap<i32, (i64, i64)> = HashMap::new();
+        // (partition, next offset, applied LSN): a handful of partitions, searched in place.
+        let mut next_offsets: Vec<(i32, i64, i64)> = Vec::new();
+        let mut applied_by_op = [0u64; 6];
         for record in records {
             stats.processed += 1;
-            let entry = next_offsets.entry(record.partition).or_insert((0, 0));
-            entry.0 = entry.0.max(record.offset + 1);
+            let i = match next_offsets.iter().position(|(p, _, _)| *p == record.partition) {
+                Some(i) => i,
+                None => {
+                    next_offsets.push((record.partition, 0, 0));
+                    next_offsets.len() - 1
+                }
+            };
+            let entry = &mut next_offsets[i];
+            entry.1 = entry.1.max(record.offset + 1);
             match &record.delta {
                 Ok(None) => stats.tombstones += 1,
                 Ok(Some(delta)) => {
@@ -260,7 +269,7 @@ impl Store {
                     // transaction committed at C means every earlier transaction is complete
                     // here; a watermark W means every transaction at or below W is.
                     let complete_below = if delta.op == DeltaOp::Watermark { delta.commit_lsn } else { delta.commit_lsn - 1 };
-                    entry.1 = entry.1.max(complete_below);
+                    entry.2 = entry.2.max(complete_below);
                     if delta.op == DeltaOp::Watermark {
                         stats.watermarks += 1;
                         continue;
@@ -272,7 +281,7 @@ impl Store {
                     match apply_delta(&tx, &mut self.tables, delta) {
                         Ok(true) => {
                             stats.applied += 1;
-                            *stats.applied_by_op.entry(delta.op.as_str()).or_insert(0) += 1;
+                            applied_by_op[delta.op as usize] += 1;
                         }
                         Ok(false) => stats.skipped_older += 1,
                         Err(ApplyError::Sqlite(e)) => return Err(e.into()),
@@ -288,7 +297,12 @@ impl Store {
                 }
             }
         }
-        for (partition, (next, applied)) in &next_offsets {
+        for op in [DeltaOp::Insert, DeltaOp::Update, DeltaOp::Delete, DeltaOp::Truncate, DeltaOp::Snapshot] {
+            if applied_by_op[op as usize] > 0 {
+                stats.applied_by_op.insert(op.as_str(), applied_by_op[op as usize]);
+            }
+        }
+        for (partition, next, applied) in &next_offsets {
             tx.execute(
                 "INSERT INTO _pgfanout_offsets (topic, partition, next_offset, applied_lsn) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (topic, partition) DO UPDATE SET
@@ -525,11 +539,7 @@ fn write_row(
             n + 2
         )
     });
-    let mut stmt = tx.prepare_cached(&sql)?;
-    let mut values: Vec<&dyn ToSql> = row.iter().map(|c| &c.value as &dyn ToSql).collect();
-    values.push(&version.0);
-    values.push(&version.1);
-    Ok(stmt.execute(values.as_slice())? > 0)
+    execute_versioned(tx, &sql, row, version)
 }
 
 fn write_tombstone(
@@ -557,11 +567,18 @@ fn write_tombstone(
             n + 2
         )
     });
-    let mut stmt = tx.prepare_cached(&sql)?;
-    let mut values: Vec<&dyn ToSql> = key.iter().map(|c| &c.value as &dyn ToSql).collect();
-    values.push(&version.0);
-    values.push(&version.1);
-    Ok(stmt.execute(values.as_slice())? > 0)
+    execute_versioned(tx, &sql, key, version)
+}
+
+/// Runs a versioned write: the columns' values, then the version; `true` if a row changed.
+fn execute_versioned(tx: &rusqlite::Transaction<'_>, sql: &str, columns: &[Column], version: (i64, i64)) -> Result<bool, ApplyError> {
+    let mut stmt = tx.prepare_cached(sql)?;
+    for (i, c) in columns.iter().enumerate() {
+        stmt.raw_bind_parameter(i + 1, &c.value)?;
+    }
+    stmt.raw_bind_parameter(columns.len() + 1, version.0)?;
+    stmt.raw_bind_parameter(columns.len() + 2, version.1)?;
+    Ok(stmt.raw_execute()? > 0)
 }
 
 impl ToSql for Value {
