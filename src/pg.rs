@@ -113,12 +113,14 @@ impl TableInfo {
 pub async fn table_info(client: &Client, table: &TableName) -> Result<Option<TableInfo>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text, a.atttypid,
-                    coalesce(a.attnum = ANY(i.indkey), false)
+            // A domain is carried as its base type (as pgoutput describes it).
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), coalesce(bt.typname, t.typname)::text,
+                    coalesce(bt.oid, t.oid), coalesce(a.attnum = ANY(i.indkey), false)
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                JOIN pg_type t ON t.oid = a.atttypid
+               LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
                LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
               WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
               ORDER BY a.attnum",

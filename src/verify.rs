@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
+use tokio_postgres::SimpleQueryMessage;
 
 use crate::contract::Value;
 use crate::device::store::{sqlite_table, value_from_sqlite};
@@ -55,19 +56,21 @@ fn canonical(columns: &[(String, Value)]) -> String {
     s
 }
 
-/// Reads every row of a table from PostgreSQL in canonical form.
+/// Reads every row of a table from PostgreSQL in canonical form. The simple query protocol
+/// returns each value as its type's text output — the same text pgoutput sends (a `::text`
+/// cast would differ, e.g. it trims `char(n)` padding).
 pub async fn postgres_rows(client: &tokio_postgres::Client, table: &TableInfo) -> Result<Rows, VerifyError> {
-    let select = table.columns.iter().map(|c| format!("{}::text", quote_ident(&c.name))).collect::<Vec<_>>().join(", ");
-    let rows = client.query(&format!("SELECT {select} FROM {}", table.name.quoted()), &[]).await?;
+    let select = table.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let messages = client.simple_query(&format!("SELECT {select} FROM {}", table.name.quoted())).await?;
     let mut out = Rows::new();
-    for row in rows {
+    for message in messages {
+        let SimpleQueryMessage::Row(row) = message else { continue };
         let mut key = Vec::new();
         let mut all = Vec::new();
         for (i, c) in table.columns.iter().enumerate() {
-            let text: Option<String> = row.get(i);
-            let value = match text {
+            let value = match row.get(i) {
                 None => Value::Null,
-                Some(t) => Value::from_pg_text(&c.type_name, &t).map_err(|e| VerifyError::Other(e.to_string()))?,
+                Some(t) => Value::from_pg_text(&c.type_name, t).map_err(|e| VerifyError::Other(e.to_string()))?,
             };
             if c.is_key {
                 key.push((c.name.clone(), value.clone()));

@@ -26,7 +26,7 @@ fn checksums(p: &Pipeline, device: &str, tables: &[pgfanout::pg::TableInfo]) -> 
 async fn replay_never_moves_a_store_backwards_and_starts_where_asked() {
     let mut p = Pipeline::new("replay").await;
     p.start_executor();
-    p.start_capture();
+    p.start_capture().await;
     p.start_device("a", &[]);
     let mut workload = Workload::new(4, "device-a");
     p.submit_and_wait(&workload.instructions(400)).await;
@@ -83,7 +83,7 @@ async fn replay_never_moves_a_store_backwards_and_starts_where_asked() {
 async fn a_device_can_keep_a_subset_of_tables() {
     let mut p = Pipeline::new("partial").await;
     p.start_executor();
-    p.start_capture();
+    p.start_capture().await;
     p.start_device("b", &["--tables", "public.items"]);
     let mut workload = Workload::new(5, "device-b");
     p.submit_and_wait(&workload.instructions(400)).await;
@@ -128,7 +128,7 @@ async fn a_device_can_keep_a_subset_of_tables() {
 async fn rebuild_swaps_in_a_store_equal_to_postgres() {
     let mut p = Pipeline::new("rebuild").await;
     p.start_executor();
-    p.start_capture();
+    p.start_capture().await;
     p.start_device("a", &[]);
     let mut workload = Workload::new(6, "device-a");
     p.submit_and_wait(&workload.instructions(500)).await;
@@ -167,7 +167,7 @@ async fn rebuild_swaps_in_a_store_equal_to_postgres() {
 async fn a_device_offline_during_fifty_thousand_changes_catches_up() {
     let mut p = Pipeline::new("offline").await;
     p.start_executor();
-    p.start_capture();
+    p.start_capture().await;
     p.start_device("a", &[]);
     let mut workload = Workload::new(7, "device-a");
     p.submit_and_wait(&workload.instructions(200)).await;

@@ -399,7 +399,7 @@ async fn an_executor_killed_mid_batch_leaves_every_instruction_applied_once() {
 async fn submit_waits_until_every_device_applied_the_instruction() {
     let mut p = Pipeline::new("all_devices").await;
     p.start_executor();
-    p.start_capture();
+    p.start_capture().await;
     for d in ["a", "b", "c"] {
         p.start_device(d, &[]);
     }

@@ -13,7 +13,7 @@ const DEVICES: [&str; 3] = ["a", "b", "c"];
 async fn a_thousand_instructions_reach_three_devices_row_by_row() {
     let mut p = Pipeline::new("full_path").await;
     p.start_executor();
-    p.start_capture();
+    p.start_capture().await;
     for d in DEVICES {
         p.start_device(d, &[]);
     }
@@ -99,7 +99,7 @@ async fn the_same_instruction_twice_changes_postgres_once_with_identical_results
 async fn a_device_killed_mid_stream_converges_applying_each_delta_once() {
     let mut p = Pipeline::new("device_kill").await;
     p.start_executor();
-    p.start_capture();
+    p.start_capture().await;
     // One delta per SQLite transaction: the kill lands between and inside many of them.
     let device_args = ["--batch-size", "1"];
     let mut workload = Workload::new(2, "device-a");
@@ -152,7 +152,7 @@ async fn a_device_killed_mid_stream_converges_applying_each_delta_once() {
 async fn capture_killed_and_restarted_loses_no_change() {
     let mut p = Pipeline::new("capture_kill").await;
     p.start_executor();
-    p.start_capture();
+    p.start_capture().await;
     for d in DEVICES {
         p.start_device(d, &[]);
     }
@@ -174,7 +174,7 @@ async fn capture_killed_and_restarted_loses_no_change() {
             ))
             .await
             .unwrap();
-        p.start_capture();
+        p.start_capture().await;
     }
     p.submit_and_wait(&workload.instructions(200)).await;
     p.wait_converged(&DEVICES).await;

@@ -571,7 +571,12 @@ fn write_tombstone(
 }
 
 /// Runs a versioned write: the columns' values, then the version; `true` if a row changed.
-fn execute_versioned(tx: &rusqlite::Transaction<'_>, sql: &str, columns: &[Column], version: (i64, i64)) -> Result<bool, ApplyError> {
+fn execute_versioned(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    columns: &[Column],
+    version: (i64, i64),
+) -> Result<bool, ApplyError> {
     let mut stmt = tx.prepare_cached(sql)?;
     for (i, c) in columns.iter().enumerate() {
         stmt.raw_bind_parameter(i + 1, &c.value)?;

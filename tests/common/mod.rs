@@ -139,8 +139,22 @@ impl Pipeline {
         self.start("executor", &["executor"]);
     }
 
-    pub fn start_capture(&mut self) {
+    /// Starts capture and waits until it streams from its slot: changes committed before
+    /// the slot exists are not captured (there is no initial snapshot yet).
+    pub async fn start_capture(&mut self) {
         self.start("capture", &["capture"]);
+        let client = self.client().await;
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let row =
+                client.query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&self.name]).await.unwrap();
+            if row.is_some_and(|r| r.get::<_, bool>(0)) {
+                return;
+            }
+            self.assert_running("capture");
+            assert!(Instant::now() < deadline, "capture did not start streaming");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn start_device(&mut self, id: &str, extra: &[&str]) {
@@ -284,14 +298,19 @@ impl Pipeline {
                 return;
             }
             if Instant::now() > deadline {
-                let report = verify::verify(
-                    &self.postgres.conninfo,
-                    &self.postgres.publication,
-                    &devices.iter().map(|d| self.store(d)).collect::<Vec<_>>(),
-                )
-                .await
-                .unwrap();
-                panic!("devices did not converge within {TIMEOUT:?}: {report:#?}");
+                let mut first_difference = String::new();
+                for d in devices {
+                    let got = self.device_rows(d).await;
+                    for (table, rows) in &expected {
+                        let theirs = got.get(table).cloned().unwrap_or_default();
+                        if let Some((k, v)) = rows.iter().find(|(k, v)| theirs.get(*k) != Some(*v)) {
+                            first_difference =
+                                format!("device {d}, {table}, key {k}:\n postgres {v}\n device   {:?}", theirs.get(k));
+                            break;
+                        }
+                    }
+                }
+                panic!("devices did not converge within {TIMEOUT:?}; first difference: {first_difference}");
             }
             for label in self.children.keys().cloned().collect::<Vec<_>>() {
                 self.assert_running(&label);
