@@ -69,3 +69,35 @@ async fn every_type_reaches_the_device_intact() {
     p.stop("device-a");
     p.stop("capture");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_keeps_moving_while_only_unpublished_tables_change() {
+    let mut p = Pipeline::new("idle_slot").await;
+    p.start_capture().await;
+    let client = p.client().await;
+    client.batch_execute("CREATE TABLE public.not_published (id bigserial PRIMARY KEY, payload text)").await.unwrap();
+    let slot_lsn = || async {
+        let row = client
+            .query_one(
+                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&p.name],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    let before = slot_lsn().await;
+    client
+        .batch_execute("INSERT INTO public.not_published (payload) SELECT repeat('x', 200) FROM generate_series(1, 20000)")
+        .await
+        .unwrap();
+    let written: i64 = client.query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[]).await.unwrap().get(0);
+    assert!(written - before > 4_000_000, "the test wrote megabytes of WAL");
+    // No delta is published, yet the slot follows the server instead of holding WAL back.
+    common::wait_for("the slot to pass the unpublished writes", common::TIMEOUT, || async {
+        (slot_lsn().await >= written).then_some(())
+    })
+    .await;
+    assert_eq!(p.delta_records() % 3, 0, "only watermarks (one per partition each time) were published");
+    p.stop("capture");
+}
