@@ -199,6 +199,27 @@ pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, s
     Ok(())
 }
 
+/// Per partition: its number, first offset and next offset.
+pub(crate) type PartitionBounds = (i32, i64, i64);
+
+/// The bounds of every partition of the deltas topic, with the consumer that read them.
+/// Blocking.
+pub(crate) fn topic_bounds(kafka_settings: &KafkaSettings) -> Result<(BaseConsumer, Vec<PartitionBounds>), DeviceError> {
+    let topic = kafka_settings.topics().deltas;
+    let probe: BaseConsumer =
+        kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: "pgfanout-probe" }).create()?;
+    let partitions = kafka::partition_count(probe.client(), &topic)?;
+    if partitions == 0 {
+        return Err(DeviceError::NoPartitions(topic));
+    }
+    let mut bounds = Vec::with_capacity(partitions);
+    for p in 0..partitions as i32 {
+        let (low, high) = probe.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+        bounds.push((p, low, high));
+    }
+    Ok((probe, bounds))
+}
+
 /// Assigns every partition of `topic`, each at the offset the store recorded; returns the
 /// partitions.
 fn assign_from_store(consumer: &BaseConsumer, store: &Store, topic: &str, shutdown: &Shutdown) -> Result<Vec<i32>, DeviceError> {

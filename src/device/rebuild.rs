@@ -9,14 +9,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::store::StoreLock;
-use super::{Device, DeviceError, DeviceSettings};
+use super::{topic_bounds, Device, DeviceError, DeviceSettings};
 use crate::config::KafkaSettings;
-use crate::kafka::{self, ClientRole};
 use crate::shutdown::Shutdown;
 
 /// What a rebuild did.
@@ -39,16 +35,9 @@ pub fn rebuild_blocking(
     shutdown: Shutdown,
 ) -> Result<RebuildReport, DeviceError> {
     let _live = StoreLock::acquire(&settings.store)?;
-    let topic = kafka_settings.topics().deltas;
-    let probe: BaseConsumer =
-        kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: "pgfanout-rebuild" }).create()?;
-    let partitions = kafka::partition_count(probe.client(), &topic)?;
-    if partitions == 0 {
-        return Err(DeviceError::NoPartitions(topic));
-    }
+    let (probe, bounds) = topic_bounds(kafka_settings)?;
     let mut ends = HashMap::new();
-    for p in 0..partitions as i32 {
-        let (low, high) = probe.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+    for (p, low, high) in bounds {
         if low > 0 {
             return Err(DeviceError::Replay(format!(
                 "the deltas topic no longer holds its whole history (partition {p} starts at offset {low}): a store rebuilt from it would miss rows. \

@@ -10,13 +10,12 @@ use std::io::{IsTerminal, Write};
 use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::store::Store;
-use super::{Device, DeviceError, DeviceSettings};
+use super::{topic_bounds, Device, DeviceError, DeviceSettings};
 use crate::config::KafkaSettings;
-use crate::kafka::{self, ClientRole};
 use crate::shutdown::Shutdown;
 
 /// Where a replay starts.
@@ -79,19 +78,10 @@ pub fn replay_blocking(
     shutdown: Shutdown,
 ) -> Result<ReplayReport, DeviceError> {
     let topic = kafka_settings.topics().deltas;
-    let probe: BaseConsumer =
-        kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: "pgfanout-replay" }).create()?;
-    let partitions = kafka::partition_count(probe.client(), &topic)?;
-    if partitions == 0 {
-        return Err(DeviceError::NoPartitions(topic));
-    }
-    let mut ends = HashMap::new();
-    let mut starts = HashMap::new();
-    for p in 0..partitions as i32 {
-        let (low, high) = probe.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-        ends.insert(p, high);
-        starts.insert(p, low);
-    }
+    let (probe, bounds) = topic_bounds(kafka_settings)?;
+    let partitions = bounds.len();
+    let ends: HashMap<i32, i64> = bounds.iter().map(|(p, _, high)| (*p, *high)).collect();
+    let starts: HashMap<i32, i64> = bounds.iter().map(|(p, low, _)| (*p, *low)).collect();
     let from: HashMap<i32, i64> = match &settings.from {
         ReplayFrom::Beginning => starts.clone(),
         ReplayFrom::Offset { partition, offset } => {
