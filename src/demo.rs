@@ -129,9 +129,12 @@ async fn drive(
     let total = ids.len();
     let waited = tokio::task::spawn_blocking(move || {
         let step = (total / 10).max(1);
+        let mut shown = 0;
         let r = watcher.wait_for(&ids, timeout, |seen| {
-            if seen % step == 0 || seen == total {
+            // A line each time another tenth has arrived (results come in batches).
+            if seen / step > shown / step || seen == total {
                 println!("results: {seen} of {total}");
+                shown = seen;
             }
         });
         (watcher, r)
