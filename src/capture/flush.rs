@@ -19,6 +19,7 @@ pub struct TxHandle(u64);
 struct TxSlot {
     end_lsn: Option<Lsn>,
     outstanding: u64,
+    began: std::time::Instant,
 }
 
 #[derive(Debug)]
@@ -36,7 +37,7 @@ impl FlushLsnTracker {
 
     /// A transaction began (its deltas follow).
     pub fn begin(&mut self) -> TxHandle {
-        self.txs.push_back(TxSlot { end_lsn: None, outstanding: 0 });
+        self.txs.push_back(TxSlot { end_lsn: None, outstanding: 0, began: std::time::Instant::now() });
         TxHandle(self.first + self.txs.len() as u64 - 1)
     }
 
@@ -94,6 +95,11 @@ impl FlushLsnTracker {
     /// The LSN up to which everything is in Kafka.
     pub fn flushed(&self) -> Lsn {
         self.flushed
+    }
+
+    /// How long the oldest transaction not yet flushed has been waiting (zero when none).
+    pub fn oldest_pending_age(&self) -> std::time::Duration {
+        self.txs.front().map(|t| t.began.elapsed()).unwrap_or_default()
     }
 
     /// Deltas handed to the producer and not yet acknowledged.

@@ -37,6 +37,9 @@ use flush::{FlushLsnTracker, Lsn, TxHandle};
 use pgoutput::PgOutputMessage;
 use replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
 
+/// How often the slot's lag behind the server is measured.
+const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct CaptureSettings {
     /// Logical replication slot (created with the pgoutput plugin on first start).
@@ -126,7 +129,8 @@ struct Session<'a> {
 
 impl Session<'_> {
     async fn run(&self, shutdown: &mut Shutdown) -> Result<(), CaptureError> {
-        let (mut stream, confirmed) = self.start().await?;
+        let (mut stream, confirmed, monitor) = self.start().await?;
+        let mut slot_check = tokio::time::interval(SLOT_CHECK_INTERVAL);
         let mut tracker = FlushLsnTracker::new(confirmed);
         let mut decoder = ChangeDecoder::new();
         let mut in_flight: InFlight = FuturesUnordered::new();
@@ -149,6 +153,12 @@ impl Session<'_> {
                 _ = status.tick() => {
                     if let Err(e) = report(&mut stream, &tracker, &mut reported, true).await {
                         break Err(e);
+                    }
+                }
+                _ = slot_check.tick() => {
+                    // Monitoring only: a failure here must not stop the stream.
+                    if let Err(e) = self.report_slot(&monitor, &tracker).await {
+                        tracing::debug!(error = %e, "slot lag not measured");
                     }
                 }
                 _ = watermark_timer.tick() => {
@@ -189,7 +199,7 @@ impl Session<'_> {
 
     /// Checks the server, creates the slot if needed and starts streaming. Returns the
     /// stream and the slot's confirmed position.
-    async fn start(&self) -> Result<(ReplicationStream, Lsn), CaptureError> {
+    async fn start(&self) -> Result<(ReplicationStream, Lsn, tokio_postgres::Client), CaptureError> {
         let client = pg::connect(&self.pg_settings.conninfo).await?;
         let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
         if wal_level != "logical" {
@@ -231,7 +241,7 @@ impl Session<'_> {
             }
         };
         let stream = repl.start_replication(&self.settings.slot, confirmed, publication).await?;
-        Ok((stream, confirmed))
+        Ok((stream, confirmed, client))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -291,6 +301,28 @@ impl Session<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// Publishes how far the slot trails the server: WAL bytes not yet confirmed, WAL
+    /// bytes the slot retains, and how long the oldest unconfirmed transaction has waited.
+    async fn report_slot(
+        &self,
+        monitor: &tokio_postgres::Client,
+        tracker: &FlushLsnTracker,
+    ) -> Result<(), tokio_postgres::Error> {
+        let row = monitor
+            .query_opt(
+                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8, (pg_current_wal_lsn() - restart_lsn)::float8
+                   FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.settings.slot],
+            )
+            .await?;
+        if let Some(row) = row {
+            metrics::gauge!("pgfanout_capture_slot_lag_bytes").set(row.get::<_, Option<f64>>(0).unwrap_or(0.0));
+            metrics::gauge!("pgfanout_capture_slot_retained_bytes").set(row.get::<_, Option<f64>>(1).unwrap_or(0.0));
+        }
+        metrics::gauge!("pgfanout_capture_slot_lag_seconds").set(tracker.oldest_pending_age().as_secs_f64());
+        Ok(())
     }
 
     /// Sends a watermark delta to every partition: every transaction that committed at or
