@@ -171,18 +171,12 @@ impl Device {
         metrics::counter!("pgfanout_device_deltas_rejected_total", "device" => device.clone()).increment(stats.rejected);
         metrics::histogram!("pgfanout_device_apply_batch_duration_seconds", "device" => device)
             .record(started.elapsed().as_secs_f64());
-        let mut positions = HashMap::new();
-        for r in &records {
-            let e = positions.entry(r.partition).or_insert(0);
-            *e = (*e).max(r.offset + 1);
-        }
-        self.positions.extend(positions.iter().map(|(p, o)| (*p, *o)));
-        Ok(Step { processed: stats.processed, positions })
+        self.positions.extend(&stats.next_offset);
+        Ok(Step { processed: stats.processed, positions: stats.next_offset })
     }
 
     pub(crate) fn close(self) {
         kafka::close_consumer(self.consumer);
-        drop(self.store);
     }
 }
 

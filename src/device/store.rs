@@ -91,6 +91,8 @@ pub struct BatchStats {
     /// Per partition touched by the batch: the position below which every transaction is
     /// fully applied on this device (see [`Store::applied_lsns`]).
     pub applied_lsn: HashMap<i32, i64>,
+    /// Per partition touched by the batch: the next offset to consume.
+    pub next_offset: HashMap<i32, i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -311,6 +313,7 @@ impl Store {
                 params![topic, partition, next, applied],
             )?;
             stats.applied_lsn.insert(*partition, *applied);
+            stats.next_offset.insert(*partition, *next);
         }
         for (name, n) in [
             ("processed", stats.processed),
@@ -520,24 +523,12 @@ fn write_row(
     version: (i64, i64),
 ) -> Result<bool, ApplyError> {
     let sql = shape.statement(signature('W', row), || {
-        let t = sqlite_table(table);
-        let cols: Vec<&Column> = row.iter().collect();
-        let names = cols.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-        let marks = (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
-        let n = cols.len();
-        let updates: String = cols
+        let updates: String = row
             .iter()
             .filter(|c| !c.unchanged && !shape.key.contains(&c.name))
             .map(|c| format!("{0} = excluded.{0}, ", quote_ident(&c.name)))
             .collect();
-        let conflict = shape.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
-        format!(
-            "INSERT INTO {t} ({names}, {LSN}, {SEQ}, {DELETED}) VALUES ({marks}, ?{}, ?{}, 0)
-             ON CONFLICT ({conflict}) DO UPDATE SET {updates}{LSN} = excluded.{LSN}, {SEQ} = excluded.{SEQ}, {DELETED} = 0
-             WHERE ({LSN}, {SEQ}) < (excluded.{LSN}, excluded.{SEQ})",
-            n + 1,
-            n + 2
-        )
+        versioned_upsert_sql(table, shape, row, &updates, false)
     });
     execute_versioned(tx, &sql, row, version)
 }
@@ -552,22 +543,25 @@ fn write_tombstone(
     // A tombstone clears every non-key column the table has now: part of its signature.
     let mut sig = signature('D', key);
     sig.push_str(&shape.columns.len().to_string());
-    let sql = shape.statement(sig, || {
-        let t = sqlite_table(table);
-        let names = key.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-        let marks = (1..=key.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
-        let n = key.len();
-        let nulls = null_assignments(shape);
-        let conflict = shape.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
-        format!(
-            "INSERT INTO {t} ({names}, {LSN}, {SEQ}, {DELETED}) VALUES ({marks}, ?{}, ?{}, 1)
-             ON CONFLICT ({conflict}) DO UPDATE SET {nulls}{LSN} = excluded.{LSN}, {SEQ} = excluded.{SEQ}, {DELETED} = 1
-             WHERE ({LSN}, {SEQ}) < (excluded.{LSN}, excluded.{SEQ})",
-            n + 1,
-            n + 2
-        )
-    });
+    let sql = shape.statement(sig, || versioned_upsert_sql(table, shape, key, &null_assignments(shape), true));
     execute_versioned(tx, &sql, key, version)
+}
+
+/// `INSERT … ON CONFLICT DO UPDATE` of `columns` plus the version, applied only when the
+/// version is newer than the stored one: `assignments` (each ending in `, `) change the
+/// other columns, and the row becomes live or a tombstone.
+fn versioned_upsert_sql(table: &str, shape: &TableShape, columns: &[Column], assignments: &str, tombstone: bool) -> String {
+    let t = sqlite_table(table);
+    let names = columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let marks = (1..=columns.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let (lsn, seq) = (columns.len() + 1, columns.len() + 2);
+    let conflict = shape.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+    let deleted = u8::from(tombstone);
+    format!(
+        "INSERT INTO {t} ({names}, {LSN}, {SEQ}, {DELETED}) VALUES ({marks}, ?{lsn}, ?{seq}, {deleted})
+         ON CONFLICT ({conflict}) DO UPDATE SET {assignments}{LSN} = excluded.{LSN}, {SEQ} = excluded.{SEQ}, {DELETED} = {deleted}
+         WHERE ({LSN}, {SEQ}) < (excluded.{LSN}, excluded.{SEQ})"
+    )
 }
 
 /// Runs a versioned write: the columns' values, then the version; `true` if a row changed.
