@@ -2,14 +2,10 @@
 //! end, the lag between them and the applied position — and its watermark and counters.
 //! Reads the store without locking it, so it works while the device runs.
 
-use std::time::Duration;
-
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rusqlite::{Connection, OpenFlags};
 
-use super::DeviceError;
+use super::{topic_bounds, DeviceError};
 use crate::config::KafkaSettings;
-use crate::kafka::{self, ClientRole};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionStatus {
@@ -72,15 +68,14 @@ pub fn status_blocking(kafka_settings: &KafkaSettings, path: &std::path::Path) -
         .prepare("SELECT name, value FROM _pgfanout_counters ORDER BY name")
         .and_then(|mut stmt| stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
         .map_err(not_a_store)?;
-    let probe: BaseConsumer =
-        kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: "pgfanout-status" }).create()?;
-    let n = kafka::partition_count(probe.client(), &topic)?;
-    let mut partitions = Vec::with_capacity(n);
-    for p in 0..n as i32 {
-        let (_, end) = probe.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-        let (next_offset, applied_lsn) =
-            stored.iter().find(|(sp, _, _)| *sp == p).map_or((0, 0), |(_, next, applied)| (*next, *applied));
-        partitions.push(PartitionStatus { partition: p, next_offset, end, applied_lsn });
-    }
+    let (_, bounds) = topic_bounds(kafka_settings)?;
+    let partitions = bounds
+        .into_iter()
+        .map(|(partition, _, end)| {
+            let (next_offset, applied_lsn) =
+                stored.iter().find(|(p, _, _)| *p == partition).map_or((0, 0), |(_, next, applied)| (*next, *applied));
+            PartitionStatus { partition, next_offset, end, applied_lsn }
+        })
+        .collect();
     Ok(DeviceStatus { partitions, counters })
 }
