@@ -137,6 +137,18 @@ pub async fn produce_instructions(
     Ok(())
 }
 
+/// Polls a topic follower; a broker that is away yields nothing this time, not an error.
+fn poll_follower(consumer: &BaseConsumer, wait: Duration) -> Result<Vec<rdkafka::message::OwnedMessage>, SubmitError> {
+    match kafka::poll_batch(consumer, 10_000, wait, Duration::from_millis(5)) {
+        Ok(batch) => Ok(batch),
+        Err(e) if kafka::is_transient(&e) => {
+            tracing::debug!(error = %e, "topic not readable yet; retrying");
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Follows the results topic from its end at creation time, collecting results by id.
 pub struct ResultWatcher {
     consumer: BaseConsumer,
@@ -173,15 +185,7 @@ impl ResultWatcher {
                 let missing = ids.iter().filter(|id| !self.results.contains_key(*id)).count();
                 return Err(SubmitError::Timeout(format!("{missing} instructions have no result after {timeout:?}")));
             }
-            let batch = match kafka::poll_batch(&self.consumer, 10_000, Duration::from_millis(200), Duration::from_millis(5)) {
-                Ok(batch) => batch,
-                Err(e) if kafka::is_transient(&e) => {
-                    tracing::debug!(error = %e, "results not readable yet; retrying");
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            for m in batch {
+            for m in poll_follower(&self.consumer, Duration::from_millis(200))? {
                 if let Some(Ok(r)) = m.payload().map(decode_result) {
                     self.deliveries += 1;
                     if let Some(old) = self.results.insert(r.instruction_id.clone(), r.clone()) {
@@ -246,15 +250,7 @@ impl AckWatcher {
     }
 
     fn poll(&mut self, wait: Duration) -> Result<(), SubmitError> {
-        let batch = match kafka::poll_batch(&self.consumer, 10_000, wait, Duration::from_millis(5)) {
-            Ok(batch) => batch,
-            Err(e) if kafka::is_transient(&e) => {
-                tracing::debug!(error = %e, "acknowledgements not readable yet; retrying");
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        };
-        for m in batch {
+        for m in poll_follower(&self.consumer, wait)? {
             if let Some(Ok(ack)) = m.payload().map(decode_device_ack) {
                 let newer = self.latest.get(&ack.device_id).is_none_or(|old| old.at <= ack.at);
                 if newer {
