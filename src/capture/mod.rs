@@ -291,6 +291,7 @@ impl Session<'_> {
                         decoder.next_seq();
                     }
                     Some(Change::Commit { end_lsn }) => {
+                        tracing::debug!(end_lsn = %replication::format_lsn(end_lsn), "transaction received");
                         if let Some(tx) = current_tx.take() {
                             tracker.committed(tx, end_lsn);
                         }

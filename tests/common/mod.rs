@@ -146,9 +146,18 @@ impl Pipeline {
         let client = self.client().await;
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            let row =
-                client.query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&self.name]).await.unwrap();
-            if row.is_some_and(|r| r.get::<_, bool>(0)) {
+            // A slot being created is already `active` while it waits for running
+            // transactions; its walsender reports `catchup` or `streaming` only once
+            // START_REPLICATION runs from the consistent point.
+            let row = client
+                .query_opt(
+                    "SELECT r.state FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+                     WHERE s.slot_name = $1",
+                    &[&self.name],
+                )
+                .await
+                .unwrap();
+            if row.is_some_and(|r| matches!(r.get::<_, Option<String>>(0).as_deref(), Some("catchup" | "streaming"))) {
                 return;
             }
             self.assert_running("capture");
@@ -310,13 +319,59 @@ impl Pipeline {
                         }
                     }
                 }
-                panic!("devices did not converge within {TIMEOUT:?}; first difference: {first_difference}");
+                panic!(
+                    "devices did not converge within {TIMEOUT:?}; first difference: {first_difference}\n{}\n{}",
+                    self.slot_state().await,
+                    self.log_tails()
+                );
             }
             for label in self.children.keys().cloned().collect::<Vec<_>>() {
                 self.assert_running(&label);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// The replication slot and its walsender as PostgreSQL sees them, and the deltas in
+    /// Kafka, for a failure message.
+    async fn slot_state(&self) -> String {
+        let client = self.client().await;
+        let row = client
+            .query_opt(
+                "SELECT s.active, s.confirmed_flush_lsn::text, r.state, r.sent_lsn::text, pg_current_wal_lsn()::text
+                 FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+                 WHERE s.slot_name = $1",
+                &[&self.name],
+            )
+            .await;
+        let slot = match row {
+            Ok(Some(r)) => format!(
+                "slot active={:?} confirmed_flush={:?} walsender={:?} sent={:?} server_wal={:?}",
+                r.get::<_, bool>(0),
+                r.get::<_, Option<String>>(1),
+                r.get::<_, Option<String>>(2),
+                r.get::<_, Option<String>>(3),
+                r.get::<_, Option<String>>(4)
+            ),
+            Ok(None) => "no slot".to_string(),
+            Err(e) => format!("slot state unknown: {e}"),
+        };
+        format!("{slot}; {} records in the deltas topic", self.delta_records())
+    }
+
+    /// The last lines of every component's log, for a failure message.
+    fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for label in self.children.keys() {
+            let log = std::fs::read_to_string(self.dir.join(format!("{label}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            out.push_str(&format!("--- {label}.log (last 30 lines)\n"));
+            for line in &lines[lines.len().saturating_sub(30)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Number of records in the deltas topic (sum over partitions).
