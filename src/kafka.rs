@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryResult, FutureProducer, FutureRecord, ProducerContext};
+use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -103,12 +104,87 @@ fn is_producer_only_property(key: &str) -> bool {
         || key == "message.timeout.ms"
 }
 
-/// Consumer context that logs partition assignments and revocations.
-pub struct RebalanceLogger;
+/// Client context of the long-running components: logs partition assignments and
+/// revocations, and turns librdkafka's statistics (every [`STATISTICS_INTERVAL_MS`]) into
+/// the process's `pgfanout_<component>_kafka_*` metrics, summed over its clients.
+pub struct Observed {
+    component: &'static str,
+    labels: Vec<metrics::Label>,
+}
 
-impl ClientContext for RebalanceLogger {}
+/// How often librdkafka reports statistics to [`Observed`] clients.
+pub const STATISTICS_INTERVAL_MS: u32 = 5000;
 
-impl ConsumerContext for RebalanceLogger {
+/// The figures of one client, kept so that the process-wide metrics add up its clients.
+#[derive(Default, Clone, Copy)]
+struct ClientFigures {
+    queued: i64,
+    rtt_seconds: f64,
+    errors: u64,
+}
+
+static CLIENT_FIGURES: std::sync::Mutex<Vec<(String, ClientFigures)>> = std::sync::Mutex::new(Vec::new());
+
+impl Observed {
+    /// `device` labels the metrics of a device process.
+    pub fn new(component: &'static str, device: Option<&str>) -> Observed {
+        let labels = device.map(|d| vec![metrics::Label::new("device", d.to_string())]).unwrap_or_default();
+        Observed { component, labels }
+    }
+
+    /// Creates a client of `role` with this context and statistics enabled.
+    pub fn create<T: FromClientConfigAndContext<Observed>>(
+        self,
+        settings: &KafkaSettings,
+        role: ClientRole<'_>,
+    ) -> Result<T, KafkaError> {
+        let mut cfg = client_config(settings, role);
+        if cfg.get("statistics.interval.ms").is_none() {
+            cfg.set("statistics.interval.ms", STATISTICS_INTERVAL_MS.to_string());
+        }
+        cfg.create_with_context(self)
+    }
+}
+
+impl ClientContext for Observed {
+    fn stats(&self, statistics: Statistics) {
+        let mut figures = ClientFigures { queued: statistics.msg_cnt as i64, ..ClientFigures::default() };
+        for topic in statistics.topics.values() {
+            figures.queued += topic.partitions.values().map(|p| p.fetchq_cnt.max(0)).sum::<i64>();
+        }
+        for broker in statistics.brokers.values() {
+            figures.errors += broker.txerrs + broker.rxerrs + broker.req_timeouts;
+            if let Some(rtt) = &broker.rtt {
+                figures.rtt_seconds = figures.rtt_seconds.max(rtt.avg as f64 / 1e6);
+            }
+        }
+        let total = {
+            let mut all = CLIENT_FIGURES.lock().unwrap_or_else(|e| e.into_inner());
+            match all.iter_mut().find(|(name, _)| *name == statistics.name) {
+                Some((_, f)) => *f = figures,
+                None => all.push((statistics.name, figures)),
+            }
+            all.iter().fold(ClientFigures::default(), |t, (_, f)| ClientFigures {
+                queued: t.queued + f.queued,
+                rtt_seconds: t.rtt_seconds.max(f.rtt_seconds),
+                errors: t.errors + f.errors,
+            })
+        };
+        let c = self.component;
+        metrics::gauge!(format!("pgfanout_{c}_kafka_queue_messages"), self.labels.clone()).set(total.queued as f64);
+        metrics::gauge!(format!("pgfanout_{c}_kafka_broker_rtt_seconds"), self.labels.clone()).set(total.rtt_seconds);
+        metrics::counter!(format!("pgfanout_{c}_kafka_errors_total"), self.labels.clone()).absolute(total.errors);
+    }
+}
+
+/// Acknowledgements are fire-and-forget for the one producer that uses this (device acks:
+/// the next one supersedes a lost one).
+impl ProducerContext for Observed {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _result: &DeliveryResult<'_>, _opaque: ()) {}
+}
+
+impl ConsumerContext for Observed {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
@@ -245,8 +321,8 @@ pub fn reader_at(
 
 /// Sends an undecodable or unusable record to the dead-letter topic, with the reason and
 /// its origin in headers, and waits for Kafka's acknowledgement.
-pub async fn dead_letter(
-    producer: &FutureProducer,
+pub async fn dead_letter<C: ClientContext + 'static>(
+    producer: &FutureProducer<C>,
     dlq_topic: &str,
     source: &OwnedMessage,
     component: &str,
@@ -268,7 +344,7 @@ pub async fn dead_letter(
         record = record.payload(p);
     }
     producer.send(record, Timeout::After(Duration::from_secs(30))).await.map(|_| ()).map_err(|(e, _)| e)?;
-    metrics::counter!("pgfanout_dlq_records_total", "component" => component.to_string()).increment(1);
+    metrics::counter!(format!("pgfanout_{component}_dead_letters_total")).increment(1);
     Ok(())
 }
 

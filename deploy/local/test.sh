@@ -6,6 +6,8 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 install_prerequisites
+# The observability test runs a real Prometheus and promtool.
+command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_install prometheus
 WORK=$(mktemp -d /tmp/pgfanout-test.XXXXXX)
 chmod 755 "$WORK"
 PG_DIR="$WORK/pg"

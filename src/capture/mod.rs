@@ -29,7 +29,7 @@ use crate::backoff::Backoff;
 use crate::config::{KafkaSettings, PostgresSettings};
 use crate::contract::codec::encode_delta;
 use crate::contract::{delta_kafka_key, Delta, DeltaOp};
-use crate::kafka::{self, ClientRole};
+use crate::kafka::{self, ClientRole, Observed};
 use crate::pg;
 use crate::shutdown::Shutdown;
 use changes::{Change, ChangeDecoder};
@@ -87,10 +87,11 @@ pub async fn run(
     settings: &CaptureSettings,
     mut shutdown: Shutdown,
 ) -> Result<(), CaptureError> {
-    let producer: FutureProducer = kafka::client_config(kafka_settings, ClientRole::Producer).create()?;
+    let producer: FutureProducer<Observed> = Observed::new("capture", None).create(kafka_settings, ClientRole::Producer)?;
     let topic = kafka_settings.topics().deltas;
     let partitions = partition_count(&producer, &topic).await?;
     let mut backoff = Backoff::new();
+    metrics::counter!("pgfanout_capture_reconnects_total").increment(0);
     loop {
         let session = Session { producer: &producer, topic: &topic, partitions, settings, pg_settings };
         match session.run(&mut shutdown).await {
@@ -108,7 +109,7 @@ pub async fn run(
     Ok(())
 }
 
-async fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, CaptureError> {
+async fn partition_count(producer: &FutureProducer<Observed>, topic: &str) -> Result<i32, CaptureError> {
     let n = tokio::task::block_in_place(|| kafka::partition_count(producer.client(), topic))?;
     if n == 0 {
         return Err(CaptureError::Config(format!("topic {topic} does not exist; create the pipeline's topics first")));
@@ -120,7 +121,7 @@ type InFlight =
     FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = (TxHandle, Instant, Result<(), KafkaError>)> + Send>>>;
 
 struct Session<'a> {
-    producer: &'a FutureProducer,
+    producer: &'a FutureProducer<Observed>,
     topic: &'a str,
     partitions: i32,
     settings: &'a CaptureSettings,

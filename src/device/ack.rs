@@ -9,10 +9,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, ThreadedProducer};
 
 use crate::contract::codec::encode_device_ack;
 use crate::contract::{now_micros, DeviceAck};
+use crate::kafka::Observed;
 
 /// Applied positions per partition and their minimum.
 #[derive(Debug, Clone, Default)]
@@ -46,7 +47,7 @@ impl Watermark {
 /// Publishes the watermark when it moved (at most every `MIN_GAP`) and, as a sign of life,
 /// every `HEARTBEAT` even when it did not.
 pub struct AckPublisher {
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<Observed>,
     topic: String,
     device_id: String,
     last: Option<(i64, Instant)>,
@@ -56,7 +57,7 @@ const MIN_GAP: Duration = Duration::from_millis(100);
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl AckPublisher {
-    pub fn new(producer: ThreadedProducer<DefaultProducerContext>, topic: String, device_id: String) -> Self {
+    pub fn new(producer: ThreadedProducer<Observed>, topic: String, device_id: String) -> Self {
         AckPublisher { producer, topic, device_id, last: None }
     }
 

@@ -25,7 +25,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::KafkaSettings;
 use crate::contract::codec::decode_delta;
 use crate::contract::now_micros;
-use crate::kafka::{self, ClientRole};
+use crate::kafka::{self, ClientRole, Observed};
 use crate::shutdown::Shutdown;
 use ack::{AckPublisher, Watermark};
 use store::{Record, Store};
@@ -64,7 +64,7 @@ pub(crate) struct Device {
     settings: DeviceSettings,
     topic: String,
     store: Store,
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Observed>,
     watermark: Watermark,
     acks: AckPublisher,
     positions: HashMap<i32, i64>,
@@ -92,16 +92,18 @@ impl Device {
         let mut store = Store::open(&settings.store)?;
         store.subscribe_to(settings.tables.as_ref().map(|t| t.iter().map(|s| s.trim().to_string()).collect::<HashSet<_>>()));
         let group_id = format!("pgfanout-device-{}", settings.id);
-        let consumer: BaseConsumer =
-            kafka::client_config(kafka_settings, ClientRole::UncommittedConsumer { group_id: &group_id }).create()?;
+        let consumer: BaseConsumer<Observed> = Observed::new("device", Some(&settings.id))
+            .create(kafka_settings, ClientRole::UncommittedConsumer { group_id: &group_id })?;
         let partitions = assign_from_store(&consumer, &store, &topic, shutdown)?;
         let watermark = Watermark::new(partitions, store.applied_lsns(&topic)?);
         let acks = AckPublisher::new(
-            kafka::client_config(kafka_settings, ClientRole::Producer).create()?,
+            Observed::new("device", Some(&settings.id)).create(kafka_settings, ClientRole::Producer)?,
             kafka_settings.topics().device_acks,
             settings.id.clone(),
         );
         let positions = store.offsets(&topic)?;
+        metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => settings.id.clone()).increment(0);
+        metrics::counter!("pgfanout_device_deltas_rejected_total", "device" => settings.id.clone()).increment(0);
         let lag_checked = Instant::now() - LAG_INTERVAL;
         Ok(Device { settings: settings.clone(), topic, store, consumer, watermark, acks, positions, lag_checked })
     }
@@ -216,7 +218,12 @@ pub(crate) fn topic_bounds(kafka_settings: &KafkaSettings) -> Result<(BaseConsum
 
 /// Assigns every partition of `topic`, each at the offset the store recorded; returns the
 /// partitions.
-fn assign_from_store(consumer: &BaseConsumer, store: &Store, topic: &str, shutdown: &Shutdown) -> Result<Vec<i32>, DeviceError> {
+fn assign_from_store(
+    consumer: &BaseConsumer<Observed>,
+    store: &Store,
+    topic: &str,
+    shutdown: &Shutdown,
+) -> Result<Vec<i32>, DeviceError> {
     let offsets = store.offsets(topic)?;
     let partitions = loop {
         match kafka::partition_count(consumer.client(), topic) {

@@ -204,6 +204,7 @@ async fn prepare<'a>(
                 Err(e) => {
                     // The catalog said yes but PostgreSQL disagrees: it changed meanwhile.
                     catalog.invalidate();
+                    super::count_postgres_error(&e);
                     let code = pg::sqlstate(&e).unwrap_or("XX000").to_string();
                     return Ok(Prepared::Refuse {
                         instruction,
@@ -371,6 +372,7 @@ async fn one(
                         if code == "25P02" {
                             continue; // a later statement of the same failed pipeline
                         }
+                        super::count_postgres_error(&e);
                         if code.starts_with("42") {
                             catalog.invalidate();
                         }

@@ -30,7 +30,7 @@ use crate::backoff::Backoff;
 use crate::config::{KafkaSettings, PostgresSettings};
 use crate::contract::codec::{decode_instruction, encode_result};
 use crate::contract::{Instruction, InstructionResult};
-use crate::kafka::{self, ClientRole, RebalanceLogger};
+use crate::kafka::{self, ClientRole, Observed};
 use crate::pg;
 use crate::pg::TableName;
 use crate::shutdown::Shutdown;
@@ -75,12 +75,17 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> Result<(), ExecutorError> {
     let topics = kafka_settings.topics();
-    let consumer: Arc<BaseConsumer<RebalanceLogger>> = Arc::new(
-        kafka::client_config(kafka_settings, ClientRole::Consumer { group_id: &settings.group_id })
-            .create_with_context(RebalanceLogger)?,
-    );
+    let consumer: Arc<BaseConsumer<Observed>> =
+        Arc::new(Observed::new("executor", None).create(kafka_settings, ClientRole::Consumer { group_id: &settings.group_id })?);
     consumer.subscribe(&[&topics.instructions])?;
-    let producer: FutureProducer = kafka::client_config(kafka_settings, ClientRole::Producer).create()?;
+    let producer: FutureProducer<Observed> = Observed::new("executor", None).create(kafka_settings, ClientRole::Producer)?;
+
+    // Counters exist from the start, so that a dashboard shows 0 rather than nothing.
+    for status in ["committed", "rejected", "failed"] {
+        metrics::counter!("pgfanout_executor_instructions_total", "status" => status).increment(0);
+    }
+    metrics::counter!("pgfanout_executor_retries_total").increment(0);
+    metrics::counter!("pgfanout_executor_dead_letters_total").increment(0);
 
     let mut pg_conn = None;
     let allowed = match &settings.allowed_tables {
@@ -179,6 +184,7 @@ async fn apply_with_retry(
                     *conn = Some(c);
                 }
                 Err(e) if pg::is_transient(&e) => {
+                    count_postgres_error(&e);
                     tracing::warn!(error = %e, "cannot reach postgres; retrying");
                     backoff.wait(shutdown).await;
                     continue;
@@ -191,6 +197,7 @@ async fn apply_with_retry(
             Ok(results) => return Ok(Some(results)),
             Err(e) if pg::is_transient(&e) => {
                 metrics::counter!("pgfanout_executor_retries_total").increment(1);
+                count_postgres_error(&e);
                 tracing::warn!(error = %e, sqlstate = pg::sqlstate(&e).unwrap_or(""), "transient postgres error; retrying the batch");
                 if client.is_closed() {
                     *conn = None;
@@ -203,7 +210,7 @@ async fn apply_with_retry(
 }
 
 async fn publish_results(
-    producer: &FutureProducer,
+    producer: &FutureProducer<Observed>,
     topic: &str,
     results: &[InstructionResult],
     shutdown: &mut Shutdown,
@@ -237,7 +244,7 @@ async fn publish_results(
 }
 
 async fn send_dead_letter(
-    producer: &FutureProducer,
+    producer: &FutureProducer<Observed>,
     dlq: &str,
     message: &OwnedMessage,
     reason: &str,
@@ -262,7 +269,7 @@ async fn send_dead_letter(
 /// Stores, per partition, the offset after the last record of the batch. Offsets of
 /// partitions revoked meanwhile are refused by librdkafka, which is harmless: the records
 /// are redelivered to the new owner and answered from the log.
-fn store_offsets(consumer: &BaseConsumer<RebalanceLogger>, messages: &[OwnedMessage]) -> Result<(), ExecutorError> {
+fn store_offsets(consumer: &BaseConsumer<Observed>, messages: &[OwnedMessage]) -> Result<(), ExecutorError> {
     let mut next: HashMap<(String, i32), i64> = HashMap::new();
     for m in messages {
         let e = next.entry((m.topic().to_string(), m.partition())).or_insert(0);
@@ -276,4 +283,11 @@ fn store_offsets(consumer: &BaseConsumer<RebalanceLogger>, messages: &[OwnedMess
         tracing::debug!(error = %e, "offsets not stored (partition revoked?)");
     }
     Ok(())
+}
+
+/// Counts a PostgreSQL error by its SQLSTATE class (`status="23"`, …; `connection` when the
+/// error carries no SQLSTATE because the connection itself failed).
+fn count_postgres_error(e: &tokio_postgres::Error) {
+    let class = pg::sqlstate(e).and_then(|code| code.get(..2)).unwrap_or("connection").to_string();
+    metrics::counter!("pgfanout_executor_postgres_errors_total", "status" => class).increment(1);
 }

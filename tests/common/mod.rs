@@ -142,7 +142,14 @@ impl Pipeline {
     /// Starts capture and waits until it streams from its slot: changes committed before
     /// the slot exists are not captured (there is no initial snapshot yet).
     pub async fn start_capture(&mut self) {
-        self.start("capture", &["capture"]);
+        self.start_capture_with(&[]).await;
+    }
+
+    /// [`Pipeline::start_capture`] with extra arguments.
+    pub async fn start_capture_with(&mut self, extra: &[&str]) {
+        let mut args = vec!["capture"];
+        args.extend_from_slice(extra);
+        self.start("capture", &args);
         let client = self.client().await;
         let deadline = Instant::now() + TIMEOUT;
         loop {
