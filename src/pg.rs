@@ -35,6 +35,15 @@ CREATE TABLE IF NOT EXISTS pgfanout.instruction_log (
     commit_lsn bigint,
     executed_at bigint NOT NULL
 );
+-- Capture's initial snapshots, one row per slot: started, and finished once Kafka has
+-- acknowledged every row of it.
+CREATE TABLE IF NOT EXISTS pgfanout.capture_snapshots (
+    slot text PRIMARY KEY,
+    snapshot_lsn pg_lsn,
+    started_at timestamptz NOT NULL,
+    finished_at timestamptz,
+    rows bigint NOT NULL DEFAULT 0
+);
 ";
 
 pub async fn ensure_schema(client: &Client) -> Result<(), tokio_postgres::Error> {

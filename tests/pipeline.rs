@@ -191,3 +191,98 @@ async fn capture_killed_and_restarted_loses_no_change() {
     p.stop("capture");
     p.stop("executor");
 }
+
+/// Random small transactions straight through SQL (updates, deletes, inserts on `items`)
+/// until `stop` is set; returns how many ran.
+fn write_meanwhile(p: &Pipeline, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let conninfo = p.postgres.conninfo.clone();
+    tokio::spawn(async move {
+        let client = pgfanout::pg::connect(&conninfo).await.unwrap();
+        let mut rng = workload::Rng::new(11);
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let id = 1 + rng.below(ROWS_BEFORE_CAPTURE) as i64;
+            let sql = match rng.below(3) {
+                0 => format!("UPDATE public.items SET qty = qty + 1, name = 'changed' WHERE id = {id}"),
+                1 => format!("DELETE FROM public.items WHERE id = {id}"),
+                _ => format!(
+                    "INSERT INTO public.items (id, name, qty) VALUES ({}, 'new', 1) ON CONFLICT (id) DO UPDATE SET qty = 0",
+                    id + 1_000_000
+                ),
+            };
+            client.batch_execute(&sql).await.unwrap();
+            n += 1;
+        }
+        n
+    })
+}
+
+const ROWS_BEFORE_CAPTURE: u64 = 100_000;
+
+async fn fill_items(p: &Pipeline, rows: u64) {
+    p.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO public.items (id, name, qty, price, tags)
+             SELECT g, 'item ' || g, g % 100, g / 100.0, jsonb_build_object('g', g) FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .unwrap();
+}
+
+async fn snapshot_state(p: &Pipeline) -> Option<(bool, i64)> {
+    let row = p
+        .client()
+        .await
+        .query_opt("SELECT finished_at IS NOT NULL, rows FROM pgfanout.capture_snapshots WHERE slot = $1", &[&p.name])
+        .await
+        .unwrap();
+    row.map(|r| (r.get(0), r.get(1)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_existed_before_capture_and_changes_during_the_snapshot_reach_devices() {
+    let mut p = Pipeline::new("snapshot").await;
+    fill_items(&p, ROWS_BEFORE_CAPTURE).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = write_meanwhile(&p, stop.clone());
+    p.start_device("a", &[]);
+    // Returns once capture streams, i.e. after the snapshot; the writer runs throughout.
+    p.start_capture().await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 50, "changes were committed during the snapshot: {writes}");
+    p.wait_converged(&["a"]).await;
+    let (finished, rows) = snapshot_state(&p).await.expect("the snapshot is recorded");
+    assert!(finished);
+    assert!(rows > (ROWS_BEFORE_CAPTURE as i64) * 9 / 10, "the snapshot copied the table: {rows} rows");
+    p.stop("device-a");
+    p.stop("capture");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_interrupted_by_a_crash_is_taken_again_without_losing_deletes() {
+    let mut p = Pipeline::new("snapshot_kill").await;
+    fill_items(&p, 3 * ROWS_BEFORE_CAPTURE).await;
+    p.start("capture", &["capture"]);
+    wait_for("the snapshot to publish rows", TIMEOUT, || async { (p.delta_records() > 1000).then_some(()) }).await;
+    p.kill("capture");
+    assert_eq!(snapshot_state(&p).await.map(|s| s.0), Some(false), "capture was killed during the snapshot");
+    // Rows the first attempt already published are deleted and changed while capture is
+    // down: the second snapshot no longer holds them, the slot's stream does.
+    p.client()
+        .await
+        .batch_execute(
+            "DELETE FROM public.items WHERE id <= 500;
+             UPDATE public.items SET name = 'after the crash' WHERE id BETWEEN 501 AND 1000;",
+        )
+        .await
+        .unwrap();
+    p.start_capture().await;
+    p.start_device("a", &[]);
+    p.wait_converged(&["a"]).await;
+    assert_eq!(snapshot_state(&p).await.map(|s| s.0), Some(true));
+    p.stop("device-a");
+    p.stop("capture");
+}

@@ -16,7 +16,7 @@ use crate::contract::{Column, Delta, DeltaOp, Value};
 pub const INSTRUCTION_PREFIX: &str = "pgfanout";
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+pub(crate) const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {

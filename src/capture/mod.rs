@@ -17,6 +17,7 @@ pub mod changes;
 pub mod flush;
 pub mod pgoutput;
 pub mod replication;
+pub mod snapshot;
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,7 @@ use changes::{Change, ChangeDecoder};
 use flush::{FlushLsnTracker, Lsn, TxHandle};
 use pgoutput::PgOutputMessage;
 use replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
+use snapshot::SnapshotMode;
 
 /// How often the slot's lag behind the server is measured.
 const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -53,6 +55,10 @@ pub struct CaptureSettings {
     /// moved).
     #[arg(long = "watermark-interval-ms", env = "PGFANOUT_WATERMARK_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub watermark_interval_ms: u64,
+    /// When to copy the published tables' existing rows as `snapshot` deltas before
+    /// streaming: on the slot's first start (`initial`), on every start, or never.
+    #[arg(long = "snapshot", env = "PGFANOUT_SNAPSHOT", value_enum, default_value_t = SnapshotMode::Initial)]
+    pub snapshot: SnapshotMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +98,8 @@ pub async fn run(
     let partitions = partition_count(&producer, &topic).await?;
     let mut backoff = Backoff::new();
     metrics::counter!("pgfanout_capture_reconnects_total").increment(0);
+    metrics::counter!("pgfanout_capture_snapshot_rows_total").increment(0);
+    metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
     loop {
         let session = Session { producer: &producer, topic: &topic, partitions, settings, pg_settings };
         match session.run(&mut shutdown).await {
@@ -130,7 +138,9 @@ struct Session<'a> {
 
 impl Session<'_> {
     async fn run(&self, shutdown: &mut Shutdown) -> Result<(), CaptureError> {
-        let (mut stream, confirmed, monitor) = self.start().await?;
+        let Some((mut stream, confirmed, monitor)) = self.start(shutdown).await? else {
+            return Ok(()); // stopped during the initial snapshot
+        };
         let mut slot_check = tokio::time::interval(SLOT_CHECK_INTERVAL);
         let mut tracker = FlushLsnTracker::new(confirmed);
         let mut decoder = ChangeDecoder::new();
@@ -198,9 +208,10 @@ impl Session<'_> {
         result
     }
 
-    /// Checks the server, creates the slot if needed and starts streaming. Returns the
-    /// stream and the slot's confirmed position.
-    async fn start(&self) -> Result<(ReplicationStream, Lsn, tokio_postgres::Client), CaptureError> {
+    /// Checks the server, creates the slot if needed, copies the initial snapshot if one is
+    /// due, and starts streaming. Returns the stream and the slot's confirmed position, or
+    /// nothing when `shutdown` interrupted the snapshot.
+    async fn start(&self, shutdown: &Shutdown) -> Result<Option<(ReplicationStream, Lsn, tokio_postgres::Client)>, CaptureError> {
         let client = pg::connect(&self.pg_settings.conninfo).await?;
         let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
         if wal_level != "logical" {
@@ -223,7 +234,6 @@ impl Session<'_> {
             )
             .await?;
         let cfg = ReplicationConfig::from_conninfo(&self.pg_settings.conninfo)?;
-        let mut repl = ReplicationClient::connect(&cfg).await?;
         let confirmed = match slot_row {
             Some(row) => {
                 let plugin: String = row.get(1);
@@ -236,13 +246,17 @@ impl Session<'_> {
                 replication::parse_lsn(&row.get::<_, String>(0))?
             }
             None => {
-                let created = repl.create_logical_slot(&self.settings.slot, false).await?;
+                let created = ReplicationClient::connect(&cfg).await?.create_logical_slot(&self.settings.slot, false).await?;
                 tracing::info!(slot = %created.slot_name, at = %replication::format_lsn(created.consistent_point), "replication slot created");
                 created.consistent_point
             }
         };
+        if self.snapshot_needed(&client).await? && !self.copy_snapshot(&client, &cfg, shutdown).await? {
+            return Ok(None);
+        }
+        let repl = ReplicationClient::connect(&cfg).await?;
         let stream = repl.start_replication(&self.settings.slot, confirmed, publication).await?;
-        Ok((stream, confirmed, client))
+        Ok(Some((stream, confirmed, client)))
     }
 
     #[allow(clippy::too_many_arguments)]

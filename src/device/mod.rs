@@ -24,7 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
 use crate::contract::codec::decode_delta;
-use crate::contract::now_micros;
+use crate::contract::{now_micros, DeltaOp};
 use crate::kafka::{self, ClientRole, Observed};
 use crate::shutdown::Shutdown;
 use ack::{AckPublisher, Watermark};
@@ -161,7 +161,8 @@ impl Device {
         let device = self.settings.id.clone();
         let now = now_micros();
         for d in records.iter().filter_map(|r| r.delta.as_ref().ok().and_then(Option::as_ref)) {
-            if d.commit_ts > 0 {
+            // A snapshot row's commit time is the snapshot's, not the row's.
+            if d.commit_ts > 0 && d.op != DeltaOp::Snapshot {
                 metrics::histogram!("pgfanout_device_end_to_end_seconds", "device" => device.clone())
                     .record((now - d.commit_ts).max(0) as f64 / 1e6);
             }

@@ -360,11 +360,17 @@ impl ReplicationClient {
     /// syntax). With `export_snapshot`, the returned snapshot stays valid
     /// only until the next command on this connection.
     pub async fn create_logical_slot(&mut self, slot: &str, export_snapshot: bool) -> Result<CreatedSlot, ReplicationError> {
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{}')",
-            quote_ident(slot),
-            if export_snapshot { "export" } else { "nothing" }
-        );
+        self.create_slot(slot, "", if export_snapshot { "export" } else { "nothing" }).await
+    }
+
+    /// Creates a temporary logical slot (dropped when this connection closes) and exports
+    /// its snapshot, which stays valid until the next command on this connection.
+    pub async fn create_temporary_slot_with_snapshot(&mut self, slot: &str) -> Result<CreatedSlot, ReplicationError> {
+        self.create_slot(slot, " TEMPORARY", "export").await
+    }
+
+    async fn create_slot(&mut self, slot: &str, temporary: &str, snapshot: &str) -> Result<CreatedSlot, ReplicationError> {
+        let sql = format!("CREATE_REPLICATION_SLOT {}{temporary} LOGICAL pgoutput (SNAPSHOT '{snapshot}')", quote_ident(slot));
         let r = self.simple_query(&sql).await?;
         Ok(CreatedSlot {
             slot_name: r.required(0, "slot_name")?.to_owned(),

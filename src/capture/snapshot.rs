@@ -1,0 +1,294 @@
+//! The initial snapshot: the rows the published tables hold when capture first starts reach
+//! the deltas topic as `snapshot` deltas, before the stream of changes.
+//!
+//! Why nothing is lost or applied out of order:
+//! 1. The capture slot exists first, so streaming later starts at its position `S`, at or
+//!    before every point below.
+//! 2. A temporary slot is created with an exported snapshot. Its consistent point `C`
+//!    (≥ `S`) splits transactions exactly: those that committed before `C` are visible in
+//!    the snapshot; those that commit after are decoded by every slot, the capture slot
+//!    included.
+//! 3. Every row of the snapshot is sent with the version `(C − 1, n)`: newer than any change
+//!    committed before `C` (whose commit record starts below it), older than any change
+//!    committed after. Devices keep the newest version of a row, so the changes between `S`
+//!    and `C` that the stream sends again are skipped where the snapshot already holds
+//!    their effect, while a delete among them still removes a row an earlier attempt copied.
+//! 4. Only when Kafka has acknowledged every snapshot delta is the snapshot marked finished
+//!    in `pgfanout.capture_snapshots`; streaming starts after that. A capture stopped during
+//!    the copy takes a new snapshot on its next start (the capture slot has not moved, so by
+//!    point 3 nothing in between is lost); devices absorb the rows sent twice.
+//!
+//! Memory stays bounded: rows are read through a cursor, a few thousand at a time, and
+//! the producer's queue applies back-pressure.
+
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::changes::{Change, ChangeDecoder, PG_EPOCH_OFFSET_MICROS};
+use super::flush::FlushLsnTracker;
+use super::pgoutput::{PgOutputMessage, Relation, RelationColumn, TupleValue};
+use super::replication::{self, ReplicationClient, ReplicationConfig};
+use super::{on_delivered, CaptureError, InFlight, Session};
+use crate::contract::{now_micros, DeltaOp};
+use crate::pg;
+use crate::shutdown::Shutdown;
+
+/// When capture copies the published tables before streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotMode {
+    /// On the first start of a slot, and again after a copy that did not finish.
+    Initial,
+    /// On every start (also picks up the rows of tables added to the publication).
+    Always,
+    /// Never: only changes committed after the slot's creation reach devices.
+    Never,
+}
+
+/// Rows fetched from the cursor at a time.
+const FETCH_ROWS: usize = 5000;
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A published table as the snapshot sees it.
+struct SnapshotTable {
+    relation: Relation,
+    /// Non-built-in column types: (oid, namespace, name), as pgoutput's Type messages.
+    types: Vec<(u32, String, String)>,
+    /// The publication's row filter, if any.
+    filter: Option<String>,
+}
+
+impl Session<'_> {
+    /// Whether this start copies the published tables before streaming.
+    pub(super) async fn snapshot_needed(&self, client: &Client) -> Result<bool, CaptureError> {
+        match self.settings.snapshot {
+            SnapshotMode::Never => Ok(false),
+            SnapshotMode::Always => Ok(true),
+            SnapshotMode::Initial => {
+                let row = client
+                    .query_opt(
+                        "SELECT finished_at IS NOT NULL FROM pgfanout.capture_snapshots WHERE slot = $1",
+                        &[&self.settings.slot],
+                    )
+                    .await
+                    .map_err(missing_schema)?;
+                Ok(!row.is_some_and(|r| r.get::<_, bool>(0)))
+            }
+        }
+    }
+
+    /// Copies every published table as `snapshot` deltas and waits for Kafka to acknowledge
+    /// them all; returns false when `shutdown` interrupted it (the snapshot stays
+    /// unfinished and is taken again on the next start).
+    pub(super) async fn copy_snapshot(
+        &self,
+        client: &Client,
+        cfg: &ReplicationConfig,
+        shutdown: &Shutdown,
+    ) -> Result<bool, CaptureError> {
+        let slot = &self.settings.slot;
+        client
+            .execute(
+                "INSERT INTO pgfanout.capture_snapshots (slot, started_at) VALUES ($1, now())
+                 ON CONFLICT (slot) DO UPDATE SET started_at = now(), finished_at = NULL, snapshot_lsn = NULL, rows = 0",
+                &[slot],
+            )
+            .await
+            .map_err(missing_schema)?;
+        // The temporary slot lives as long as this connection, which must stay idle while
+        // the snapshot is in use.
+        let mut holder = ReplicationClient::connect(cfg).await?;
+        let temporary: String = format!("{}_snapshot_{}", slot.chars().take(40).collect::<String>(), std::process::id());
+        let created = holder.create_temporary_slot_with_snapshot(&temporary).await?;
+        let snapshot = created.snapshot_name.ok_or_else(|| CaptureError::Config("the server exported no snapshot".into()))?;
+        let version = created.consistent_point - 1;
+        let reader = pg::connect(&self.pg_settings.conninfo).await?;
+        reader
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                pg::quote_literal(&snapshot)
+            ))
+            .await?;
+        let tables = published_tables(&reader, &self.pg_settings.publication).await?;
+        tracing::info!(
+            slot = %slot,
+            at = %replication::format_lsn(created.consistent_point),
+            tables = tables.len(),
+            "initial snapshot started"
+        );
+        metrics::gauge!("pgfanout_capture_snapshot_running").set(1.0);
+
+        let mut decoder = ChangeDecoder::new();
+        let mut tracker = FlushLsnTracker::new(0);
+        let mut in_flight = InFlight::new();
+        let tx = tracker.begin();
+        let begin = PgOutputMessage::Begin { final_lsn: version, commit_ts: now_micros() - PG_EPOCH_OFFSET_MICROS, xid: 0 };
+        decoder.on_message(version, begin).map_err(decode_error)?;
+        let started = Instant::now();
+        let mut progress = Progress { rows: 0, logged: started };
+        for table in tables {
+            let name = format!("{}.{}", table.relation.namespace, table.relation.name);
+            let relation_id = table.relation.id;
+            let columns: Vec<String> = table.relation.columns.iter().map(|c| pg::quote_ident(&c.name)).collect();
+            let filter = table.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
+            let source = format!("{}.{}", pg::quote_ident(&table.relation.namespace), pg::quote_ident(&table.relation.name));
+            for (oid, namespace, name) in table.types {
+                decoder.on_message(version, PgOutputMessage::Type { oid, namespace, name }).map_err(decode_error)?;
+            }
+            decoder.on_message(version, PgOutputMessage::Relation(table.relation)).map_err(decode_error)?;
+            reader
+                .batch_execute(&format!(
+                    "DECLARE pgfanout_snapshot NO SCROLL CURSOR FOR SELECT {} FROM ONLY {source}{filter}",
+                    if columns.is_empty() { "NULL".to_string() } else { columns.join(", ") }
+                ))
+                .await?;
+            loop {
+                if shutdown.is_triggered() {
+                    metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
+                    return Ok(false);
+                }
+                let fetched = reader.simple_query(&format!("FETCH {FETCH_ROWS} FROM pgfanout_snapshot")).await?;
+                let mut rows = 0;
+                for message in fetched {
+                    let SimpleQueryMessage::Row(row) = message else { continue };
+                    let new =
+                        (0..row.len()).map(|i| row.get(i).map_or(TupleValue::Null, |v| TupleValue::Text(v.into()))).collect();
+                    if let Some(Change::Delta(mut delta)) =
+                        decoder.on_message(version, PgOutputMessage::Insert { relation_id, new }).map_err(decode_error)?
+                    {
+                        delta.op = DeltaOp::Snapshot;
+                        self.send(&delta, None, tx, &mut tracker, &mut in_flight).await?;
+                        decoder.next_seq();
+                    }
+                    rows += 1;
+                }
+                while let Some(Some(done)) = in_flight.next().now_or_never() {
+                    on_delivered(&mut tracker, done)?;
+                }
+                progress.add(rows, &name, started);
+                if rows < FETCH_ROWS {
+                    break;
+                }
+            }
+            reader.batch_execute("CLOSE pgfanout_snapshot").await?;
+        }
+        reader.batch_execute("COMMIT").await?;
+        drop(holder);
+        tracker.committed(tx, version);
+        while let Some(done) = in_flight.next().await {
+            on_delivered(&mut tracker, done)?;
+        }
+        client
+            .execute(
+                "UPDATE pgfanout.capture_snapshots SET finished_at = now(), snapshot_lsn = $2::text::pg_lsn, rows = $3 WHERE slot = $1",
+                &[slot, &replication::format_lsn(created.consistent_point), &(progress.rows as i64)],
+            )
+            .await?;
+        metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            rows = progress.rows,
+            seconds,
+            rows_per_s = (progress.rows as f64 / seconds.max(1e-3)) as u64,
+            "initial snapshot finished"
+        );
+        Ok(true)
+    }
+}
+
+/// Rows copied so far, logged every [`PROGRESS_INTERVAL`].
+struct Progress {
+    rows: u64,
+    logged: Instant,
+}
+
+impl Progress {
+    fn add(&mut self, rows: usize, table: &str, started: Instant) {
+        self.rows += rows as u64;
+        metrics::counter!("pgfanout_capture_snapshot_rows_total").increment(rows as u64);
+        if self.logged.elapsed() >= PROGRESS_INTERVAL {
+            self.logged = Instant::now();
+            let rate = self.rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            tracing::info!(table, rows = self.rows, rows_per_s = rate as u64, "initial snapshot in progress");
+        }
+    }
+}
+
+fn decode_error(e: super::changes::ChangeError) -> CaptureError {
+    CaptureError::Decode(e.to_string())
+}
+
+fn missing_schema(e: tokio_postgres::Error) -> CaptureError {
+    if pg::sqlstate(&e) == Some("42P01") {
+        return CaptureError::Config(
+            "table pgfanout.capture_snapshots does not exist; run `pgfanout setup` (or start with --snapshot never)".into(),
+        );
+    }
+    e.into()
+}
+
+/// The publication's tables as the snapshot transaction sees them, described the way
+/// pgoutput's Relation and Type messages describe them: published columns only (column
+/// lists), generated columns left out, key flags from the replica identity.
+async fn published_tables(reader: &Client, publication: &str) -> Result<Vec<SnapshotTable>, CaptureError> {
+    let tables = reader
+        .query(
+            "SELECT c.oid, pt.schemaname::text, pt.tablename::text, c.relreplident::text, pt.attnames::text[], pt.rowfilter
+               FROM pg_publication_tables pt
+               JOIN pg_namespace n ON n.nspname = pt.schemaname
+               JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+              WHERE pt.pubname = $1
+              ORDER BY 2, 3",
+            &[&publication],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(tables.len());
+    for t in tables {
+        let oid: u32 = t.get(0);
+        let published: Option<Vec<String>> = t.get(4);
+        let columns = reader
+            .query(
+                "SELECT a.attname::text, a.atttypid, a.atttypmod,
+                        CASE c.relreplident
+                          WHEN 'f' THEN true
+                          WHEN 'd' THEN coalesce(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)::int2[]), false)
+                          WHEN 'i' THEN coalesce(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)::int2[]), false)
+                          ELSE false END,
+                        tn.nspname::text, ty.typname::text
+                   FROM pg_attribute a
+                   JOIN pg_class c ON c.oid = a.attrelid
+                   JOIN pg_type ty ON ty.oid = a.atttypid
+                   JOIN pg_namespace tn ON tn.oid = ty.typnamespace
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                  ORDER BY a.attnum",
+                &[&oid],
+            )
+            .await?;
+        let mut relation = Relation {
+            id: oid,
+            namespace: t.get(1),
+            name: t.get(2),
+            replica_identity: t.get::<_, String>(3).bytes().next().unwrap_or(b'd'),
+            columns: Vec::with_capacity(columns.len()),
+        };
+        let mut types = Vec::new();
+        for c in columns {
+            let name: String = c.get(0);
+            if published.as_ref().is_some_and(|p| !p.contains(&name)) {
+                continue;
+            }
+            let type_oid: u32 = c.get(1);
+            // pgoutput describes only types outside the built-in range with a Type message.
+            if type_oid >= FIRST_NON_BUILTIN_OID {
+                types.push((type_oid, c.get(4), c.get(5)));
+            }
+            relation.columns.push(RelationColumn { is_key: c.get(3), name, type_oid, type_modifier: c.get(2) });
+        }
+        out.push(SnapshotTable { relation, types, filter: t.get(5) });
+    }
+    Ok(out)
+}
+
+/// PostgreSQL's `FirstGenbkiObjectId`: OIDs below it are built in.
+const FIRST_NON_BUILTIN_OID: u32 = 10_000;
