@@ -1,0 +1,305 @@
+//! The capture benchmark (run by `bench/run capture`, which starts PostgreSQL and the broker
+//! and creates table `items` with publication `pgfanout`).
+//!
+//! In one run, with capture and `pg_recvlogical` each on its own slot and both streaming
+//! before the workload starts (200,000 inserts in one transaction, then 200,000 updates in
+//! 200 transactions of 1,000 rows):
+//! - capture: from the workload's start until its slot's confirmed flush position passes
+//!   the end of the workload (it reports a position only once Kafka acknowledged everything
+//!   below it; status updates every 10 ms here);
+//! - `pg_recvlogical` (pgoutput, same publication): from the workload's start until a
+//!   logical message emitted after the workload appears in its output;
+//! - the broker's ceiling: a plain producer with capture's producer settings sending the
+//!   same records (same keys and values) to a new topic, until all are acknowledged;
+//! - capture's peak RSS while a single 1,000,000-row UPDATE streams through.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use pgfanout::config::{KafkaSettings, Properties};
+use pgfanout::kafka::{self, ClientRole, TopicSpec};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Offset;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const CHANGES: u64 = 400_000;
+const MARKER: &str = "pgfanout-bench-end";
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run bench/run capture"))
+}
+
+fn kafka_settings() -> KafkaSettings {
+    KafkaSettings {
+        brokers: env("PGFANOUT_BROKERS"),
+        topic_prefix: std::env::var("PGFANOUT_TOPIC_PREFIX").unwrap_or_else(|_| "pgfanout.".into()),
+        properties: Properties(
+            env("PGFANOUT_KAFKA_PROPERTIES")
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        ),
+        partitions: 3,
+        replication_factor: 1,
+    }
+}
+
+/// A child process killed (SIGTERM, then waited for) on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn start_capture(dir: &Path) -> Process {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("capture.log")).unwrap();
+    let child = Command::new(env("PGFANOUT_BIN"))
+        .args(["capture", "--status-interval-ms", "10"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start capture");
+    Process(child)
+}
+
+async fn wait_streaming(client: &tokio_postgres::Client, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let row = client
+            .query_opt(
+                "SELECT r.state FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+                 WHERE s.slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        if row.is_some_and(|r| matches!(r.get::<_, Option<String>>(0).as_deref(), Some("catchup" | "streaming"))) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "slot {slot} is not streaming");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn current_lsn(client: &tokio_postgres::Client) -> String {
+    client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0)
+}
+
+async fn flushed_past(client: &tokio_postgres::Client, slot: &str, lsn: &str) -> bool {
+    client
+        .query_one(
+            "SELECT coalesce(confirmed_flush_lsn > $2::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot, &lsn],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Reads what a growing file gained since the last call and reports whether `needle` has
+/// appeared in it.
+struct FileWatch {
+    file: std::fs::File,
+    tail: Vec<u8>,
+}
+
+impl FileWatch {
+    fn found(&mut self, needle: &[u8]) -> bool {
+        let mut chunk = Vec::new();
+        self.file.read_to_end(&mut chunk).unwrap();
+        self.tail.extend_from_slice(&chunk);
+        if self.tail.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+        let keep = self.tail.len().saturating_sub(needle.len());
+        self.tail.drain(..keep);
+        false
+    }
+}
+
+/// The workload; returns the WAL position right after it.
+async fn workload(client: &tokio_postgres::Client) -> String {
+    client
+        .batch_execute(
+            "INSERT INTO items (id, name, qty, price, updated_at)
+             SELECT g, 'item-' || g, g % 1000, (g % 10000) / 100.0, now() FROM generate_series(1, 200000) g",
+        )
+        .await
+        .unwrap();
+    for k in 0..200 {
+        client
+            .batch_execute(&format!(
+                "UPDATE items SET qty = qty + 1, updated_at = now() WHERE id BETWEEN {} AND {}",
+                k * 1000 + 1,
+                k * 1000 + 1000
+            ))
+            .await
+            .unwrap();
+    }
+    current_lsn(client).await
+}
+
+/// Every record of the deltas topic (key and value), read from the beginning.
+fn read_deltas(settings: &KafkaSettings) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let topic = settings.topics().deltas;
+    let mut ends = Vec::new();
+    let consumer: BaseConsumer = kafka::reader_at(settings, &topic, |c: &BaseConsumer, p| {
+        ends.push(c.fetch_watermarks(&topic, p, Duration::from_secs(10))?.1);
+        Ok(Offset::Beginning)
+    })
+    .expect("reader")
+    .expect("the deltas topic exists");
+    let total: i64 = ends.iter().sum();
+    let mut records = Vec::with_capacity(total as usize);
+    while (records.len() as i64) < total {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            records.push((m.key().unwrap_or_default().to_vec(), m.payload().map(<[u8]>::to_vec)));
+        }
+    }
+    records
+}
+
+/// The broker's ceiling: the records produced again by a plain producer with capture's
+/// settings, timed until all are acknowledged. Returns records per second.
+async fn raw_produce(settings: &KafkaSettings, records: &[(Vec<u8>, Option<Vec<u8>>)]) -> f64 {
+    let topic = format!("{}bench-raw", settings.topic_prefix);
+    kafka::ensure_topics(settings, &[TopicSpec { name: &topic, partitions: settings.partitions, config: vec![] }]).await.unwrap();
+    let producer: FutureProducer = kafka::client_config(settings, ClientRole::Producer).create().unwrap();
+    let mut in_flight = FuturesUnordered::new();
+    let started = Instant::now();
+    for (key, value) in records {
+        loop {
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).key(key);
+            if let Some(v) = value {
+                record = record.payload(v);
+            }
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    in_flight.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    in_flight.next().await.expect("a delivery").expect("delivered").expect("acknowledged");
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        done.expect("delivered").expect("acknowledged");
+    }
+    records.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kb / 1024.0
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let dir = PathBuf::from(env("PGFANOUT_BENCH_DIR"));
+    let conninfo = env("PGFANOUT_POSTGRES");
+    let recvlogical = format!("{}/pg_recvlogical", env("PG_BINDIR"));
+    let settings = kafka_settings();
+    let client = pgfanout::pg::connect(&conninfo).await.unwrap();
+
+    let capture = start_capture(&dir);
+    wait_streaming(&client, "pgfanout").await;
+    let created = Command::new(&recvlogical)
+        .args(["-d", &conninfo, "--slot", "bench_recv", "--create-slot", "--plugin", "pgoutput"])
+        .status()
+        .unwrap();
+    assert!(created.success(), "pg_recvlogical --create-slot");
+    let output = dir.join("recvlogical.out");
+    let recv = Process(
+        Command::new(&recvlogical)
+            .args(["-d", &conninfo, "--slot", "bench_recv", "--start", "--no-loop", "-F", "0", "-f"])
+            .arg(&output)
+            .args(["-o", "proto_version=1", "-o", "publication_names=pgfanout", "-o", "messages=true"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_streaming(&client, "bench_recv").await;
+    let mut watch = FileWatch { file: std::fs::File::open(&output).unwrap(), tail: Vec::new() };
+    watch.file.seek(SeekFrom::End(0)).unwrap();
+
+    let started = Instant::now();
+    let end = workload(&client).await;
+    let workload_secs = started.elapsed().as_secs_f64();
+    client.batch_execute(&format!("SELECT pg_logical_emit_message(true, '{MARKER}', 'end')")).await.unwrap();
+    let (mut recv_secs, mut capture_secs) = (None, None);
+    while recv_secs.is_none() || capture_secs.is_none() {
+        if recv_secs.is_none() && watch.found(MARKER.as_bytes()) {
+            recv_secs = Some(started.elapsed().as_secs_f64());
+        }
+        if capture_secs.is_none() && flushed_past(&client, "pgfanout", &end).await {
+            capture_secs = Some(started.elapsed().as_secs_f64());
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "the workload did not get through");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop(recv);
+    client.batch_execute("SELECT pg_drop_replication_slot('bench_recv')").await.unwrap();
+    let (recv_secs, capture_secs) = (recv_secs.unwrap(), capture_secs.unwrap());
+
+    let records = read_deltas(&settings);
+    let raw_rate = raw_produce(&settings, &records).await;
+
+    // Peak memory while one 1,000,000-row UPDATE streams through a freshly started capture.
+    client
+        .batch_execute(
+            "INSERT INTO items (id, name, qty, price, updated_at)
+             SELECT g, 'item-' || g, g % 1000, (g % 10000) / 100.0, now() FROM generate_series(200001, 1000000) g",
+        )
+        .await
+        .unwrap();
+    let filled = current_lsn(&client).await;
+    while !flushed_past(&client, "pgfanout", &filled).await {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(capture);
+    let capture = start_capture(&dir);
+    wait_streaming(&client, "pgfanout").await;
+    let big_started = Instant::now();
+    client.batch_execute("UPDATE items SET qty = qty + 1").await.unwrap();
+    let big_end = current_lsn(&client).await;
+    client.batch_execute(&format!("SELECT pg_logical_emit_message(true, '{MARKER}', 'end')")).await.unwrap();
+    while !flushed_past(&client, "pgfanout", &big_end).await {
+        assert!(big_started.elapsed() < Duration::from_secs(600), "the 1,000,000-row transaction did not get through");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let big_secs = big_started.elapsed().as_secs_f64();
+    let rss = peak_rss_mb(capture.0.id());
+    drop(capture);
+
+    let changes = CHANGES as f64;
+    let capture_rate = changes / capture_secs;
+    let recv_rate = changes / recv_secs;
+    println!("workload: {workload_secs:.2} s to commit; 1,000,000-row UPDATE through capture in {big_secs:.1} s");
+    println!("RESULT capture_events_per_s {capture_rate:.0}");
+    println!("RESULT pg_recvlogical_events_per_s {recv_rate:.0}");
+    println!("RESULT raw_produce_events_per_s {raw_rate:.0}");
+    println!("RESULT capture_vs_pg_recvlogical {:.2}", capture_rate / recv_rate);
+    println!("RESULT capture_vs_ceiling {:.2}", capture_rate / recv_rate.min(raw_rate));
+    println!("RESULT capture_peak_rss_mb_1m_row_tx {rss:.0}");
+}
