@@ -102,3 +102,29 @@ async fn the_slot_keeps_moving_while_only_unpublished_tables_change() {
     p.stop("capture");
     assert_eq!(p.delta_records() % 3, 0, "only watermarks (one per partition each time) were published");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_moves_a_slot_that_status_updates_leave_behind() {
+    let mut p = Pipeline::new("heartbeat").await;
+    // Status updates once a minute: between them only a heartbeat can move the slot.
+    p.start_capture_with(&["--status-interval-ms", "60000", "--heartbeat-secs", "1"]).await;
+    let client = p.client().await;
+    client.batch_execute("CREATE TABLE public.not_published (id bigserial PRIMARY KEY, payload text)").await.unwrap();
+    client
+        .batch_execute("INSERT INTO public.not_published (payload) SELECT repeat('x', 200) FROM generate_series(1, 5000)")
+        .await
+        .unwrap();
+    let written: i64 = client.query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[]).await.unwrap().get(0);
+    common::wait_for("a heartbeat to move the slot", std::time::Duration::from_secs(25), || async {
+        let row = client
+            .query_one(
+                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&p.name],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0) >= written).then_some(())
+    })
+    .await;
+    p.stop("capture");
+}

@@ -39,6 +39,9 @@ use pgoutput::PgOutputMessage;
 use replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
 use snapshot::SnapshotMode;
 
+/// Prefix of capture's heartbeat messages.
+const HEARTBEAT_PREFIX: &str = "pgfanout.heartbeat";
+
 /// How often the slot's lag behind the server is measured.
 const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -59,6 +62,11 @@ pub struct CaptureSettings {
     /// streaming: on the slot's first start (`initial`), on every start, or never.
     #[arg(long = "snapshot", env = "PGFANOUT_SNAPSHOT", value_enum, default_value_t = SnapshotMode::Initial)]
     pub snapshot: SnapshotMode,
+    /// Seconds the slot may stand still, with nothing pending in capture while the
+    /// server's WAL moves on, before capture writes a heartbeat (a non-transactional
+    /// logical message) so that the slot follows; 0 disables heartbeats.
+    #[arg(long = "heartbeat-secs", env = "PGFANOUT_HEARTBEAT_SECS", default_value_t = 30)]
+    pub heartbeat_secs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +106,7 @@ pub async fn run(
     let partitions = partition_count(&producer, &topic).await?;
     let mut backoff = Backoff::new();
     metrics::counter!("pgfanout_capture_reconnects_total").increment(0);
+    metrics::counter!("pgfanout_capture_heartbeats_total").increment(0);
     metrics::counter!("pgfanout_capture_snapshot_rows_total").increment(0);
     metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
     loop {
@@ -142,6 +151,7 @@ impl Session<'_> {
             return Ok(()); // stopped during the initial snapshot
         };
         let mut slot_check = tokio::time::interval(SLOT_CHECK_INTERVAL);
+        let mut slot_seen = SlotSeen { confirmed: None, since: Instant::now() };
         let mut tracker = FlushLsnTracker::new(confirmed);
         let mut decoder = ChangeDecoder::new();
         let mut in_flight: InFlight = FuturesUnordered::new();
@@ -168,7 +178,7 @@ impl Session<'_> {
                 }
                 _ = slot_check.tick() => {
                     // Monitoring only: a failure here must not stop the stream.
-                    if let Err(e) = self.report_slot(&monitor, &tracker).await {
+                    if let Err(e) = self.report_slot(&monitor, &tracker, &mut slot_seen).await {
                         tracing::debug!(error = %e, "slot lag not measured");
                     }
                 }
@@ -286,6 +296,14 @@ impl Session<'_> {
             ReplicationEvent::XLogData { wal_start, data, .. } => {
                 let message = pgoutput::decode(&data).map_err(|e| CaptureError::Decode(e.to_string()))?;
                 metrics::counter!("pgfanout_capture_received_bytes_total").increment(data.len() as u64);
+                if let PgOutputMessage::Message { transactional: false, prefix, .. } = &message {
+                    if prefix == HEARTBEAT_PREFIX && current_tx.is_none() {
+                        // Our own heartbeat came through: everything before it is handled.
+                        tracker.idle_at(wal_start);
+                        watermark.candidate = watermark.candidate.max(wal_start);
+                        return report(stream, tracker, reported, false).await;
+                    }
+                }
                 if let PgOutputMessage::Truncate { relation_ids, .. } = &message {
                     let tx = current_tx.ok_or_else(|| CaptureError::Decode("Truncate outside a transaction".into()))?;
                     for delta in decoder.on_truncate(wal_start, relation_ids).map_err(|e| CaptureError::Decode(e.to_string()))? {
@@ -321,23 +339,44 @@ impl Session<'_> {
 
     /// Publishes how far the slot trails the server: WAL bytes not yet confirmed, WAL
     /// bytes the slot retains, and how long the oldest unconfirmed transaction has waited.
+    /// Measures the slot's lag and, when the slot has stood still for `--heartbeat-secs`
+    /// with nothing pending here while the server's WAL moved on, writes a heartbeat.
+    ///
+    /// Keepalives normally carry the server's position and move the slot while only
+    /// unpublished tables change; the heartbeat is the fallback that gives the walsender a
+    /// record to decode and confirm when they do not.
     async fn report_slot(
         &self,
         monitor: &tokio_postgres::Client,
         tracker: &FlushLsnTracker,
+        seen: &mut SlotSeen,
     ) -> Result<(), tokio_postgres::Error> {
         let row = monitor
             .query_opt(
-                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8, (pg_current_wal_lsn() - restart_lsn)::float8
+                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8, (pg_current_wal_lsn() - restart_lsn)::float8,
+                        confirmed_flush_lsn::text
                    FROM pg_replication_slots WHERE slot_name = $1",
                 &[&self.settings.slot],
             )
             .await?;
-        if let Some(row) = row {
-            metrics::gauge!("pgfanout_capture_slot_lag_bytes").set(row.get::<_, Option<f64>>(0).unwrap_or(0.0));
-            metrics::gauge!("pgfanout_capture_slot_retained_bytes").set(row.get::<_, Option<f64>>(1).unwrap_or(0.0));
-        }
         metrics::gauge!("pgfanout_capture_slot_lag_seconds").set(tracker.oldest_pending_age().as_secs_f64());
+        let Some(row) = row else { return Ok(()) };
+        let lag = row.get::<_, Option<f64>>(0).unwrap_or(0.0);
+        metrics::gauge!("pgfanout_capture_slot_lag_bytes").set(lag);
+        metrics::gauge!("pgfanout_capture_slot_retained_bytes").set(row.get::<_, Option<f64>>(1).unwrap_or(0.0));
+        let confirmed: Option<String> = row.get(2);
+        if confirmed != seen.confirmed {
+            *seen = SlotSeen { confirmed, since: Instant::now() };
+            return Ok(());
+        }
+        let idle = tracker.in_flight() == 0 && tracker.oldest_pending_age().is_zero();
+        if self.settings.heartbeat_secs > 0 && idle && lag > 0.0 && seen.since.elapsed().as_secs() >= self.settings.heartbeat_secs
+        {
+            monitor.execute("SELECT pg_logical_emit_message(false, $1, '')", &[&HEARTBEAT_PREFIX]).await?;
+            metrics::counter!("pgfanout_capture_heartbeats_total").increment(1);
+            tracing::debug!(lag_bytes = lag, "slot stood still; heartbeat written");
+            seen.since = Instant::now();
+        }
         Ok(())
     }
 
@@ -452,6 +491,12 @@ fn on_delivered(
     metrics::histogram!("pgfanout_capture_produce_latency_seconds").record(sent.elapsed().as_secs_f64());
     tracker.acknowledged(tx);
     Ok(())
+}
+
+/// The slot's confirmed position at the last check, and since when it has not moved.
+struct SlotSeen {
+    confirmed: Option<String>,
+    since: Instant,
 }
 
 /// The watermark: the newest LSN below which every committed transaction has been handed
