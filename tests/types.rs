@@ -1,5 +1,6 @@
 //! Every common PostgreSQL type through the whole path, a table added to the publication
-//! while capture runs, a column added later, and unchanged TOASTed values.
+//! while capture runs, a column added and another dropped later, unchanged TOASTed values,
+//! and a slot that keeps moving while only unpublished tables change.
 
 mod common;
 
@@ -66,6 +67,17 @@ async fn every_type_reaches_the_device_intact() {
         })
         .unwrap();
     assert_eq!(classes, ("integer".into(), "real".into(), "blob".into(), "text".into()));
+
+    // A dropped column leaves the device's table with the next change of the table.
+    client
+        .batch_execute("ALTER TABLE public.kinds DROP COLUMN extra; UPDATE public.kinds SET i2 = 7 WHERE id = 2")
+        .await
+        .unwrap();
+    p.wait_converged(&["a"]).await;
+    let conn = pgfanout::verify::open_store_read_only(&p.store("a")).unwrap();
+    let extra: i64 =
+        conn.query_row("SELECT count(*) FROM pragma_table_info('public.kinds') WHERE name = 'extra'", [], |r| r.get(0)).unwrap();
+    assert_eq!(extra, 0, "the device dropped the column");
     p.stop("device-a");
     p.stop("capture");
 }

@@ -11,6 +11,7 @@
 //! resumes exactly where its last transaction ended. This module is the only place that
 //! records device offsets.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
@@ -35,6 +36,9 @@ CREATE TABLE IF NOT EXISTS _pgfanout_columns (
     table_name TEXT NOT NULL, column_name TEXT NOT NULL, pg_type TEXT NOT NULL,
     is_key INTEGER NOT NULL, ordinal INTEGER NOT NULL,
     PRIMARY KEY (table_name, column_name));
+CREATE TABLE IF NOT EXISTS _pgfanout_column_changes (
+    table_name TEXT NOT NULL, column_name TEXT NOT NULL, lsn INTEGER NOT NULL, seq INTEGER NOT NULL,
+    dropped INTEGER NOT NULL, PRIMARY KEY (table_name, column_name));
 CREATE TABLE IF NOT EXISTS _pgfanout_tables (
     table_name TEXT PRIMARY KEY, truncate_lsn INTEGER NOT NULL DEFAULT -1, truncate_seq INTEGER NOT NULL DEFAULT -1);
 CREATE TABLE IF NOT EXISTS _pgfanout_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -101,6 +105,9 @@ struct TableShape {
     columns: Vec<String>,
     key: Vec<String>,
     truncated_at: (i64, i64),
+    /// The version of each column's last addition or drop (`true`), so that deltas older
+    /// than a change neither undo it nor trigger it again.
+    changes: HashMap<String, ((i64, i64), bool)>,
     /// Statement text by the shape of the delta it writes (its columns, which are
     /// unchanged), so that the hot path formats no SQL.
     statements: std::cell::RefCell<HashMap<String, std::rc::Rc<str>>>,
@@ -108,7 +115,12 @@ struct TableShape {
 
 impl TableShape {
     fn new(columns: Vec<String>, key: Vec<String>, truncated_at: (i64, i64)) -> Self {
-        TableShape { columns, key, truncated_at, statements: Default::default() }
+        TableShape { columns, key, truncated_at, changes: HashMap::new(), statements: Default::default() }
+    }
+
+    /// Forgets the statements: the columns changed.
+    fn reshaped(&mut self) {
+        self.statements.get_mut().clear();
     }
 
     /// The statement for `signature`, built by `build` the first time.
@@ -196,6 +208,17 @@ impl Store {
                 shape.key.push(column.clone());
             }
             shape.columns.push(column);
+        }
+        drop(stmt);
+        let mut stmt = self.conn.prepare("SELECT table_name, column_name, lsn, seq, dropped FROM _pgfanout_column_changes")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, (r.get::<_, i64>(2)?, r.get::<_, i64>(3)?), r.get::<_, bool>(4)?))
+        })?;
+        for row in rows {
+            let (table, column, version, dropped) = row?;
+            if let Some(shape) = self.tables.get_mut(&table) {
+                shape.changes.insert(column, (version, dropped));
+            }
         }
         Ok(())
     }
@@ -410,7 +433,7 @@ fn apply_delta(
                     return Err(ApplyError::Invalid(format!("{} delta on {} has no row", delta.op.as_str(), delta.table)))
                 }
             };
-            let shape = ensure_shape(tx, tables, &delta.table, &delta.key, row)?;
+            let (shape, row) = ensure_shape(tx, tables, &delta.table, &delta.key, row, version, delta.op != DeltaOp::Delete)?;
             if shape.truncated_at >= version {
                 return Ok(false);
             }
@@ -422,7 +445,7 @@ fn apply_delta(
             if delta.op == DeltaOp::Delete {
                 write_tombstone(tx, &delta.table, shape, &delta.key, version)
             } else {
-                write_row(tx, &delta.table, shape, row, version)
+                write_row(tx, &delta.table, shape, &row, version)
             }
         }
     }
@@ -436,19 +459,23 @@ fn is_reserved(name: &str) -> bool {
     name.starts_with("_pgfanout_")
 }
 
-/// Creates the table or adds the columns the delta brings; returns the table's shape.
-fn ensure_shape<'t>(
+/// Creates the table, or follows PostgreSQL's column changes: adds the columns the delta
+/// brings, and drops those a full row newer than their addition no longer has. Returns the
+/// table's shape and the row without the columns dropped after this delta was written.
+fn ensure_shape<'t, 'r>(
     tx: &rusqlite::Transaction<'_>,
     tables: &'t mut HashMap<String, TableShape>,
     table: &str,
     key: &[Column],
-    row: &[Column],
-) -> Result<&'t TableShape, ApplyError> {
+    row: &'r [Column],
+    version: (i64, i64),
+    full_row: bool,
+) -> Result<(&'t TableShape, Cow<'r, [Column]>), ApplyError> {
     if let Some(c) = key.iter().chain(row).find(|c| is_reserved(&c.name)) {
         return Err(ApplyError::Invalid(format!("column name {:?} is reserved on devices", c.name)));
     }
+    let t = sqlite_table(table);
     if !tables.contains_key(table) {
-        let t = sqlite_table(table);
         let mut cols = Vec::new();
         let mut defs = Vec::new();
         for c in key.iter().chain(row.iter().filter(|c| !key.iter().any(|k| k.name == c.name))) {
@@ -460,30 +487,75 @@ fn ensure_shape<'t>(
             "CREATE TABLE IF NOT EXISTS {t} ({}, {LSN} INTEGER NOT NULL, {SEQ} INTEGER NOT NULL, {DELETED} INTEGER NOT NULL DEFAULT 0, PRIMARY KEY ({pk}))",
             defs.join(", ")
         ))?;
+        let mut shape = TableShape::new(
+            cols.iter().map(|c| c.name.clone()).collect(),
+            key.iter().map(|k| k.name.clone()).collect(),
+            (-1, -1),
+        );
         for (i, c) in cols.iter().enumerate() {
             record_column(tx, table, c, key.iter().any(|k| k.name == c.name), i)?;
+            record_change(tx, &mut shape, table, &c.name, version, false)?;
         }
-        tables.insert(
-            table.to_string(),
-            TableShape::new(
-                cols.iter().map(|c| c.name.clone()).collect(),
-                key.iter().map(|k| k.name.clone()).collect(),
-                (-1, -1),
-            ),
-        );
+        tables.insert(table.to_string(), shape);
     }
     let Some(shape) = tables.get_mut(table) else {
         return Err(ApplyError::Invalid(format!("table {table} vanished")));
     };
+    let mut dropped_later = 0;
     for c in row {
-        if !shape.columns.contains(&c.name) {
-            let t = sqlite_table(table);
-            tx.execute_batch(&format!("ALTER TABLE {t} ADD COLUMN {} {}", quote_ident(&c.name), sqlite_type(&c.type_name)))?;
-            record_column(tx, table, c, false, shape.columns.len())?;
-            shape.columns.push(c.name.clone());
+        if shape.columns.contains(&c.name) {
+            continue;
+        }
+        if shape.changes.get(&c.name).is_some_and(|(v, dropped)| *dropped && *v > version) {
+            dropped_later += 1;
+            continue;
+        }
+        tx.execute_batch(&format!("ALTER TABLE {t} ADD COLUMN {} {}", quote_ident(&c.name), sqlite_type(&c.type_name)))?;
+        record_column(tx, table, c, false, shape.columns.len())?;
+        record_change(tx, shape, table, &c.name, version, false)?;
+        shape.columns.push(c.name.clone());
+        shape.reshaped();
+    }
+    // Every column of the table is in the row unless one was dropped: the common case
+    // costs a comparison of lengths.
+    if full_row && row.len() - dropped_later < shape.columns.len() {
+        let gone: Vec<String> = shape
+            .columns
+            .iter()
+            .filter(|c| !shape.key.contains(c) && !row.iter().any(|r| &r.name == *c))
+            .filter(|c| shape.changes.get(*c).is_some_and(|(v, _)| *v < version))
+            .cloned()
+            .collect();
+        for c in gone {
+            tx.execute_batch(&format!("ALTER TABLE {t} DROP COLUMN {}", quote_ident(&c)))?;
+            tx.execute("DELETE FROM _pgfanout_columns WHERE table_name = ?1 AND column_name = ?2", params![table, c])?;
+            record_change(tx, shape, table, &c, version, true)?;
+            shape.columns.retain(|x| *x != c);
+            shape.reshaped();
         }
     }
-    Ok(shape)
+    let row = if dropped_later == 0 {
+        Cow::Borrowed(row)
+    } else {
+        Cow::Owned(row.iter().filter(|c| shape.columns.contains(&c.name)).cloned().collect())
+    };
+    Ok((shape, row))
+}
+
+fn record_change(
+    tx: &rusqlite::Transaction<'_>,
+    shape: &mut TableShape,
+    table: &str,
+    column: &str,
+    version: (i64, i64),
+    dropped: bool,
+) -> Result<(), rusqlite::Error> {
+    tx.execute(
+        "INSERT OR REPLACE INTO _pgfanout_column_changes (table_name, column_name, lsn, seq, dropped) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![table, column, version.0, version.1, dropped],
+    )?;
+    shape.changes.insert(column.to_string(), (version, dropped));
+    Ok(())
 }
 
 fn record_column(

@@ -174,3 +174,59 @@ proptest! {
         prop_assert_eq!(got, expected(&changes));
     }
 }
+
+fn row_delta(lsn: i64, id: i64, columns: &[(&str, i64)]) -> Delta {
+    let mut after = vec![column("id", Value::Long(id))];
+    after.extend(columns.iter().map(|(n, v)| column(n, Value::Long(*v))));
+    Delta {
+        table: "public.t".into(),
+        op: DeltaOp::Update,
+        key: vec![column("id", Value::Long(id))],
+        after: Some(after),
+        old_key: None,
+        commit_lsn: lsn,
+        lsn,
+        xid: lsn,
+        commit_ts: 0,
+        seq: 0,
+        instruction_id: None,
+    }
+}
+
+fn table_columns(store: &Store) -> Vec<String> {
+    let conn = store.connection();
+    let mut stmt =
+        conn.prepare("SELECT name FROM pragma_table_info('public.t') WHERE name NOT LIKE '\\_pgfanout\\_%' ESCAPE '\\'").unwrap();
+    let names = stmt.query_map([], |r| r.get(0)).unwrap();
+    names.collect::<Result<_, _>>().unwrap()
+}
+
+#[test]
+fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
+    let path = temp_store(7);
+    let mut store = Store::open(&path).unwrap();
+    let added = row_delta(100, 1, &[("v", 1), ("x", 1)]);
+    let after_drop = row_delta(300, 2, &[("v", 2)]);
+    // Written before the drop, delivered after it (another partition).
+    let late = row_delta(200, 1, &[("v", 3), ("x", 3)]);
+    let batch = |ds: &[&Delta]| -> Vec<Record> {
+        ds.iter().enumerate().map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some((*d).clone())) }).collect()
+    };
+    store.apply_batch("t", &batch(&[&added])).unwrap();
+    assert_eq!(table_columns(&store), ["id", "v", "x"]);
+    store.apply_batch("t", &batch(&[&after_drop, &late])).unwrap();
+    assert_eq!(table_columns(&store), ["id", "v"], "the newer full row without x dropped it");
+    assert_eq!(live_rows(&store), BTreeMap::from([(1, 3), (2, 2)]), "the late delta still applied, without x");
+    // A replay of everything changes nothing.
+    store.apply_batch("t", &batch(&[&added, &late, &after_drop])).unwrap();
+    assert_eq!(table_columns(&store), ["id", "v"]);
+    assert_eq!(live_rows(&store), BTreeMap::from([(1, 3), (2, 2)]));
+    // Reopened, the store remembers when x was dropped.
+    drop(store);
+    let mut store = Store::open(&path).unwrap();
+    store.apply_batch("t", &batch(&[&added])).unwrap();
+    assert_eq!(table_columns(&store), ["id", "v"]);
+    // Added again in PostgreSQL: a newer row brings it back.
+    store.apply_batch("t", &batch(&[&row_delta(400, 3, &[("v", 4), ("x", 4)])])).unwrap();
+    assert_eq!(table_columns(&store), ["id", "v", "x"]);
+}
