@@ -286,3 +286,136 @@ async fn a_snapshot_interrupted_by_a_crash_is_taken_again_without_losing_deletes
     p.stop("device-a");
     p.stop("capture");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_misconfigurations_say_what_to_change() {
+    let mut p = Pipeline::new("misconfig").await;
+    let log = |p: &Pipeline, label: &str| std::fs::read_to_string(p.dir.join(format!("{label}.log"))).unwrap_or_default();
+
+    let out = p.run_cli(&["capture", "--publication", "no_such_publication"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("CREATE PUBLICATION"), "{stderr}");
+
+    let client = p.client().await;
+    let role = format!("{}_norepl", p.name);
+    client.batch_execute(&format!("CREATE ROLE {role} LOGIN")).await.unwrap();
+    let conninfo = p.postgres.conninfo.replace("user=postgres", &format!("user={role}"));
+    let out = p.run_cli(&["capture", "--postgres", &conninfo]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("WITH REPLICATION"), "{stderr}");
+
+    // A second capture on the same slot says why it waits, and takes over when the first
+    // one is gone.
+    p.start_capture().await;
+    p.start("capture-b", &["capture"]);
+    wait_for("the second capture to explain itself", TIMEOUT, || async {
+        log(&p, "capture-b").contains("in use by another process").then_some(())
+    })
+    .await;
+    p.assert_running("capture-b");
+    p.kill("capture");
+    wait_for("the second capture to take over", TIMEOUT, || async {
+        log(&p, "capture-b").contains("streaming changes").then_some(())
+    })
+    .await;
+    p.stop("capture-b");
+}
+
+/// Ids of the rows of `items` with an insert delta in the deltas topic.
+fn inserted_ids_in_kafka(p: &Pipeline) -> std::collections::HashSet<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let topic = p.kafka.topics().deltas;
+    let mut ends = Vec::new();
+    let consumer: BaseConsumer = pgfanout::kafka::reader_at(&p.kafka, &topic, |c: &BaseConsumer, part| {
+        ends.push(c.fetch_watermarks(&topic, part, std::time::Duration::from_secs(10))?.1);
+        Ok(rdkafka::Offset::Beginning)
+    })
+    .unwrap()
+    .unwrap();
+    let total: i64 = ends.iter().sum();
+    let (mut read, mut ids) = (0, std::collections::HashSet::new());
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while read < total {
+        assert!(std::time::Instant::now() < deadline, "read {read} of {total} deltas");
+        let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(500)) else { continue };
+        read += 1;
+        let Some(payload) = m.payload() else { continue };
+        let delta = pgfanout::contract::codec::decode_delta(payload).unwrap();
+        if delta.table == "public.items" && delta.op == pgfanout::contract::DeltaOp::Insert {
+            if let Some(Value::Long(id)) = delta.key.first().map(|c| &c.value) {
+                ids.insert(*id);
+            }
+        }
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_killed_five_times_during_200k_changes_loses_none() {
+    let seed = std::env::var("PGFANOUT_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    println!("seed {seed} (PGFANOUT_TEST_SEED replays it)");
+    let mut rng = workload::Rng::new(seed);
+    let mut p = Pipeline::new("capture_kill_200k").await;
+    p.start_capture().await;
+    p.start_device("a", &[]);
+    // 200,000 changes: 100,000 inserts in 50 transactions, then 100,000 updates in 50.
+    let conninfo = p.postgres.conninfo.clone();
+    let writer = tokio::spawn(async move {
+        let client = pgfanout::pg::connect(&conninfo).await.unwrap();
+        for k in 0..50 {
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO public.items (id, name, qty) SELECT g, 'item ' || g, 0 FROM generate_series({}, {}) g",
+                    k * 2000 + 1,
+                    k * 2000 + 2000
+                ))
+                .await
+                .unwrap();
+        }
+        for k in 0..50 {
+            client
+                .batch_execute(&format!(
+                    "UPDATE public.items SET qty = qty + 1 WHERE id BETWEEN {} AND {}",
+                    k * 2000 + 1,
+                    k * 2000 + 2000
+                ))
+                .await
+                .unwrap();
+        }
+    });
+    writer.await.unwrap();
+    // Capture streams the backlog for a few seconds: each kill lands at a random point of
+    // it, and the next capture resumes from what Kafka acknowledged.
+    let client = p.client().await;
+    let end: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let mut during_stream = 0;
+    for _ in 0..5 {
+        tokio::time::sleep(std::time::Duration::from_millis(50 + rng.below(350))).await;
+        let behind: bool = client
+            .query_one(
+                "SELECT confirmed_flush_lsn < $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&p.name, &end],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        during_stream += u32::from(behind);
+        p.kill("capture");
+        tokio::time::sleep(std::time::Duration::from_millis(rng.below(300))).await;
+        p.start_capture().await;
+    }
+    println!("{during_stream} of 5 kills while capture was behind the stream");
+    assert!(during_stream >= 3, "most kills landed inside the stream: {during_stream}");
+    p.wait_converged(&["a"]).await;
+    let ids = inserted_ids_in_kafka(&p);
+    let missing: Vec<i64> = (1..=100_000).filter(|id| !ids.contains(id)).take(10).collect();
+    assert!(missing.is_empty(), "inserts missing from Kafka, e.g. {missing:?}");
+    p.stop("device-a");
+    p.stop("capture");
+}
