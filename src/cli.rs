@@ -266,6 +266,14 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    if let Command::Setup { postgres, .. }
+    | Command::Executor { postgres, .. }
+    | Command::Capture { postgres, .. }
+    | Command::Verify { postgres, .. }
+    | Command::Demo { postgres, .. } = &command
+    {
+        pg::check_conninfo(&postgres.conninfo).map_err(|e| anyhow::anyhow!("--postgres: {e}"))?;
+    }
     match command {
         Command::Setup { kafka, postgres } => {
             let client = pg::connect(&postgres.conninfo).await?;

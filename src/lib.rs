@@ -18,5 +18,6 @@ pub mod pg;
 pub mod shutdown;
 pub mod submit;
 pub mod telemetry;
+pub mod tls;
 pub mod verify;
 pub mod workload;

@@ -6,19 +6,61 @@
 
 use std::fmt;
 
+use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::{Client, NoTls};
 
 use crate::contract::value::type_name_for_oid;
 
 /// Connects and drives the connection on a background task.
+/// Connects with TLS as the connection string's `sslmode` and `sslrootcert` say
+/// ([`crate::tls`]; [`check_conninfo`] explains bad values before the first connection).
 pub async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
+    let Ok((plain, tls)) = crate::tls::split_conninfo(conninfo) else {
+        // Left to tokio-postgres, which reports what is wrong with the string.
+        let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
+        spawn_connection(connection);
+        return Ok(client);
+    };
+    let client = match tls.connector() {
+        Ok(connector) => {
+            let mut connector = MakeTlsConnector::new(connector);
+            let full = tls.mode == crate::tls::SslMode::VerifyFull;
+            connector.set_callback(move |config, _| {
+                config.set_verify_hostname(full);
+                Ok(())
+            });
+            let (client, connection) = tokio_postgres::connect(&plain, connector).await?;
+            spawn_connection(connection);
+            client
+        }
+        Err(e) => {
+            // Without a connector, only a connection that needs no TLS can be made: the
+            // server's refusal (or tokio-postgres's) becomes the error.
+            tracing::warn!(error = %e, "cannot set up TLS for postgres");
+            let (client, connection) = tokio_postgres::connect(&plain, NoTls).await?;
+            spawn_connection(connection);
+            client
+        }
+    };
+    Ok(client)
+}
+
+fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");
         }
     });
-    Ok(client)
+}
+
+/// Explains what is wrong with a connection string's TLS settings, if anything.
+pub fn check_conninfo(conninfo: &str) -> Result<(), String> {
+    let (_, tls) = crate::tls::split_conninfo(conninfo)?;
+    tls.connector().map(drop).map_err(|e| format!("cannot set up TLS for postgres: {e}"))
 }
 
 /// The executor's bookkeeping: one row per instruction, written in the same transaction as

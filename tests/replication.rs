@@ -424,3 +424,41 @@ async fn unix_socket() {
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
     repl.identify_system().await.unwrap();
 }
+
+/// A role that pg_hba.conf admits only over TLS (`hostssl`), and the test CA.
+fn tls_setup() -> (String, String, String) {
+    let conninfo = std::env::var("PGFANOUT_TEST_PG_TLS").expect("PGFANOUT_TEST_PG_TLS (set by deploy/local/test.sh)");
+    let dir = std::env::var("PGFANOUT_TEST_TLS_DIR").expect("PGFANOUT_TEST_TLS_DIR");
+    (conninfo, format!("{dir}/ca.crt"), format!("{dir}/other-ca.crt"))
+}
+
+#[tokio::test]
+async fn tls_is_negotiated_and_the_certificate_verified() {
+    let (conninfo, ca, other_ca) = tls_setup();
+    // The role is refused without TLS, so a working connection is an encrypted one.
+    for ok in [
+        format!("{conninfo} sslmode=require"),
+        format!("{conninfo} sslmode=verify-full sslrootcert={ca}"),
+        format!("{} sslmode=verify-full sslrootcert={ca}", conninfo.replace("host=localhost", "host=127.0.0.1")),
+        conninfo.clone(), // prefer, the default
+    ] {
+        let cfg = ReplicationConfig::from_conninfo(&ok).unwrap();
+        let mut repl = ReplicationClient::connect(&cfg).await.unwrap_or_else(|e| panic!("{ok}: {e}"));
+        repl.identify_system().await.unwrap();
+        let client = pgfanout::pg::connect(&ok).await.unwrap_or_else(|e| panic!("{ok}: {e}"));
+        let ssl: bool = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+        assert!(ssl, "{ok}");
+    }
+
+    let plain = ReplicationConfig::from_conninfo(&format!("{conninfo} sslmode=disable")).unwrap();
+    let err = ReplicationClient::connect(&plain).await.unwrap_err();
+    assert_eq!(err.sqlstate(), Some("28000"), "{err}");
+    assert!(pgfanout::pg::connect(&format!("{conninfo} sslmode=disable")).await.is_err());
+
+    // A certificate that does not chain to the given CA is refused by both clients.
+    let wrong = format!("{conninfo} sslmode=verify-ca sslrootcert={other_ca}");
+    let err = ReplicationClient::connect(&ReplicationConfig::from_conninfo(&wrong).unwrap()).await.unwrap_err();
+    assert!(err.to_string().contains("certificate verify failed"), "{err}");
+    let err = pgfanout::pg::connect(&wrong).await.unwrap_err();
+    assert!(format!("{err:?}").contains("certificate verify failed"), "{err:?}");
+}

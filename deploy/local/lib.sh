@@ -33,6 +33,8 @@ pg_bindir() {
 install_prerequisites() {
     command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
     command -v cc >/dev/null && command -v make >/dev/null || apt_install build-essential
+    # OpenSSL: TLS to PostgreSQL and Kafka (headers to build, the CLI for test certificates).
+    apt_install libssl-dev pkg-config openssl
     command -v python3 >/dev/null || apt_install python3
     pg_bindir >/dev/null || apt_install postgresql
     pg_bindir >/dev/null || die "PostgreSQL server binaries not found after installing the postgresql package"

@@ -22,8 +22,23 @@ trap cleanup EXIT
 
 PG_PORT=$(free_port)
 BROKER_PORT=$(free_port)
+# TLS: a throwaway CA and a server certificate for localhost and 127.0.0.1 (the TLS tests
+# verify it), and a second CA the server's certificate does not chain to.
+TLS="$WORK/tls"
+mkdir -p "$TLS"
+(
+    cd "$TLS"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=pgfanout test CA" -keyout ca.key -out ca.crt 2>/dev/null
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=another CA" -keyout other-ca.key -out other-ca.crt 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >san.cnf
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile san.cnf -out server.crt 2>/dev/null
+    chmod 600 server.key
+    [ "$(id -u)" = 0 ] && chown postgres: server.key server.crt
+) || die "openssl could not make the test certificates"
 # Tests create and drop many databases: durability is not what they measure.
-pg_start "$PG_DIR" "$PG_PORT" "fsync = off" "full_page_writes = off" "unix_socket_directories = '$SOCKETS'"
+pg_start "$PG_DIR" "$PG_PORT" "fsync = off" "full_page_writes = off" "unix_socket_directories = '$SOCKETS'" \
+    "ssl = on" "ssl_cert_file = '$TLS/server.crt'" "ssl_key_file = '$TLS/server.key'"
 # Roles for the authentication tests of the replication client, one per method.
 PSQL=("$(pg_bindir)/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres)
 as_pg "${PSQL[@]}" <<'SQL'
@@ -32,8 +47,11 @@ CREATE ROLE pgf_md5 LOGIN REPLICATION PASSWORD 'md5-secret';
 SET password_encryption = 'scram-sha-256';
 CREATE ROLE pgf_scram LOGIN REPLICATION PASSWORD 'scram-secret';
 CREATE ROLE pgf_password LOGIN REPLICATION PASSWORD 'plain-secret';
+CREATE ROLE pgf_tls LOGIN REPLICATION PASSWORD 'tls-secret';
 SQL
 {
+    echo "hostssl all pgf_tls 127.0.0.1/32 scram-sha-256"
+    echo "host all pgf_tls 127.0.0.1/32 reject"
     echo "host all pgf_md5 127.0.0.1/32 md5"
     echo "host all pgf_scram 127.0.0.1/32 scram-sha-256"
     echo "host all pgf_password 127.0.0.1/32 password"
@@ -48,6 +66,8 @@ export PGFANOUT_TEST_POSTGRES="host=127.0.0.1 port=$PG_PORT user=postgres dbname
 export PGFANOUT_TEST_PG_MD5="host=127.0.0.1 port=$PG_PORT user=pgf_md5 password=md5-secret dbname=postgres"
 export PGFANOUT_TEST_PG_SCRAM="postgresql://pgf_scram:scram-secret@127.0.0.1:$PG_PORT/postgres"
 export PGFANOUT_TEST_PG_PASSWORD="host=127.0.0.1 port=$PG_PORT user=pgf_password password=plain-secret dbname=postgres"
+export PGFANOUT_TEST_PG_TLS="host=localhost port=$PG_PORT user=pgf_tls password=tls-secret dbname=postgres"
+export PGFANOUT_TEST_TLS_DIR="$TLS"
 export PGFANOUT_TEST_PG_UNIX="host=$SOCKETS port=$PG_PORT user=postgres dbname=postgres"
 export PGFANOUT_TEST_BROKERS="127.0.0.1:$BROKER_PORT"
 export PGFANOUT_TEST_KAFKA_PROPERTIES="$LOCAL_KAFKA_PROPERTIES"

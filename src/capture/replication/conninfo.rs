@@ -4,6 +4,7 @@
 use std::fmt;
 
 use super::ReplicationError;
+use crate::tls::Tls;
 
 /// Connection settings for a replication connection.
 #[derive(Clone, PartialEq, Eq)]
@@ -16,6 +17,7 @@ pub struct ReplicationConfig {
     pub password: Option<String>,
     pub dbname: String,
     pub application_name: String,
+    pub tls: Tls,
 }
 
 impl fmt::Debug for ReplicationConfig {
@@ -27,6 +29,7 @@ impl fmt::Debug for ReplicationConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("dbname", &self.dbname)
             .field("application_name", &self.application_name)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -40,9 +43,8 @@ impl ReplicationConfig {
     /// Defaults: host `localhost`, port 5432, user `postgres`, dbname = user,
     /// application_name `pgfanout`.
     pub fn from_conninfo(s: &str) -> Result<Self, ReplicationError> {
-        let s = s.trim();
-        let pairs =
-            if s.starts_with("postgres://") || s.starts_with("postgresql://") { parse_url(s)? } else { parse_key_values(s)? };
+        let pairs = parse_pairs(s)?;
+        let (mut sslmode, mut sslrootcert) = (None, None);
         let mut cfg = ReplicationConfig {
             host: "localhost".into(),
             port: 5432,
@@ -50,6 +52,7 @@ impl ReplicationConfig {
             password: None,
             dbname: String::new(),
             application_name: String::new(),
+            tls: Tls::default(),
         };
         let mut fallback_app = None;
         let mut hostaddr = None;
@@ -71,25 +74,20 @@ impl ReplicationConfig {
                 "dbname" => cfg.dbname = value,
                 "application_name" => cfg.application_name = value,
                 "fallback_application_name" => fallback_app = Some(value),
-                "sslmode" => match value.as_str() {
-                    "" | "disable" | "allow" | "prefer" => {}
-                    other => {
-                        return Err(ReplicationError::Config(format!(
-                            "sslmode={other} is not supported: the replication client does not speak TLS; use sslmode=disable or prefer"
-                        )))
-                    }
-                },
+                "sslmode" => sslmode = Some(value),
+                "sslrootcert" => sslrootcert = Some(value),
                 // Accepted for compatibility with connection strings shared
                 // with regular clients; they do not change this client.
                 "connect_timeout" | "replication" | "target_session_attrs" | "keepalives"
                 | "keepalives_idle" | "keepalives_interval" | "keepalives_count" | "client_encoding" => {}
                 other => {
                     return Err(ReplicationError::Config(format!(
-                        "unsupported connection option {other:?} (supported: host, hostaddr, port, user, password, dbname, application_name, sslmode)"
+                        "unsupported connection option {other:?} (supported: host, hostaddr, port, user, password, dbname, application_name, sslmode, sslrootcert)"
                     )))
                 }
             }
         }
+        cfg.tls = Tls::new(sslmode.as_deref(), sslrootcert.as_deref()).map_err(ReplicationError::Config)?;
         if let Some(addr) = hostaddr {
             cfg.host = addr;
         }
@@ -103,6 +101,16 @@ impl ReplicationConfig {
             cfg.application_name = fallback_app.unwrap_or_else(|| DEFAULT_APPLICATION_NAME.into());
         }
         Ok(cfg)
+    }
+}
+
+/// The key/value pairs of a connection string in either form.
+pub(crate) fn parse_pairs(s: &str) -> Result<Vec<(String, String)>, ReplicationError> {
+    let s = s.trim();
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        parse_url(s)
+    } else {
+        parse_key_values(s)
     }
 }
 

@@ -6,7 +6,7 @@
 //! `START_REPLICATION`. The XLogData payloads it hands out are raw pgoutput
 //! messages, to be decoded with [`super::pgoutput::decode`].
 //!
-//! TLS is not supported: `sslmode` values that demand it are rejected.
+//! TLS follows libpq's `sslmode` and `sslrootcert` ([`crate::tls`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,6 +18,8 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::frontend;
 
 pub use super::pgoutput::Lsn;
+use crate::tls::SslMode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Upper bound for the TCP connect, authentication and startup phase.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,7 +32,7 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Microseconds between 1970-01-01 and 2000-01-01.
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
-mod conninfo;
+pub(crate) mod conninfo;
 mod error;
 mod stream;
 mod wire;
@@ -141,9 +143,26 @@ impl ReplicationClient {
                 return Err(ReplicationError::Config("Unix-domain sockets are not available".into()));
             }
         } else {
-            let tcp = tokio::net::TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+            let mut tcp = tokio::net::TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
             tcp.set_nodelay(true)?;
-            Box::new(tcp)
+            if cfg.tls.mode == SslMode::Disable {
+                Box::new(tcp)
+            } else {
+                let mut request = BytesMut::new();
+                frontend::ssl_request(&mut request);
+                tcp.write_all(&request).await?;
+                match tcp.read_u8().await? {
+                    b'S' => Box::new(cfg.tls.handshake(&cfg.host, tcp).await?),
+                    b'N' if cfg.tls.mode == SslMode::Prefer => Box::new(tcp),
+                    b'N' => {
+                        return Err(ReplicationError::Config(format!(
+                            "the server at {}:{} does not accept TLS connections, which the connection string requires (sslmode)",
+                            cfg.host, cfg.port
+                        )))
+                    }
+                    other => return Err(ReplicationError::Protocol(format!("unexpected answer {other:#x} to an SSLRequest"))),
+                }
+            }
         };
         let mut client = ReplicationClient {
             conn: Conn { socket, rbuf: BytesMut::with_capacity(READ_CHUNK), wbuf: BytesMut::with_capacity(1024) },
