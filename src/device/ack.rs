@@ -44,27 +44,37 @@ impl Watermark {
     }
 }
 
-/// Publishes the watermark when it moved (at most every `MIN_GAP`) and, as a sign of life,
+/// Publishes the watermark when it moved (at most every `min_gap`) and, as a sign of life,
 /// every `HEARTBEAT` even when it did not.
 pub struct AckPublisher {
     producer: ThreadedProducer<Observed>,
     topic: String,
     device_id: String,
+    min_gap: Duration,
     last: Option<(i64, Instant)>,
 }
 
-const MIN_GAP: Duration = Duration::from_millis(100);
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl AckPublisher {
-    pub fn new(producer: ThreadedProducer<Observed>, topic: String, device_id: String) -> Self {
-        AckPublisher { producer, topic, device_id, last: None }
+    pub fn new(producer: ThreadedProducer<Observed>, topic: String, device_id: String, min_gap: Duration) -> Self {
+        AckPublisher { producer, topic, device_id, min_gap, last: None }
+    }
+
+    /// How long until a moved watermark may be published (zero: now); `None` when it did
+    /// not move.
+    pub fn due_in(&self, watermark: i64) -> Option<Duration> {
+        match self.last {
+            None => Some(Duration::ZERO),
+            Some((sent, _)) if sent == watermark => None,
+            Some((_, at)) => Some(self.min_gap.saturating_sub(at.elapsed())),
+        }
     }
 
     pub fn maybe_publish(&mut self, watermark: i64) {
         let due = match self.last {
             None => true,
-            Some((sent, at)) => (watermark != sent && at.elapsed() >= MIN_GAP) || at.elapsed() >= HEARTBEAT,
+            Some((_, at)) => self.due_in(watermark).is_some_and(|d| d.is_zero()) || at.elapsed() >= HEARTBEAT,
         };
         if !due {
             return;

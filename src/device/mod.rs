@@ -41,6 +41,11 @@ pub struct DeviceSettings {
     /// Most deltas applied in one SQLite transaction.
     #[arg(long = "batch-size", env = "PGFANOUT_DEVICE_BATCH_SIZE", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch_size: u32,
+    /// Least milliseconds between two acknowledgements of a moving watermark on the
+    /// device-acks topic: lower confirms `submit --wait all-devices` sooner, at one more
+    /// record per interval per device.
+    #[arg(long = "ack-interval-ms", env = "PGFANOUT_ACK_INTERVAL_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub ack_interval_ms: u64,
     /// Tables this device keeps (schema.table, comma separated); default: all. Deltas of
     /// other tables are skipped but still move the offsets and the watermark.
     #[arg(long = "tables", env = "PGFANOUT_DEVICE_TABLES", value_delimiter = ',')]
@@ -73,6 +78,8 @@ pub(crate) struct Device {
 
 /// How often a running device measures its lag behind the topic's end.
 const LAG_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest wait for records when none arrive.
+const IDLE_POLL: Duration = Duration::from_millis(200);
 
 /// What one step of the device did.
 pub(crate) struct Step {
@@ -100,6 +107,7 @@ impl Device {
             Observed::new("device", Some(&settings.id)).create(kafka_settings, ClientRole::Producer)?,
             kafka_settings.topics().device_acks,
             settings.id.clone(),
+            Duration::from_millis(settings.ack_interval_ms),
         );
         let positions = store.offsets(&topic)?;
         metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => settings.id.clone()).increment(0);
@@ -126,12 +134,10 @@ impl Device {
     /// Polls one batch and applies it in one SQLite transaction.
     pub(crate) fn step(&mut self) -> Result<Step, DeviceError> {
         self.measure_lag();
-        let batch = match kafka::poll_batch(
-            &self.consumer,
-            self.settings.batch_size as usize,
-            Duration::from_millis(200),
-            Duration::from_millis(5),
-        ) {
+        // An acknowledgement held back by the interval goes out when due, not with the next
+        // record.
+        let wait = self.acks.due_in(self.watermark.value()).map_or(IDLE_POLL, |d| d.clamp(Duration::from_millis(1), IDLE_POLL));
+        let batch = match kafka::poll_batch(&self.consumer, self.settings.batch_size as usize, wait, Duration::from_millis(5)) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "poll failed; retrying");
