@@ -3,12 +3,14 @@
 //!
 //! Components (one subcommand each): [`executor`], [`capture`], [`device`], plus
 //! [`submit`], [`verify`] and [`demo`]. The data contracts are in [`contract`], Kafka
-//! client set-up in [`kafka`], PostgreSQL helpers in [`pg`].
+//! client set-up in [`kafka`], PostgreSQL helpers in [`pg`]; every option is listed in
+//! `docs/configuration.md`, rendered by [`config_reference`].
 
 pub mod backoff;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod config_reference;
 pub mod contract;
 pub mod demo;
 pub mod device;

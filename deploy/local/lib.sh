@@ -145,8 +145,7 @@ broker_start() {
         --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
         --storage-engine "$storage" "${extra[@]}" >>"$dir/broker.log" 2>&1) &
     echo $! >"$dir/broker.pid"
-    local i
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         "$BROKER" topic list --broker "tcp://127.0.0.1:$port" >/dev/null 2>&1 && return 0
         kill -0 "$(cat "$dir/broker.pid")" 2>/dev/null || { cat "$dir/broker.log" >&2; die "the broker exited (log above)"; }
         sleep 0.1
@@ -168,4 +167,5 @@ broker_stop() {
 
 # Client settings for the local broker: it polls its storage instead of waking a fetch,
 # so consumers ask often; short sessions make failover quick.
+# shellcheck disable=SC2034 # used by the scripts that source this file
 LOCAL_KAFKA_PROPERTIES="fetch.wait.max.ms=20,session.timeout.ms=6000,heartbeat.interval.ms=1000"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick-start command 2: installs what is missing, starts a throwaway PostgreSQL and
-# broker (in-memory storage) on free ports, runs the whole test suite against them, and
-# stops them again. Extra arguments go to `cargo test`.
+# broker (in-memory storage) on free ports, validates the deployment files
+# (deploy/validate.sh), runs the whole test suite against them, and stops them again.
+# Extra arguments go to `cargo test`.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -9,6 +10,10 @@ install_prerequisites
 # The observability test runs a real Prometheus and promtool.
 command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_install prometheus
 WORK=$(mktemp -d /tmp/pgfanout-test.XXXXXX)
+# deploy/validate.sh installs its validators into a virtual environment, which Debian's
+# python3 can make only with python3-venv.
+[ -x "$PGFANOUT_ROOT/.data/validate-venv/bin/python" ] || python3 -m venv "$WORK/venv-probe" >/dev/null 2>&1 \
+    || apt_install python3-venv
 chmod 755 "$WORK"
 PG_DIR="$WORK/pg"
 SOCKETS="$WORK/sockets"
@@ -71,6 +76,8 @@ export PGFANOUT_TEST_TLS_DIR="$TLS"
 export PGFANOUT_TEST_PG_UNIX="host=$SOCKETS port=$PG_PORT user=postgres dbname=postgres"
 export PGFANOUT_TEST_BROKERS="127.0.0.1:$BROKER_PORT"
 export PGFANOUT_TEST_KAFKA_PROPERTIES="$LOCAL_KAFKA_PROPERTIES"
-export PGFANOUT_TEST_BROKER_BIN="$(command -v "$BROKER")"
+PGFANOUT_TEST_BROKER_BIN="$(command -v "$BROKER")"
+export PGFANOUT_TEST_BROKER_BIN
 cd "$PGFANOUT_ROOT"
+VALIDATE_POSTGRES="$PGFANOUT_TEST_POSTGRES" ./deploy/validate.sh
 cargo test --quiet "$@"
