@@ -159,7 +159,13 @@ fn main() {
     drop(store);
 
     // (a): a device applying the whole topic into an empty store.
-    let device = DeviceSettings { id: "bench".into(), store: dir.join("device.sqlite"), batch_size: BATCH as u32, tables: None };
+    let device = DeviceSettings {
+        id: "bench".into(),
+        store: dir.join("device.sqlite"),
+        batch_size: BATCH as u32,
+        tables: None,
+        ack_interval_ms: 100,
+    };
     remove_store(&device.store);
     let (_, shutdown) = Shutdown::new();
     let started = Instant::now();
