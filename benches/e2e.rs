@@ -234,7 +234,7 @@ impl Pipeline {
         loop {
             self.drain();
             let watermark = self.fleet_watermark();
-            let pending = ids.iter().filter(|id| !self.seen.results.get(*id).is_some_and(|(lsn, _)| *lsn <= watermark)).count();
+            let pending = ids.iter().filter(|id| self.seen.results.get(*id).is_none_or(|(lsn, _)| *lsn > watermark)).count();
             if pending == 0 {
                 return;
             }

@@ -16,7 +16,7 @@ pub struct KafkaSettings {
     #[arg(long = "topic-prefix", env = "PGFANOUT_TOPIC_PREFIX", default_value = "pgfanout.")]
     pub topic_prefix: String,
     /// Extra librdkafka properties for every client, as `key=value` pairs separated by
-    /// commas (for example `fetch.wait.max.ms=20,session.timeout.ms=6000`).
+    /// commas (for example `fetch.wait.max.ms=20,security.protocol=ssl`).
     #[arg(long = "kafka-properties", env = "PGFANOUT_KAFKA_PROPERTIES", default_value = "", value_parser = parse_properties)]
     pub properties: Properties,
     /// Partitions of topics the pipeline creates.
