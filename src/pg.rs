@@ -57,6 +57,22 @@ where
     });
 }
 
+/// The primary key's columns of a table, in key order; empty when it has none.
+pub async fn primary_key_columns(client: &Client, table_oid: u32) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text
+               FROM pg_index i
+               CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = $1 AND i.indisprimary
+              ORDER BY k.n",
+            &[&table_oid],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Explains what is wrong with a connection string's TLS settings, if anything.
 pub fn check_conninfo(conninfo: &str) -> Result<(), String> {
     let (_, tls) = crate::tls::split_conninfo(conninfo)?;

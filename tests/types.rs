@@ -140,3 +140,35 @@ async fn a_heartbeat_moves_a_slot_that_status_updates_leave_behind() {
     .await;
     p.stop("capture");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_identity_full_keeps_rows_keyed_by_their_primary_key() {
+    let mut p = Pipeline::new("identity_full").await;
+    let client = p.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE public.full_identity (id int PRIMARY KEY, note text, n int);
+             ALTER TABLE public.full_identity REPLICA IDENTITY FULL;
+             INSERT INTO public.full_identity VALUES (1, 'copied by the snapshot', 0);
+             ALTER PUBLICATION pgfanout ADD TABLE public.full_identity;",
+        )
+        .await
+        .unwrap();
+    p.start_capture().await;
+    p.start_device("a", &[]);
+    client
+        .batch_execute(
+            "INSERT INTO public.full_identity VALUES (2, 'two', 0), (3, 'three', 0);
+             UPDATE public.full_identity SET note = 'changed', n = n + 1 WHERE id IN (1, 2);
+             UPDATE public.full_identity SET id = 4 WHERE id = 3;
+             DELETE FROM public.full_identity WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    p.wait_converged(&["a"]).await;
+    let conn = pgfanout::verify::open_store_read_only(&p.store("a")).unwrap();
+    let rows: i64 = conn.query_row("SELECT count(*) FROM \"public.full_identity\"", [], |r| r.get(0)).unwrap();
+    assert_eq!(rows, 4, "one row per primary key ever seen (two of them tombstones), not one per row image");
+    p.stop("device-a");
+    p.stop("capture");
+}

@@ -192,7 +192,7 @@ impl Session<'_> {
                 }
                 event = stream.next_event() => {
                     let step = match event {
-                        Ok(Some(ev)) => self.on_event(ev, &mut stream, &mut decoder, &mut tracker, &mut in_flight, &mut current_tx, &mut reported, &mut watermark).await,
+                        Ok(Some(ev)) => self.on_event(ev, &mut stream, &monitor, &mut decoder, &mut tracker, &mut in_flight, &mut current_tx, &mut reported, &mut watermark).await,
                         Ok(None) => Err(CaptureError::Replication(ReplicationError::Protocol("the server ended the replication stream".into()))),
                         Err(e) => Err(e.into()),
                     };
@@ -274,6 +274,7 @@ impl Session<'_> {
         &self,
         event: ReplicationEvent,
         stream: &mut ReplicationStream,
+        monitor: &tokio_postgres::Client,
         decoder: &mut ChangeDecoder,
         tracker: &mut FlushLsnTracker,
         in_flight: &mut InFlight,
@@ -294,7 +295,10 @@ impl Session<'_> {
                 Ok(())
             }
             ReplicationEvent::XLogData { wal_start, data, .. } => {
-                let message = pgoutput::decode(&data).map_err(|e| CaptureError::Decode(e.to_string()))?;
+                let mut message = pgoutput::decode(&data).map_err(|e| CaptureError::Decode(e.to_string()))?;
+                if let PgOutputMessage::Relation(rel) = &mut message {
+                    key_by_primary_key(monitor, rel).await?;
+                }
                 metrics::counter!("pgfanout_capture_received_bytes_total").increment(data.len() as u64);
                 if let PgOutputMessage::Message { transactional: false, prefix, .. } = &message {
                     if prefix == HEARTBEAT_PREFIX && current_tx.is_none() {
@@ -490,6 +494,22 @@ fn on_delivered(
     result?;
     metrics::histogram!("pgfanout_capture_produce_latency_seconds").record(sent.elapsed().as_secs_f64());
     tracker.acknowledged(tx);
+    Ok(())
+}
+
+/// With `REPLICA IDENTITY FULL`, pgoutput flags every column as part of the key; deltas are
+/// keyed by the primary key instead, when the table has one, so that a row keeps its
+/// identity on devices when a non-key column changes.
+async fn key_by_primary_key(monitor: &tokio_postgres::Client, rel: &mut pgoutput::Relation) -> Result<(), CaptureError> {
+    if rel.replica_identity != b'f' {
+        return Ok(());
+    }
+    let key = pg::primary_key_columns(monitor, rel.id).await?;
+    if !key.is_empty() {
+        for column in &mut rel.columns {
+            column.is_key = key.contains(&column.name);
+        }
+    }
     Ok(())
 }
 

@@ -230,7 +230,8 @@ fn missing_schema(e: tokio_postgres::Error) -> CaptureError {
 
 /// The publication's tables as the snapshot transaction sees them, described the way
 /// pgoutput's Relation and Type messages describe them: published columns only (column
-/// lists), generated columns left out, key flags from the replica identity.
+/// lists), generated columns left out, key flags from the replica identity (the primary
+/// key under `REPLICA IDENTITY FULL`, as streaming uses).
 async fn published_tables(reader: &Client, publication: &str) -> Result<Vec<SnapshotTable>, CaptureError> {
     let tables = reader
         .query(
@@ -251,7 +252,8 @@ async fn published_tables(reader: &Client, publication: &str) -> Result<Vec<Snap
             .query(
                 "SELECT a.attname::text, a.atttypid, a.atttypmod,
                         CASE c.relreplident
-                          WHEN 'f' THEN true
+                          WHEN 'f' THEN coalesce(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)::int2[]),
+                                                 NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
                           WHEN 'd' THEN coalesce(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)::int2[]), false)
                           WHEN 'i' THEN coalesce(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)::int2[]), false)
                           ELSE false END,
