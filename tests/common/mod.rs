@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,8 @@ pub struct Pipeline {
     pub name: String,
     /// A broker of this pipeline's own (see [`Pipeline::with_own_broker`]).
     broker: Option<OwnBroker>,
+    /// A PostgreSQL of this pipeline's own (see [`Pipeline::with_own_services`]).
+    postgres_server: Option<OwnPostgres>,
     pub kafka: KafkaSettings,
     pub postgres: PostgresSettings,
     pub dir: PathBuf,
@@ -50,15 +52,14 @@ fn with_dbname(admin: &str, db: &str) -> String {
 impl Pipeline {
     /// Creates the database (sample tables, publication, pgfanout schema) and the topics.
     pub async fn new(test: &str) -> Pipeline {
-        Self::new_on(test, &required_env("PGFANOUT_TEST_BROKERS")).await
+        Self::new_on(test, &required_env("PGFANOUT_TEST_BROKERS"), &required_env("PGFANOUT_TEST_POSTGRES")).await
     }
 
-    async fn new_on(test: &str, brokers: &str) -> Pipeline {
+    async fn new_on(test: &str, brokers: &str, admin_conninfo: &str) -> Pipeline {
         let name = unique_name(test);
-        let admin_conninfo = required_env("PGFANOUT_TEST_POSTGRES");
-        let admin = pg::connect(&admin_conninfo).await.expect("connect to the test PostgreSQL");
+        let admin = pg::connect(admin_conninfo).await.expect("connect to the test PostgreSQL");
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
-        let postgres = PostgresSettings { conninfo: with_dbname(&admin_conninfo, &name), publication: "pgfanout".into() };
+        let postgres = PostgresSettings { conninfo: with_dbname(admin_conninfo, &name), publication: "pgfanout".into() };
         let client = pg::connect(&postgres.conninfo).await.unwrap();
         pg::ensure_schema(&client).await.unwrap();
         client.batch_execute(&workload::schema_sql(&postgres.publication)).await.unwrap();
@@ -75,7 +76,7 @@ impl Pipeline {
         kafka::ensure_pipeline_topics(&kafka).await.expect("create topics");
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
-        Pipeline { name, broker: None, kafka, postgres, dir, children: HashMap::new() }
+        Pipeline { name, broker: None, postgres_server: None, kafka, postgres, dir, children: HashMap::new() }
     }
 
     /// Like [`Pipeline::new`], with a broker of its own on durable (SQLite) storage, so
@@ -85,9 +86,38 @@ impl Pipeline {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut broker = OwnBroker { dir, port, child: None };
         broker.start();
-        let mut p = Pipeline::new_on(test, &format!("127.0.0.1:{port}")).await;
+        let mut p = Pipeline::new_on(test, &format!("127.0.0.1:{port}"), &required_env("PGFANOUT_TEST_POSTGRES")).await;
         p.broker = Some(broker);
         p
+    }
+
+    /// A broker (on SQLite storage) and a PostgreSQL of its own, so that a test can kill and
+    /// restart either.
+    pub async fn with_own_services(test: &str) -> Pipeline {
+        let broker_dir = std::env::temp_dir().join(format!("{}-broker", unique_name(test)));
+        let broker_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut broker = OwnBroker { dir: broker_dir, port: broker_port, child: None };
+        broker.start();
+        let server = OwnPostgres {
+            dir: std::env::temp_dir().join(format!("{}-pg", unique_name(test))),
+            port: std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
+        };
+        server.start();
+        let admin = format!("host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable", server.port);
+        let mut p = Pipeline::new_on(test, &format!("127.0.0.1:{broker_port}"), &admin).await;
+        p.broker = Some(broker);
+        p.postgres_server = Some(server);
+        p
+    }
+
+    /// Stops this pipeline's own PostgreSQL: `fast` (a clean shutdown) or `immediate` (a
+    /// crash: recovery on the next start).
+    pub fn stop_postgres(&mut self, mode: &str) {
+        self.postgres_server.as_ref().expect("a PostgreSQL of its own").stop(mode);
+    }
+
+    pub fn start_postgres(&mut self) {
+        self.postgres_server.as_ref().expect("a PostgreSQL of its own").start();
     }
 
     pub fn kill_broker(&mut self) {
@@ -324,6 +354,10 @@ impl Pipeline {
                                 format!("device {d}, {table}, key {k}:\n postgres {v}\n device   {:?}", theirs.get(k));
                             break;
                         }
+                        if let Some((k, v)) = theirs.iter().find(|(k, _)| !rows.contains_key(*k)) {
+                            first_difference = format!("device {d}, {table}, key {k}: not in postgres\n device   {v}");
+                            break;
+                        }
                     }
                 }
                 panic!(
@@ -433,6 +467,37 @@ impl Drop for Pipeline {
         if let Some(b) = self.broker.as_mut() {
             b.kill();
         }
+        if let Some(server) = &self.postgres_server {
+            server.stop("immediate");
+        }
+    }
+}
+
+/// A PostgreSQL server in `dir`, started and stopped with the local scripts' functions.
+struct OwnPostgres {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl OwnPostgres {
+    fn script(&self, commands: &str) -> bool {
+        let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/lib.sh");
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!("source '{}' && {commands}", lib.display()))
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn start(&self) {
+        let (dir, port) = (self.dir.display(), self.port);
+        assert!(self.script(&format!("pg_start '{dir}' {port}")), "PostgreSQL in {dir} did not start");
+    }
+
+    fn stop(&self, mode: &str) {
+        let dir = self.dir.display();
+        self.script(&format!("as_pg \"$(pg_bindir)/pg_ctl\" -D '{dir}' -m {mode} -w -t 60 stop >/dev/null 2>&1"));
     }
 }
 

@@ -1,0 +1,144 @@
+//! Chaos: the full pipeline — executor, capture, three devices — under steady load of mixed
+//! instructions (several tables, multi-row instructions), while at random moments one of
+//! executor, capture, a device or the broker is killed with SIGKILL, or PostgreSQL is
+//! stopped (a fast shutdown, or a crash with `-m immediate`), and restarted after a random
+//! pause. The broker and PostgreSQL are this test's own, the broker on durable (SQLite)
+//! storage.
+//!
+//! Afterwards: every submitted instruction has exactly one effect (one `instruction_log`
+//! row per id, every one committed) and the same result on every delivery; every device
+//! equals PostgreSQL; nothing was dead-lettered. `PGFANOUT_TEST_SEED` replays a run,
+//! `PGFANOUT_CHAOS_ROUNDS` (default 6) sets its length; `bench/run chaos` runs a long one.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Pipeline, TIMEOUT};
+use pgfanout::contract::ResultStatus;
+use pgfanout::kafka::{self, ClientRole};
+use pgfanout::submit::produce_instructions;
+use pgfanout::workload::{Rng, Workload};
+use rdkafka::producer::FutureProducer;
+
+const DEVICES: [&str; 3] = ["a", "b", "c"];
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_or_applied_twice_whatever_is_killed() {
+    let seed = env_u64("PGFANOUT_TEST_SEED")
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    let rounds = env_u64("PGFANOUT_CHAOS_ROUNDS").unwrap_or(6);
+    println!("chaos: seed {seed}, {rounds} rounds (PGFANOUT_TEST_SEED and PGFANOUT_CHAOS_ROUNDS replay it)");
+    let mut rng = Rng::new(seed);
+    let mut p = Pipeline::with_own_services("chaos").await;
+    p.start_executor();
+    p.start_capture().await;
+    for d in DEVICES {
+        p.start_device(d, &[]);
+    }
+    let mut watcher = p.watch_results().await;
+
+    // Steady load: 40 instructions every 100 ms, each chunk produced until Kafka has it
+    // (again after a failure: the same ids, so a chunk sent twice is still one effect).
+    let submitted = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (submitted, stop, settings) = (submitted.clone(), stop.clone(), p.kafka.clone());
+        let mut workload = Workload::new(seed, "chaos");
+        tokio::spawn(async move {
+            let producer: FutureProducer = kafka::client_config(&settings, ClientRole::Producer).create().unwrap();
+            let topic = settings.topics().instructions;
+            while !stop.load(Ordering::Relaxed) {
+                let chunk = workload.instructions(40);
+                while let Err(e) = produce_instructions(&producer, &topic, &chunk).await {
+                    println!("chaos: submit failed ({e}); again");
+                }
+                submitted.lock().unwrap().extend(chunk);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    for round in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(2000))).await;
+        let pause = Duration::from_millis(200 + rng.below(1800));
+        let victim = rng.below(6);
+        let device = DEVICES[rng.below(3) as usize];
+        let what = match victim {
+            0 => "executor".to_string(),
+            1 => "capture".to_string(),
+            2 => format!("device-{device}"),
+            3 => "broker".to_string(),
+            4 => "postgres (fast shutdown)".to_string(),
+            _ => "postgres (crash)".to_string(),
+        };
+        println!("chaos: round {round}: {what}, down for {pause:?}");
+        match victim {
+            0 | 1 | 2 => p.kill(&what),
+            3 => p.kill_broker(),
+            4 => p.stop_postgres("fast"),
+            _ => p.stop_postgres("immediate"),
+        }
+        tokio::time::sleep(pause).await;
+        match victim {
+            0 => p.start_executor(),
+            1 => p.start_capture().await,
+            2 => p.start_device(device, &[]),
+            3 => p.start_broker(),
+            _ => p.start_postgres(),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let submitted = std::mem::take(&mut *submitted.lock().unwrap());
+    let ids: HashSet<String> = submitted.iter().map(|i| i.instruction_id.clone()).collect();
+    println!("chaos: {} instructions submitted", ids.len());
+
+    // Exactly one effect, and the same result on every delivery.
+    let waited = {
+        let ids = ids.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = watcher.wait_for(&ids, TIMEOUT * 2, |_| {});
+            (watcher, r)
+        })
+    };
+    let (watcher, waited) = waited.await.unwrap();
+    waited.unwrap();
+    let results = watcher.results();
+    let not_committed: Vec<_> = ids.iter().filter(|id| results[*id].status != ResultStatus::Committed).take(5).collect();
+    assert!(not_committed.is_empty(), "every instruction of the workload is valid: {not_committed:?}");
+    assert!(watcher.differing().is_empty(), "a redelivery got a different result: {:?}", watcher.differing().first());
+    println!("chaos: {} result deliveries for {} instructions", watcher.deliveries(), ids.len());
+    let client = p.client().await;
+    let (rows, distinct): (i64, i64) = {
+        let r =
+            client.query_one("SELECT count(*), count(DISTINCT instruction_id) FROM pgfanout.instruction_log", &[]).await.unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((rows, distinct), (ids.len() as i64, ids.len() as i64), "one instruction_log row per instruction");
+    tokio::task::spawn_blocking(move || watcher.close()).await.unwrap();
+
+    // Every device equals PostgreSQL, and nothing was dead-lettered.
+    p.wait_converged(&DEVICES).await;
+    let dlq = p.kafka.topics().dlq;
+    let consumer: rdkafka::consumer::BaseConsumer =
+        kafka::client_config(&p.kafka, ClientRole::UncommittedConsumer { group_id: "chaos-dlq" }).create().unwrap();
+    let mut dead = 0;
+    for part in 0..p.kafka.partitions {
+        let (low, high) = rdkafka::consumer::Consumer::fetch_watermarks(&consumer, &dlq, part, Duration::from_secs(10)).unwrap();
+        dead += high - low;
+    }
+    assert_eq!(dead, 0, "no dead letters");
+    for d in DEVICES {
+        p.stop(&format!("device-{d}"));
+    }
+    p.stop("capture");
+    p.stop("executor");
+}
