@@ -193,7 +193,11 @@ impl Session<'_> {
                 event = stream.next_event() => {
                     let step = match event {
                         Ok(Some(ev)) => self.on_event(ev, &mut stream, &monitor, &mut decoder, &mut tracker, &mut in_flight, &mut current_tx, &mut reported, &mut watermark).await,
-                        Ok(None) => Err(CaptureError::Replication(ReplicationError::Protocol("the server ended the replication stream".into()))),
+                        // A server shutting down ends the stream: reconnect, as after a lost connection.
+                        Ok(None) => Err(CaptureError::Replication(ReplicationError::Io(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the server ended the replication stream",
+                        )))),
                         Err(e) => Err(e.into()),
                     };
                     if let Err(e) = step {

@@ -8,11 +8,13 @@
 //!    (≥ `S`) splits transactions exactly: those that committed before `C` are visible in
 //!    the snapshot; those that commit after are decoded by every slot, the capture slot
 //!    included.
-//! 3. Every row of the snapshot is sent with the version `(C − 1, n)`: newer than any change
-//!    committed before `C` (whose commit record starts below it), older than any change
-//!    committed after. Devices keep the newest version of a row, so the changes between `S`
-//!    and `C` that the stream sends again are skipped where the snapshot already holds
-//!    their effect, while a delete among them still removes a row an earlier attempt copied.
+//! 3. Each table's copy starts with a truncate at the version `(C − 1, n)`, and every row
+//!    of the snapshot follows with a higher `n`: newer than any change committed before `C`
+//!    (whose commit record starts below it), older than any change committed after. Devices
+//!    keep the newest version of a row and drop rows older than a truncate, so the copy
+//!    replaces what they held: rows deleted while no capture streamed (an interrupted
+//!    snapshot, a lost slot) disappear, and the changes between `S` and `C` that the stream
+//!    sends again are skipped where the snapshot already holds their effect.
 //! 4. Only when Kafka has acknowledged every snapshot delta is the snapshot marked finished
 //!    in `pgfanout.capture_snapshots`; streaming starts after that. A capture stopped during
 //!    the copy takes a new snapshot on its next start (the capture slot has not moved, so by
@@ -137,6 +139,14 @@ impl Session<'_> {
                 decoder.on_message(version, PgOutputMessage::Type { oid, namespace, name }).map_err(decode_error)?;
             }
             decoder.on_message(version, PgOutputMessage::Relation(table.relation)).map_err(decode_error)?;
+            // The copy replaces the table on devices: what they hold from before, and is not
+            // in this snapshot, was deleted meanwhile (point 3 above).
+            for truncate in decoder.on_truncate(version, &[relation_id]).map_err(decode_error)? {
+                for partition in 0..self.partitions {
+                    self.send(&truncate, Some(partition), tx, &mut tracker, &mut in_flight).await?;
+                }
+            }
+            decoder.next_seq();
             reader
                 .batch_execute(&format!(
                     "DECLARE pgfanout_snapshot NO SCROLL CURSOR FOR SELECT {} FROM ONLY {source}{filter}",

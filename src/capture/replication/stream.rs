@@ -86,6 +86,11 @@ impl ReplicationStream {
                     self.drain_to_ready().await?;
                     return Ok(None);
                 }
+                b'C' => {
+                    // The command ended without a CopyDone first (a server shutting down).
+                    self.drain_to_ready().await?;
+                    return Ok(None);
+                }
                 b'E' => return Err(server_error(&frame.body)),
                 b'N' => log_notice(&frame.body),
                 b'S' => {}
