@@ -14,9 +14,10 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::rc::Rc;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{params, Connection, OptionalExtension, ToSql};
+use rusqlite::{params, CachedStatement, Connection, OptionalExtension, ToSql};
 
 use crate::contract::value::ValueKind;
 use crate::contract::{Column, Delta, DeltaOp, Value};
@@ -108,40 +109,97 @@ struct TableShape {
     /// The version of each column's last addition or drop (`true`), so that deltas older
     /// than a change neither undo it nor trigger it again.
     changes: HashMap<String, ((i64, i64), bool)>,
-    /// Statement text by the shape of the delta it writes (its columns, which are
-    /// unchanged), so that the hot path formats no SQL.
-    statements: std::cell::RefCell<HashMap<String, std::rc::Rc<str>>>,
+    /// Statement texts by the shape of the deltas they write, most recently used first, so
+    /// that the hot path formats no SQL. Deltas of a table nearly always have one shape:
+    /// the first entry matches after a comparison of column names, with nothing allocated
+    /// or hashed.
+    statements: Vec<ShapedSql>,
+}
+
+/// The most statement texts kept per table (one per combination of unchanged TOAST
+/// columns, at most a few in practice).
+const STATEMENTS_PER_TABLE: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteKind {
+    Row,
+    Tombstone,
+}
+
+/// A statement's text and what distinguishes the deltas it writes: the kind of write and
+/// the names and unchanged flags of the columns it binds. A tombstone also clears every
+/// other column of the table, which [`TableShape::reshaped`] accounts for.
+#[derive(Debug, Clone)]
+struct ShapedSql {
+    kind: WriteKind,
+    columns: Vec<(String, bool)>,
+    sql: Rc<str>,
+}
+
+impl ShapedSql {
+    fn writes(&self, kind: WriteKind, columns: &[Column]) -> bool {
+        self.kind == kind
+            && self.columns.len() == columns.len()
+            && self.columns.iter().zip(columns).all(|((name, unchanged), c)| *unchanged == c.unchanged && *name == c.name)
+    }
 }
 
 impl TableShape {
     fn new(columns: Vec<String>, key: Vec<String>, truncated_at: (i64, i64)) -> Self {
-        TableShape { columns, key, truncated_at, changes: HashMap::new(), statements: Default::default() }
+        TableShape { columns, key, truncated_at, changes: HashMap::new(), statements: Vec::new() }
     }
 
     /// Forgets the statements: the columns changed.
     fn reshaped(&mut self) {
-        self.statements.get_mut().clear();
+        self.statements.clear();
     }
 
-    /// The statement for `signature`, built by `build` the first time.
-    fn statement(&self, signature: String, build: impl FnOnce() -> String) -> std::rc::Rc<str> {
-        let mut cache = self.statements.borrow_mut();
-        if cache.len() > 256 {
-            cache.clear();
+    /// The statement writing `columns`, built by `build` the first time.
+    fn statement(&mut self, kind: WriteKind, columns: &[Column], build: impl FnOnce(&TableShape) -> String) -> Rc<str> {
+        match self.statements.iter().position(|s| s.writes(kind, columns)) {
+            Some(0) => {}
+            Some(i) => self.statements[..=i].rotate_right(1),
+            None => {
+                let sql = build(self).into();
+                self.statements.truncate(STATEMENTS_PER_TABLE - 1);
+                let columns = columns.iter().map(|c| (c.name.clone(), c.unchanged)).collect();
+                self.statements.insert(0, ShapedSql { kind, columns, sql });
+            }
         }
-        cache.entry(signature).or_insert_with(|| build().into()).clone()
+        self.statements[0].sql.clone()
     }
 }
 
-/// What distinguishes the statements writing `columns`: their names and unchanged flags.
-fn signature(kind: char, columns: &[Column]) -> String {
-    let mut s = String::with_capacity(1 + columns.iter().map(|c| c.name.len() + 2).sum::<usize>());
-    s.push(kind);
-    for c in columns {
-        s.push_str(&c.name);
-        s.push(if c.unchanged { '\u{1}' } else { '\u{0}' });
+/// The statements prepared during one batch's transaction, kept out of rusqlite's cache
+/// until the batch ends: a delta finds its statement by the identity of the text its table
+/// shape gave it, without hashing the SQL.
+struct BatchStatements<'c> {
+    conn: &'c Connection,
+    /// In order of preparation. Holding the text keeps its address from being reused.
+    prepared: Vec<(Rc<str>, CachedStatement<'c>)>,
+}
+
+/// The most statements a batch holds at once; older ones go back to rusqlite's cache.
+const STATEMENTS_PER_BATCH: usize = 16;
+
+impl<'c> BatchStatements<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        BatchStatements { conn, prepared: Vec::new() }
     }
-    s
+
+    fn get(&mut self, sql: &Rc<str>) -> Result<&mut CachedStatement<'c>, rusqlite::Error> {
+        let i = match self.prepared.iter().rposition(|(s, _)| Rc::ptr_eq(s, sql)) {
+            Some(i) => i,
+            None => {
+                if self.prepared.len() >= STATEMENTS_PER_BATCH {
+                    self.prepared.remove(0);
+                }
+                self.prepared.push((sql.clone(), self.conn.prepare_cached(sql)?));
+                self.prepared.len() - 1
+            }
+        };
+        Ok(&mut self.prepared[i].1)
+    }
 }
 
 pub struct Store {
@@ -272,6 +330,7 @@ impl Store {
     /// Applies a batch of records and records their offsets, in one SQLite transaction.
     pub fn apply_batch(&mut self, topic: &str, records: &[Record]) -> Result<BatchStats, StoreError> {
         let tx = self.conn.transaction()?;
+        let mut statements = BatchStatements::new(&tx);
         let mut stats = BatchStats::default();
         // (partition, next offset, applied LSN): a handful of partitions, searched in place.
         let mut next_offsets: Vec<(i32, i64, i64)> = Vec::new();
@@ -303,7 +362,7 @@ impl Store {
                         stats.not_subscribed += 1;
                         continue;
                     }
-                    match apply_delta(&tx, &mut self.tables, delta) {
+                    match apply_delta(&tx, &mut statements, &mut self.tables, delta) {
                         Ok(true) => {
                             stats.applied += 1;
                             applied_by_op[delta.op as usize] += 1;
@@ -322,6 +381,7 @@ impl Store {
                 }
             }
         }
+        drop(statements);
         for op in [DeltaOp::Insert, DeltaOp::Update, DeltaOp::Delete, DeltaOp::Truncate, DeltaOp::Snapshot] {
             if applied_by_op[op as usize] > 0 {
                 stats.applied_by_op.insert(op.as_str(), applied_by_op[op as usize]);
@@ -395,6 +455,7 @@ impl From<rusqlite::Error> for ApplyError {
 /// anything.
 fn apply_delta(
     tx: &rusqlite::Transaction<'_>,
+    statements: &mut BatchStatements<'_>,
     tables: &mut HashMap<String, TableShape>,
     delta: &Delta,
 ) -> Result<bool, ApplyError> {
@@ -439,13 +500,13 @@ fn apply_delta(
             }
             if let Some(old_key) = &delta.old_key {
                 if !same_key(old_key, &delta.key) {
-                    write_tombstone(tx, &delta.table, shape, old_key, version)?;
+                    write_tombstone(statements, &delta.table, shape, old_key, version)?;
                 }
             }
             if delta.op == DeltaOp::Delete {
-                write_tombstone(tx, &delta.table, shape, &delta.key, version)
+                write_tombstone(statements, &delta.table, shape, &delta.key, version)
             } else {
-                write_row(tx, &delta.table, shape, &row, version)
+                write_row(statements, &delta.table, shape, &row, version)
             }
         }
     }
@@ -470,11 +531,12 @@ fn ensure_shape<'t, 'r>(
     row: &'r [Column],
     version: (i64, i64),
     full_row: bool,
-) -> Result<(&'t TableShape, Cow<'r, [Column]>), ApplyError> {
+) -> Result<(&'t mut TableShape, Cow<'r, [Column]>), ApplyError> {
     if let Some(c) = key.iter().chain(row).find(|c| is_reserved(&c.name)) {
         return Err(ApplyError::Invalid(format!("column name {:?} is reserved on devices", c.name)));
     }
-    let t = sqlite_table(table);
+    // Formatted only for a change of the table's columns, not for every delta.
+    let t = || sqlite_table(table);
     if !tables.contains_key(table) {
         let mut cols = Vec::new();
         let mut defs = Vec::new();
@@ -484,7 +546,8 @@ fn ensure_shape<'t, 'r>(
         }
         let pk = key.iter().map(|k| quote_ident(&k.name)).collect::<Vec<_>>().join(", ");
         tx.execute_batch(&format!(
-            "CREATE TABLE IF NOT EXISTS {t} ({}, {LSN} INTEGER NOT NULL, {SEQ} INTEGER NOT NULL, {DELETED} INTEGER NOT NULL DEFAULT 0, PRIMARY KEY ({pk}))",
+            "CREATE TABLE IF NOT EXISTS {} ({}, {LSN} INTEGER NOT NULL, {SEQ} INTEGER NOT NULL, {DELETED} INTEGER NOT NULL DEFAULT 0, PRIMARY KEY ({pk}))",
+            t(),
             defs.join(", ")
         ))?;
         let mut shape = TableShape::new(
@@ -510,7 +573,7 @@ fn ensure_shape<'t, 'r>(
             dropped_later += 1;
             continue;
         }
-        tx.execute_batch(&format!("ALTER TABLE {t} ADD COLUMN {} {}", quote_ident(&c.name), sqlite_type(&c.type_name)))?;
+        tx.execute_batch(&format!("ALTER TABLE {} ADD COLUMN {} {}", t(), quote_ident(&c.name), sqlite_type(&c.type_name)))?;
         record_column(tx, table, c, false, shape.columns.len())?;
         record_change(tx, shape, table, &c.name, version, false)?;
         shape.columns.push(c.name.clone());
@@ -527,7 +590,7 @@ fn ensure_shape<'t, 'r>(
             .cloned()
             .collect();
         for c in gone {
-            tx.execute_batch(&format!("ALTER TABLE {t} DROP COLUMN {}", quote_ident(&c)))?;
+            tx.execute_batch(&format!("ALTER TABLE {} DROP COLUMN {}", t(), quote_ident(&c)))?;
             tx.execute("DELETE FROM _pgfanout_columns WHERE table_name = ?1 AND column_name = ?2", params![table, c])?;
             record_change(tx, shape, table, &c, version, true)?;
             shape.columns.retain(|x| *x != c);
@@ -588,13 +651,13 @@ fn null_assignments(shape: &TableShape) -> String {
 }
 
 fn write_row(
-    tx: &rusqlite::Transaction<'_>,
+    statements: &mut BatchStatements<'_>,
     table: &str,
-    shape: &TableShape,
+    shape: &mut TableShape,
     row: &[Column],
     version: (i64, i64),
 ) -> Result<bool, ApplyError> {
-    let sql = shape.statement(signature('W', row), || {
+    let sql = shape.statement(WriteKind::Row, row, |shape| {
         let updates: String = row
             .iter()
             .filter(|c| !c.unchanged && !shape.key.contains(&c.name))
@@ -602,21 +665,21 @@ fn write_row(
             .collect();
         versioned_upsert_sql(table, shape, row, &updates, false)
     });
-    execute_versioned(tx, &sql, row, version)
+    execute_versioned(statements.get(&sql)?, row, version)
 }
 
 fn write_tombstone(
-    tx: &rusqlite::Transaction<'_>,
+    statements: &mut BatchStatements<'_>,
     table: &str,
-    shape: &TableShape,
+    shape: &mut TableShape,
     key: &[Column],
     version: (i64, i64),
 ) -> Result<bool, ApplyError> {
-    // A tombstone clears every non-key column the table has now: part of its signature.
-    let mut sig = signature('D', key);
-    sig.push_str(&shape.columns.len().to_string());
-    let sql = shape.statement(sig, || versioned_upsert_sql(table, shape, key, &null_assignments(shape), true));
-    execute_versioned(tx, &sql, key, version)
+    // A tombstone clears every non-key column the table has now; the statements are
+    // forgotten whenever those change.
+    let sql = shape
+        .statement(WriteKind::Tombstone, key, |shape| versioned_upsert_sql(table, shape, key, &null_assignments(shape), true));
+    execute_versioned(statements.get(&sql)?, key, version)
 }
 
 /// `INSERT … ON CONFLICT DO UPDATE` of `columns` plus the version, applied only when the
@@ -637,13 +700,7 @@ fn versioned_upsert_sql(table: &str, shape: &TableShape, columns: &[Column], ass
 }
 
 /// Runs a versioned write: the columns' values, then the version; `true` if a row changed.
-fn execute_versioned(
-    tx: &rusqlite::Transaction<'_>,
-    sql: &str,
-    columns: &[Column],
-    version: (i64, i64),
-) -> Result<bool, ApplyError> {
-    let mut stmt = tx.prepare_cached(sql)?;
+fn execute_versioned(stmt: &mut rusqlite::Statement<'_>, columns: &[Column], version: (i64, i64)) -> Result<bool, ApplyError> {
     for (i, c) in columns.iter().enumerate() {
         stmt.raw_bind_parameter(i + 1, &c.value)?;
     }
