@@ -160,7 +160,7 @@ proptest! {
         for chunk in stream.chunks(batch) {
             let records: Vec<Record> = chunk
                 .iter()
-                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some((*d).clone())) } })
+                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some(d.view())) } })
                 .collect();
             store.apply_batch("t", &records).unwrap();
         }
@@ -209,9 +209,9 @@ fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
     let after_drop = row_delta(300, 2, &[("v", 2)]);
     // Written before the drop, delivered after it (another partition).
     let late = row_delta(200, 1, &[("v", 3), ("x", 3)]);
-    let batch = |ds: &[&Delta]| -> Vec<Record> {
-        ds.iter().enumerate().map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some((*d).clone())) }).collect()
-    };
+    fn batch<'a>(ds: &[&'a Delta]) -> Vec<Record<'a>> {
+        ds.iter().enumerate().map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())) }).collect()
+    }
     store.apply_batch("t", &batch(&[&added])).unwrap();
     assert_eq!(table_columns(&store), ["id", "v", "x"]);
     store.apply_batch("t", &batch(&[&after_drop, &late])).unwrap();
@@ -235,9 +235,9 @@ fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
 fn columns_change_in_the_middle_of_a_batch_while_its_statements_are_prepared() {
     let path = temp_store(8);
     let mut store = Store::open(&path).unwrap();
-    let batch = |ds: &[Delta]| -> Vec<Record> {
-        ds.iter().enumerate().map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.clone())) }).collect()
-    };
+    fn batch(ds: &[Delta]) -> Vec<Record<'_>> {
+        ds.iter().enumerate().map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())) }).collect()
+    }
     let mut tombstone = row_delta(600, 2, &[]);
     tombstone.op = DeltaOp::Delete;
     store
