@@ -4,7 +4,7 @@
 //! away; nothing of it outlives the batch. [`DeltaView`] refers to the table name, the
 //! column names and types and the text and bytes values inside the record itself
 //! ([`codec::decode_delta_view`](super::codec::decode_delta_view)), so applying a delta
-//! allocates only its two column lists. [`Delta::view`] gives the same view of an owned
+//! allocates only its lists of columns. [`Delta::view`] gives the same view of an owned
 //! delta.
 
 use super::{Column, Delta, DeltaOp, Value};
