@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pgfanout::config::{KafkaSettings, Properties};
-use pgfanout::contract::codec::decode_delta;
+use pgfanout::contract::codec::{decode_delta, decode_delta_view};
 use pgfanout::contract::{DeltaOp, Value};
 use pgfanout::device::rebuild::rebuild_blocking;
 use pgfanout::device::replay::{replay_blocking, ReplayFrom, ReplaySettings};
@@ -136,7 +136,7 @@ fn main() {
     }
     let sqlite_secs = sqlite_raw(&rows, &dir.join("raw.sqlite"));
 
-    // (d): decode and apply from memory.
+    // (d): decode and apply from memory, as the device does.
     let core_path = dir.join("core.sqlite");
     remove_store(&core_path);
     let mut store = Store::open(&core_path).unwrap();
@@ -148,7 +148,7 @@ fn main() {
                 partition: *p,
                 offset: *o,
                 delta: match payload {
-                    Some(b) => decode_delta(b).map(Some).map_err(|e| e.to_string()),
+                    Some(b) => decode_delta_view(b).map(Some).map_err(|e| e.to_string()),
                     None => Ok(None),
                 },
             })

@@ -15,7 +15,8 @@ use serde_avro_fast::de::{DeserializerConfig, DeserializerState};
 use serde_avro_fast::ser::SerializerConfig;
 use serde_avro_fast::Schema;
 
-use super::{Delta, DeviceAck, Instruction, InstructionResult};
+use super::view::DeltaView;
+use super::{delta_reader, Delta, DeviceAck, Instruction, InstructionResult};
 
 /// The Avro schemas, as shipped in `schemas/`.
 pub struct Schemas {
@@ -58,7 +59,7 @@ fn encode<T: Serialize>(value: &T, schema: &Schema, what: &'static str) -> Resul
 
 /// Longest array accepted in a record (operations, columns): bounds the work a hostile
 /// length prefix can cause.
-const MAX_ARRAY_LEN: usize = 1_000_000;
+pub(super) const MAX_ARRAY_LEN: usize = 1_000_000;
 
 fn decode<T: DeserializeOwned>(bytes: &[u8], schema: &Schema, what: &'static str) -> Result<T, CodecError> {
     let mut config = DeserializerConfig::new(schema);
@@ -89,6 +90,11 @@ pub fn encode_delta(v: &Delta) -> Result<Vec<u8>, CodecError> {
 }
 pub fn decode_delta(bytes: &[u8]) -> Result<Delta, CodecError> {
     decode(bytes, &SCHEMAS.delta, "delta")
+}
+/// A delta borrowing its strings from `bytes`: the device's apply path (see
+/// [`delta_reader`]). Accepts and reads the same as [`decode_delta`].
+pub fn decode_delta_view(bytes: &[u8]) -> Result<DeltaView<'_>, CodecError> {
+    delta_reader::read_delta(bytes)
 }
 pub fn encode_device_ack(v: &DeviceAck) -> Result<Vec<u8>, CodecError> {
     encode(v, &SCHEMAS.device_ack, "device ack")

@@ -2,10 +2,13 @@
 //! acknowledgements, as Rust types matching the Avro schemas in `schemas/`.
 //!
 //! The Avro encoding lives in [`codec`]; typed column values and their conversion from
-//! PostgreSQL's text output live in [`value`].
+//! PostgreSQL's text output live in [`value`]; deltas borrowed from their encoded bytes, for
+//! the device's apply path, in [`view`].
 
 pub mod codec;
+mod delta_reader;
 pub mod value;
+pub mod view;
 
 use serde::{Deserialize, Serialize};
 

@@ -23,7 +23,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
-use crate::contract::codec::decode_delta;
+use crate::contract::codec::decode_delta_view;
 use crate::contract::{now_micros, DeltaOp};
 use crate::kafka::{self, ClientRole, Observed};
 use crate::shutdown::Shutdown;
@@ -156,7 +156,7 @@ impl Device {
                 partition: m.partition(),
                 offset: m.offset(),
                 delta: match m.payload() {
-                    Some(p) => decode_delta(p).map(Some).map_err(|e| e.to_string()),
+                    Some(p) => decode_delta_view(p).map(Some).map_err(|e| e.to_string()),
                     None => Ok(None),
                 },
             })

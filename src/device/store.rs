@@ -14,12 +14,14 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::rc::Rc;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{params, Connection, OptionalExtension, ToSql};
+use rusqlite::{params, CachedStatement, Connection, OptionalExtension, ToSql};
 
 use crate::contract::value::ValueKind;
-use crate::contract::{Column, Delta, DeltaOp, Value};
+use crate::contract::view::{ColumnView, DeltaView, ValueView};
+use crate::contract::{DeltaOp, Value};
 use crate::pg::quote_ident;
 
 /// Hidden columns of every replicated table.
@@ -73,12 +75,13 @@ fn check_layout(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// One consumed record: a delta, a Kafka tombstone (`Ok(None)`: no value, written after a
-/// delete for compaction), or why it could not be decoded.
-pub struct Record {
+/// One consumed record: a delta (borrowed from the record's bytes), a Kafka tombstone
+/// (`Ok(None)`: no value, written after a delete for compaction), or why it could not be
+/// decoded.
+pub struct Record<'a> {
     pub partition: i32,
     pub offset: i64,
-    pub delta: Result<Option<Delta>, String>,
+    pub delta: Result<Option<DeltaView<'a>>, String>,
 }
 
 /// What one batch did.
@@ -108,40 +111,101 @@ struct TableShape {
     /// The version of each column's last addition or drop (`true`), so that deltas older
     /// than a change neither undo it nor trigger it again.
     changes: HashMap<String, ((i64, i64), bool)>,
-    /// Statement text by the shape of the delta it writes (its columns, which are
-    /// unchanged), so that the hot path formats no SQL.
-    statements: std::cell::RefCell<HashMap<String, std::rc::Rc<str>>>,
+    /// Statement texts by the shape of the deltas they write, most recently used first, so
+    /// that the hot path formats no SQL. Deltas of a table nearly always have one shape:
+    /// the first entry matches after a comparison of column names, with nothing allocated
+    /// or hashed.
+    statements: Vec<ShapedSql>,
+}
+
+/// The most statement texts kept per table (one per combination of unchanged TOAST
+/// columns, at most a few in practice).
+const STATEMENTS_PER_TABLE: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteKind {
+    Row,
+    Tombstone,
+}
+
+/// A statement's text and what distinguishes the deltas it writes: the kind of write and
+/// the names and unchanged flags of the columns it binds. A tombstone also clears every
+/// other column of the table, which [`TableShape::reshaped`] accounts for.
+#[derive(Debug, Clone)]
+struct ShapedSql {
+    kind: WriteKind,
+    columns: Vec<(String, bool)>,
+    sql: Rc<str>,
+}
+
+impl ShapedSql {
+    fn writes(&self, kind: WriteKind, columns: &[ColumnView<'_>]) -> bool {
+        self.kind == kind
+            && self.columns.len() == columns.len()
+            && self.columns.iter().zip(columns).all(|((name, unchanged), c)| *unchanged == c.unchanged && *name == c.name)
+    }
 }
 
 impl TableShape {
     fn new(columns: Vec<String>, key: Vec<String>, truncated_at: (i64, i64)) -> Self {
-        TableShape { columns, key, truncated_at, changes: HashMap::new(), statements: Default::default() }
+        TableShape { columns, key, truncated_at, changes: HashMap::new(), statements: Vec::new() }
+    }
+
+    fn has_column(&self, name: &str) -> bool {
+        self.columns.iter().any(|c| c == name)
     }
 
     /// Forgets the statements: the columns changed.
     fn reshaped(&mut self) {
-        self.statements.get_mut().clear();
+        self.statements.clear();
     }
 
-    /// The statement for `signature`, built by `build` the first time.
-    fn statement(&self, signature: String, build: impl FnOnce() -> String) -> std::rc::Rc<str> {
-        let mut cache = self.statements.borrow_mut();
-        if cache.len() > 256 {
-            cache.clear();
+    /// The statement writing `columns`, built by `build` the first time.
+    fn statement(&mut self, kind: WriteKind, columns: &[ColumnView<'_>], build: impl FnOnce(&TableShape) -> String) -> Rc<str> {
+        match self.statements.iter().position(|s| s.writes(kind, columns)) {
+            Some(0) => {}
+            Some(i) => self.statements[..=i].rotate_right(1),
+            None => {
+                let sql = build(self).into();
+                self.statements.truncate(STATEMENTS_PER_TABLE - 1);
+                let columns = columns.iter().map(|c| (c.name.to_string(), c.unchanged)).collect();
+                self.statements.insert(0, ShapedSql { kind, columns, sql });
+            }
         }
-        cache.entry(signature).or_insert_with(|| build().into()).clone()
+        self.statements[0].sql.clone()
     }
 }
 
-/// What distinguishes the statements writing `columns`: their names and unchanged flags.
-fn signature(kind: char, columns: &[Column]) -> String {
-    let mut s = String::with_capacity(1 + columns.iter().map(|c| c.name.len() + 2).sum::<usize>());
-    s.push(kind);
-    for c in columns {
-        s.push_str(&c.name);
-        s.push(if c.unchanged { '\u{1}' } else { '\u{0}' });
+/// The statements prepared during one batch's transaction, kept out of rusqlite's cache
+/// until the batch ends: a delta finds its statement by the identity of the text its table
+/// shape gave it, without hashing the SQL.
+struct BatchStatements<'c> {
+    conn: &'c Connection,
+    /// In order of preparation. Holding the text keeps its address from being reused.
+    prepared: Vec<(Rc<str>, CachedStatement<'c>)>,
+}
+
+/// The most statements a batch holds at once; older ones go back to rusqlite's cache.
+const STATEMENTS_PER_BATCH: usize = 16;
+
+impl<'c> BatchStatements<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        BatchStatements { conn, prepared: Vec::new() }
     }
-    s
+
+    fn get(&mut self, sql: &Rc<str>) -> Result<&mut CachedStatement<'c>, rusqlite::Error> {
+        let i = match self.prepared.iter().rposition(|(s, _)| Rc::ptr_eq(s, sql)) {
+            Some(i) => i,
+            None => {
+                if self.prepared.len() >= STATEMENTS_PER_BATCH {
+                    self.prepared.remove(0);
+                }
+                self.prepared.push((sql.clone(), self.conn.prepare_cached(sql)?));
+                self.prepared.len() - 1
+            }
+        };
+        Ok(&mut self.prepared[i].1)
+    }
 }
 
 pub struct Store {
@@ -270,8 +334,9 @@ impl Store {
     }
 
     /// Applies a batch of records and records their offsets, in one SQLite transaction.
-    pub fn apply_batch(&mut self, topic: &str, records: &[Record]) -> Result<BatchStats, StoreError> {
+    pub fn apply_batch(&mut self, topic: &str, records: &[Record<'_>]) -> Result<BatchStats, StoreError> {
         let tx = self.conn.transaction()?;
+        let mut statements = BatchStatements::new(&tx);
         let mut stats = BatchStats::default();
         // (partition, next offset, applied LSN): a handful of partitions, searched in place.
         let mut next_offsets: Vec<(i32, i64, i64)> = Vec::new();
@@ -299,11 +364,11 @@ impl Store {
                         stats.watermarks += 1;
                         continue;
                     }
-                    if self.subscribed.as_ref().is_some_and(|t| !t.contains(&delta.table)) {
+                    if self.subscribed.as_ref().is_some_and(|t| !t.contains(delta.table)) {
                         stats.not_subscribed += 1;
                         continue;
                     }
-                    match apply_delta(&tx, &mut self.tables, delta) {
+                    match apply_delta(&tx, &mut statements, &mut self.tables, delta) {
                         Ok(true) => {
                             stats.applied += 1;
                             applied_by_op[delta.op as usize] += 1;
@@ -322,6 +387,7 @@ impl Store {
                 }
             }
         }
+        drop(statements);
         for op in [DeltaOp::Insert, DeltaOp::Update, DeltaOp::Delete, DeltaOp::Truncate, DeltaOp::Snapshot] {
             if applied_by_op[op as usize] > 0 {
                 stats.applied_by_op.insert(op.as_str(), applied_by_op[op as usize]);
@@ -365,7 +431,7 @@ impl Store {
     }
 }
 
-fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, record: &Record, reason: &str) -> Result<(), rusqlite::Error> {
+fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, record: &Record<'_>, reason: &str) -> Result<(), rusqlite::Error> {
     tracing::warn!(
         partition = record.partition,
         offset = record.offset,
@@ -395,14 +461,15 @@ impl From<rusqlite::Error> for ApplyError {
 /// anything.
 fn apply_delta(
     tx: &rusqlite::Transaction<'_>,
+    statements: &mut BatchStatements<'_>,
     tables: &mut HashMap<String, TableShape>,
-    delta: &Delta,
+    delta: &DeltaView<'_>,
 ) -> Result<bool, ApplyError> {
     let version = delta.version();
     match delta.op {
         DeltaOp::Watermark => Ok(false), // positions only; handled by the caller
         DeltaOp::Truncate => {
-            let Some(shape) = tables.get_mut(&delta.table) else {
+            let Some(shape) = tables.get_mut(delta.table) else {
                 return Ok(false); // nothing of this table here yet
             };
             if shape.truncated_at >= version {
@@ -414,7 +481,7 @@ fn apply_delta(
                  ON CONFLICT (table_name) DO UPDATE SET truncate_lsn = excluded.truncate_lsn, truncate_seq = excluded.truncate_seq",
                 params![delta.table, version.0, version.1],
             )?;
-            let t = sqlite_table(&delta.table);
+            let t = sqlite_table(delta.table);
             let nulls = null_assignments(shape);
             tx.execute(
                 &format!("UPDATE {t} SET {nulls}{DELETED} = 1, {LSN} = ?1, {SEQ} = ?2 WHERE ({LSN}, {SEQ}) < (?1, ?2)"),
@@ -426,32 +493,32 @@ fn apply_delta(
             if delta.key.is_empty() {
                 return Err(ApplyError::Invalid(format!("{} delta on {} has no key", delta.op.as_str(), delta.table)));
             }
-            let row: &[Column] = match (&delta.op, &delta.after) {
+            let row: &[ColumnView<'_>] = match (&delta.op, &delta.after) {
                 (DeltaOp::Delete, _) => &delta.key,
                 (_, Some(after)) => after,
                 (_, None) => {
                     return Err(ApplyError::Invalid(format!("{} delta on {} has no row", delta.op.as_str(), delta.table)))
                 }
             };
-            let (shape, row) = ensure_shape(tx, tables, &delta.table, &delta.key, row, version, delta.op != DeltaOp::Delete)?;
+            let (shape, row) = ensure_shape(tx, tables, delta.table, &delta.key, row, version, delta.op != DeltaOp::Delete)?;
             if shape.truncated_at >= version {
                 return Ok(false);
             }
             if let Some(old_key) = &delta.old_key {
                 if !same_key(old_key, &delta.key) {
-                    write_tombstone(tx, &delta.table, shape, old_key, version)?;
+                    write_tombstone(statements, delta.table, shape, old_key, version)?;
                 }
             }
             if delta.op == DeltaOp::Delete {
-                write_tombstone(tx, &delta.table, shape, &delta.key, version)
+                write_tombstone(statements, delta.table, shape, &delta.key, version)
             } else {
-                write_row(tx, &delta.table, shape, &row, version)
+                write_row(statements, delta.table, shape, &row, version)
             }
         }
     }
 }
 
-fn same_key(a: &[Column], b: &[Column]) -> bool {
+fn same_key(a: &[ColumnView<'_>], b: &[ColumnView<'_>]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.name == y.name && x.value == y.value)
 }
 
@@ -462,39 +529,41 @@ fn is_reserved(name: &str) -> bool {
 /// Creates the table, or follows PostgreSQL's column changes: adds the columns the delta
 /// brings, and drops those a full row newer than their addition no longer has. Returns the
 /// table's shape and the row without the columns dropped after this delta was written.
-fn ensure_shape<'t, 'r>(
+fn ensure_shape<'t, 'r, 'd>(
     tx: &rusqlite::Transaction<'_>,
     tables: &'t mut HashMap<String, TableShape>,
     table: &str,
-    key: &[Column],
-    row: &'r [Column],
+    key: &[ColumnView<'d>],
+    row: &'r [ColumnView<'d>],
     version: (i64, i64),
     full_row: bool,
-) -> Result<(&'t TableShape, Cow<'r, [Column]>), ApplyError> {
-    if let Some(c) = key.iter().chain(row).find(|c| is_reserved(&c.name)) {
+) -> Result<(&'t mut TableShape, Cow<'r, [ColumnView<'d>]>), ApplyError> {
+    if let Some(c) = key.iter().chain(row).find(|c| is_reserved(c.name)) {
         return Err(ApplyError::Invalid(format!("column name {:?} is reserved on devices", c.name)));
     }
-    let t = sqlite_table(table);
+    // Formatted only for a change of the table's columns, not for every delta.
+    let t = || sqlite_table(table);
     if !tables.contains_key(table) {
         let mut cols = Vec::new();
         let mut defs = Vec::new();
         for c in key.iter().chain(row.iter().filter(|c| !key.iter().any(|k| k.name == c.name))) {
-            defs.push(format!("{} {}", quote_ident(&c.name), sqlite_type(&c.type_name)));
+            defs.push(format!("{} {}", quote_ident(c.name), sqlite_type(c.type_name)));
             cols.push(c);
         }
-        let pk = key.iter().map(|k| quote_ident(&k.name)).collect::<Vec<_>>().join(", ");
+        let pk = key.iter().map(|k| quote_ident(k.name)).collect::<Vec<_>>().join(", ");
         tx.execute_batch(&format!(
-            "CREATE TABLE IF NOT EXISTS {t} ({}, {LSN} INTEGER NOT NULL, {SEQ} INTEGER NOT NULL, {DELETED} INTEGER NOT NULL DEFAULT 0, PRIMARY KEY ({pk}))",
+            "CREATE TABLE IF NOT EXISTS {} ({}, {LSN} INTEGER NOT NULL, {SEQ} INTEGER NOT NULL, {DELETED} INTEGER NOT NULL DEFAULT 0, PRIMARY KEY ({pk}))",
+            t(),
             defs.join(", ")
         ))?;
         let mut shape = TableShape::new(
-            cols.iter().map(|c| c.name.clone()).collect(),
-            key.iter().map(|k| k.name.clone()).collect(),
+            cols.iter().map(|c| c.name.to_string()).collect(),
+            key.iter().map(|k| k.name.to_string()).collect(),
             (-1, -1),
         );
         for (i, c) in cols.iter().enumerate() {
             record_column(tx, table, c, key.iter().any(|k| k.name == c.name), i)?;
-            record_change(tx, &mut shape, table, &c.name, version, false)?;
+            record_change(tx, &mut shape, table, c.name, version, false)?;
         }
         tables.insert(table.to_string(), shape);
     }
@@ -503,17 +572,17 @@ fn ensure_shape<'t, 'r>(
     };
     let mut dropped_later = 0;
     for c in row {
-        if shape.columns.contains(&c.name) {
+        if shape.has_column(c.name) {
             continue;
         }
-        if shape.changes.get(&c.name).is_some_and(|(v, dropped)| *dropped && *v > version) {
+        if shape.changes.get(c.name).is_some_and(|(v, dropped)| *dropped && *v > version) {
             dropped_later += 1;
             continue;
         }
-        tx.execute_batch(&format!("ALTER TABLE {t} ADD COLUMN {} {}", quote_ident(&c.name), sqlite_type(&c.type_name)))?;
+        tx.execute_batch(&format!("ALTER TABLE {} ADD COLUMN {} {}", t(), quote_ident(c.name), sqlite_type(c.type_name)))?;
         record_column(tx, table, c, false, shape.columns.len())?;
-        record_change(tx, shape, table, &c.name, version, false)?;
-        shape.columns.push(c.name.clone());
+        record_change(tx, shape, table, c.name, version, false)?;
+        shape.columns.push(c.name.to_string());
         shape.reshaped();
     }
     // Every column of the table is in the row unless one was dropped: the common case
@@ -522,12 +591,12 @@ fn ensure_shape<'t, 'r>(
         let gone: Vec<String> = shape
             .columns
             .iter()
-            .filter(|c| !shape.key.contains(c) && !row.iter().any(|r| &r.name == *c))
+            .filter(|c| !shape.key.contains(c) && !row.iter().any(|r| r.name == c.as_str()))
             .filter(|c| shape.changes.get(*c).is_some_and(|(v, _)| *v < version))
             .cloned()
             .collect();
         for c in gone {
-            tx.execute_batch(&format!("ALTER TABLE {t} DROP COLUMN {}", quote_ident(&c)))?;
+            tx.execute_batch(&format!("ALTER TABLE {} DROP COLUMN {}", t(), quote_ident(&c)))?;
             tx.execute("DELETE FROM _pgfanout_columns WHERE table_name = ?1 AND column_name = ?2", params![table, c])?;
             record_change(tx, shape, table, &c, version, true)?;
             shape.columns.retain(|x| *x != c);
@@ -537,7 +606,7 @@ fn ensure_shape<'t, 'r>(
     let row = if dropped_later == 0 {
         Cow::Borrowed(row)
     } else {
-        Cow::Owned(row.iter().filter(|c| shape.columns.contains(&c.name)).cloned().collect())
+        Cow::Owned(row.iter().filter(|c| shape.has_column(c.name)).cloned().collect())
     };
     Ok((shape, row))
 }
@@ -561,7 +630,7 @@ fn record_change(
 fn record_column(
     tx: &rusqlite::Transaction<'_>,
     table: &str,
-    c: &Column,
+    c: &ColumnView<'_>,
     is_key: bool,
     ordinal: usize,
 ) -> Result<(), rusqlite::Error> {
@@ -588,43 +657,49 @@ fn null_assignments(shape: &TableShape) -> String {
 }
 
 fn write_row(
-    tx: &rusqlite::Transaction<'_>,
+    statements: &mut BatchStatements<'_>,
     table: &str,
-    shape: &TableShape,
-    row: &[Column],
+    shape: &mut TableShape,
+    row: &[ColumnView<'_>],
     version: (i64, i64),
 ) -> Result<bool, ApplyError> {
-    let sql = shape.statement(signature('W', row), || {
+    let sql = shape.statement(WriteKind::Row, row, |shape| {
         let updates: String = row
             .iter()
-            .filter(|c| !c.unchanged && !shape.key.contains(&c.name))
-            .map(|c| format!("{0} = excluded.{0}, ", quote_ident(&c.name)))
+            .filter(|c| !c.unchanged && !shape.key.iter().any(|k| k == c.name))
+            .map(|c| format!("{0} = excluded.{0}, ", quote_ident(c.name)))
             .collect();
         versioned_upsert_sql(table, shape, row, &updates, false)
     });
-    execute_versioned(tx, &sql, row, version)
+    execute_versioned(statements.get(&sql)?, row, version)
 }
 
 fn write_tombstone(
-    tx: &rusqlite::Transaction<'_>,
+    statements: &mut BatchStatements<'_>,
     table: &str,
-    shape: &TableShape,
-    key: &[Column],
+    shape: &mut TableShape,
+    key: &[ColumnView<'_>],
     version: (i64, i64),
 ) -> Result<bool, ApplyError> {
-    // A tombstone clears every non-key column the table has now: part of its signature.
-    let mut sig = signature('D', key);
-    sig.push_str(&shape.columns.len().to_string());
-    let sql = shape.statement(sig, || versioned_upsert_sql(table, shape, key, &null_assignments(shape), true));
-    execute_versioned(tx, &sql, key, version)
+    // A tombstone clears every non-key column the table has now; the statements are
+    // forgotten whenever those change.
+    let sql = shape
+        .statement(WriteKind::Tombstone, key, |shape| versioned_upsert_sql(table, shape, key, &null_assignments(shape), true));
+    execute_versioned(statements.get(&sql)?, key, version)
 }
 
 /// `INSERT … ON CONFLICT DO UPDATE` of `columns` plus the version, applied only when the
 /// version is newer than the stored one: `assignments` (each ending in `, `) change the
 /// other columns, and the row becomes live or a tombstone.
-fn versioned_upsert_sql(table: &str, shape: &TableShape, columns: &[Column], assignments: &str, tombstone: bool) -> String {
+fn versioned_upsert_sql(
+    table: &str,
+    shape: &TableShape,
+    columns: &[ColumnView<'_>],
+    assignments: &str,
+    tombstone: bool,
+) -> String {
     let t = sqlite_table(table);
-    let names = columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let names = columns.iter().map(|c| quote_ident(c.name)).collect::<Vec<_>>().join(", ");
     let marks = (1..=columns.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
     let (lsn, seq) = (columns.len() + 1, columns.len() + 2);
     let conflict = shape.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
@@ -638,32 +713,30 @@ fn versioned_upsert_sql(table: &str, shape: &TableShape, columns: &[Column], ass
 
 /// Runs a versioned write: the columns' values, then the version; `true` if a row changed.
 fn execute_versioned(
-    tx: &rusqlite::Transaction<'_>,
-    sql: &str,
-    columns: &[Column],
+    stmt: &mut rusqlite::Statement<'_>,
+    columns: &[ColumnView<'_>],
     version: (i64, i64),
 ) -> Result<bool, ApplyError> {
-    let mut stmt = tx.prepare_cached(sql)?;
     for (i, c) in columns.iter().enumerate() {
-        stmt.raw_bind_parameter(i + 1, &c.value)?;
+        stmt.raw_bind_parameter(i + 1, c.value)?;
     }
     stmt.raw_bind_parameter(columns.len() + 1, version.0)?;
     stmt.raw_bind_parameter(columns.len() + 2, version.1)?;
     Ok(stmt.raw_execute()? > 0)
 }
 
-impl ToSql for Value {
+impl ToSql for ValueView<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(match self {
-            Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
-            Value::Boolean(b) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(i64::from(*b))),
-            Value::Long(n) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*n)),
+        Ok(ToSqlOutput::Borrowed(match *self {
+            ValueView::Null => ValueRef::Null,
+            ValueView::Boolean(b) => ValueRef::Integer(i64::from(b)),
+            ValueView::Long(n) => ValueRef::Integer(n),
             // SQLite turns a NaN REAL into NULL; keep it as text so it survives.
-            Value::Double(f) if f.is_nan() => ToSqlOutput::Borrowed(ValueRef::Text(b"NaN")),
-            Value::Double(f) => ToSqlOutput::Owned(rusqlite::types::Value::Real(*f)),
-            Value::String(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
-            Value::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
-        })
+            ValueView::Double(f) if f.is_nan() => ValueRef::Text(b"NaN"),
+            ValueView::Double(f) => ValueRef::Real(f),
+            ValueView::String(s) => ValueRef::Text(s.as_bytes()),
+            ValueView::Bytes(b) => ValueRef::Blob(b),
+        }))
     }
 }
 

@@ -160,7 +160,7 @@ proptest! {
         for chunk in stream.chunks(batch) {
             let records: Vec<Record> = chunk
                 .iter()
-                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some((*d).clone())) } })
+                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some(d.view())) } })
                 .collect();
             store.apply_batch("t", &records).unwrap();
         }
@@ -209,9 +209,9 @@ fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
     let after_drop = row_delta(300, 2, &[("v", 2)]);
     // Written before the drop, delivered after it (another partition).
     let late = row_delta(200, 1, &[("v", 3), ("x", 3)]);
-    let batch = |ds: &[&Delta]| -> Vec<Record> {
-        ds.iter().enumerate().map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some((*d).clone())) }).collect()
-    };
+    fn batch<'a>(ds: &[&'a Delta]) -> Vec<Record<'a>> {
+        ds.iter().enumerate().map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())) }).collect()
+    }
     store.apply_batch("t", &batch(&[&added])).unwrap();
     assert_eq!(table_columns(&store), ["id", "v", "x"]);
     store.apply_batch("t", &batch(&[&after_drop, &late])).unwrap();
@@ -229,4 +229,40 @@ fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
     // Added again in PostgreSQL: a newer row brings it back.
     store.apply_batch("t", &batch(&[&row_delta(400, 3, &[("v", 4), ("x", 4)])])).unwrap();
     assert_eq!(table_columns(&store), ["id", "v", "x"]);
+}
+
+#[test]
+fn columns_change_in_the_middle_of_a_batch_while_its_statements_are_prepared() {
+    let path = temp_store(8);
+    let mut store = Store::open(&path).unwrap();
+    fn batch(ds: &[Delta]) -> Vec<Record<'_>> {
+        ds.iter().enumerate().map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())) }).collect()
+    }
+    let mut tombstone = row_delta(600, 2, &[]);
+    tombstone.op = DeltaOp::Delete;
+    store
+        .apply_batch(
+            "t",
+            &batch(&[
+                row_delta(100, 1, &[("v", 1), ("x", 1)]),
+                row_delta(200, 2, &[("v", 2), ("x", 2)]),
+                // Drops x while the statement writing (id, v, x) is prepared.
+                row_delta(300, 3, &[("v", 3)]),
+                row_delta(400, 1, &[("v", 4)]),
+                // Adds y back in the same batch, then writes with and without it.
+                row_delta(500, 2, &[("v", 5), ("y", 5)]),
+                row_delta(550, 3, &[("v", 6), ("y", 6)]),
+                tombstone,
+            ]),
+        )
+        .unwrap();
+    assert_eq!(table_columns(&store), ["id", "v", "y"]);
+    assert_eq!(live_rows(&store), BTreeMap::from([(1, 4), (3, 6)]));
+    let y: Vec<(i64, Option<i64>)> = {
+        let conn = store.connection();
+        let mut stmt = conn.prepare("SELECT id, y FROM \"public.t\" ORDER BY id").unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    };
+    assert_eq!(y, [(1, None), (2, None), (3, Some(6))], "the tombstone cleared y too");
 }
