@@ -151,6 +151,7 @@ fn main() {
                     Some(b) => decode_delta_view(b).map(Some).map_err(|e| e.to_string()),
                     None => Ok(None),
                 },
+                tombstone: payload.is_none(),
             })
             .collect();
         store.apply_batch("bench", &batch).unwrap();

@@ -81,7 +81,7 @@ async fn nothing_is_lost_or_applied_twice_whatever_is_killed() {
         };
         println!("chaos: round {round}: {what}, down for {pause:?}");
         match victim {
-            0 | 1 | 2 => p.kill(&what),
+            0..=2 => p.kill(&what),
             3 => p.kill_broker(),
             4 => p.stop_postgres("fast"),
             _ => p.stop_postgres("immediate"),

@@ -142,8 +142,11 @@ async fn a_device_killed_mid_stream_converges_applying_each_delta_once() {
     let (applied, watermarks, tombstones) =
         (p.store_counter("a", "applied"), p.store_counter("a", "watermarks"), p.store_counter("a", "tombstones"));
     assert!(tombstones > 0, "deletes are followed by Kafka tombstones");
-    assert_eq!(applied + watermarks + tombstones, records, "each delta applied once");
-    assert_eq!(p.store_counter("a", "skipped"), 0, "no delta was seen twice");
+    // The initial snapshot truncates each of the two tables on every partition: the copies
+    // after the first change nothing. Nothing else may be seen twice.
+    let repeated_truncates = 2 * (i64::from(p.kafka.partitions) - 1);
+    assert_eq!(p.store_counter("a", "skipped"), repeated_truncates, "no delta was seen twice");
+    assert_eq!(applied + watermarks + tombstones + repeated_truncates, records, "each delta applied once");
     assert_eq!(p.store_counter("a", "rejected"), 0);
     p.stop("device-a");
 }

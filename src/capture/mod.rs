@@ -23,13 +23,14 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
 use crate::backoff::Backoff;
 use crate::config::{KafkaSettings, PostgresSettings};
 use crate::contract::codec::encode_delta;
-use crate::contract::{delta_kafka_key, Delta, DeltaOp};
+use crate::contract::{delta_kafka_key, Delta, DeltaOp, TOMBSTONE_DELTA_HEADER};
 use crate::kafka::{self, ClientRole, Observed};
 use crate::pg;
 use crate::shutdown::Shutdown;
@@ -433,22 +434,26 @@ impl Session<'_> {
     ) -> Result<(), CaptureError> {
         let payload = encode_delta(delta).map_err(|e| CaptureError::Decode(e.to_string()))?;
         let key = delta_kafka_key(&delta.table, &delta.key);
-        self.send_record(&key, Some(&payload), partition, tx, tracker, in_flight).await?;
+        self.send_record(&key, Some(&payload), None, partition, tx, tracker, in_flight).await?;
         if delta.op != DeltaOp::Watermark {
             metrics::counter!("pgfanout_capture_changes_total", "op" => delta.op.as_str()).increment(1);
         }
         if delta.op == DeltaOp::Delete {
-            self.send_record(&key, None, partition, tx, tracker, in_flight).await?;
+            // The Kafka tombstone carries the delete in a header: compaction may remove the
+            // delete delta (same key) before a lagging device reads it.
+            self.send_record(&key, None, Some(&payload), partition, tx, tracker, in_flight).await?;
         }
         Ok(())
     }
 
     /// Enqueues one record. When the producer's queue is full, waits for acknowledgements
     /// first: that is the back-pressure that bounds memory.
+    #[allow(clippy::too_many_arguments)]
     async fn send_record(
         &self,
         key: &[u8],
         payload: Option<&[u8]>,
+        tombstone_of: Option<&[u8]>,
         partition: Option<i32>,
         tx: TxHandle,
         tracker: &mut FlushLsnTracker,
@@ -458,6 +463,9 @@ impl Session<'_> {
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(self.topic).key(key);
             if let Some(p) = payload {
                 record = record.payload(p);
+            }
+            if let Some(delete) = tombstone_of {
+                record = record.headers(OwnedHeaders::new().insert(Header { key: TOMBSTONE_DELTA_HEADER, value: Some(delete) }));
             }
             if let Some(p) = partition {
                 record = record.partition(p);

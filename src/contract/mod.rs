@@ -179,6 +179,11 @@ pub fn now_micros() -> i64 {
     i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
 }
 
+/// Header of the Kafka tombstone that follows a delete delta: the delete delta itself, so
+/// that a consumer reading a compacted topic, where the delete delta (same key) may be gone,
+/// still learns the delete and its version.
+pub const TOMBSTONE_DELTA_HEADER: &str = "pgfanout.delta";
+
 /// Kafka key of a delta: canonical bytes of (table, primary key), so one row's history
 /// stays in one partition, in WAL order.
 pub fn delta_kafka_key(table: &str, key: &[Column]) -> Vec<u8> {

@@ -24,7 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
 use crate::contract::codec::decode_delta_view;
-use crate::contract::{now_micros, DeltaOp};
+use crate::contract::{now_micros, DeltaOp, TOMBSTONE_DELTA_HEADER};
 use crate::kafka::{self, ClientRole, Observed};
 use crate::shutdown::Shutdown;
 use ack::{AckPublisher, Watermark};
@@ -74,12 +74,21 @@ pub(crate) struct Device {
     acks: AckPublisher,
     positions: HashMap<i32, i64>,
     lag_checked: Instant,
+    /// Whether the last lag measurement found records waiting (or could not tell).
+    behind: bool,
+    /// When a record last arrived (or the consumer was last created).
+    last_record: Instant,
+    kafka_settings: KafkaSettings,
 }
 
 /// How often a running device measures its lag behind the topic's end.
 const LAG_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait for records when none arrive.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+/// How long records may wait in the topic with none arriving before the device replaces
+/// its consumer (after a broker restart, a consumer can stay wedged with its requests
+/// queued; a new one resumes from the store's offsets).
+const STALL: Duration = Duration::from_secs(30);
 
 /// What one step of the device did.
 pub(crate) struct Step {
@@ -113,7 +122,19 @@ impl Device {
         metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => settings.id.clone()).increment(0);
         metrics::counter!("pgfanout_device_deltas_rejected_total", "device" => settings.id.clone()).increment(0);
         let lag_checked = Instant::now() - LAG_INTERVAL;
-        Ok(Device { settings: settings.clone(), topic, store, consumer, watermark, acks, positions, lag_checked })
+        Ok(Device {
+            settings: settings.clone(),
+            topic,
+            store,
+            consumer,
+            watermark,
+            acks,
+            positions,
+            lag_checked,
+            behind: false,
+            last_record: Instant::now(),
+            kafka_settings: kafka_settings.clone(),
+        })
     }
 
     /// Publishes the lag per partition (records between the position and the topic's end).
@@ -122,17 +143,38 @@ impl Device {
             return;
         }
         self.lag_checked = Instant::now();
+        let mut behind = false;
         for p in self.watermark.per_partition().map(|(p, _)| p).collect::<Vec<_>>() {
-            if let Ok((low, high)) = self.consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(1)) {
-                let position = self.positions.get(&p).copied().unwrap_or(low);
-                metrics::gauge!("pgfanout_device_lag_records", "device" => self.settings.id.clone(), "partition" => p.to_string())
-                    .set((high - position).max(0) as f64);
+            match self.consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(1)) {
+                Ok((low, high)) => {
+                    let position = self.positions.get(&p).copied().unwrap_or(low);
+                    behind |= high > position;
+                    metrics::gauge!("pgfanout_device_lag_records", "device" => self.settings.id.clone(), "partition" => p.to_string())
+                        .set((high - position).max(0) as f64);
+                }
+                Err(_) => behind = true,
             }
         }
+        self.behind = behind;
+    }
+
+    /// Replaces a consumer that lets records wait for [`STALL`] without delivering any.
+    fn replace_stalled_consumer(&mut self, shutdown: &Shutdown) -> Result<(), DeviceError> {
+        if !self.behind || self.last_record.elapsed() < STALL {
+            return Ok(());
+        }
+        tracing::warn!(seconds = STALL.as_secs(), "records wait in the topic but none arrived; replacing the consumer");
+        let group_id = format!("pgfanout-device-{}", self.settings.id);
+        let consumer: BaseConsumer<Observed> = Observed::new("device", Some(&self.settings.id))
+            .create(&self.kafka_settings, ClientRole::UncommittedConsumer { group_id: &group_id })?;
+        assign_from_store(&consumer, &self.store, &self.topic, shutdown)?;
+        kafka::close_consumer(std::mem::replace(&mut self.consumer, consumer));
+        self.last_record = Instant::now();
+        Ok(())
     }
 
     /// Polls one batch and applies it in one SQLite transaction.
-    pub(crate) fn step(&mut self) -> Result<Step, DeviceError> {
+    pub(crate) fn step(&mut self, shutdown: &Shutdown) -> Result<Step, DeviceError> {
         self.measure_lag();
         // An acknowledgement held back by the interval goes out when due, not with the next
         // record.
@@ -147,18 +189,21 @@ impl Device {
         };
         if batch.is_empty() {
             self.acks.maybe_publish(self.watermark.value());
+            self.replace_stalled_consumer(shutdown)?;
             return Ok(Step { processed: 0, positions: HashMap::new() });
         }
+        self.last_record = Instant::now();
         let started = Instant::now();
         let records: Vec<Record> = batch
             .iter()
             .map(|m| Record {
                 partition: m.partition(),
                 offset: m.offset(),
-                delta: match m.payload() {
+                delta: match m.payload().or_else(|| tombstone_delta(m)) {
                     Some(p) => decode_delta_view(p).map(Some).map_err(|e| e.to_string()),
                     None => Ok(None),
                 },
+                tombstone: m.payload().is_none(),
             })
             .collect();
         let stats = self.store.apply_batch(&self.topic, &records)?;
@@ -189,13 +234,19 @@ impl Device {
     }
 }
 
+/// The delete delta a Kafka tombstone carries in its header, if any.
+fn tombstone_delta(m: &rdkafka::message::OwnedMessage) -> Option<&[u8]> {
+    use rdkafka::message::Headers;
+    m.headers()?.iter().find(|h| h.key == TOMBSTONE_DELTA_HEADER).and_then(|h| h.value)
+}
+
 /// Runs the device on the current thread until `shutdown`. Blocking: call it from a
 /// dedicated thread or `spawn_blocking`.
 pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, shutdown: Shutdown) -> Result<(), DeviceError> {
     let mut device = Device::open(kafka_settings, settings, &shutdown)?;
     tracing::info!(device = %settings.id, store = %settings.store.display(), "device started");
     while !shutdown.is_triggered() {
-        device.step()?;
+        device.step(&shutdown)?;
     }
     device.close();
     tracing::info!(device = %settings.id, "device stopped");

@@ -62,7 +62,7 @@ pub fn rebuild_blocking(
             device.close();
             return Err(DeviceError::Replay("rebuild interrupted; the old store is untouched".into()));
         }
-        let step = device.step()?;
+        let step = device.step(&shutdown)?;
         processed += step.processed;
         positions.extend(step.positions);
     }

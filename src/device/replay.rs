@@ -128,7 +128,7 @@ pub fn replay_blocking(
     let mut progress = Progress::new(total.max(0) as u64);
     let mut processed = 0u64;
     while !shutdown.is_triggered() && ends.iter().any(|(p, end)| positions.get(p).is_some_and(|pos| pos < end)) {
-        let step = device.step()?;
+        let step = device.step(&shutdown)?;
         processed += step.processed;
         for (p, pos) in step.positions {
             positions.insert(p, pos);

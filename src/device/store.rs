@@ -81,7 +81,10 @@ fn check_layout(conn: &Connection) -> Result<(), StoreError> {
 pub struct Record<'a> {
     pub partition: i32,
     pub offset: i64,
+    /// The delta; for a Kafka tombstone, the delete it carries in a header, if any.
     pub delta: Result<Option<DeltaView<'a>>, String>,
+    /// A Kafka tombstone (no value).
+    pub tombstone: bool,
 }
 
 /// What one batch did.
@@ -354,6 +357,22 @@ impl Store {
             entry.1 = entry.1.max(record.offset + 1);
             match &record.delta {
                 Ok(None) => stats.tombstones += 1,
+                Ok(Some(delta)) if record.tombstone => {
+                    // Usually the delete delta before it was applied already and this
+                    // changes nothing; after compaction it is the only news of the delete.
+                    stats.tombstones += 1;
+                    if self.subscribed.as_ref().is_none_or(|t| t.contains(delta.table)) {
+                        if let Err(e) = apply_delta(&tx, &mut statements, &mut self.tables, delta) {
+                            match e {
+                                ApplyError::Sqlite(e) => return Err(e.into()),
+                                ApplyError::Invalid(reason) => {
+                                    reject(&tx, topic, record, &reason)?;
+                                    stats.rejected += 1;
+                                }
+                            }
+                        }
+                    }
+                }
                 Ok(Some(delta)) => {
                     // Within a partition deltas come in WAL order: a delta of the
                     // transaction committed at C means every earlier transaction is complete
@@ -470,7 +489,17 @@ fn apply_delta(
         DeltaOp::Watermark => Ok(false), // positions only; handled by the caller
         DeltaOp::Truncate => {
             let Some(shape) = tables.get_mut(delta.table) else {
-                return Ok(false); // nothing of this table here yet
+                // Nothing of this table here yet, but rows older than the truncate may still
+                // arrive from other partitions: remember it for when the table is created.
+                if truncated_at(tx, delta.table)? >= version {
+                    return Ok(false);
+                }
+                tx.execute(
+                    "INSERT INTO _pgfanout_tables (table_name, truncate_lsn, truncate_seq) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (table_name) DO UPDATE SET truncate_lsn = excluded.truncate_lsn, truncate_seq = excluded.truncate_seq",
+                    params![delta.table, version.0, version.1],
+                )?;
+                return Ok(true);
             };
             if shape.truncated_at >= version {
                 return Ok(false);
@@ -559,7 +588,7 @@ fn ensure_shape<'t, 'r, 'd>(
         let mut shape = TableShape::new(
             cols.iter().map(|c| c.name.to_string()).collect(),
             key.iter().map(|k| k.name.to_string()).collect(),
-            (-1, -1),
+            truncated_at(tx, table)?,
         );
         for (i, c) in cols.iter().enumerate() {
             record_column(tx, table, c, key.iter().any(|k| k.name == c.name), i)?;
@@ -609,6 +638,15 @@ fn ensure_shape<'t, 'r, 'd>(
         Cow::Owned(row.iter().filter(|c| shape.has_column(c.name)).cloned().collect())
     };
     Ok((shape, row))
+}
+
+/// The version of the last truncate of `table` recorded in the store; `(-1, -1)` for none.
+fn truncated_at(tx: &rusqlite::Transaction<'_>, table: &str) -> Result<(i64, i64), rusqlite::Error> {
+    tx.query_row("SELECT truncate_lsn, truncate_seq FROM _pgfanout_tables WHERE table_name = ?1", [table], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .optional()
+    .map(|v| v.unwrap_or((-1, -1)))
 }
 
 fn record_change(

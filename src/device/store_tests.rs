@@ -160,7 +160,7 @@ proptest! {
         for chunk in stream.chunks(batch) {
             let records: Vec<Record> = chunk
                 .iter()
-                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some(d.view())) } })
+                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some(d.view())), tombstone: false } })
                 .collect();
             store.apply_batch("t", &records).unwrap();
         }
@@ -210,7 +210,10 @@ fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
     // Written before the drop, delivered after it (another partition).
     let late = row_delta(200, 1, &[("v", 3), ("x", 3)]);
     fn batch<'a>(ds: &[&'a Delta]) -> Vec<Record<'a>> {
-        ds.iter().enumerate().map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())) }).collect()
+        ds.iter()
+            .enumerate()
+            .map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())), tombstone: false })
+            .collect()
     }
     store.apply_batch("t", &batch(&[&added])).unwrap();
     assert_eq!(table_columns(&store), ["id", "v", "x"]);
@@ -236,7 +239,10 @@ fn columns_change_in_the_middle_of_a_batch_while_its_statements_are_prepared() {
     let path = temp_store(8);
     let mut store = Store::open(&path).unwrap();
     fn batch(ds: &[Delta]) -> Vec<Record<'_>> {
-        ds.iter().enumerate().map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())) }).collect()
+        ds.iter()
+            .enumerate()
+            .map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())), tombstone: false })
+            .collect()
     }
     let mut tombstone = row_delta(600, 2, &[]);
     tombstone.op = DeltaOp::Delete;
@@ -265,4 +271,49 @@ fn columns_change_in_the_middle_of_a_batch_while_its_statements_are_prepared() {
         rows.collect::<Result<_, _>>().unwrap()
     };
     assert_eq!(y, [(1, None), (2, None), (3, Some(6))], "the tombstone cleared y too");
+}
+
+#[test]
+fn a_truncate_that_arrives_before_its_table_still_hides_older_rows() {
+    let path = temp_store(9);
+    let mut store = Store::open(&path).unwrap();
+    let truncate = Delta { op: DeltaOp::Truncate, key: vec![], after: None, ..row_delta(200, 0, &[]) };
+    let older = row_delta(100, 1, &[("v", 1)]);
+    let newer = row_delta(300, 2, &[("v", 2)]);
+    fn record(d: &Delta, offset: i64) -> Record<'_> {
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false }
+    }
+    // The truncate's partition is read first, before any row of the table exists here.
+    let stats = store.apply_batch("t", &[record(&truncate, 0)]).unwrap();
+    assert_eq!(stats.applied, 1, "the truncate is recorded");
+    store.apply_batch("t", &[record(&older, 1), record(&newer, 2)]).unwrap();
+    assert_eq!(live_rows(&store), BTreeMap::from([(2, 2)]), "the row older than the truncate stays out");
+    // Reopened, the store still knows.
+    drop(store);
+    let mut store = Store::open(&path).unwrap();
+    store.apply_batch("t", &[record(&older, 3)]).unwrap();
+    assert_eq!(live_rows(&store), BTreeMap::from([(2, 2)]));
+}
+
+#[test]
+fn a_tombstone_carrying_its_delete_deletes_when_compaction_removed_the_delete_delta() {
+    let path = temp_store(10);
+    let mut store = Store::open(&path).unwrap();
+    let insert = row_delta(100, 1, &[("v", 1)]);
+    let delete = Delta { op: DeltaOp::Delete, after: None, ..row_delta(200, 1, &[]) };
+    let reinsert = row_delta(300, 1, &[("v", 3)]);
+    fn tombstone(d: &Delta, offset: i64) -> Record<'_> {
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: true }
+    }
+    fn row(d: &Delta, offset: i64) -> Record<'_> {
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false }
+    }
+    store.apply_batch("t", &[row(&insert, 0)]).unwrap();
+    // The delete delta was compacted away; only the tombstone, with the delete in a header, is left.
+    let stats = store.apply_batch("t", &[tombstone(&delete, 2)]).unwrap();
+    assert_eq!((stats.tombstones, stats.applied), (1, 0), "counted as a tombstone");
+    assert_eq!(live_rows(&store), BTreeMap::new(), "the row is gone");
+    // A newer write wins over a replayed tombstone.
+    store.apply_batch("t", &[row(&reinsert, 3), tombstone(&delete, 2)]).unwrap();
+    assert_eq!(live_rows(&store), BTreeMap::from([(1, 3)]));
 }
