@@ -422,3 +422,40 @@ async fn capture_killed_five_times_during_200k_changes_loses_none() {
     p.stop("device-a");
     p.stop("capture");
 }
+
+/// The SQL blocks of the operations guide's "Least-privilege roles" section.
+fn least_privilege_sql() -> Vec<String> {
+    let guide = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md")).unwrap();
+    let section = guide.split("### Least-privilege roles").nth(1).unwrap().split("\n### ").next().unwrap();
+    section.split("```sql").skip(1).map(|block| block.split("```").next().unwrap().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_least_privilege_roles_run_the_pipeline() {
+    let mut p = Pipeline::new("least_privilege").await;
+    let blocks = least_privilege_sql();
+    assert_eq!(blocks.len(), 2, "the guide has the superuser's and the setup role's grants");
+    let admin = p.client().await;
+    // The schema is set up by the setup role here, not by the test's superuser.
+    admin.batch_execute("DROP SCHEMA pgfanout CASCADE").await.unwrap();
+    admin.batch_execute(&blocks[0].replace("'…'", "'secret'").replace(" app ", &format!(" {} ", p.name))).await.unwrap();
+    let conninfo = p.postgres.conninfo.clone();
+    let as_role = |role: &str| conninfo.replace("user=postgres", &format!("user={role} password=secret"));
+    let out = p.run_cli(&["setup", "--postgres", &as_role("pgfanout_setup")]).await;
+    assert!(out.status.success(), "setup as pgfanout_setup: {}", String::from_utf8_lossy(&out.stderr));
+    let setup = pgfanout::pg::connect(&as_role("pgfanout_setup")).await.unwrap();
+    setup.batch_execute(&blocks[1]).await.unwrap();
+
+    p.start("executor", &["executor", "--postgres", &as_role("pgfanout_executor")]);
+    p.start_capture_with(&["--postgres", &as_role("pgfanout_capture")]).await;
+    p.start_device("a", &[]);
+    let results = p.submit_and_wait(&Workload::new(5, "device-a").instructions(300)).await;
+    let refused: Vec<_> = results.values().filter(|r| r.status != ResultStatus::Committed).take(3).collect();
+    assert!(refused.is_empty(), "every instruction committed under the executor's role: {refused:?}");
+    p.wait_converged(&["a"]).await;
+    let out = p.run_cli(&["verify", "--postgres", &as_role("pgfanout_capture"), "--store", p.store("a").to_str().unwrap()]).await;
+    assert!(out.status.success(), "verify as capture's role: {}", String::from_utf8_lossy(&out.stdout));
+    p.stop("device-a");
+    p.stop("capture");
+    p.stop("executor");
+}
