@@ -110,6 +110,8 @@ fn is_producer_only_property(key: &str) -> bool {
 pub struct Observed {
     component: &'static str,
     labels: Vec<metrics::Label>,
+    /// librdkafka's name of the client, once its first statistics arrived.
+    client: std::sync::Mutex<Option<String>>,
 }
 
 /// How often librdkafka reports statistics to [`Observed`] clients.
@@ -129,7 +131,7 @@ impl Observed {
     /// `device` labels the metrics of a device process.
     pub fn new(component: &'static str, device: Option<&str>) -> Observed {
         let labels = device.map(|d| vec![metrics::Label::new("device", d.to_string())]).unwrap_or_default();
-        Observed { component, labels }
+        Observed { component, labels, client: std::sync::Mutex::new(None) }
     }
 
     /// Creates a client of `role` with this context and statistics enabled.
@@ -158,6 +160,7 @@ impl ClientContext for Observed {
                 figures.rtt_seconds = figures.rtt_seconds.max(rtt.avg as f64 / 1e6);
             }
         }
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(statistics.name.clone());
         let total = {
             let mut all = CLIENT_FIGURES.lock().unwrap_or_else(|e| e.into_inner());
             match all.iter_mut().find(|(name, _)| *name == statistics.name) {
@@ -174,6 +177,15 @@ impl ClientContext for Observed {
         metrics::gauge!(format!("pgfanout_{c}_kafka_queue_messages"), self.labels.clone()).set(total.queued as f64);
         metrics::gauge!(format!("pgfanout_{c}_kafka_broker_rtt_seconds"), self.labels.clone()).set(total.rtt_seconds);
         metrics::counter!(format!("pgfanout_{c}_kafka_errors_total"), self.labels.clone()).absolute(total.errors);
+    }
+}
+
+/// A client that is gone no longer counts in the process's figures.
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if let Some(name) = self.client.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            CLIENT_FIGURES.lock().unwrap_or_else(|e| e.into_inner()).retain(|(n, _)| *n != name);
+        }
     }
 }
 

@@ -11,7 +11,6 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::contract::value::type_name_for_oid;
 
-/// Connects and drives the connection on a background task.
 /// Connects with TLS as the connection string's `sslmode` and `sslrootcert` say
 /// ([`crate::tls`]; [`check_conninfo`] explains bad values before the first connection).
 pub async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {

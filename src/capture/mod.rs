@@ -106,12 +106,14 @@ pub async fn run(
     let topic = kafka_settings.topics().deltas;
     let partitions = partition_count(&producer, &topic).await?;
     let mut backoff = Backoff::new();
+    let snapshot_taken = std::cell::Cell::new(false);
     metrics::counter!("pgfanout_capture_reconnects_total").increment(0);
     metrics::counter!("pgfanout_capture_heartbeats_total").increment(0);
     metrics::counter!("pgfanout_capture_snapshot_rows_total").increment(0);
     metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
     loop {
-        let session = Session { producer: &producer, topic: &topic, partitions, settings, pg_settings };
+        let session =
+            Session { producer: &producer, topic: &topic, partitions, settings, pg_settings, snapshot_taken: &snapshot_taken };
         match session.run(&mut shutdown).await {
             Ok(()) => break,
             Err(e) if e.is_transient() && !shutdown.is_triggered() => {
@@ -144,6 +146,9 @@ struct Session<'a> {
     partitions: i32,
     settings: &'a CaptureSettings,
     pg_settings: &'a PostgresSettings,
+    /// Set once this process has copied a snapshot: `--snapshot always` copies on start,
+    /// not again on every reconnect.
+    snapshot_taken: &'a std::cell::Cell<bool>,
 }
 
 impl Session<'_> {
@@ -228,6 +233,12 @@ impl Session<'_> {
     /// nothing when `shutdown` interrupted the snapshot.
     async fn start(&self, shutdown: &Shutdown) -> Result<Option<(ReplicationStream, Lsn, tokio_postgres::Client)>, CaptureError> {
         let client = pg::connect(&self.pg_settings.conninfo).await?;
+        let version: String = client.query_one("SHOW server_version_num", &[]).await?.get(0);
+        if version.parse::<u32>().unwrap_or(0) < 150_000 {
+            return Err(CaptureError::Config(format!(
+                "PostgreSQL {version} is too old: capture needs PostgreSQL 15 or later (publication column lists and row filters)"
+            )));
+        }
         let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
         if wal_level != "logical" {
             return Err(CaptureError::Config(format!(

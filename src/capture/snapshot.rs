@@ -59,6 +59,7 @@ struct SnapshotTable {
     types: Vec<(u32, String, String)>,
     /// The publication's row filter, if any.
     filter: Option<String>,
+    partitioned: bool,
 }
 
 impl Session<'_> {
@@ -66,7 +67,7 @@ impl Session<'_> {
     pub(super) async fn snapshot_needed(&self, client: &Client) -> Result<bool, CaptureError> {
         match self.settings.snapshot {
             SnapshotMode::Never => Ok(false),
-            SnapshotMode::Always => Ok(true),
+            SnapshotMode::Always => Ok(!self.snapshot_taken.get()),
             SnapshotMode::Initial => {
                 let row = client
                     .query_opt(
@@ -149,8 +150,11 @@ impl Session<'_> {
             decoder.next_seq();
             reader
                 .batch_execute(&format!(
-                    "DECLARE pgfanout_snapshot NO SCROLL CURSOR FOR SELECT {} FROM ONLY {source}{filter}",
-                    if columns.is_empty() { "NULL".to_string() } else { columns.join(", ") }
+                    "DECLARE pgfanout_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}{source}{filter}",
+                    columns.join(", "),
+                    // A partitioned table published through its root holds its rows in
+                    // its partitions; any other table's own rows only.
+                    if table.partitioned { "" } else { "ONLY " }
                 ))
                 .await?;
             loop {
@@ -203,6 +207,7 @@ impl Session<'_> {
             rows_per_s = (progress.rows as f64 / seconds.max(1e-3)) as u64,
             "initial snapshot finished"
         );
+        self.snapshot_taken.set(true);
         Ok(true)
     }
 }
@@ -245,7 +250,8 @@ fn missing_schema(e: tokio_postgres::Error) -> CaptureError {
 async fn published_tables(reader: &Client, publication: &str) -> Result<Vec<SnapshotTable>, CaptureError> {
     let tables = reader
         .query(
-            "SELECT c.oid, pt.schemaname::text, pt.tablename::text, c.relreplident::text, pt.attnames::text[], pt.rowfilter
+            "SELECT c.oid, pt.schemaname::text, pt.tablename::text, c.relreplident::text, pt.attnames::text[], pt.rowfilter,
+                    c.relkind = 'p'
                FROM pg_publication_tables pt
                JOIN pg_namespace n ON n.nspname = pt.schemaname
                JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
@@ -297,7 +303,7 @@ async fn published_tables(reader: &Client, publication: &str) -> Result<Vec<Snap
             }
             relation.columns.push(RelationColumn { is_key: c.get(3), name, type_oid, type_modifier: c.get(2) });
         }
-        out.push(SnapshotTable { relation, types, filter: t.get(5) });
+        out.push(SnapshotTable { relation, types, filter: t.get(5), partitioned: t.get(6) });
     }
     Ok(out)
 }

@@ -107,9 +107,7 @@ impl Device {
         let topic = kafka_settings.topics().deltas;
         let mut store = Store::open(&settings.store)?;
         store.subscribe_to(settings.tables.as_ref().map(|t| t.iter().map(|s| s.trim().to_string()).collect::<HashSet<_>>()));
-        let group_id = format!("pgfanout-device-{}", settings.id);
-        let consumer: BaseConsumer<Observed> = Observed::new("device", Some(&settings.id))
-            .create(kafka_settings, ClientRole::UncommittedConsumer { group_id: &group_id })?;
+        let consumer = new_consumer(kafka_settings, &settings.id)?;
         let partitions = assign_from_store(&consumer, &store, &topic, shutdown)?;
         let watermark = Watermark::new(partitions, store.applied_lsns(&topic)?);
         let acks = AckPublisher::new(
@@ -164,9 +162,7 @@ impl Device {
             return Ok(());
         }
         tracing::warn!(seconds = STALL.as_secs(), "records wait in the topic but none arrived; replacing the consumer");
-        let group_id = format!("pgfanout-device-{}", self.settings.id);
-        let consumer: BaseConsumer<Observed> = Observed::new("device", Some(&self.settings.id))
-            .create(&self.kafka_settings, ClientRole::UncommittedConsumer { group_id: &group_id })?;
+        let consumer = new_consumer(&self.kafka_settings, &self.settings.id)?;
         assign_from_store(&consumer, &self.store, &self.topic, shutdown)?;
         kafka::close_consumer(std::mem::replace(&mut self.consumer, consumer));
         self.last_record = Instant::now();
@@ -211,7 +207,7 @@ impl Device {
         self.acks.maybe_publish(self.watermark.value());
         let device = self.settings.id.clone();
         let now = now_micros();
-        for d in records.iter().filter_map(|r| r.delta.as_ref().ok().and_then(Option::as_ref)) {
+        for d in records.iter().filter(|r| !r.tombstone).filter_map(|r| r.delta.as_ref().ok().and_then(Option::as_ref)) {
             // A snapshot row's commit time is the snapshot's, not the row's.
             if d.commit_ts > 0 && d.op != DeltaOp::Snapshot {
                 metrics::histogram!("pgfanout_device_end_to_end_seconds", "device" => device.clone())
@@ -232,6 +228,13 @@ impl Device {
     pub(crate) fn close(self) {
         kafka::close_consumer(self.consumer);
     }
+}
+
+/// The device's consumer: positions come from the store, never from Kafka.
+fn new_consumer(kafka_settings: &KafkaSettings, device_id: &str) -> Result<BaseConsumer<Observed>, DeviceError> {
+    let group_id = format!("pgfanout-device-{device_id}");
+    Ok(Observed::new("device", Some(device_id))
+        .create(kafka_settings, ClientRole::UncommittedConsumer { group_id: &group_id })?)
 }
 
 /// The delete delta a Kafka tombstone carries in its header, if any.

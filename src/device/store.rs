@@ -361,7 +361,10 @@ impl Store {
                     // Usually the delete delta before it was applied already and this
                     // changes nothing; after compaction it is the only news of the delete.
                     stats.tombstones += 1;
-                    if self.subscribed.as_ref().is_none_or(|t| t.contains(delta.table)) {
+                    if delta.op != DeltaOp::Delete {
+                        reject(&tx, topic, record, "a tombstone's header carries a delete, not another change")?;
+                        stats.rejected += 1;
+                    } else if self.subscribed.as_ref().is_none_or(|t| t.contains(delta.table)) {
                         if let Err(e) = apply_delta(&tx, &mut statements, &mut self.tables, delta) {
                             match e {
                                 ApplyError::Sqlite(e) => return Err(e.into()),

@@ -169,8 +169,8 @@ impl Pipeline {
         self.start("executor", &["executor"]);
     }
 
-    /// Starts capture and waits until it streams from its slot: changes committed before
-    /// the slot exists are not captured (there is no initial snapshot yet).
+    /// Starts capture and waits until it streams from its slot (after its initial
+    /// snapshot, when one is due).
     pub async fn start_capture(&mut self) {
         self.start_capture_with(&[]).await;
     }

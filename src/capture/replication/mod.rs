@@ -29,8 +29,7 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// data plus a little framing).
 const MAX_MESSAGE_LEN: usize = (1 << 30) + 64 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
-/// Microseconds between 1970-01-01 and 2000-01-01.
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+use super::changes::PG_EPOCH_OFFSET_MICROS;
 
 pub(crate) mod conninfo;
 mod error;
