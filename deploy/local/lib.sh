@@ -56,6 +56,14 @@ install_python_example_deps() {
 # The local Kafka-protocol broker: Nisshi, built once into $CARGO_HOME/bin (about 11
 # minutes on 2 cores; skipped when the right version is there). Nisshi needs rustc >= 1.96,
 # which the nightly toolchain provides; without nightly, Tansu 0.6.0 builds on stable.
+# cargo-fuzz for the nightly toolchain, into $CARGO_HOME/bin once.
+install_fuzzer() {
+    rustup toolchain list 2>/dev/null | grep -q '^nightly' || die "the nightly toolchain is needed for fuzzing (rustup toolchain install nightly)"
+    command -v cargo-fuzz >/dev/null && return 0
+    log "installing cargo-fuzz (once)"
+    cargo install cargo-fuzz --locked --quiet || die "cargo install cargo-fuzz failed"
+}
+
 install_broker() {
     if command -v nisshi >/dev/null && nisshi --version 2>/dev/null | grep -q "$PGFANOUT_BROKER_VERSION"; then
         BROKER=nisshi; return 0

@@ -81,3 +81,17 @@ export PGFANOUT_TEST_BROKER_BIN
 cd "$PGFANOUT_ROOT"
 VALIDATE_POSTGRES="$PGFANOUT_TEST_POSTGRES" ./deploy/validate.sh
 cargo test --quiet "$@"
+# Bounded fuzzing of the decoders of what arrives from outside (pgoutput, instructions,
+# deltas), with the nightly toolchain; only for the whole suite, not a filtered run.
+if [ $# -eq 0 ]; then
+    install_fuzzer
+    for target in pgoutput instruction delta; do
+        log "fuzzing $target for ${PGFANOUT_FUZZ_SECONDS:-60} s"
+        if ! cargo +nightly fuzz run --sanitizer none "$target" -- -max_total_time="${PGFANOUT_FUZZ_SECONDS:-60}" \
+            >"$WORK/fuzz-$target.log" 2>&1; then
+            tail -n 40 "$WORK/fuzz-$target.log" >&2
+            die "fuzz target $target failed (the input is under fuzz/artifacts/$target)"
+        fi
+        grep -E '^Done' "$WORK/fuzz-$target.log" >&2 || true
+    done
+fi
