@@ -142,3 +142,67 @@ async fn nothing_is_lost_or_applied_twice_whatever_is_killed() {
     p.stop("capture");
     p.stop("executor");
 }
+
+/// librdkafka's mock cluster between every component and Kafka: produce and fetch
+/// requests fail for a while, then the broker goes down. While it is down capture confirms
+/// nothing it has not had acknowledged; afterwards every instruction took effect once and
+/// the device equals PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_faults_acknowledge_nothing_early_and_lose_nothing() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let mock = MockCluster::new(1).unwrap();
+    let mut p = Pipeline::without_topics("mock_faults", &mock.bootstrap_servers()).await;
+    for topic in p.kafka.topics().all() {
+        mock.create_topic(topic, p.kafka.partitions, 1).unwrap();
+    }
+    p.start_executor();
+    p.start_capture().await;
+    p.start_device("a", &[]);
+    let mut workload = Workload::new(17, "mock");
+    let first = workload.instructions(300);
+    let mut results = p.submit_and_wait(&first).await;
+
+    // Retriable errors on produce and fetch requests.
+    let produce_errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 20];
+    mock.request_errors(RDKafkaApiKey::Produce, &produce_errors);
+    let fetch_errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20];
+    mock.request_errors(RDKafkaApiKey::Fetch, &fetch_errors);
+    let second = workload.instructions(300);
+    results.extend(p.submit_and_wait(&second).await);
+
+    // The broker goes away while PostgreSQL keeps changing.
+    let client = p.client().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    mock.broker_down(1).unwrap();
+    client
+        .batch_execute("INSERT INTO public.sites (code, city) SELECT 'outage-' || g, 'Oslo' FROM generate_series(1, 200) g")
+        .await
+        .unwrap();
+    // Several status intervals: capture reads the changes but Kafka cannot acknowledge them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let early: bool = client
+        .query_one(
+            "SELECT confirmed_flush_lsn > $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&p.name, &before],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!early, "capture confirmed WAL that Kafka had not acknowledged");
+    mock.broker_up(1).unwrap();
+
+    let third = workload.instructions(300);
+    results.extend(p.submit_and_wait(&third).await);
+    assert!(results.values().all(|r| r.status == ResultStatus::Committed));
+    let logged: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+    assert_eq!(logged, 900, "each instruction took effect once");
+    p.wait_converged(&["a"]).await;
+    let outage: i64 = p.device_rows("a").await["public.sites"].keys().filter(|k| k.contains("outage-")).count() as i64;
+    assert_eq!(outage, 200, "the changes made while the broker was down reached the device");
+    p.stop("device-a");
+    p.stop("capture");
+    p.stop("executor");
+}

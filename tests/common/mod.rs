@@ -55,7 +55,17 @@ impl Pipeline {
         Self::new_on(test, &required_env("PGFANOUT_TEST_BROKERS"), &required_env("PGFANOUT_TEST_POSTGRES")).await
     }
 
+    /// Like [`Pipeline::new`] on `brokers` that cannot create topics (librdkafka's mock
+    /// cluster): the caller creates `p.kafka.topics().all()` itself.
+    pub async fn without_topics(test: &str, brokers: &str) -> Pipeline {
+        Self::build(test, brokers, &required_env("PGFANOUT_TEST_POSTGRES"), false).await
+    }
+
     async fn new_on(test: &str, brokers: &str, admin_conninfo: &str) -> Pipeline {
+        Self::build(test, brokers, admin_conninfo, true).await
+    }
+
+    async fn build(test: &str, brokers: &str, admin_conninfo: &str, create_topics: bool) -> Pipeline {
         let name = unique_name(test);
         let admin = pg::connect(admin_conninfo).await.expect("connect to the test PostgreSQL");
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
@@ -73,7 +83,9 @@ impl Pipeline {
             partitions: 3,
             replication_factor: 1,
         };
-        kafka::ensure_pipeline_topics(&kafka).await.expect("create topics");
+        if create_topics {
+            kafka::ensure_pipeline_topics(&kafka).await.expect("create topics");
+        }
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
         Pipeline { name, broker: None, postgres_server: None, kafka, postgres, dir, children: HashMap::new() }
