@@ -431,31 +431,76 @@ fn least_privilege_sql() -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_documented_least_privilege_roles_run_the_pipeline() {
+async fn the_documented_least_privilege_roles_run_the_pipeline_and_no_secret_is_shown() {
     let mut p = Pipeline::new("least_privilege").await;
     let blocks = least_privilege_sql();
     assert_eq!(blocks.len(), 2, "the guide has the superuser's and the setup role's grants");
     let admin = p.client().await;
     // The schema is set up by the setup role here, not by the test's superuser.
     admin.batch_execute("DROP SCHEMA pgfanout CASCADE").await.unwrap();
-    admin.batch_execute(&blocks[0].replace("'…'", "'secret'").replace(" app ", &format!(" {} ", p.name))).await.unwrap();
+    // A password no log line or metric may show.
+    const SECRET: &str = "pw-7c1d9e4b";
+    admin
+        .batch_execute(&blocks[0].replace("'…'", &format!("'{SECRET}'")).replace(" app ", &format!(" {} ", p.name)))
+        .await
+        .unwrap();
+    // A table the executor's role may write but that is outside the allowed set.
+    admin
+        .batch_execute(
+            "CREATE TABLE public.outside (id bigint PRIMARY KEY, note text); GRANT ALL ON public.outside TO pgfanout_executor",
+        )
+        .await
+        .unwrap();
     let conninfo = p.postgres.conninfo.clone();
-    let as_role = |role: &str| conninfo.replace("user=postgres", &format!("user={role} password=secret"));
+    let as_role = |role: &str| conninfo.replace("user=postgres", &format!("user={role} password={SECRET}"));
     let out = p.run_cli(&["setup", "--postgres", &as_role("pgfanout_setup")]).await;
     assert!(out.status.success(), "setup as pgfanout_setup: {}", String::from_utf8_lossy(&out.stderr));
     let setup = pgfanout::pg::connect(&as_role("pgfanout_setup")).await.unwrap();
     setup.batch_execute(&blocks[1]).await.unwrap();
 
-    p.start("executor", &["executor", "--postgres", &as_role("pgfanout_executor")]);
-    p.start_capture_with(&["--postgres", &as_role("pgfanout_capture")]).await;
+    let metrics: Vec<String> =
+        (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
+    p.start("executor", &["executor", "--postgres", &as_role("pgfanout_executor"), "--metrics-addr", &metrics[0]]);
+    p.start_capture_with(&["--postgres", &as_role("pgfanout_capture"), "--metrics-addr", &metrics[1]]).await;
     p.start_device("a", &[]);
     let results = p.submit_and_wait(&Workload::new(5, "device-a").instructions(300)).await;
     let refused: Vec<_> = results.values().filter(|r| r.status != ResultStatus::Committed).take(3).collect();
     assert!(refused.is_empty(), "every instruction committed under the executor's role: {refused:?}");
+    let mut outside = insert_item(1, 1);
+    outside.operations[0].table = "public.outside".into();
+    let results = p.submit_and_wait(std::slice::from_ref(&outside)).await;
+    let r = &results[&outside.instruction_id];
+    assert_eq!((r.status, r.error_code.as_deref()), (ResultStatus::Rejected, Some("PGF01")), "outside the allowed set");
     p.wait_converged(&["a"]).await;
     let out = p.run_cli(&["verify", "--postgres", &as_role("pgfanout_capture"), "--store", p.store("a").to_str().unwrap()]).await;
     assert!(out.status.success(), "verify as capture's role: {}", String::from_utf8_lossy(&out.stdout));
+    // A failing connection's error names the server, not the password.
+    let unreachable = format!("host=127.0.0.1 port=1 user=pgfanout_capture password={SECRET} dbname=app");
+    let out = p.run_cli(&["setup", "--postgres", &unreachable]).await;
+    assert!(!out.status.success());
+    let mut shown = String::from_utf8_lossy(&out.stderr).into_owned();
+    for addr in &metrics {
+        shown.push_str(&metrics_text(addr));
+    }
     p.stop("device-a");
     p.stop("capture");
     p.stop("executor");
+    for entry in std::fs::read_dir(&p.dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            shown.push_str(&std::fs::read_to_string(path).unwrap());
+        }
+    }
+    assert!(shown.len() > 1000, "the logs and metrics were read");
+    assert!(!shown.contains(SECRET), "a password appears in a log or a metric");
+}
+
+/// The text of a Prometheus endpoint.
+fn metrics_text(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
 }

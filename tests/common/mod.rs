@@ -339,6 +339,25 @@ impl Pipeline {
         out
     }
 
+    /// Waits up to `timeout` for every device's rows to equal PostgreSQL's; returns the
+    /// devices that still differ.
+    pub async fn diverged_after(&mut self, devices: &[&str], timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let expected = self.postgres_rows().await;
+            let mut diverged = Vec::new();
+            for d in devices {
+                if !self.store(d).exists() || self.device_rows(d).await != expected {
+                    diverged.push(d.to_string());
+                }
+            }
+            if diverged.is_empty() || Instant::now() > deadline {
+                return diverged;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Polls until every device's rows equal PostgreSQL's, row by row; panics with the
     /// differences at the deadline.
     pub async fn wait_converged(&mut self, devices: &[&str]) {
