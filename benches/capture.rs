@@ -15,11 +15,11 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use pgfanout::config::{KafkaSettings, Properties};
+use pgfanout::config::KafkaSettings;
 use pgfanout::kafka::{self, ClientRole, TopicSpec};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -27,52 +27,18 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Offset;
 
+mod common;
+
+use common::{env, kafka_settings, start, Process};
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const CHANGES: u64 = 400_000;
 const MARKER: &str = "pgfanout-bench-end";
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run bench/run capture"))
-}
-
-fn kafka_settings() -> KafkaSettings {
-    KafkaSettings {
-        brokers: env("PGFANOUT_BROKERS"),
-        topic_prefix: std::env::var("PGFANOUT_TOPIC_PREFIX").unwrap_or_else(|_| "pgfanout.".into()),
-        properties: Properties(
-            env("PGFANOUT_KAFKA_PROPERTIES")
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        ),
-        partitions: 3,
-        replication_factor: 1,
-    }
-}
-
-/// A child process killed (SIGTERM, then waited for) on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
 fn start_capture(dir: &Path) -> Process {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("capture.log")).unwrap();
-    let child = Command::new(env("PGFANOUT_BIN"))
-        .args(["capture", "--status-interval-ms", "10"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("start capture");
-    Process(child)
+    start(dir, "capture", &["capture", "--status-interval-ms", "10"])
 }
 
 async fn wait_streaming(client: &tokio_postgres::Client, slot: &str) {

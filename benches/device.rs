@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use pgfanout::config::{KafkaSettings, Properties};
+use pgfanout::config::KafkaSettings;
 use pgfanout::contract::codec::{decode_delta, decode_delta_view};
 use pgfanout::contract::{DeltaOp, Value};
 use pgfanout::device::rebuild::rebuild_blocking;
@@ -23,6 +23,10 @@ use rdkafka::message::Message;
 use rdkafka::Offset;
 
 /// The same allocator as the `pgfanout` binary.
+mod common;
+
+use common::{env, kafka_settings};
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -30,26 +34,6 @@ const BATCH: usize = 2000;
 
 /// A consumed record: partition, offset and value (none for a tombstone).
 type RawRecord = (i32, i64, Option<Vec<u8>>);
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run bench/run device"))
-}
-
-fn settings() -> KafkaSettings {
-    KafkaSettings {
-        brokers: env("PGFANOUT_BROKERS"),
-        topic_prefix: std::env::var("PGFANOUT_TOPIC_PREFIX").unwrap_or_else(|_| "pgfanout.".into()),
-        properties: Properties(
-            env("PGFANOUT_KAFKA_PROPERTIES")
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        ),
-        partitions: 3,
-        replication_factor: 1,
-    }
-}
 
 fn remove_store(path: &Path) {
     for suffix in ["", "-wal", "-shm", ".lock", ".rebuild", ".rebuild.lock"] {
@@ -115,7 +99,7 @@ fn text(v: &Value) -> String {
 }
 
 fn main() {
-    let kafka = settings();
+    let kafka = kafka_settings();
     let dir = PathBuf::from(env("PGFANOUT_BENCH_DIR"));
     let (records, raw_secs) = raw_consume(&kafka);
     let n = records.len() as f64;

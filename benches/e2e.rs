@@ -14,13 +14,12 @@
 //! 4. the broker's own hop: producer → consumer at 1,000/s, produce to receipt.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use pgfanout::config::{KafkaSettings, Properties};
+use pgfanout::config::KafkaSettings;
 use pgfanout::contract::codec::{decode_device_ack, decode_result, encode_instruction};
 use pgfanout::contract::{now_micros, Field, Instruction, Operation, OperationKind, Value};
 use pgfanout::kafka::{self, ClientRole, TopicSpec};
@@ -30,55 +29,17 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::Offset;
 
+mod common;
+
+use common::{env, kafka_settings, start, Process};
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DEVICES: [&str; 3] = ["a", "b", "c"];
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run bench/run e2e"))
-}
-
 fn seconds() -> u64 {
     std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60)
-}
-
-fn kafka_settings() -> KafkaSettings {
-    KafkaSettings {
-        brokers: env("PGFANOUT_BROKERS"),
-        topic_prefix: std::env::var("PGFANOUT_TOPIC_PREFIX").unwrap_or_else(|_| "pgfanout.".into()),
-        properties: Properties(
-            env("PGFANOUT_KAFKA_PROPERTIES")
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        ),
-        partitions: 3,
-        replication_factor: 1,
-    }
-}
-
-/// A child process stopped (SIGTERM, then waited for) on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
-fn start(dir: &Path, label: &str, args: &[&str]) -> Process {
-    let log = std::fs::File::create(dir.join(format!("{label}.log"))).unwrap();
-    let child = Command::new(env("PGFANOUT_BIN"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {label}: {e}"));
-    Process(child)
 }
 
 type Producer_ = ThreadedProducer<DefaultProducerContext>;
