@@ -96,15 +96,20 @@ impl FileWatch {
     }
 }
 
-/// The workload; returns the WAL position right after it.
-async fn workload(client: &tokio_postgres::Client) -> String {
+/// Rows `from..=to` of `items`, in one transaction.
+async fn insert_items(client: &tokio_postgres::Client, from: u64, to: u64) {
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "INSERT INTO items (id, name, qty, price, updated_at)
-             SELECT g, 'item-' || g, g % 1000, (g % 10000) / 100.0, now() FROM generate_series(1, 200000) g",
-        )
+             SELECT g, 'item-' || g, g % 1000, (g % 10000) / 100.0, now() FROM generate_series({from}, {to}) g"
+        ))
         .await
         .unwrap();
+}
+
+/// The workload; returns the WAL position right after it.
+async fn workload(client: &tokio_postgres::Client) -> String {
+    insert_items(client, 1, 200_000).await;
     for k in 0..200 {
         client
             .batch_execute(&format!(
@@ -232,13 +237,7 @@ async fn main() {
     let raw_rate = raw_produce(&settings, &records).await;
 
     // Peak memory while one 1,000,000-row UPDATE streams through a freshly started capture.
-    client
-        .batch_execute(
-            "INSERT INTO items (id, name, qty, price, updated_at)
-             SELECT g, 'item-' || g, g % 1000, (g % 10000) / 100.0, now() FROM generate_series(200001, 1000000) g",
-        )
-        .await
-        .unwrap();
+    insert_items(&client, 200_001, 1_000_000).await;
     let filled = current_lsn(&client).await;
     while !flushed_past(&client, "pgfanout", &filled).await {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -395,20 +395,11 @@ async fn capture_killed_five_times_during_200k_changes_loses_none() {
     writer.await.unwrap();
     // Capture streams the backlog for a few seconds: each kill lands at a random point of
     // it, and the next capture resumes from what Kafka acknowledged.
-    let client = p.client().await;
-    let end: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let end = p.wal_position().await;
     let mut during_stream = 0;
     for _ in 0..5 {
         tokio::time::sleep(std::time::Duration::from_millis(50 + rng.below(350))).await;
-        let behind: bool = client
-            .query_one(
-                "SELECT confirmed_flush_lsn < $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                &[&p.name, &end],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        during_stream += u32::from(behind);
+        during_stream += u32::from(p.slot_flushed().await < end);
         p.kill("capture");
         tokio::time::sleep(std::time::Duration::from_millis(rng.below(300))).await;
         p.start_capture().await;

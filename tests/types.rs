@@ -88,26 +88,16 @@ async fn the_slot_keeps_moving_while_only_unpublished_tables_change() {
     p.start_capture().await;
     let client = p.client().await;
     client.batch_execute("CREATE TABLE public.not_published (id bigserial PRIMARY KEY, payload text)").await.unwrap();
-    let slot_lsn = || async {
-        let row = client
-            .query_one(
-                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
-                &[&p.name],
-            )
-            .await
-            .unwrap();
-        row.get::<_, i64>(0)
-    };
-    let before = slot_lsn().await;
+    let before = p.slot_flushed().await;
     client
         .batch_execute("INSERT INTO public.not_published (payload) SELECT repeat('x', 200) FROM generate_series(1, 20000)")
         .await
         .unwrap();
-    let written: i64 = client.query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[]).await.unwrap().get(0);
+    let written = p.wal_position().await;
     assert!(written - before > 4_000_000, "the test wrote megabytes of WAL");
     // No delta is published, yet the slot follows the server instead of holding WAL back.
     common::wait_for("the slot to pass the unpublished writes", common::TIMEOUT, || async {
-        (slot_lsn().await >= written).then_some(())
+        (p.slot_flushed().await >= written).then_some(())
     })
     .await;
     // Stopped first so that no round of watermarks is half-published when counting.
@@ -126,16 +116,9 @@ async fn a_heartbeat_moves_a_slot_that_status_updates_leave_behind() {
         .batch_execute("INSERT INTO public.not_published (payload) SELECT repeat('x', 200) FROM generate_series(1, 5000)")
         .await
         .unwrap();
-    let written: i64 = client.query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[]).await.unwrap().get(0);
+    let written = p.wal_position().await;
     common::wait_for("a heartbeat to move the slot", std::time::Duration::from_secs(25), || async {
-        let row = client
-            .query_one(
-                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
-                &[&p.name],
-            )
-            .await
-            .unwrap();
-        (row.get::<_, i64>(0) >= written).then_some(())
+        (p.slot_flushed().await >= written).then_some(())
     })
     .await;
     p.stop("capture");

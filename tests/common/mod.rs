@@ -404,6 +404,17 @@ impl Pipeline {
         }
     }
 
+    /// The slot's confirmed flush position, as a number of bytes of WAL.
+    pub async fn slot_flushed(&self) -> i64 {
+        let sql = "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1";
+        self.client().await.query_one(sql, &[&self.name]).await.unwrap().get(0)
+    }
+
+    /// The server's current WAL position, as a number of bytes of WAL.
+    pub async fn wal_position(&self) -> i64 {
+        self.client().await.query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[]).await.unwrap().get(0)
+    }
+
     /// The replication slot and its walsender as PostgreSQL sees them, and the deltas in
     /// Kafka, for a failure message.
     async fn slot_state(&self) -> String {
