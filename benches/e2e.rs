@@ -2,18 +2,23 @@
 //! broker, creates `items` with publication `pgfanout` and runs `pgfanout setup`).
 //!
 //! Executor, capture and three devices run as processes of the release binary. An
-//! instruction is *applied everywhere* when every device's acknowledged watermark (the
-//! device-acks topic) has reached the commit LSN in its result. In one run:
+//! instruction is *applied everywhere* when every device has acknowledged (device-acks
+//! topic) a watermark at or past the commit LSN in its result; the moment is the latest of
+//! those acknowledgements' times (`at`, stamped by each device when it publishes, on the
+//! same clock as the submitter's). In one run:
 //! 1. open-loop latency: single-row upserts at 1,000/s for `BENCH_SECONDS` (60): submit →
-//!    result, and submit → applied everywhere;
-//! 2. throughput: a burst shows the pipeline's capacity; then the highest rate (starting at
-//!    90% of it) that holds for `BENCH_SECONDS` with the backlog not growing over the last
-//!    half;
-//! 3. a relay chain with the same topology and client settings but no PostgreSQL and no
-//!    SQLite: producer → topic → relay (consume, produce) → topic → three consumers;
+//!    result received, and submit → applied everywhere;
+//! 2. throughput: a burst shows the capacity; then the highest rate, from 90% of it down by
+//!    10%, that holds for `BENCH_SECONDS` without the backlog growing over the last half;
+//! 3. the same throughput search for a relay chain with the same topology and client
+//!    settings but no PostgreSQL and no SQLite: producer → topic → relay (consume,
+//!    produce) → topic → three consumer groups;
 //! 4. the broker's own hop: producer → consumer at 1,000/s, produce to receipt.
+//!
+//! `BENCH_E2E_PHASES` (comma separated: latency, throughput, relay, hop; default all) runs
+//! a part, for tuning.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -42,6 +47,10 @@ fn seconds() -> u64 {
     std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60)
 }
 
+fn phase(name: &str) -> bool {
+    std::env::var("BENCH_E2E_PHASES").map_or(true, |p| p.split(',').any(|p| p.trim() == name))
+}
+
 type Producer_ = ThreadedProducer<DefaultProducerContext>;
 
 /// Enqueues a record, waiting while the producer's queue is full.
@@ -59,20 +68,20 @@ fn produce(producer: &Producer_, topic: &str, key: &[u8], payload: &[u8]) {
     }
 }
 
-/// Follows a topic from its end on a thread, handing each record's payload and arrival time
-/// to `on_record` until `stop`.
+/// Follows a topic from its end on a thread, handing each record's payload to `on_record`
+/// until `stop`.
 fn follow(
     settings: &KafkaSettings,
     topic: &str,
     stop: Arc<AtomicBool>,
-    mut on_record: impl FnMut(&[u8], Instant) + Send + 'static,
+    mut on_record: impl FnMut(&[u8]) + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     let consumer: BaseConsumer = kafka::reader_at(settings, topic, |_, _| Ok(Offset::End)).unwrap().expect("topic exists");
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
                 if let Some(p) = m.payload() {
-                    on_record(p, Instant::now());
+                    on_record(p);
                 }
             }
         }
@@ -100,108 +109,241 @@ fn upsert(n: u64) -> (String, Vec<u8>) {
     (id, encode_instruction(&instruction).unwrap())
 }
 
-/// What the followers saw: results by instruction id, and the fleet's watermark over time
-/// (the minimum over the devices of their acknowledged watermarks).
-#[derive(Default)]
-struct Seen {
-    results: HashMap<String, (i64, Instant)>,
-    fleet: Vec<(Instant, i64)>,
+/// Something records go into at one end and come out of at the other; the throughput
+/// search drives it.
+trait Chain {
+    fn submit(&mut self);
+    /// How many submitted records have not come out at the far end yet.
+    fn pending(&mut self) -> usize;
+}
+
+/// Submits at `rate` per second for `duration`; returns the backlog sampled every second.
+fn open_loop(chain: &mut impl Chain, rate: f64, duration: Duration) -> Vec<usize> {
+    let started = Instant::now();
+    let mut submitted = 0usize;
+    let mut backlog = Vec::new();
+    let mut next_sample = started + Duration::from_secs(1);
+    while started.elapsed() < duration {
+        let due = (started.elapsed().as_secs_f64() * rate) as usize;
+        while submitted < due {
+            chain.submit();
+            submitted += 1;
+        }
+        if Instant::now() >= next_sample {
+            backlog.push(chain.pending());
+            next_sample += Duration::from_secs(1);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    backlog
+}
+
+/// Waits until nothing is pending.
+fn settle(chain: &mut impl Chain, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let pending = chain.pending();
+        if pending == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{pending} records still pending after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether the backlog grew over the second half of an open loop: the mean of its last five
+/// samples against the five before the half, with a quarter of a second's submissions of
+/// slack for the records in flight.
+fn grew(backlog: &[usize], rate: f64) -> bool {
+    let n = backlog.len();
+    let w = 5.min(n / 4).max(1);
+    let mean = |s: &[usize]| s.iter().sum::<usize>() as f64 / s.len() as f64;
+    mean(&backlog[n - w..]) > mean(&backlog[n / 2 - w..n / 2]) + rate / 4.0
+}
+
+/// The chain's capacity (a burst of `burst` records) and the highest rate from 90% of it,
+/// down by 10% a step, that it sustains for `duration`.
+fn sustained(label: &str, chain: &mut impl Chain, burst: usize, duration: Duration) -> (f64, f64) {
+    let started = Instant::now();
+    for _ in 0..burst {
+        chain.submit();
+    }
+    settle(chain, Duration::from_secs(600));
+    let capacity = burst as f64 / started.elapsed().as_secs_f64();
+    let mut rate = (capacity * 0.9).floor();
+    loop {
+        let backlog = open_loop(chain, rate, duration);
+        settle(chain, Duration::from_secs(600));
+        let half = backlog.len() / 2;
+        println!(
+            "{label}: {rate:.0}/s for {}s, backlog at the half {}, at the end {}",
+            duration.as_secs(),
+            backlog[half.saturating_sub(1)],
+            backlog[backlog.len() - 1]
+        );
+        if !grew(&backlog, rate) || rate < 100.0 {
+            return (capacity, rate);
+        }
+        rate = (rate * 0.9).floor();
+    }
 }
 
 enum Event {
-    Result(String, i64, Instant),
-    Ack(String, i64, Instant),
+    Result { id: String, lsn: i64, executed_at: i64, at: i64 },
+    Ack { device: String, lsn: i64, at: i64 },
 }
 
+/// The pipeline seen from a submitter: instructions in, results and device acks out.
 struct Pipeline {
     settings: KafkaSettings,
     producer: Producer_,
     events: mpsc::Receiver<Event>,
-    seen: Seen,
-    acks: HashMap<String, i64>,
-    submitted: HashMap<String, Instant>,
+    /// Submit time (µs) by instruction id.
+    submitted: HashMap<String, i64>,
+    /// Result's commit LSN, execution time and arrival (µs) by instruction id.
+    results: HashMap<String, (i64, i64, i64)>,
+    /// Per device, every rise of its acknowledged watermark: (LSN, when, µs).
+    acks: HashMap<String, Vec<(i64, i64)>>,
+    /// Submitted, not yet applied everywhere, in submit order.
+    outstanding: VecDeque<String>,
     counter: u64,
+    stop: Arc<AtomicBool>,
+    _followers: Vec<std::thread::JoinHandle<()>>,
+    _processes: Vec<Process>,
 }
 
 impl Pipeline {
     fn drain(&mut self) {
         while let Ok(event) = self.events.try_recv() {
             match event {
-                Event::Result(id, lsn, at) => {
-                    self.seen.results.insert(id, (lsn, at));
+                Event::Result { id, lsn, executed_at, at } => {
+                    self.results.insert(id, (lsn, executed_at, at));
                 }
-                Event::Ack(device, lsn, at) => {
-                    let e = self.acks.entry(device).or_insert(lsn);
-                    *e = (*e).max(lsn);
-                    if self.acks.len() == DEVICES.len() {
-                        let min = *self.acks.values().min().unwrap();
-                        if self.seen.fleet.last().is_none_or(|(_, last)| min > *last) {
-                            self.seen.fleet.push((at, min));
-                        }
+                Event::Ack { device, lsn, at } => {
+                    let history = self.acks.entry(device).or_default();
+                    if history.last().is_none_or(|(last, _)| lsn > *last) {
+                        history.push((lsn, at));
                     }
                 }
             }
         }
     }
 
+    /// The LSN every device has applied.
     fn fleet_watermark(&self) -> i64 {
-        self.seen.fleet.last().map_or(0, |(_, w)| *w)
+        if self.acks.len() < DEVICES.len() {
+            return 0;
+        }
+        self.acks.values().map(|h| h.last().map_or(0, |(lsn, _)| *lsn)).min().unwrap_or(0)
     }
 
-    /// When the fleet's watermark first reached `lsn`.
-    fn applied_at(&self, lsn: i64) -> Option<Instant> {
-        let i = self.seen.fleet.partition_point(|(_, w)| *w < lsn);
-        self.seen.fleet.get(i).map(|(t, _)| *t)
+    /// When the last device acknowledged `lsn` (µs).
+    fn applied_at(&self, lsn: i64) -> Option<i64> {
+        let mut latest = None;
+        for history in self.acks.values() {
+            let (_, at) = history.get(history.partition_point(|(w, _)| *w < lsn))?;
+            latest = latest.max(Some(*at));
+        }
+        latest
     }
 
-    fn submit(&mut self) -> String {
+    fn submit_one(&mut self) -> String {
         let (id, payload) = upsert(self.counter);
         self.counter += 1;
         let topic = self.settings.topics().instructions;
-        self.submitted.insert(id.clone(), Instant::now());
+        self.submitted.insert(id.clone(), now_micros());
         produce(&self.producer, &topic, b"bench", &payload);
+        self.outstanding.push_back(id.clone());
         id
     }
+}
 
-    /// Submits at `rate` per second for `duration`; every second, records how many of the
-    /// instructions submitted so far are not applied everywhere yet. Returns the ids and
-    /// that backlog.
-    fn open_loop(&mut self, rate: f64, duration: Duration) -> (Vec<String>, Vec<usize>) {
-        let started = Instant::now();
-        let mut ids = Vec::new();
-        let mut backlog = Vec::new();
-        let mut next_sample = started + Duration::from_secs(1);
-        while started.elapsed() < duration {
-            let due = (started.elapsed().as_secs_f64() * rate) as usize;
-            while ids.len() < due {
-                ids.push(self.submit());
-            }
-            if Instant::now() >= next_sample {
-                self.drain();
-                let watermark = self.fleet_watermark();
-                let applied =
-                    ids.iter().filter(|id| self.seen.results.get(*id).is_some_and(|(lsn, _)| *lsn <= watermark)).count();
-                backlog.push(ids.len() - applied);
-                next_sample += Duration::from_secs(1);
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        (ids, backlog)
+impl Chain for Pipeline {
+    fn submit(&mut self) {
+        self.submit_one();
     }
 
-    /// Waits until every instruction of `ids` has a result and is applied everywhere.
-    fn settle(&mut self, ids: &[String], timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.drain();
-            let watermark = self.fleet_watermark();
-            let pending = ids.iter().filter(|id| self.seen.results.get(*id).is_none_or(|(lsn, _)| *lsn > watermark)).count();
-            if pending == 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{pending} of {} instructions not applied everywhere", ids.len());
-            std::thread::sleep(Duration::from_millis(5));
+    fn pending(&mut self) -> usize {
+        self.drain();
+        let watermark = self.fleet_watermark();
+        let results = &self.results;
+        self.outstanding.retain(|id| results.get(id).is_none_or(|(lsn, _, _)| *lsn > watermark));
+        self.outstanding.len()
+    }
+}
+
+/// The relay chain: the pipeline's topology with plain Kafka clients.
+struct Relay {
+    producer: Producer_,
+    input: String,
+    payload: Vec<u8>,
+    submitted: u64,
+    received: Vec<Arc<AtomicU64>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(settings: &KafkaSettings, payload: Vec<u8>) -> Relay {
+        let (input, output) = (format!("{}relay-in", settings.topic_prefix), format!("{}relay-out", settings.topic_prefix));
+        block_on(kafka::ensure_topics(
+            settings,
+            &[
+                TopicSpec { name: &input, partitions: 3, config: vec![] },
+                TopicSpec { name: &output, partitions: 3, config: vec![] },
+            ],
+        ))
+        .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let received: Vec<Arc<AtomicU64>> = (0..3).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let mut threads = Vec::new();
+        for (i, counter) in received.iter().enumerate() {
+            let counter = counter.clone();
+            let consumer: BaseConsumer =
+                kafka::client_config(settings, ClientRole::Consumer { group_id: &format!("relay-reader-{i}") }).create().unwrap();
+            consumer.subscribe(&[&output]).unwrap();
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(Ok(_)) = consumer.poll(Duration::from_millis(50)) {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
         }
+        let relay: BaseConsumer = kafka::client_config(settings, ClientRole::Consumer { group_id: "relay" }).create().unwrap();
+        relay.subscribe(&[&input]).unwrap();
+        let relay_producer: Producer_ = kafka::client_config(settings, ClientRole::Producer).create().unwrap();
+        {
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(Ok(m)) = relay.poll(Duration::from_millis(50)) {
+                        produce(&relay_producer, &output, m.key().unwrap_or_default(), m.payload().unwrap_or_default());
+                    }
+                }
+                relay_producer.flush(Duration::from_secs(10)).unwrap();
+            }));
+        }
+        let producer = kafka::client_config(settings, ClientRole::Producer).create().unwrap();
+        Relay { producer, input, payload, submitted: 0, received, stop, threads }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+}
+
+impl Chain for Relay {
+    fn submit(&mut self) {
+        produce(&self.producer, &self.input, &self.submitted.to_le_bytes(), &self.payload);
+        self.submitted += 1;
+    }
+
+    fn pending(&mut self) -> usize {
+        let through = self.received.iter().map(|c| c.load(Ordering::Relaxed)).min().unwrap_or(0);
+        self.submitted.saturating_sub(through) as usize
     }
 }
 
@@ -209,83 +351,21 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// The relay chain's rate: `count` records produced as fast as possible, relayed once, and
-/// received by three consumers; records per second until the last consumer has them all.
-fn relay_chain(settings: &KafkaSettings, count: u64, payload: &[u8]) -> f64 {
-    let (input, output) = (format!("{}relay-in", settings.topic_prefix), format!("{}relay-out", settings.topic_prefix));
-    block_on(kafka::ensure_topics(
-        settings,
-        &[TopicSpec { name: &input, partitions: 3, config: vec![] }, TopicSpec { name: &output, partitions: 3, config: vec![] }],
-    ))
-    .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let received: Vec<Arc<AtomicU64>> = (0..3).map(|_| Arc::new(AtomicU64::new(0))).collect();
-    let mut threads = Vec::new();
-    for (i, counter) in received.iter().enumerate() {
-        let counter = counter.clone();
-        let consumer: BaseConsumer =
-            kafka::client_config(settings, ClientRole::Consumer { group_id: &format!("relay-reader-{i}") }).create().unwrap();
-        consumer.subscribe(&[&output]).unwrap();
-        let stop = stop.clone();
-        threads.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(Ok(_)) = consumer.poll(Duration::from_millis(50)) {
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    let relay: BaseConsumer = kafka::client_config(settings, ClientRole::Consumer { group_id: "relay" }).create().unwrap();
-    relay.subscribe(&[&input]).unwrap();
-    let relay_producer: Producer_ = kafka::client_config(settings, ClientRole::Producer).create().unwrap();
-    {
-        let (stop, output) = (stop.clone(), output.clone());
-        threads.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(Ok(m)) = relay.poll(Duration::from_millis(50)) {
-                    produce(&relay_producer, &output, m.key().unwrap_or_default(), m.payload().unwrap_or_default());
-                }
-            }
-            relay_producer.flush(Duration::from_secs(10)).unwrap();
-        }));
-    }
-    // Every group has its partitions before the clock starts.
-    std::thread::sleep(Duration::from_secs(8));
-    let producer: Producer_ = kafka::client_config(settings, ClientRole::Producer).create().unwrap();
-    let started = Instant::now();
-    for n in 0..count {
-        produce(&producer, &input, &n.to_le_bytes(), payload);
-    }
-    while received.iter().any(|c| c.load(Ordering::Relaxed) < count) {
-        assert!(started.elapsed() < Duration::from_secs(600), "the relay chain did not deliver everything");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let rate = count as f64 / started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    threads.into_iter().for_each(|t| t.join().unwrap());
-    rate
-}
-
 /// The broker's hop: records at 1,000/s, each carrying its send time; p99 of produce to
 /// receipt, in milliseconds.
 fn broker_hop(settings: &KafkaSettings, duration: Duration) -> f64 {
     let topic = format!("{}hop", settings.topic_prefix);
     block_on(kafka::ensure_topics(settings, &[TopicSpec { name: &topic, partitions: 3, config: vec![] }])).unwrap();
-    let origin = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
-    let reader = follow(settings, &topic, stop.clone(), move |p, at| {
-        let sent = u64::from_le_bytes(p[..8].try_into().unwrap());
-        let _ = tx.send(at.duration_since(origin).as_nanos() as u64 - sent);
+    let reader = follow(settings, &topic, stop.clone(), move |p| {
+        let sent = i64::from_le_bytes(p[..8].try_into().unwrap());
+        let _ = tx.send(now_micros() - sent);
     });
     let producer: Producer_ = kafka::client_config(settings, ClientRole::Producer).create().unwrap();
     // Warm up: the producer has its metadata and connections, the reader its positions.
     for n in 0..2000u64 {
-        produce(&producer, &topic, &n.to_le_bytes(), &(origin.elapsed().as_nanos() as u64).to_le_bytes());
+        produce(&producer, &topic, &n.to_le_bytes(), &now_micros().to_le_bytes());
         std::thread::sleep(Duration::from_millis(1));
     }
     producer.flush(Duration::from_secs(10)).unwrap();
@@ -296,7 +376,7 @@ fn broker_hop(settings: &KafkaSettings, duration: Duration) -> f64 {
     let mut payload = vec![0u8; 200];
     while started.elapsed() < duration {
         while sent < (started.elapsed().as_secs_f64() * 1000.0) as u64 {
-            payload[..8].copy_from_slice(&(origin.elapsed().as_nanos() as u64).to_le_bytes());
+            payload[..8].copy_from_slice(&now_micros().to_le_bytes());
             produce(&producer, &topic, &sent.to_le_bytes(), &payload);
             sent += 1;
         }
@@ -306,114 +386,158 @@ fn broker_hop(settings: &KafkaSettings, duration: Duration) -> f64 {
     let mut latencies = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while (latencies.len() as u64) < sent && Instant::now() < deadline {
-        if let Ok(ns) = rx.recv_timeout(Duration::from_millis(100)) {
-            latencies.push(ns as f64 / 1e6);
+        if let Ok(us) = rx.recv_timeout(Duration::from_millis(100)) {
+            latencies.push(us as f64 / 1e3);
         }
     }
     stop.store(true, Ordering::Relaxed);
     reader.join().unwrap();
     assert_eq!(latencies.len() as u64, sent, "every hop record arrived");
     latencies.sort_by(f64::total_cmp);
+    println!("broker hop: p50 {:.1} ms, p99 {:.1} ms", percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+
     percentile(&latencies, 0.99)
+}
+
+/// Starts executor, capture and three devices, follows results and device acks, and waits
+/// until a first hundred instructions are applied everywhere.
+fn start_pipeline(dir: &std::path::Path, settings: &KafkaSettings) -> Pipeline {
+    let mut processes = vec![start(dir, "executor", &["executor"]), start(dir, "capture", &["capture"])];
+    for d in DEVICES {
+        let store = dir.join(format!("device-{d}.sqlite"));
+        processes.push(start(
+            dir,
+            &format!("device-{d}"),
+            &["device", "--id", d, "--store", store.to_str().unwrap(), "--ack-interval-ms", "10"],
+        ));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, events) = mpsc::channel();
+    let results_tx = tx.clone();
+    let followers = vec![
+        follow(settings, &settings.topics().results, stop.clone(), move |p| {
+            if let Ok(r) = decode_result(p) {
+                let lsn = r.commit_lsn.unwrap_or(i64::MAX);
+                let (id, executed_at, at) = (r.instruction_id, r.executed_at, now_micros());
+                let _ = results_tx.send(Event::Result { id, lsn, executed_at, at });
+            }
+        }),
+        follow(settings, &settings.topics().device_acks, stop.clone(), move |p| {
+            if let Ok(a) = decode_device_ack(p) {
+                let _ = tx.send(Event::Ack { device: a.device_id, lsn: a.applied_lsn, at: a.at });
+            }
+        }),
+    ];
+    let mut p = Pipeline {
+        producer: kafka::client_config(settings, ClientRole::Producer).create().unwrap(),
+        settings: settings.clone(),
+        events,
+        submitted: HashMap::new(),
+        results: HashMap::new(),
+        acks: HashMap::new(),
+        outstanding: VecDeque::new(),
+        counter: 0,
+        stop,
+        _followers: followers,
+        _processes: processes,
+    };
+    for _ in 0..100 {
+        p.submit();
+    }
+    settle(&mut p, Duration::from_secs(120));
+    p
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 fn main() {
     let dir = PathBuf::from(env("PGFANOUT_BENCH_DIR"));
     let settings = kafka_settings();
     let duration = Duration::from_secs(seconds());
+    let mut results = Vec::new();
 
-    let _executor = start(&dir, "executor", &["executor"]);
-    let _capture = start(&dir, "capture", &["capture"]);
-    let _devices: Vec<Process> = DEVICES
-        .iter()
-        .map(|d| {
-            let store = dir.join(format!("device-{d}.sqlite"));
-            start(
-                &dir,
-                &format!("device-{d}"),
-                &["device", "--id", d, "--store", store.to_str().unwrap(), "--ack-interval-ms", "10"],
-            )
-        })
-        .collect();
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tx, events) = mpsc::channel();
-    let results_tx = tx.clone();
-    let results = follow(&settings, &settings.topics().results, stop.clone(), move |p, at| {
-        if let Ok(r) = decode_result(p) {
-            let _ = results_tx.send(Event::Result(r.instruction_id, r.commit_lsn.unwrap_or(i64::MAX), at));
+    if phase("latency") || phase("throughput") {
+        let mut p = start_pipeline(&dir, &settings);
+        if phase("latency") {
+            // (1) Open-loop latency at 1,000/s.
+            p.submitted.clear();
+            open_loop(&mut p, 1000.0, duration);
+            settle(&mut p, Duration::from_secs(120));
+            let ids: Vec<String> = p.submitted.keys().cloned().collect();
+            let (mut commit, mut e2e, mut to_executor, mut to_devices) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for id in &ids {
+                let submitted = p.submitted[id];
+                let (lsn, executed_at, result_at) = p.results[id];
+                let applied = p.applied_at(lsn).expect("applied");
+                commit.push((result_at - submitted) as f64 / 1e3);
+                e2e.push((applied - submitted) as f64 / 1e3);
+                to_executor.push((executed_at - submitted) as f64 / 1e3);
+                to_devices.push((applied - executed_at) as f64 / 1e3);
+            }
+            for v in [&mut commit, &mut e2e, &mut to_executor, &mut to_devices] {
+                v.sort_by(f64::total_cmp);
+            }
+            println!("open loop: {} instructions at 1,000/s", ids.len());
+            let show = |label: &str, v: &[f64]| {
+                println!("  {label}: p50 {:.1} ms, p99 {:.1} ms", percentile(v, 0.5), percentile(v, 0.99))
+            };
+            show("submit → executed (instructions hop, executor's poll)", &to_executor);
+            show("executed → applied everywhere (commit, capture, deltas hop, devices)", &to_devices);
+            show("submit → result received", &commit);
+            show("submit → applied everywhere", &e2e);
+            results.push(format!("e2e_p50_ms_at_1000 {:.1}", percentile(&e2e, 0.5)));
+            results.push(format!("e2e_p99_ms_at_1000 {:.1}", percentile(&e2e, 0.99)));
+            results.push(format!("commit_p99_ms_at_1000 {:.1}", percentile(&commit, 0.99)));
         }
-    });
-    let acks = follow(&settings, &settings.topics().device_acks, stop.clone(), move |p, at| {
-        if let Ok(a) = decode_device_ack(p) {
-            let _ = tx.send(Event::Ack(a.device_id, a.applied_lsn, at));
+        if phase("throughput") {
+            // (2) The pipeline's throughput.
+            p.submitted.clear();
+            p.results.clear();
+            let (capacity, rate) = sustained("pipeline", &mut p, 100_000, duration);
+            println!("pipeline: burst capacity {capacity:.0}/s");
+            results.push(format!("e2e_sustained_instructions_per_s {rate:.0}"));
         }
-    });
-    let mut p = Pipeline {
-        producer: kafka::client_config(&settings, ClientRole::Producer).create().unwrap(),
-        settings: settings.clone(),
-        events,
-        seen: Seen::default(),
-        acks: HashMap::new(),
-        submitted: HashMap::new(),
-        counter: 0,
-    };
-    // Warm up: every component is up and every device acknowledges.
-    let warm: Vec<String> = (0..100).map(|_| p.submit()).collect();
-    p.settle(&warm, Duration::from_secs(120));
-
-    // (1) Open-loop latency at 1,000/s.
-    let (ids, _) = p.open_loop(1000.0, duration);
-    p.settle(&ids, Duration::from_secs(120));
-    let (mut commit, mut e2e) = (Vec::new(), Vec::new());
-    for id in &ids {
-        let submitted = p.submitted[id];
-        let (lsn, result_at) = p.seen.results[id];
-        commit.push(ms(result_at - submitted));
-        e2e.push(ms(p.applied_at(lsn).expect("applied") - submitted));
     }
-    commit.sort_by(f64::total_cmp);
-    e2e.sort_by(f64::total_cmp);
-
-    // (2) Throughput: a burst for the capacity, then the highest rate that holds.
-    let burst_started = Instant::now();
-    let burst: Vec<String> = (0..100_000).map(|_| p.submit()).collect();
-    p.settle(&burst, Duration::from_secs(300));
-    let capacity = burst.len() as f64 / burst_started.elapsed().as_secs_f64();
-    let mut rate = (capacity * 0.9).floor();
-    let sustained = loop {
-        let (ids, backlog) = p.open_loop(rate, duration);
-        p.settle(&ids, Duration::from_secs(300));
-        let half = backlog.len() / 2;
-        let (early, late) =
-            (backlog[..half].iter().max().copied().unwrap_or(0), backlog[half..].iter().max().copied().unwrap_or(0));
-        // Bounded: the second half's worst backlog is no worse than the first half's, give
-        // or take a second of submissions.
-        println!("rate {rate:.0}/s: backlog max {early} (first half), {late} (second half)");
-        if late <= early + rate as usize || rate < 100.0 {
-            break rate;
+    if phase("relay") {
+        // (3) The relay chain.
+        let mut relay = Relay::start(&settings, upsert(0).1);
+        // Every group has its partitions before the clock starts.
+        for _ in 0..1000 {
+            relay.submit();
         }
-        rate = (rate * 0.85).floor();
+        settle(&mut relay, Duration::from_secs(60));
+        let (capacity, rate) = sustained("relay", &mut relay, 200_000, duration);
+        relay.stop();
+        println!("relay: burst capacity {capacity:.0}/s");
+        results.push(format!("relay_sustained_per_s {rate:.0}"));
+    }
+    if phase("hop") {
+        // (4) The broker's hop.
+        results.push(format!("broker_hop_p99_ms {:.1}", broker_hop(&settings, Duration::from_secs(20))));
+    }
+
+    let value = |results: &[String], name: &str| {
+        results.iter().find_map(|r| r.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
     };
-    stop.store(true, Ordering::Relaxed);
-    results.join().unwrap();
-    acks.join().unwrap();
-
-    // (3) and (4): the broker with the same client settings.
-    let sample = upsert(0).1;
-    let relay = relay_chain(&settings, 200_000, &sample);
-    let hop_p99 = broker_hop(&settings, Duration::from_secs(20));
-
-    let e2e_p99 = percentile(&e2e, 0.99);
-    println!("open loop: {} instructions at 1,000/s; burst capacity {capacity:.0}/s", ids.len());
-    println!("RESULT e2e_p50_ms_at_1000 {:.1}", percentile(&e2e, 0.5));
-    println!("RESULT e2e_p99_ms_at_1000 {e2e_p99:.1}");
-    println!("RESULT commit_p99_ms_at_1000 {:.1}", percentile(&commit, 0.99));
-    println!("RESULT broker_hop_p99_ms {hop_p99:.1}");
-    println!("RESULT e2e_overhead_p99_ms {:.1}", e2e_p99 - 2.0 * hop_p99);
-    println!("RESULT e2e_sustained_instructions_per_s {sustained:.0}");
-    println!("RESULT relay_sustained_per_s {relay:.0}");
-    println!("RESULT e2e_vs_relay {:.2}", sustained / relay);
+    if let (Some(e2e), Some(hop)) = (value(&results, "e2e_p99_ms_at_1000 "), value(&results, "broker_hop_p99_ms ")) {
+        results.push(format!("e2e_overhead_p99_ms {:.1}", e2e - 2.0 * hop));
+    }
+    if let (Some(e2e), Some(relay)) =
+        (value(&results, "e2e_sustained_instructions_per_s "), value(&results, "relay_sustained_per_s "))
+    {
+        results.push(format!("e2e_vs_relay {:.2}", e2e / relay));
+    }
+    // SAFETY: getrusage(2) fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    println!("the benchmark's own CPU time: {} s user, {} s system", usage.ru_utime.tv_sec, usage.ru_stime.tv_sec);
+    for r in results {
+        println!("RESULT {r}");
+    }
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {

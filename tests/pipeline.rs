@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::collections::HashMap;
+
 use common::{wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::{Field, Instruction, Operation, OperationKind, ResultStatus, Value};
 use pgfanout::workload::{self, Workload};
@@ -92,6 +94,67 @@ async fn the_same_instruction_twice_changes_postgres_once_with_identical_results
     assert_eq!(rows, 2);
     let logged: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
     assert_eq!(logged, 2);
+    p.stop("executor");
+}
+
+/// The executor runs consecutive single-row upserts of one shape as one statement; each
+/// delta must still name the instruction that wrote its row, also when a key repeats
+/// within the batch or other instructions sit in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_delta_names_the_instruction_that_wrote_it() {
+    let mut p = Pipeline::new("correlation").await;
+    p.start_capture().await;
+    let upsert = |id: i64, qty: i64| {
+        let mut i = insert_item(id, qty);
+        i.operations[0].op = OperationKind::Upsert;
+        i
+    };
+    let mut instructions: Vec<Instruction> = (0..40).map(|n| upsert(n, n)).collect();
+    instructions.push(upsert(3, 100)); // the same key again in the same batch
+    instructions.push(insert_item(1000, 1));
+    let mut two = upsert(1001, 1);
+    two.operations.push(upsert(1002, 2).operations.remove(0));
+    instructions.push(two);
+    instructions.extend((40..60).map(|n| upsert(n, n)));
+    // Everything is in the topic before the executor starts, so that it arrives in few batches.
+    let watcher = p.watch_results().await;
+    p.submit(&instructions).await;
+    p.start_executor();
+    let results = p.await_results(watcher, &instructions).await;
+    assert!(results.values().all(|r| r.status == ResultStatus::Committed), "{results:?}");
+
+    let wrote: HashMap<&str, Vec<i64>> = instructions
+        .iter()
+        .map(|i| {
+            let keys = i.operations.iter().filter_map(|o| match o.key[0].value {
+                Value::Long(id) => Some(id),
+                _ => None,
+            });
+            (i.instruction_id.as_str(), keys.collect())
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let deltas = loop {
+        use pgfanout::contract::DeltaOp::{Delete, Insert, Update};
+        let deltas: Vec<_> = deltas_in_kafka(&p)
+            .into_iter()
+            .filter(|d| d.table == "public.items" && matches!(d.op, Insert | Update | Delete))
+            .collect();
+        if deltas.len() >= 64 || std::time::Instant::now() > deadline {
+            break deltas;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(deltas.len(), 64, "one delta per row written");
+    let mut seen = std::collections::HashSet::new();
+    for d in &deltas {
+        let id = d.instruction_id.as_deref().unwrap_or_else(|| panic!("a delta without its instruction: {d:?}"));
+        let Value::Long(key) = d.key[0].value else { panic!("key {:?}", d.key) };
+        assert!(wrote.get(id).is_some_and(|keys| keys.contains(&key)), "row {key} tagged with {id}, which did not write it");
+        seen.insert(id);
+    }
+    assert_eq!(seen.len(), instructions.len(), "every instruction's deltas are tagged with it");
+    p.stop("capture");
     p.stop("executor");
 }
 
@@ -327,7 +390,8 @@ async fn capture_misconfigurations_say_what_to_change() {
 }
 
 /// Ids of the rows of `items` with an insert delta in the deltas topic.
-fn inserted_ids_in_kafka(p: &Pipeline) -> std::collections::HashSet<i64> {
+/// Every delta in the deltas topic, from the beginning.
+fn deltas_in_kafka(p: &Pipeline) -> Vec<pgfanout::contract::Delta> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
     let topic = p.kafka.topics().deltas;
@@ -339,21 +403,28 @@ fn inserted_ids_in_kafka(p: &Pipeline) -> std::collections::HashSet<i64> {
     .unwrap()
     .unwrap();
     let total: i64 = ends.iter().sum();
-    let (mut read, mut ids) = (0, std::collections::HashSet::new());
+    let (mut read, mut deltas) = (0, Vec::new());
     let deadline = std::time::Instant::now() + TIMEOUT;
     while read < total {
         assert!(std::time::Instant::now() < deadline, "read {read} of {total} deltas");
         let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(500)) else { continue };
         read += 1;
-        let Some(payload) = m.payload() else { continue };
-        let delta = pgfanout::contract::codec::decode_delta(payload).unwrap();
-        if delta.table == "public.items" && delta.op == pgfanout::contract::DeltaOp::Insert {
-            if let Some(Value::Long(id)) = delta.key.first().map(|c| &c.value) {
-                ids.insert(*id);
-            }
+        if let Some(payload) = m.payload() {
+            deltas.push(pgfanout::contract::codec::decode_delta(payload).unwrap());
         }
     }
-    ids
+    deltas
+}
+
+fn inserted_ids_in_kafka(p: &Pipeline) -> std::collections::HashSet<i64> {
+    deltas_in_kafka(p)
+        .into_iter()
+        .filter(|d| d.table == "public.items" && d.op == pgfanout::contract::DeltaOp::Insert)
+        .filter_map(|d| match d.key.first().map(|c| &c.value) {
+            Some(Value::Long(id)) => Some(*id),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -175,7 +175,7 @@ impl Device {
         // An acknowledgement held back by the interval goes out when due, not with the next
         // record.
         let wait = self.acks.due_in(self.watermark.value()).map_or(IDLE_POLL, |d| d.clamp(Duration::from_millis(1), IDLE_POLL));
-        let batch = match kafka::poll_batch(&self.consumer, self.settings.batch_size as usize, wait, Duration::from_millis(5)) {
+        let batch = match kafka::poll_batch(&self.consumer, self.settings.batch_size as usize, wait, Duration::from_millis(1)) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "poll failed; retrying");

@@ -9,7 +9,10 @@
 //!
 //! Two paths, one outcome:
 //! - *Pipelined*: the statements of all instructions are sent without waiting for each
-//!   other, then all outcomes are logged with one statement. One failure anywhere (an
+//!   other, then all outcomes are logged with one statement. Consecutive single-row inserts
+//!   and upserts of one shape with distinct keys go as one set statement
+//!   ([`PlannedStatement::set_sql`]): one round of parsing, planning and executing for many
+//!   instructions, each row still preceded by its instruction's marker. One failure anywhere (an
 //!   error, a precondition that does not hold) rolls this attempt back.
 //! - *One by one*: each instruction inside its own SAVEPOINT, so a failing one fails alone
 //!   and its `rejected`/`failed` outcome is logged while the others commit.
@@ -170,7 +173,7 @@ pub async fn execute_batch(
     }
     let marker = statements.get(client, MARKER_SQL).await?;
 
-    let outcomes = match pipelined(client, &marker, &prepared).await? {
+    let outcomes = match pipelined(client, &marker, statements, &prepared).await? {
         Some(outcomes) => outcomes,
         None => one_by_one(client, catalog, &marker, &prepared).await?,
     };
@@ -241,43 +244,108 @@ async fn run_statements(
     std::iter::once(m).chain(o).collect()
 }
 
+/// What the pipelined attempt sends, in order: an instruction's own statements, or a run
+/// of consecutive single-row inserts/upserts of one shape with distinct keys as one
+/// statement (their [`PlannedStatement::set_sql`]).
+enum Unit<'p> {
+    One(&'p Instruction, &'p [(Statement, PlannedStatement)]),
+    Set(Statement, Vec<(&'p Instruction, &'p PlannedStatement)>),
+}
+
+async fn units<'p>(
+    client: &Client,
+    statements: &mut Statements,
+    prepared: &'p [Prepared<'_>],
+) -> Result<Vec<Unit<'p>>, tokio_postgres::Error> {
+    let mut units = Vec::new();
+    let mut keys: HashSet<&[Option<String>]> = HashSet::new();
+    for p in prepared {
+        let Prepared::Run { instruction, statements: planned } = p else { continue };
+        let single = match planned.as_slice() {
+            [(_, plan)] => plan.set_sql.as_deref().map(|sql| (sql, plan)),
+            _ => None,
+        };
+        let Some((sql, plan)) = single else {
+            units.push(Unit::One(instruction, planned));
+            continue;
+        };
+        let key = &plan.params[..plan.key_params];
+        match units.last_mut() {
+            Some(Unit::Set(_, rows)) if rows[0].1.set_sql == plan.set_sql && !keys.contains(key) => {
+                rows.push((instruction, plan));
+            }
+            _ => {
+                keys.clear();
+                units.push(Unit::Set(statements.get(client, sql).await?, vec![(instruction, plan)]));
+            }
+        }
+        keys.insert(key);
+    }
+    Ok(units)
+}
+
+/// Runs a set statement: column `j` of the statement is parameter `j` of every row.
+async fn run_set(
+    client: &Client,
+    statement: &Statement,
+    rows: &[(&Instruction, &PlannedStatement)],
+) -> Result<u64, tokio_postgres::Error> {
+    let width = rows[0].1.params.len();
+    let columns: Vec<Vec<Option<&str>>> =
+        (0..width).map(|j| rows.iter().map(|(_, plan)| plan.params[j].as_deref()).collect()).collect();
+    let ids: Vec<&str> = rows.iter().map(|(i, _)| i.instruction_id.as_str()).collect();
+    let params: Vec<&(dyn ToSql + Sync)> =
+        columns.iter().map(|c| c as &(dyn ToSql + Sync)).chain(std::iter::once(&ids as &(dyn ToSql + Sync))).collect();
+    client.execute_raw(statement, params).await
+}
+
 /// The pipelined attempt. `Ok(None)`: something failed and was rolled back; run the batch
 /// one by one instead.
 async fn pipelined(
     client: &Client,
     marker: &Statement,
+    statements: &mut Statements,
     prepared: &[Prepared<'_>],
 ) -> Result<Option<Vec<InstructionResult>>, tokio_postgres::Error> {
+    let units = units(client, statements, prepared).await?;
     client.batch_execute("BEGIN").await?;
-    let runs = prepared.iter().filter_map(|p| match p {
-        Prepared::Run { instruction, statements } => {
-            Some(async move { (*instruction, statements, run_statements(client, marker, instruction, statements).await) })
+    let runs = units.iter().map(|unit| async move {
+        match unit {
+            Unit::One(instruction, planned) => (unit, run_statements(client, marker, instruction, planned).await),
+            Unit::Set(statement, rows) => (unit, vec![run_set(client, statement, rows).await]),
         }
-        Prepared::Refuse { .. } => None,
     });
     let mut failed = false;
     let mut outcomes = Vec::with_capacity(prepared.len());
-    for (instruction, planned, results) in join_all(runs).await {
-        let mut rows: i64 = 0;
-        for (i, r) in results.into_iter().enumerate() {
-            match r {
-                Err(e) if pg::is_transient(&e) => {
-                    let _ = client.batch_execute("ROLLBACK").await;
-                    return Err(e);
-                }
-                Err(_) => failed = true,
-                Ok(n) => {
-                    // i == 0 is the correlation marker.
-                    if i > 0 {
-                        if n == 0 && planned[i - 1].1.has_precondition {
-                            failed = true;
+    for (unit, mut results) in join_all(runs).await {
+        if let Some(i) = results.iter().position(|r| r.as_ref().is_err_and(pg::is_transient)) {
+            let _ = client.batch_execute("ROLLBACK").await;
+            results.swap_remove(i)?; // returns the transient error
+        }
+        match unit {
+            Unit::Set(_, rows) => match results[0] {
+                // Each row is one instruction that affects exactly one row.
+                Ok(n) if n == rows.len() as u64 => outcomes.extend(rows.iter().map(|(i, _)| committed(i, 1))),
+                _ => failed = true,
+            },
+            Unit::One(instruction, planned) => {
+                let mut rows: i64 = 0;
+                for (i, r) in results.iter().enumerate() {
+                    match r {
+                        Err(_) => failed = true,
+                        // i == 0 is the correlation marker.
+                        Ok(n) if i > 0 => {
+                            if *n == 0 && planned[i - 1].1.has_precondition {
+                                failed = true;
+                            }
+                            rows = rows.saturating_add(i64::try_from(*n).unwrap_or(i64::MAX));
                         }
-                        rows = rows.saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
+                        Ok(_) => {}
                     }
                 }
+                outcomes.push(committed(instruction, rows));
             }
         }
-        outcomes.push(committed(instruction, rows));
     }
     if failed {
         client.batch_execute("ROLLBACK").await?;

@@ -8,14 +8,17 @@
 //! - *A result for every instruction*: the consumer offset of a record is stored only after
 //!   its result (or, for an undecodable record, its dead letter) has been acknowledged by
 //!   Kafka. A crash before that redelivers the record, and the redelivery re-publishes the
-//!   stored result. This loop is the only place that stores executor offsets.
-//! - *Correlation*: each instruction's operations are preceded by
+//!   stored result. While a batch's results are on their way, the next batches are applied
+//!   (at most `MAX_BATCHES_IN_FLIGHT`); offsets are stored strictly in batch order, each
+//!   batch's once its results are acknowledged (`Published::finish`, the only place that
+//!   stores executor offsets).
+//! - *Correlation*: each instruction's rows are preceded in the WAL by
 //!   `pg_logical_emit_message(true, 'pgfanout', instruction_id)`, so capture tags the deltas.
 
 pub mod batch;
 pub mod plan;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,7 +52,7 @@ pub struct ExecutorSettings {
     #[arg(long = "allowed-tables", env = "PGFANOUT_ALLOWED_TABLES", value_delimiter = ',', value_parser = parse_table_name)]
     pub allowed_tables: Option<Vec<TableName>>,
     /// Longest wait (ms) for more instructions once a batch has one.
-    #[arg(long = "linger-ms", env = "PGFANOUT_EXECUTOR_LINGER_MS", default_value_t = 5)]
+    #[arg(long = "linger-ms", env = "PGFANOUT_EXECUTOR_LINGER_MS", default_value_t = 1)]
     pub linger_ms: u64,
 }
 
@@ -98,9 +101,15 @@ pub async fn run(
     let max = settings.batch_size as usize;
     tracing::info!(topic = %topics.instructions, group = %settings.group_id, "executor started");
 
+    let mut in_flight: VecDeque<Published> = VecDeque::new();
     let outcome = loop {
         if shutdown.is_triggered() {
             break Ok(());
+        }
+        while in_flight.front().is_some_and(|b| b.publish.is_finished()) {
+            if let Some(batch) = in_flight.pop_front() {
+                batch.finish(&consumer).await?;
+            }
         }
         let polled = {
             let consumer = Arc::clone(&consumer);
@@ -135,14 +144,21 @@ pub async fn run(
                 Some(r) => r,
                 None => break Ok(()), // shut down while PostgreSQL was away; nothing stored
             };
-        publish_results(&producer, &topics.results, &results, &mut shutdown).await?;
-        store_offsets(&consumer, &messages)?;
         for r in &results {
             metrics::counter!("pgfanout_executor_instructions_total", "status" => r.status.as_str()).increment(1);
         }
         metrics::histogram!("pgfanout_executor_batch_size").record(instructions.len() as f64);
-        metrics::histogram!("pgfanout_executor_batch_duration_seconds").record(started.elapsed().as_secs_f64());
+        let publish = tokio::spawn(publish_results(producer.clone(), topics.results.clone(), results, shutdown.clone()));
+        in_flight.push_back(Published { publish, messages, started });
+        if in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
+            if let Some(oldest) = in_flight.pop_front() {
+                oldest.finish(&consumer).await?;
+            }
+        }
     };
+    while let Some(batch) = in_flight.pop_front() {
+        batch.finish(&consumer).await?;
+    }
 
     // Commit what was stored, then leave the group; both off the async runtime.
     let consumer = Arc::try_unwrap(consumer).map_err(|_| ExecutorError::Internal("consumer still shared".into()))?;
@@ -209,11 +225,31 @@ async fn apply_with_retry(
     }
 }
 
+/// Batches whose results may be on their way to Kafka while the next batch is applied.
+/// Their offsets are stored in batch order, each once its results are acknowledged.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+
+struct Published {
+    publish: tokio::task::JoinHandle<Result<(), ExecutorError>>,
+    messages: Vec<OwnedMessage>,
+    started: Instant,
+}
+
+impl Published {
+    /// Waits for the batch's results to be acknowledged, then stores its offsets.
+    async fn finish(self, consumer: &BaseConsumer<Observed>) -> Result<(), ExecutorError> {
+        self.publish.await.map_err(|e| ExecutorError::Internal(e.to_string()))??;
+        store_offsets(consumer, &self.messages)?;
+        metrics::histogram!("pgfanout_executor_batch_duration_seconds").record(self.started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
+
 async fn publish_results(
-    producer: &FutureProducer<Observed>,
-    topic: &str,
-    results: &[InstructionResult],
-    shutdown: &mut Shutdown,
+    producer: FutureProducer<Observed>,
+    topic: String,
+    results: Vec<InstructionResult>,
+    mut shutdown: Shutdown,
 ) -> Result<(), ExecutorError> {
     let payloads: Vec<Vec<u8>> =
         results.iter().map(encode_result).collect::<Result<_, _>>().map_err(|e| ExecutorError::Internal(e.to_string()))?;
@@ -221,7 +257,7 @@ async fn publish_results(
     let mut pending: Vec<usize> = (0..results.len()).collect();
     while !pending.is_empty() {
         let sends = pending.iter().map(|&i| {
-            let record = FutureRecord::to(topic).key(results[i].instruction_id.as_bytes()).payload(&payloads[i]);
+            let record = FutureRecord::to(&topic).key(results[i].instruction_id.as_bytes()).payload(&payloads[i]);
             producer.send(record, Timeout::After(Duration::from_secs(30)))
         });
         let outcomes = futures::future::join_all(sends).await;
@@ -237,7 +273,7 @@ async fn publish_results(
         }
         pending = failed;
         if !pending.is_empty() {
-            backoff.wait(shutdown).await;
+            backoff.wait(&mut shutdown).await;
         }
     }
     Ok(())

@@ -17,6 +17,13 @@ pub struct PlannedStatement {
     pub params: Vec<Option<String>>,
     /// A compare-and-set: zero rows affected means the precondition did not hold.
     pub has_precondition: bool,
+    /// The same statement for a set of operations of this shape, each affecting exactly one
+    /// row (an insert, or an upsert that updates on conflict): one `text[]` per parameter,
+    /// then a `text[]` of instruction ids. Every row is preceded by its instruction's
+    /// correlation marker (the filter runs on each row as the insert pulls it).
+    pub set_sql: Option<String>,
+    /// How many leading parameters are the key.
+    pub key_params: usize,
 }
 
 /// Why an instruction is refused before it touches PostgreSQL. `code` is a stable
@@ -88,22 +95,33 @@ pub fn plan_operation(table: &TableInfo, op: &Operation) -> Result<PlannedStatem
         .chain(expect.iter().map(|b| format!("{} IS NOT DISTINCT FROM {}", name(b), cast(b))))
         .collect::<Vec<_>>()
         .join(" AND ");
+    let mut set_sql = None;
     let sql = match op.op {
         OperationKind::Insert | OperationKind::Upsert => {
             let all: Vec<&Bound<'_>> = key.iter().chain(values.iter()).collect();
             let cols = all.iter().map(|b| name(b)).collect::<Vec<_>>().join(", ");
             let vals = all.iter().map(|b| cast(b)).collect::<Vec<_>>().join(", ");
-            let mut sql = format!("INSERT INTO {t} ({cols}) VALUES ({vals})");
+            let mut conflict = String::new();
             if op.op == OperationKind::Upsert {
-                let conflict = key.iter().map(name).collect::<Vec<_>>().join(", ");
+                let target = key.iter().map(name).collect::<Vec<_>>().join(", ");
                 if values.is_empty() {
-                    sql.push_str(&format!(" ON CONFLICT ({conflict}) DO NOTHING"));
+                    conflict = format!(" ON CONFLICT ({target}) DO NOTHING");
                 } else {
                     let set = values.iter().map(|b| format!("{0} = EXCLUDED.{0}", name(b))).collect::<Vec<_>>().join(", ");
-                    sql.push_str(&format!(" ON CONFLICT ({conflict}) DO UPDATE SET {set}"));
+                    conflict = format!(" ON CONFLICT ({target}) DO UPDATE SET {set}");
                 }
             }
-            sql
+            if op.op == OperationKind::Insert || !values.is_empty() {
+                let arrays = (1..=all.len() + 1).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", ");
+                let names = (1..=all.len()).map(|i| format!("p{i}")).collect::<Vec<_>>().join(", ");
+                let casts =
+                    all.iter().map(|b| format!("u.p{}::{}", b.param + 1, b.column.type_sql)).collect::<Vec<_>>().join(", ");
+                set_sql = Some(format!(
+                    "INSERT INTO {t} ({cols}) SELECT {casts} FROM unnest({arrays}) AS u({names}, instruction_id) \
+                     WHERE pg_logical_emit_message(true, 'pgfanout', u.instruction_id) IS NOT NULL{conflict}"
+                ));
+            }
+            format!("INSERT INTO {t} ({cols}) VALUES ({vals}){conflict}")
         }
         OperationKind::Update => {
             if values.is_empty() {
@@ -119,7 +137,7 @@ pub fn plan_operation(table: &TableInfo, op: &Operation) -> Result<PlannedStatem
             format!("DELETE FROM {t} WHERE {where_key}")
         }
     };
-    Ok(PlannedStatement { sql, params, has_precondition: !expect.is_empty() })
+    Ok(PlannedStatement { sql, params, has_precondition: !expect.is_empty(), set_sql, key_params: key.len() })
 }
 
 fn bind_fields<'a>(
@@ -204,6 +222,13 @@ mod tests {
             "INSERT INTO \"public\".\"items\" (\"id\", \"price\", \"name\") VALUES ($1::text::bigint, $2::text::numeric(12,2), $3::text::text) ON CONFLICT (\"id\") DO UPDATE SET \"price\" = EXCLUDED.\"price\", \"name\" = EXCLUDED.\"name\""
         );
         assert_eq!(p.params, vec![Some("7".into()), Some("1.50".into()), None]);
+        assert_eq!(
+            p.set_sql.as_deref(),
+            Some("INSERT INTO \"public\".\"items\" (\"id\", \"price\", \"name\") SELECT u.p1::bigint, u.p2::numeric(12,2), u.p3::text FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(p1, p2, p3, instruction_id) WHERE pg_logical_emit_message(true, 'pgfanout', u.instruction_id) IS NOT NULL ON CONFLICT (\"id\") DO UPDATE SET \"price\" = EXCLUDED.\"price\", \"name\" = EXCLUDED.\"name\"")
+        );
+        assert_eq!(p.key_params, 1);
+        let nothing = plan_operation(&items(), &op(OperationKind::Upsert, vec![field("id", Value::Long(7))], vec![])).unwrap();
+        assert_eq!(nothing.set_sql, None, "an upsert that may affect no row runs alone");
     }
 
     #[test]
