@@ -102,7 +102,6 @@ fn is_producer_only_property(key: &str) -> bool {
         || key == "compression.type"
         || key == "enable.idempotence"
         || key == "message.timeout.ms"
-        || key.starts_with("max.in.flight")
 }
 
 /// Client context of the long-running components: logs partition assignments and
@@ -368,6 +367,12 @@ pub fn close_consumer<C: rdkafka::consumer::ConsumerContext>(consumer: BaseConsu
 }
 
 /// True for errors worth retrying: the broker or network is away, not the input wrong.
+/// A producer that reported this can send nothing more (an idempotent producer whose
+/// sequence the broker refused); only a new producer can go on.
+pub fn is_fatal(err: &KafkaError) -> bool {
+    err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+}
+
 pub fn is_transient(err: &KafkaError) -> bool {
     match err.rdkafka_error_code() {
         Some(code) => !matches!(

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Pipeline, TIMEOUT};
+use common::{wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::ResultStatus;
 use pgfanout::kafka::{self, ClientRole};
 use pgfanout::submit::produce_instructions;
@@ -200,6 +200,27 @@ async fn broker_faults_acknowledge_nothing_early_and_lose_nothing() {
     assert!(p.slot_flushed().await <= before, "capture confirmed WAL that Kafka had not acknowledged");
     mock.broker_up(1).unwrap();
 
+    // The broker refuses a producer's sequence: librdkafka's idempotent producer then fails
+    // for good, and whichever component it was must go on with a new one. Capture is
+    // streaming again (the outage's changes have arrived) so that it is the first to send.
+    p.wait_converged(&["a"]).await;
+    mock.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 2]);
+    client
+        .batch_execute("INSERT INTO public.sites (code, city) SELECT 'refused-' || g, 'Lima' FROM generate_series(1, 50) g")
+        .await
+        .unwrap();
+    let logs: Vec<_> = ["capture", "device-a", "executor"].iter().map(|l| p.dir.join(format!("{l}.log"))).collect();
+    wait_for("a component to replace its failed producer", TIMEOUT, || {
+        let replaced = logs.iter().any(|l| std::fs::read_to_string(l).unwrap_or_default().contains("failed for good"));
+        async move { replaced.then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    mock.clear_request_errors(RDKafkaApiKey::Produce);
+    for component in ["capture", "device-a", "executor"] {
+        p.assert_running(component);
+    }
+
     let third = workload.instructions(300);
     results.extend(p.submit_and_wait(&third).await);
     assert!(results.values().all(|r| r.status == ResultStatus::Committed));
@@ -208,6 +229,8 @@ async fn broker_faults_acknowledge_nothing_early_and_lose_nothing() {
     p.wait_converged(&["a"]).await;
     let outage: i64 = p.device_rows("a").await["public.sites"].keys().filter(|k| k.contains("outage-")).count() as i64;
     assert_eq!(outage, 200, "the changes made while the broker was down reached the device");
+    let refused = p.device_rows("a").await["public.sites"].keys().filter(|k| k.contains("refused-")).count();
+    assert_eq!(refused, 50, "the changes whose first produce was refused reached the device");
     p.stop("device-a");
     p.stop("capture");
     p.stop("executor");

@@ -174,8 +174,6 @@ broker_stop() {
 }
 
 # Client settings for the local broker: it polls its storage instead of waking a fetch,
-# so consumers ask often; it may handle two produce requests of one connection out of
-# order, which an idempotent producer takes as fatal, so producers keep one in flight;
-# short sessions make failover quick.
+# so consumers ask often; short sessions make failover quick.
 # shellcheck disable=SC2034 # used by the scripts that source this file
-LOCAL_KAFKA_PROPERTIES="fetch.wait.max.ms=20,max.in.flight.requests.per.connection=1,session.timeout.ms=6000,heartbeat.interval.ms=1000"
+LOCAL_KAFKA_PROPERTIES="fetch.wait.max.ms=20,session.timeout.ms=6000,heartbeat.interval.ms=1000"

@@ -102,7 +102,8 @@ pub async fn run(
     settings: &CaptureSettings,
     mut shutdown: Shutdown,
 ) -> Result<(), CaptureError> {
-    let producer: FutureProducer<Observed> = Observed::new("capture", None).create(kafka_settings, ClientRole::Producer)?;
+    let new_producer = || Observed::new("capture", None).create::<FutureProducer<Observed>>(kafka_settings, ClientRole::Producer);
+    let mut producer = new_producer()?;
     let topic = kafka_settings.topics().deltas;
     let partitions = partition_count(&producer, &topic).await?;
     let mut backoff = Backoff::new();
@@ -116,6 +117,13 @@ pub async fn run(
             Session { producer: &producer, topic: &topic, partitions, settings, pg_settings, snapshot_taken: &snapshot_taken };
         match session.run(&mut shutdown).await {
             Ok(()) => break,
+            // The session starts again from the slot's confirmed position, with a producer
+            // that can send.
+            Err(CaptureError::Kafka(e)) if kafka::is_fatal(&e) && !shutdown.is_triggered() => {
+                metrics::counter!("pgfanout_capture_reconnects_total").increment(1);
+                tracing::warn!(error = %e, "the Kafka producer failed for good; replacing it and reconnecting");
+                producer = new_producer()?;
+            }
             Err(e) if e.is_transient() && !shutdown.is_triggered() => {
                 metrics::counter!("pgfanout_capture_reconnects_total").increment(1);
                 tracing::warn!(error = %e, "capture interrupted; reconnecting");

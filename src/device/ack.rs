@@ -9,11 +9,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, ThreadedProducer};
 
+use crate::config::KafkaSettings;
 use crate::contract::codec::encode_device_ack;
 use crate::contract::{now_micros, DeviceAck};
-use crate::kafka::Observed;
+use crate::kafka::{self, ClientRole, Observed};
 
 /// Applied positions per partition and their minimum.
 #[derive(Debug, Clone, Default)]
@@ -47,6 +49,7 @@ impl Watermark {
 /// Publishes the watermark when it moved (at most every `min_gap`) and, as a sign of life,
 /// every `HEARTBEAT` even when it did not.
 pub struct AckPublisher {
+    kafka_settings: KafkaSettings,
     producer: ThreadedProducer<Observed>,
     topic: String,
     device_id: String,
@@ -57,8 +60,14 @@ pub struct AckPublisher {
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl AckPublisher {
-    pub fn new(producer: ThreadedProducer<Observed>, topic: String, device_id: String, min_gap: Duration) -> Self {
-        AckPublisher { producer, topic, device_id, min_gap, last: None }
+    pub fn new(kafka_settings: &KafkaSettings, device_id: String, min_gap: Duration) -> Result<Self, KafkaError> {
+        let producer = Self::producer(kafka_settings, &device_id)?;
+        let topic = kafka_settings.topics().device_acks;
+        Ok(AckPublisher { kafka_settings: kafka_settings.clone(), producer, topic, device_id, min_gap, last: None })
+    }
+
+    fn producer(kafka_settings: &KafkaSettings, device_id: &str) -> Result<ThreadedProducer<Observed>, KafkaError> {
+        Observed::new("device", Some(device_id)).create(kafka_settings, ClientRole::Producer)
     }
 
     /// How long until a moved watermark may be published (zero: now); `None` when it did
@@ -84,6 +93,13 @@ impl AckPublisher {
         // Fire and forget: a lost ack is replaced by the next one.
         match self.producer.send(BaseRecord::to(&self.topic).key(self.device_id.as_bytes()).payload(&payload)) {
             Ok(()) => self.last = Some((watermark, Instant::now())),
+            Err((e, _)) if kafka::is_fatal(&e) => {
+                tracing::warn!(error = %e, "the acknowledgement producer failed for good; replacing it");
+                match Self::producer(&self.kafka_settings, &self.device_id) {
+                    Ok(p) => self.producer = p,
+                    Err(e) => tracing::warn!(error = %e, "no new acknowledgement producer yet"),
+                }
+            }
             Err((e, _)) => tracing::debug!(error = %e, "device ack not queued"),
         }
         metrics::gauge!("pgfanout_device_watermark_lsn", "device" => self.device_id.clone()).set(watermark as f64);

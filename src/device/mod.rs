@@ -110,12 +110,7 @@ impl Device {
         let consumer = new_consumer(kafka_settings, &settings.id)?;
         let partitions = assign_from_store(&consumer, &store, &topic, shutdown)?;
         let watermark = Watermark::new(partitions, store.applied_lsns(&topic)?);
-        let acks = AckPublisher::new(
-            Observed::new("device", Some(&settings.id)).create(kafka_settings, ClientRole::Producer)?,
-            kafka_settings.topics().device_acks,
-            settings.id.clone(),
-            Duration::from_millis(settings.ack_interval_ms),
-        );
+        let acks = AckPublisher::new(kafka_settings, settings.id.clone(), Duration::from_millis(settings.ack_interval_ms))?;
         let positions = store.offsets(&topic)?;
         metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => settings.id.clone()).increment(0);
         metrics::counter!("pgfanout_device_deltas_rejected_total", "device" => settings.id.clone()).increment(0);

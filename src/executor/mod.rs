@@ -70,8 +70,26 @@ pub enum ExecutorError {
     Internal(String),
 }
 
-/// Runs the executor until `shutdown`.
+/// Runs the executor until `shutdown`. A producer that failed for good is replaced by
+/// starting over with new clients: the instructions whose results were not acknowledged
+/// are redelivered and answered from the log.
 pub async fn run(
+    kafka_settings: &KafkaSettings,
+    pg_settings: &PostgresSettings,
+    settings: &ExecutorSettings,
+    shutdown: Shutdown,
+) -> Result<(), ExecutorError> {
+    loop {
+        match run_clients(kafka_settings, pg_settings, settings, shutdown.clone()).await {
+            Err(ExecutorError::Kafka(e)) if kafka::is_fatal(&e) && !shutdown.is_triggered() => {
+                tracing::warn!(error = %e, "the Kafka producer failed for good; starting over with new clients");
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+async fn run_clients(
     kafka_settings: &KafkaSettings,
     pg_settings: &PostgresSettings,
     settings: &ExecutorSettings,
