@@ -102,6 +102,7 @@ fn is_producer_only_property(key: &str) -> bool {
         || key == "compression.type"
         || key == "enable.idempotence"
         || key == "message.timeout.ms"
+        || key.starts_with("max.in.flight")
 }
 
 /// Client context of the long-running components: logs partition assignments and

@@ -174,6 +174,8 @@ broker_stop() {
 }
 
 # Client settings for the local broker: it polls its storage instead of waking a fetch,
-# so consumers ask often; short sessions make failover quick.
+# so consumers ask often; every fetch walks all batches stored in a partition, so
+# producers keep one request in flight and send fewer, larger batches; short sessions
+# make failover quick.
 # shellcheck disable=SC2034 # used by the scripts that source this file
-LOCAL_KAFKA_PROPERTIES="fetch.wait.max.ms=20,session.timeout.ms=6000,heartbeat.interval.ms=1000"
+LOCAL_KAFKA_PROPERTIES="fetch.wait.max.ms=20,max.in.flight.requests.per.connection=1,session.timeout.ms=6000,heartbeat.interval.ms=1000"
