@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{wait_for, Pipeline, TIMEOUT};
+use common::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::ResultStatus;
 use pgfanout::kafka::{self, ClientRole};
 use pgfanout::submit::produce_instructions;
@@ -126,7 +126,7 @@ async fn nothing_is_lost_or_applied_twice_whatever_is_killed() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let rows: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+    let rows: i64 = logged_count(&client).await;
     let lost = ids
         .iter()
         .filter(|id| !logged.contains(*id) || results.get(*id).is_none_or(|r| r.status != ResultStatus::Committed))
@@ -229,7 +229,7 @@ async fn broker_faults_acknowledge_nothing_early_and_lose_nothing() {
     let third = workload.instructions(300);
     results.extend(p.submit_and_wait(&third).await);
     assert!(results.values().all(|r| r.status == ResultStatus::Committed));
-    let logged: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+    let logged: i64 = logged_count(&client).await;
     assert_eq!(logged, 900, "each instruction took effect once");
     p.wait_converged(&["a"]).await;
     let outage: i64 = p.device_rows("a").await["public.sites"].keys().filter(|k| k.contains("outage-")).count() as i64;

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{wait_for, Pipeline, TIMEOUT};
+use common::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::{now_micros, Field, Instruction, Operation, OperationKind, ResultStatus, Value};
 use pgfanout::executor::batch::{execute_batch, AllowedTables, Catalog, Statements};
 use pgfanout::pg::TableName;
@@ -122,7 +122,7 @@ async fn hostile_identifiers_and_values_are_rejected_or_stored_verbatim() {
     // Nothing was executed: the tables are all there, with exactly the accepted rows.
     let n: i64 = client.query_one("SELECT count(*) FROM public.items", &[]).await.unwrap().get(0);
     assert_eq!(n, hostile_values.len() as i64);
-    let logged: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+    let logged: i64 = logged_count(&client).await;
     assert_eq!(logged, batch.len() as i64);
     // An explicit allowed list narrows the set even where the role could write.
     let mut narrow = Catalog::new(AllowedTables::List([TableName::new("public", "sites")].into_iter().collect()));
@@ -256,7 +256,7 @@ async fn each_error_class_gets_its_outcome() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(counts, vec![1, 1, 1, 1, 1], "every committed instruction took effect exactly once");
-    let logged: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+    let logged: i64 = logged_count(&client).await;
     assert_eq!(logged, 1 + batch.len() as i64 + 4);
 
     // Undecodable records go to the dead-letter topic with their origin; the pipeline goes on.
@@ -364,7 +364,7 @@ async fn an_executor_killed_mid_batch_leaves_every_instruction_applied_once() {
     let mut kills = 0;
     let mut last = -1i64;
     while kills < 4 {
-        let done: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+        let done: i64 = logged_count(&client).await;
         if done as usize >= N {
             break;
         }
@@ -382,7 +382,7 @@ async fn an_executor_killed_mid_batch_leaves_every_instruction_applied_once() {
     assert!(watcher.differing().is_empty(), "all results for one id are identical: {:?}", watcher.differing().first());
     assert!(watcher.results().values().all(|r| r.status == ResultStatus::Committed));
     let rows: i64 = client.query_one("SELECT count(*) FROM public.items", &[]).await.unwrap().get(0);
-    let logged: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+    let logged: i64 = logged_count(&client).await;
     assert_eq!((rows, logged), (N as i64, N as i64), "one effect per instruction");
     let wrong: i64 = client
         .query_one("SELECT count(*) FROM public.items WHERE name <> 'n' || id OR qty <> id % 1000", &[])
@@ -464,7 +464,7 @@ async fn a_broker_outage_delays_instructions_but_never_loses_or_doubles_them() {
     p.submit(before).await;
     let client = p.client().await;
     wait_for("the executor to start committing", TIMEOUT, || async {
-        let n: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+        let n: i64 = logged_count(&client).await;
         (n > 0).then_some(())
     })
     .await;
@@ -476,7 +476,7 @@ async fn a_broker_outage_delays_instructions_but_never_loses_or_doubles_them() {
     assert!(watcher.differing().is_empty(), "{:?}", watcher.differing().first());
     assert!(watcher.results().values().all(|r| r.status == ResultStatus::Committed));
     let rows: i64 = client.query_one("SELECT count(*) FROM public.items", &[]).await.unwrap().get(0);
-    let logged: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+    let logged: i64 = logged_count(&client).await;
     assert_eq!((rows, logged), (N, N));
     tokio::task::spawn_blocking(move || watcher.close()).await.unwrap();
     p.stop("executor");

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{wait_for, Pipeline, TIMEOUT};
+use common::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::{Field, Instruction, Operation, OperationKind, ResultStatus, Value};
 use pgfanout::workload::{self, Workload};
 
@@ -42,7 +42,7 @@ async fn a_thousand_instructions_reach_three_devices_row_by_row() {
         assert_eq!(p.device_rows(d).await, expected, "device {d} equals PostgreSQL row by row");
     }
     let client = p.client().await;
-    let logged: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+    let logged: i64 = logged_count(&client).await;
     assert_eq!(logged, 1000);
     for d in DEVICES {
         p.stop(&format!("device-{d}"));
@@ -92,7 +92,7 @@ async fn the_same_instruction_twice_changes_postgres_once_with_identical_results
     let client = p.client().await;
     let rows: i64 = client.query_one("SELECT count(*) FROM public.items WHERE id IN (42, 43)", &[]).await.unwrap().get(0);
     assert_eq!(rows, 2);
-    let logged: i64 = client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0);
+    let logged: i64 = logged_count(&client).await;
     assert_eq!(logged, 2);
     p.stop("executor");
 }

@@ -584,6 +584,11 @@ impl OwnBroker {
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+/// Rows in `pgfanout.instruction_log`: one per instruction that took effect or was refused.
+pub async fn logged_count(client: &tokio_postgres::Client) -> i64 {
+    client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0)
+}
+
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
