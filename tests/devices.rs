@@ -2,11 +2,15 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{wait_for, Pipeline, TIMEOUT};
+use pgfanout::kafka::{self, ClientRole};
 use pgfanout::verify;
 use pgfanout::workload::Workload;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
 
 async fn replay(p: &Pipeline, device: &str, from: &str) -> u64 {
     let store = p.store(device).to_string_lossy().into_owned();
@@ -77,6 +81,61 @@ async fn replay_never_moves_a_store_backwards_and_starts_where_asked() {
     p.start_device("a", &[]);
     p.submit_and_wait(&workload.instructions(50)).await;
     p.wait_converged(&["a"]).await;
+}
+
+/// The store's positions, read while the device may run.
+fn stored_positions(p: &Pipeline, device: &str) -> BTreeMap<i32, i64> {
+    let conn = verify::open_store_read_only(&p.store(device)).unwrap();
+    let mut stmt = conn.prepare("SELECT partition, next_offset FROM _pgfanout_offsets WHERE topic = ?1").unwrap();
+    let rows = stmt.query_map([p.kafka.topics().deltas], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+/// The offsets a consumer group has committed on the deltas topic.
+fn committed_positions(p: &Pipeline, group_id: &str) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = kafka::client_config(&p.kafka, ClientRole::UncommittedConsumer { group_id }).create().unwrap();
+    let topic = p.kafka.topics().deltas;
+    let mut tpl = TopicPartitionList::new();
+    for partition in 0..p.kafka.partitions {
+        tpl.add_partition(&topic, partition);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_reports_its_positions_to_its_consumer_group() {
+    let mut p = Pipeline::new("positions").await;
+    p.start_executor();
+    p.start_capture().await;
+    p.start_device("a", &[]);
+    let mut workload = Workload::new(6, "device-a");
+    p.submit_and_wait(&workload.instructions(200)).await;
+    p.wait_converged(&["a"]).await;
+    // While it runs: the group's offsets follow the store's, a second or so behind.
+    let reported = wait_for("the device's first position report", TIMEOUT, || async {
+        let committed = committed_positions(&p, "pgfanout-device-a");
+        (committed.len() == p.kafka.partitions as usize && committed.values().sum::<i64>() > 0).then_some(committed)
+    })
+    .await;
+    let stored = stored_positions(&p, "a");
+    for (partition, offset) in &reported {
+        assert!(offset <= &stored[partition], "partition {partition}: reported {offset}, stored {}", stored[partition]);
+    }
+    // Stopped: the group holds exactly the store's positions.
+    p.submit_and_wait(&workload.instructions(50)).await;
+    p.wait_converged(&["a"]).await;
+    p.stop("device-a");
+    let stored = stored_positions(&p, "a");
+    assert_eq!(committed_positions(&p, "pgfanout-device-a"), stored);
+    assert!(stored.values().sum::<i64>() > reported.values().sum::<i64>(), "the positions moved on");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,11 @@
 //! crash at any moment loses nothing and applies nothing twice, and rewinding the stored
 //! offsets ([`replay`]) replays history safely, since a delta only changes a row it is
 //! newer than.
+//!
+//! Once a second the device also commits its stored positions to its consumer group
+//! (`pgfanout-device-<id>`), so that Kafka's own tools (consumer-group lag, a job that
+//! deletes records every reader has passed) see how far each device is. Those commits are
+//! reports only: the device never resumes from them.
 
 pub mod ack;
 pub mod rebuild;
@@ -74,6 +79,8 @@ pub(crate) struct Device {
     acks: AckPublisher,
     positions: HashMap<i32, i64>,
     lag_checked: Instant,
+    /// When the positions were last committed to the consumer group, and which they were.
+    reported: (Instant, HashMap<i32, i64>),
     /// Whether the last lag measurement found records waiting (or could not tell).
     behind: bool,
     /// When a record last arrived (or the consumer was last created).
@@ -83,6 +90,8 @@ pub(crate) struct Device {
 
 /// How often a running device measures its lag behind the topic's end.
 const LAG_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a running device commits its positions to its consumer group.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait for records when none arrive.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// How long records may wait in the topic with none arriving before the device replaces
@@ -124,6 +133,7 @@ impl Device {
             acks,
             positions,
             lag_checked,
+            reported: (Instant::now(), HashMap::new()),
             behind: false,
             last_record: Instant::now(),
             kafka_settings: kafka_settings.clone(),
@@ -151,6 +161,32 @@ impl Device {
         self.behind = behind;
     }
 
+    /// Commits the stored positions to the device's consumer group when they moved, at most
+    /// once per [`REPORT_INTERVAL`]. A failed commit only delays the report.
+    fn report_positions(&mut self) {
+        if self.reported.0.elapsed() >= REPORT_INTERVAL {
+            self.commit_positions(rdkafka::consumer::CommitMode::Async);
+        }
+    }
+
+    fn commit_positions(&mut self, mode: rdkafka::consumer::CommitMode) {
+        if self.reported.1 == self.positions {
+            return;
+        }
+        self.reported.0 = Instant::now();
+        let mut tpl = TopicPartitionList::new();
+        for (p, offset) in &self.positions {
+            if let Err(e) = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*offset)) {
+                tracing::debug!(error = %e, "position report");
+                return;
+            }
+        }
+        match self.consumer.commit(&tpl, mode) {
+            Ok(()) => self.reported.1 = self.positions.clone(),
+            Err(e) => tracing::debug!(error = %e, "position report"),
+        }
+    }
+
     /// Replaces a consumer that lets records wait for [`STALL`] without delivering any.
     fn replace_stalled_consumer(&mut self, shutdown: &Shutdown) -> Result<(), DeviceError> {
         if !self.behind || self.last_record.elapsed() < STALL {
@@ -167,6 +203,7 @@ impl Device {
     /// Polls one batch and applies it in one SQLite transaction.
     pub(crate) fn step(&mut self, shutdown: &Shutdown) -> Result<Step, DeviceError> {
         self.measure_lag();
+        self.report_positions();
         // An acknowledgement held back by the interval goes out when due, not with the next
         // record.
         let wait = self.acks.due_in(self.watermark.value()).map_or(IDLE_POLL, |d| d.clamp(Duration::from_millis(1), IDLE_POLL));
@@ -220,12 +257,15 @@ impl Device {
         Ok(Step { processed: stats.processed, positions: stats.next_offset })
     }
 
-    pub(crate) fn close(self) {
+    /// Reports the final positions (waiting for the commit) and closes the consumer.
+    pub(crate) fn close(mut self) {
+        self.commit_positions(rdkafka::consumer::CommitMode::Sync);
         kafka::close_consumer(self.consumer);
     }
 }
 
-/// The device's consumer: positions come from the store, never from Kafka.
+/// The device's consumer: positions come from the store, never from Kafka (it only reports
+/// them there).
 fn new_consumer(kafka_settings: &KafkaSettings, device_id: &str) -> Result<BaseConsumer<Observed>, DeviceError> {
     let group_id = format!("pgfanout-device-{device_id}");
     Ok(Observed::new("device", Some(device_id))
