@@ -17,22 +17,33 @@
 //!
 //! `BENCH_E2E_PHASES` (comma separated: latency, throughput, relay, hop; default all) runs
 //! a part, for tuning.
+//!
+//! The local broker's memory storage lists every stored batch of a partition on each fetch
+//! that returns records, so its cost per fetch grows with the topic; Kafka's does not (it
+//! finds an offset through its index). So that figures do not depend on how long a run has
+//! been going, the benchmark deletes (DeleteRecords), twice a second, the records every
+//! reader of a topic has passed, like a retention job: consumer groups' committed offsets
+//! (the executor's, each device's position report) and the positions of the benchmark's
+//! own readers. Both the pipeline and the relay chain run so. `BENCH_TRIM=0` keeps
+//! everything.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgfanout::config::KafkaSettings;
 use pgfanout::contract::codec::{decode_device_ack, decode_result, encode_instruction};
 use pgfanout::contract::{now_micros, Field, Instruction, Operation, OperationKind, Value};
 use pgfanout::kafka::{self, ClientRole, TopicSpec};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::Offset;
+use rdkafka::{Offset, TopicPartitionList};
 
 mod common;
 
@@ -68,24 +79,100 @@ fn produce(producer: &Producer_, topic: &str, key: &[u8], payload: &[u8]) {
     }
 }
 
+/// Next offset per partition of a reader in this process.
+type Positions = Arc<Mutex<HashMap<i32, i64>>>;
+
 /// Follows a topic from its end on a thread, handing each record's payload to `on_record`
-/// until `stop`.
+/// until `stop`; `positions` follows what it has read.
 fn follow(
     settings: &KafkaSettings,
     topic: &str,
     stop: Arc<AtomicBool>,
+    positions: Positions,
     mut on_record: impl FnMut(&[u8]) + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     let consumer: BaseConsumer = kafka::reader_at(settings, topic, |_, _| Ok(Offset::End)).unwrap().expect("topic exists");
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                positions.lock().unwrap().insert(m.partition(), m.offset() + 1);
                 if let Some(p) = m.payload() {
                     on_record(p);
                 }
             }
         }
     })
+}
+
+/// One reader of a topic, as the trimmer sees it.
+enum Reader {
+    /// A consumer group's committed offsets.
+    Group(String),
+    /// A reader in this process.
+    Local(Positions),
+}
+
+/// Twice a second, deletes from each topic the records every one of its readers has passed
+/// (see the module documentation); a partition with a reader whose position is unknown is
+/// left alone. Runs until `stop` unless `BENCH_TRIM=0`.
+fn trim(
+    settings: &KafkaSettings,
+    topics: Vec<(String, Vec<Reader>)>,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    if std::env::var("BENCH_TRIM").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    let admin: AdminClient<DefaultClientContext> = kafka::client_config(settings, ClientRole::Admin).create().unwrap();
+    let settings = settings.clone();
+    let mut groups: HashMap<String, BaseConsumer> = HashMap::new();
+    let mut committed = move |group_id: &str, topic: &str| -> HashMap<i32, i64> {
+        let consumer = groups
+            .entry(group_id.to_string())
+            .or_insert_with(|| kafka::client_config(&settings, ClientRole::UncommittedConsumer { group_id }).create().unwrap());
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..settings.partitions {
+            tpl.add_partition(topic, p);
+        }
+        let Ok(offsets) = consumer.committed_offsets(tpl, Duration::from_secs(2)) else { return HashMap::new() };
+        offsets
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect()
+    };
+    Some(std::thread::spawn(move || {
+        let mut trimmed: HashMap<(String, i32), i64> = HashMap::new();
+        while !stop.load(Ordering::Relaxed) {
+            let mut cuts = TopicPartitionList::new();
+            for (topic, readers) in &topics {
+                let known: Vec<HashMap<i32, i64>> = readers
+                    .iter()
+                    .map(|r| match r {
+                        Reader::Group(g) => committed(g, topic),
+                        Reader::Local(positions) => positions.lock().unwrap().clone(),
+                    })
+                    .collect();
+                for p in known[0].keys() {
+                    let Some(cut) = known.iter().map(|k| k.get(p).copied()).min().flatten() else { continue };
+                    let done = trimmed.entry((topic.clone(), *p)).or_insert(0);
+                    if cut > *done {
+                        cuts.add_partition_offset(topic, *p, Offset::Offset(cut)).unwrap();
+                        *done = cut;
+                    }
+                }
+            }
+            if cuts.count() > 0 {
+                if let Err(e) = block_on(admin.delete_records(&cuts, &AdminOptions::new())) {
+                    eprintln!("trimming consumed records: {e}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }))
 }
 
 fn upsert(n: u64) -> (String, Vec<u8>) {
@@ -297,15 +384,19 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let received: Vec<Arc<AtomicU64>> = (0..3).map(|_| Arc::new(AtomicU64::new(0))).collect();
         let mut threads = Vec::new();
+        let mut output_readers = Vec::new();
         for (i, counter) in received.iter().enumerate() {
             let counter = counter.clone();
             let consumer: BaseConsumer =
                 kafka::client_config(settings, ClientRole::Consumer { group_id: &format!("relay-reader-{i}") }).create().unwrap();
             consumer.subscribe(&[&output]).unwrap();
             let stop = stop.clone();
+            let positions = Positions::default();
+            output_readers.push(Reader::Local(positions.clone()));
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Some(Ok(_)) = consumer.poll(Duration::from_millis(50)) {
+                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                        positions.lock().unwrap().insert(m.partition(), m.offset() + 1);
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -314,17 +405,26 @@ impl Relay {
         let relay: BaseConsumer = kafka::client_config(settings, ClientRole::Consumer { group_id: "relay" }).create().unwrap();
         relay.subscribe(&[&input]).unwrap();
         let relay_producer: Producer_ = kafka::client_config(settings, ClientRole::Producer).create().unwrap();
+        let relayed = Positions::default();
         {
             let stop = stop.clone();
+            let relayed = relayed.clone();
+            let output = output.clone();
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(Ok(m)) = relay.poll(Duration::from_millis(50)) {
                         produce(&relay_producer, &output, m.key().unwrap_or_default(), m.payload().unwrap_or_default());
+                        relayed.lock().unwrap().insert(m.partition(), m.offset() + 1);
                     }
                 }
                 relay_producer.flush(Duration::from_secs(10)).unwrap();
             }));
         }
+        threads.extend(trim(
+            settings,
+            vec![(input.clone(), vec![Reader::Local(relayed)]), (output, output_readers)],
+            stop.clone(),
+        ));
         let producer = kafka::client_config(settings, ClientRole::Producer).create().unwrap();
         Relay { producer, input, payload, submitted: 0, received, stop, threads }
     }
@@ -358,10 +458,12 @@ fn broker_hop(settings: &KafkaSettings, duration: Duration) -> f64 {
     block_on(kafka::ensure_topics(settings, &[TopicSpec { name: &topic, partitions: 3, config: vec![] }])).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
-    let reader = follow(settings, &topic, stop.clone(), move |p| {
+    let positions = Positions::default();
+    let reader = follow(settings, &topic, stop.clone(), positions.clone(), move |p| {
         let sent = i64::from_le_bytes(p[..8].try_into().unwrap());
         let _ = tx.send(now_micros() - sent);
     });
+    let trimmer = trim(settings, vec![(topic.clone(), vec![Reader::Local(positions)])], stop.clone());
     let producer: Producer_ = kafka::client_config(settings, ClientRole::Producer).create().unwrap();
     // Warm up: the producer has its metadata and connections, the reader its positions.
     for n in 0..2000u64 {
@@ -392,6 +494,7 @@ fn broker_hop(settings: &KafkaSettings, duration: Duration) -> f64 {
     }
     stop.store(true, Ordering::Relaxed);
     reader.join().unwrap();
+    trimmer.into_iter().for_each(|t| t.join().unwrap());
     assert_eq!(latencies.len() as u64, sent, "every hop record arrived");
     latencies.sort_by(f64::total_cmp);
     println!("broker hop: p50 {:.1} ms, p99 {:.1} ms", percentile(&latencies, 0.5), percentile(&latencies, 0.99));
@@ -414,20 +517,33 @@ fn start_pipeline(dir: &std::path::Path, settings: &KafkaSettings) -> Pipeline {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, events) = mpsc::channel();
     let results_tx = tx.clone();
-    let followers = vec![
-        follow(settings, &settings.topics().results, stop.clone(), move |p| {
+    let (results_read, acks_read) = (Positions::default(), Positions::default());
+    let topics = settings.topics();
+    let mut followers = vec![
+        follow(settings, &topics.results, stop.clone(), results_read.clone(), move |p| {
             if let Ok(r) = decode_result(p) {
                 let lsn = r.commit_lsn.unwrap_or(i64::MAX);
                 let (id, executed_at, at) = (r.instruction_id, r.executed_at, now_micros());
                 let _ = results_tx.send(Event::Result { id, lsn, executed_at, at });
             }
         }),
-        follow(settings, &settings.topics().device_acks, stop.clone(), move |p| {
+        follow(settings, &topics.device_acks, stop.clone(), acks_read.clone(), move |p| {
             if let Ok(a) = decode_device_ack(p) {
                 let _ = tx.send(Event::Ack { device: a.device_id, lsn: a.applied_lsn, at: a.at });
             }
         }),
     ];
+    let devices = || DEVICES.iter().map(|d| Reader::Group(format!("pgfanout-device-{d}"))).collect();
+    followers.extend(trim(
+        settings,
+        vec![
+            (topics.instructions.clone(), vec![Reader::Group("pgfanout-executor".into())]),
+            (topics.deltas.clone(), devices()),
+            (topics.results.clone(), vec![Reader::Local(results_read)]),
+            (topics.device_acks.clone(), vec![Reader::Local(acks_read)]),
+        ],
+        stop.clone(),
+    ));
     let mut p = Pipeline {
         producer: kafka::client_config(settings, ClientRole::Producer).create().unwrap(),
         settings: settings.clone(),
