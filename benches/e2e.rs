@@ -25,7 +25,8 @@
 //! reader of a topic has passed, like a retention job: consumer groups' committed offsets
 //! (the executor's, each device's position report) and the positions of the benchmark's
 //! own readers. Both the pipeline and the relay chain run so. `BENCH_TRIM=0` keeps
-//! everything.
+//! everything. `BENCH_STAGES=1` also follows the deltas topic and splits the time between
+//! execution and application into its stages.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -34,8 +35,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgfanout::config::KafkaSettings;
-use pgfanout::contract::codec::{decode_device_ack, decode_result, encode_instruction};
-use pgfanout::contract::{now_micros, Field, Instruction, Operation, OperationKind, Value};
+use pgfanout::contract::codec::{decode_delta, decode_device_ack, decode_result, encode_instruction};
+use pgfanout::contract::{now_micros, Delta, Field, Instruction, Operation, OperationKind, Value};
 use pgfanout::kafka::{self, ClientRole, TopicSpec};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -82,14 +83,14 @@ fn produce(producer: &Producer_, topic: &str, key: &[u8], payload: &[u8]) {
 /// Next offset per partition of a reader in this process.
 type Positions = Arc<Mutex<HashMap<i32, i64>>>;
 
-/// Follows a topic from its end on a thread, handing each record's payload to `on_record`
-/// until `stop`; `positions` follows what it has read.
+/// Follows a topic from its end on a thread, handing each record's payload and timestamp
+/// (ms) to `on_record` until `stop`; `positions` follows what it has read.
 fn follow(
     settings: &KafkaSettings,
     topic: &str,
     stop: Arc<AtomicBool>,
     positions: Positions,
-    mut on_record: impl FnMut(&[u8]) + Send + 'static,
+    mut on_record: impl FnMut(&[u8], i64) + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     let consumer: BaseConsumer = kafka::reader_at(settings, topic, |_, _| Ok(Offset::End)).unwrap().expect("topic exists");
     std::thread::spawn(move || {
@@ -97,7 +98,7 @@ fn follow(
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
                 positions.lock().unwrap().insert(m.partition(), m.offset() + 1);
                 if let Some(p) = m.payload() {
-                    on_record(p);
+                    on_record(p, m.timestamp().to_millis().unwrap_or(0));
                 }
             }
         }
@@ -276,8 +277,23 @@ fn sustained(label: &str, chain: &mut impl Chain, burst: usize, duration: Durati
 }
 
 enum Event {
-    Result { id: String, lsn: i64, executed_at: i64, at: i64 },
-    Ack { device: String, lsn: i64, at: i64 },
+    Result {
+        id: String,
+        lsn: i64,
+        executed_at: i64,
+        at: i64,
+    },
+    Ack {
+        device: String,
+        lsn: i64,
+        at: i64,
+    },
+    /// An instruction's first delta: its commit time and when capture produced it (µs).
+    Delta {
+        id: String,
+        commit_ts: i64,
+        produced_at: i64,
+    },
 }
 
 /// The pipeline seen from a submitter: instructions in, results and device acks out.
@@ -289,6 +305,9 @@ struct Pipeline {
     submitted: HashMap<String, i64>,
     /// Result's commit LSN, execution time and arrival (µs) by instruction id.
     results: HashMap<String, (i64, i64, i64)>,
+    /// Commit time and capture's produce time (µs) of each instruction's first delta, with
+    /// `BENCH_STAGES=1`.
+    deltas: HashMap<String, (i64, i64)>,
     /// Per device, every rise of its acknowledged watermark: (LSN, when, µs).
     acks: HashMap<String, Vec<(i64, i64)>>,
     /// Submitted, not yet applied everywhere, in submit order.
@@ -305,6 +324,9 @@ impl Pipeline {
             match event {
                 Event::Result { id, lsn, executed_at, at } => {
                     self.results.insert(id, (lsn, executed_at, at));
+                }
+                Event::Delta { id, commit_ts, produced_at } => {
+                    self.deltas.entry(id).or_insert((commit_ts, produced_at));
                 }
                 Event::Ack { device, lsn, at } => {
                     let history = self.acks.entry(device).or_default();
@@ -459,7 +481,7 @@ fn broker_hop(settings: &KafkaSettings, duration: Duration) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
     let positions = Positions::default();
-    let reader = follow(settings, &topic, stop.clone(), positions.clone(), move |p| {
+    let reader = follow(settings, &topic, stop.clone(), positions.clone(), move |p, _| {
         let sent = i64::from_le_bytes(p[..8].try_into().unwrap());
         let _ = tx.send(now_micros() - sent);
     });
@@ -517,28 +539,41 @@ fn start_pipeline(dir: &std::path::Path, settings: &KafkaSettings) -> Pipeline {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, events) = mpsc::channel();
     let results_tx = tx.clone();
+    let results_tx_stages = tx.clone();
     let (results_read, acks_read) = (Positions::default(), Positions::default());
     let topics = settings.topics();
     let mut followers = vec![
-        follow(settings, &topics.results, stop.clone(), results_read.clone(), move |p| {
+        follow(settings, &topics.results, stop.clone(), results_read.clone(), move |p, _| {
             if let Ok(r) = decode_result(p) {
                 let lsn = r.commit_lsn.unwrap_or(i64::MAX);
                 let (id, executed_at, at) = (r.instruction_id, r.executed_at, now_micros());
                 let _ = results_tx.send(Event::Result { id, lsn, executed_at, at });
             }
         }),
-        follow(settings, &topics.device_acks, stop.clone(), acks_read.clone(), move |p| {
+        follow(settings, &topics.device_acks, stop.clone(), acks_read.clone(), move |p, _| {
             if let Ok(a) = decode_device_ack(p) {
                 let _ = tx.send(Event::Ack { device: a.device_id, lsn: a.applied_lsn, at: a.at });
             }
         }),
     ];
-    let devices = || DEVICES.iter().map(|d| Reader::Group(format!("pgfanout-device-{d}"))).collect();
+    let mut delta_readers: Vec<Reader> = DEVICES.iter().map(|d| Reader::Group(format!("pgfanout-device-{d}"))).collect();
+    if std::env::var("BENCH_STAGES").is_ok_and(|v| v == "1") {
+        // Where the time between execution and application goes; one more reader of the
+        // deltas topic.
+        let read = Positions::default();
+        delta_readers.push(Reader::Local(read.clone()));
+        let tx = results_tx_stages;
+        followers.push(follow(settings, &topics.deltas, stop.clone(), read, move |p, ms| {
+            if let Ok(Delta { instruction_id: Some(id), commit_ts, .. }) = decode_delta(p) {
+                let _ = tx.send(Event::Delta { id, commit_ts, produced_at: ms * 1000 });
+            }
+        }));
+    }
     followers.extend(trim(
         settings,
         vec![
             (topics.instructions.clone(), vec![Reader::Group("pgfanout-executor".into())]),
-            (topics.deltas.clone(), devices()),
+            (topics.deltas.clone(), delta_readers),
             (topics.results.clone(), vec![Reader::Local(results_read)]),
             (topics.device_acks.clone(), vec![Reader::Local(acks_read)]),
         ],
@@ -550,6 +585,7 @@ fn start_pipeline(dir: &std::path::Path, settings: &KafkaSettings) -> Pipeline {
         events,
         submitted: HashMap::new(),
         results: HashMap::new(),
+        deltas: HashMap::new(),
         acks: HashMap::new(),
         outstanding: VecDeque::new(),
         counter: 0,
@@ -603,6 +639,22 @@ fn main() {
             };
             show("submit → executed (instructions hop, executor's poll)", &to_executor);
             show("executed → applied everywhere (commit, capture, deltas hop, devices)", &to_devices);
+            if !p.deltas.is_empty() {
+                let (mut to_commit, mut to_capture, mut to_applied) = (Vec::new(), Vec::new(), Vec::new());
+                for id in ids.iter().filter(|id| p.deltas.contains_key(*id)) {
+                    let (lsn, executed_at, _) = p.results[id];
+                    let (commit_ts, produced_at) = p.deltas[id];
+                    to_commit.push((commit_ts - executed_at) as f64 / 1e3);
+                    to_capture.push((produced_at - commit_ts) as f64 / 1e3);
+                    to_applied.push((p.applied_at(lsn).expect("applied") - produced_at) as f64 / 1e3);
+                }
+                for v in [&mut to_commit, &mut to_capture, &mut to_applied] {
+                    v.sort_by(f64::total_cmp);
+                }
+                show("  executed → committed (PostgreSQL's commit time)", &to_commit);
+                show("  committed → delta produced (capture; Kafka timestamp, ms)", &to_capture);
+                show("  delta produced → applied everywhere (deltas hop, devices)", &to_applied);
+            }
             show("submit → result received", &commit);
             show("submit → applied everywhere", &e2e);
             results.push(format!("e2e_p50_ms_at_1000 {:.1}", percentile(&e2e, 0.5)));

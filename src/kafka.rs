@@ -276,14 +276,14 @@ pub fn poll_batch<C: rdkafka::consumer::ConsumerContext>(
     linger: Duration,
 ) -> Result<Vec<OwnedMessage>, KafkaError> {
     let mut batch = Vec::new();
-    match consumer.poll(first_wait) {
+    match consumer.poll(whole_ms(first_wait)) {
         None => return Ok(batch),
         Some(m) => batch.push(m?.detach()),
     }
     let deadline = Instant::now() + linger;
     while batch.len() < max {
         let left = deadline.saturating_duration_since(Instant::now());
-        match consumer.poll(left) {
+        match consumer.poll(whole_ms(left)) {
             None => break,
             Some(Ok(m)) => batch.push(m.detach()),
             Some(Err(e)) => {
@@ -296,6 +296,13 @@ pub fn poll_batch<C: rdkafka::consumer::ConsumerContext>(
         }
     }
     Ok(batch)
+}
+
+/// `d` rounded up to whole milliseconds. rdkafka hands librdkafka whole milliseconds and,
+/// while a fraction of the timeout is left, polls again without blocking: a poll for 0.7 ms
+/// spins for 0.7 ms. Whole milliseconds block instead.
+fn whole_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_micros().div_ceil(1000) as u64)
 }
 
 /// Number of partitions of `topic` (0 when it does not exist). Blocking.
@@ -403,6 +410,14 @@ mod tests {
             partitions: 3,
             replication_factor: 1,
         }
+    }
+
+    #[test]
+    fn poll_timeouts_are_whole_milliseconds() {
+        assert_eq!(whole_ms(Duration::from_micros(700)), Duration::from_millis(1));
+        assert_eq!(whole_ms(Duration::from_micros(2001)), Duration::from_millis(3));
+        assert_eq!(whole_ms(Duration::from_millis(200)), Duration::from_millis(200));
+        assert_eq!(whole_ms(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]
