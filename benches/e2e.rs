@@ -533,7 +533,7 @@ fn start_pipeline(dir: &std::path::Path, settings: &KafkaSettings) -> Pipeline {
         processes.push(start(
             dir,
             &format!("device-{d}"),
-            &["device", "--id", d, "--store", store.to_str().unwrap(), "--ack-interval-ms", "10"],
+            &["device", "--id", d, "--store", store.to_str().unwrap(), "--ack-interval-ms", "1"],
         ));
     }
     let stop = Arc::new(AtomicBool::new(false));

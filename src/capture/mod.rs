@@ -57,7 +57,7 @@ pub struct CaptureSettings {
     pub status_interval_ms: u64,
     /// Milliseconds between watermark deltas (sent to every partition when the watermark
     /// moved).
-    #[arg(long = "watermark-interval-ms", env = "PGFANOUT_WATERMARK_INTERVAL_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    #[arg(long = "watermark-interval-ms", env = "PGFANOUT_WATERMARK_INTERVAL_MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub watermark_interval_ms: u64,
     /// When to copy the published tables' existing rows as `snapshot` deltas before
     /// streaming: on the slot's first start (`initial`), on every start, or never.
