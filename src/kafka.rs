@@ -7,6 +7,7 @@
 //! explicitly ([`close_consumer`]) off the async runtime, because dropping one can block
 //! for up to `session.timeout.ms`.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -296,6 +297,29 @@ pub fn poll_batch<C: rdkafka::consumer::ConsumerContext>(
         }
     }
     Ok(batch)
+}
+
+/// The offsets `consumer`'s group has committed, for each partition of `topic` (of
+/// `partitions`) that has one. Blocking.
+pub fn committed_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Result<HashMap<i32, i64>, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, timeout)?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect())
 }
 
 /// `d` rounded up to whole milliseconds. rdkafka hands librdkafka whole milliseconds and,

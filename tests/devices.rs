@@ -9,8 +9,7 @@ use common::{wait_for, Pipeline, TIMEOUT};
 use pgfanout::kafka::{self, ClientRole};
 use pgfanout::verify;
 use pgfanout::workload::Workload;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::BaseConsumer;
 
 async fn replay(p: &Pipeline, device: &str, from: &str) -> u64 {
     let store = p.store(device).to_string_lossy().into_owned();
@@ -94,20 +93,8 @@ fn stored_positions(p: &Pipeline, device: &str) -> BTreeMap<i32, i64> {
 /// The offsets a consumer group has committed on the deltas topic.
 fn committed_positions(p: &Pipeline, group_id: &str) -> BTreeMap<i32, i64> {
     let consumer: BaseConsumer = kafka::client_config(&p.kafka, ClientRole::UncommittedConsumer { group_id }).create().unwrap();
-    let topic = p.kafka.topics().deltas;
-    let mut tpl = TopicPartitionList::new();
-    for partition in 0..p.kafka.partitions {
-        tpl.add_partition(&topic, partition);
-    }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some((e.partition(), o)),
-            _ => None,
-        })
-        .collect()
+    let committed = kafka::committed_offsets(&consumer, &p.kafka.topics().deltas, p.kafka.partitions, Duration::from_secs(10));
+    committed.unwrap().into_iter().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
