@@ -257,9 +257,11 @@ impl Device {
         Ok(Step { processed: stats.processed, positions: stats.next_offset })
     }
 
-    /// Reports the final positions (waiting for the commit) and closes the consumer.
+    /// Reports the final positions and closes the consumer, which waits for that commit
+    /// while the broker answers. (A synchronous commit would wait for a coordinator for as
+    /// long as the broker is away.)
     pub(crate) fn close(mut self) {
-        self.commit_positions(rdkafka::consumer::CommitMode::Sync);
+        self.commit_positions(rdkafka::consumer::CommitMode::Async);
         kafka::close_consumer(self.consumer);
     }
 }
