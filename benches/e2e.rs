@@ -147,7 +147,9 @@ fn trim(
                     })
                     .collect();
                 for p in known[0].keys() {
-                    let Some(cut) = known.iter().map(|k| k.get(p).copied()).min().flatten() else { continue };
+                    // Every reader's position, or none when one of them has none yet.
+                    let positions: Option<Vec<i64>> = known.iter().map(|k| k.get(p).copied()).collect();
+                    let Some(cut) = positions.and_then(|v| v.into_iter().min()) else { continue };
                     let done = trimmed.entry((topic.clone(), *p)).or_insert(0);
                     if cut > *done {
                         cuts.add_partition_offset(topic, *p, Offset::Offset(cut)).unwrap();
