@@ -8,8 +8,8 @@
 //! offsets ([`replay`]) replays history safely, since a delta only changes a row it is
 //! newer than.
 //!
-//! Once a second the device also commits its stored positions to its consumer group
-//! (`pgfanout-device-<id>`), so that Kafka's own tools (consumer-group lag, a job that
+//! Once a second, when they moved, the device also commits its stored positions to its
+//! consumer group (`pgfanout-device-<id>`), so that Kafka's own tools (consumer-group lag, a job that
 //! deletes records every reader has passed) see how far each device is. Those commits are
 //! reports only: the device never resumes from them.
 
@@ -162,15 +162,10 @@ impl Device {
     }
 
     /// Commits the stored positions to the device's consumer group when they moved, at most
-    /// once per [`REPORT_INTERVAL`]. A failed commit only delays the report.
+    /// once per [`REPORT_INTERVAL`]. A failed commit only delays the report. Not on stop:
+    /// with the broker away, closing the consumer would wait for that commit.
     fn report_positions(&mut self) {
-        if self.reported.0.elapsed() >= REPORT_INTERVAL {
-            self.commit_positions(rdkafka::consumer::CommitMode::Async);
-        }
-    }
-
-    fn commit_positions(&mut self, mode: rdkafka::consumer::CommitMode) {
-        if self.reported.1 == self.positions {
+        if self.reported.0.elapsed() < REPORT_INTERVAL || self.reported.1 == self.positions {
             return;
         }
         self.reported.0 = Instant::now();
@@ -181,7 +176,7 @@ impl Device {
                 return;
             }
         }
-        match self.consumer.commit(&tpl, mode) {
+        match self.consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
             Ok(()) => self.reported.1 = self.positions.clone(),
             Err(e) => tracing::debug!(error = %e, "position report"),
         }
@@ -257,11 +252,7 @@ impl Device {
         Ok(Step { processed: stats.processed, positions: stats.next_offset })
     }
 
-    /// Reports the final positions and closes the consumer, which waits for that commit
-    /// while the broker answers. (A synchronous commit would wait for a coordinator for as
-    /// long as the broker is away.)
-    pub(crate) fn close(mut self) {
-        self.commit_positions(rdkafka::consumer::CommitMode::Async);
+    pub(crate) fn close(self) {
         kafka::close_consumer(self.consumer);
     }
 }
