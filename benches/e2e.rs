@@ -84,6 +84,11 @@ fn produce(producer: &Producer_, topic: &str, key: &[u8], payload: &[u8]) {
 /// Next offset per partition of a reader in this process.
 type Positions = Arc<Mutex<HashMap<i32, i64>>>;
 
+/// Records that the reader behind `positions` has passed `m`.
+fn passed(positions: &Positions, m: &impl Message) {
+    positions.lock().unwrap().insert(m.partition(), m.offset() + 1);
+}
+
 /// Follows a topic from its end on a thread, handing each record's payload and timestamp
 /// (ms) to `on_record` until `stop`; `positions` follows what it has read.
 fn follow(
@@ -97,7 +102,7 @@ fn follow(
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
-                positions.lock().unwrap().insert(m.partition(), m.offset() + 1);
+                passed(&positions, &m);
                 if let Some(p) = m.payload() {
                     on_record(p, m.timestamp().to_millis().unwrap_or(0));
                 }
@@ -409,7 +414,7 @@ impl Relay {
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
-                        positions.lock().unwrap().insert(m.partition(), m.offset() + 1);
+                        passed(&positions, &m);
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -427,7 +432,7 @@ impl Relay {
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(Ok(m)) = relay.poll(Duration::from_millis(50)) {
                         produce(&relay_producer, &output, m.key().unwrap_or_default(), m.payload().unwrap_or_default());
-                        relayed.lock().unwrap().insert(m.partition(), m.offset() + 1);
+                        passed(&relayed, &m);
                     }
                 }
                 relay_producer.flush(Duration::from_secs(10)).unwrap();
@@ -458,6 +463,13 @@ impl Chain for Relay {
         let through = self.received.iter().map(|c| c.load(Ordering::Relaxed)).min().unwrap_or(0);
         self.submitted.saturating_sub(through) as usize
     }
+}
+
+/// Microsecond differences as milliseconds, sorted for [`percentile`].
+fn sorted_ms(us: impl Iterator<Item = i64>) -> Vec<f64> {
+    let mut ms: Vec<f64> = us.map(|us| us as f64 / 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    ms
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -601,7 +613,8 @@ fn main() {
     let dir = PathBuf::from(env("PGFANOUT_BENCH_DIR"));
     let settings = kafka_settings();
     let duration = Duration::from_secs(seconds());
-    let mut results = Vec::new();
+    // RESULT lines: name, value, decimals.
+    let mut results: Vec<(&str, f64, usize)> = Vec::new();
 
     if phase("latency") || phase("throughput") {
         let mut p = start_pipeline(&dir, &settings);
@@ -610,47 +623,44 @@ fn main() {
             p.submitted.clear();
             open_loop(&mut p, 1000.0, duration);
             settle(&mut p, Duration::from_secs(120));
-            let ids: Vec<String> = p.submitted.keys().cloned().collect();
-            let (mut commit, mut e2e, mut to_executor, mut to_devices) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for id in &ids {
-                let submitted = p.submitted[id];
-                let (lsn, executed_at, result_at) = p.results[id];
-                let applied = p.applied_at(lsn).expect("applied");
-                commit.push((result_at - submitted) as f64 / 1e3);
-                e2e.push((applied - submitted) as f64 / 1e3);
-                to_executor.push((executed_at - submitted) as f64 / 1e3);
-                to_devices.push((applied - executed_at) as f64 / 1e3);
-            }
-            for v in [&mut commit, &mut e2e, &mut to_executor, &mut to_devices] {
-                v.sort_by(f64::total_cmp);
-            }
+            let ids: Vec<&String> = p.submitted.keys().collect();
+            let result = |id: &String| p.results[id];
+            let applied = |id: &String| p.applied_at(result(id).0).expect("applied");
+            let e2e = sorted_ms(ids.iter().map(|id| applied(id) - p.submitted[*id]));
+            let commit = sorted_ms(ids.iter().map(|id| result(id).2 - p.submitted[*id]));
             println!("open loop: {} instructions at 1,000/s", ids.len());
             let show = |label: &str, v: &[f64]| {
                 println!("  {label}: p50 {:.1} ms, p99 {:.1} ms", percentile(v, 0.5), percentile(v, 0.99))
             };
-            show("submit → executed (instructions hop, executor's poll)", &to_executor);
-            show("executed → applied everywhere (commit, capture, deltas hop, devices)", &to_devices);
+            show(
+                "submit → executed (instructions hop, executor's poll)",
+                &sorted_ms(ids.iter().map(|id| result(id).1 - p.submitted[*id])),
+            );
+            show(
+                "executed → applied everywhere (commit, capture, deltas hop, devices)",
+                &sorted_ms(ids.iter().map(|id| applied(id) - result(id).1)),
+            );
             if !p.deltas.is_empty() {
-                let (mut to_commit, mut to_capture, mut to_applied) = (Vec::new(), Vec::new(), Vec::new());
-                for id in ids.iter().filter(|id| p.deltas.contains_key(*id)) {
-                    let (lsn, executed_at, _) = p.results[id];
-                    let (commit_ts, produced_at) = p.deltas[id];
-                    to_commit.push((commit_ts - executed_at) as f64 / 1e3);
-                    to_capture.push((produced_at - commit_ts) as f64 / 1e3);
-                    to_applied.push((p.applied_at(lsn).expect("applied") - produced_at) as f64 / 1e3);
-                }
-                for v in [&mut to_commit, &mut to_capture, &mut to_applied] {
-                    v.sort_by(f64::total_cmp);
-                }
-                show("  executed → committed (PostgreSQL's commit time)", &to_commit);
-                show("  committed → delta produced (capture; Kafka timestamp, ms)", &to_capture);
-                show("  delta produced → applied everywhere (deltas hop, devices)", &to_applied);
+                let traced: Vec<(&String, (i64, i64))> =
+                    ids.iter().filter_map(|id| p.deltas.get(*id).map(|d| (*id, *d))).collect();
+                show(
+                    "  executed → committed (PostgreSQL's commit time)",
+                    &sorted_ms(traced.iter().map(|(id, (commit_ts, _))| commit_ts - result(id).1)),
+                );
+                show(
+                    "  committed → delta produced (capture; Kafka timestamp, ms)",
+                    &sorted_ms(traced.iter().map(|(_, (commit_ts, produced_at))| produced_at - commit_ts)),
+                );
+                show(
+                    "  delta produced → applied everywhere (deltas hop, devices)",
+                    &sorted_ms(traced.iter().map(|(id, (_, produced_at))| applied(id) - produced_at)),
+                );
             }
             show("submit → result received", &commit);
             show("submit → applied everywhere", &e2e);
-            results.push(format!("e2e_p50_ms_at_1000 {:.1}", percentile(&e2e, 0.5)));
-            results.push(format!("e2e_p99_ms_at_1000 {:.1}", percentile(&e2e, 0.99)));
-            results.push(format!("commit_p99_ms_at_1000 {:.1}", percentile(&commit, 0.99)));
+            results.push(("e2e_p50_ms_at_1000", percentile(&e2e, 0.5), 1));
+            results.push(("e2e_p99_ms_at_1000", percentile(&e2e, 0.99), 1));
+            results.push(("commit_p99_ms_at_1000", percentile(&commit, 0.99), 1));
         }
         if phase("throughput") {
             // (2) The pipeline's throughput.
@@ -658,7 +668,7 @@ fn main() {
             p.results.clear();
             let (capacity, rate) = sustained("pipeline", &mut p, 100_000, duration);
             println!("pipeline: burst capacity {capacity:.0}/s");
-            results.push(format!("e2e_sustained_instructions_per_s {rate:.0}"));
+            results.push(("e2e_sustained_instructions_per_s", rate, 0));
         }
     }
     if phase("relay") {
@@ -672,30 +682,28 @@ fn main() {
         let (capacity, rate) = sustained("relay", &mut relay, 200_000, duration);
         relay.stop();
         println!("relay: burst capacity {capacity:.0}/s");
-        results.push(format!("relay_sustained_per_s {rate:.0}"));
+        results.push(("relay_sustained_per_s", rate, 0));
     }
     if phase("hop") {
         // (4) The broker's hop.
-        results.push(format!("broker_hop_p99_ms {:.1}", broker_hop(&settings, Duration::from_secs(20))));
+        results.push(("broker_hop_p99_ms", broker_hop(&settings, Duration::from_secs(20)), 1));
     }
 
-    let value = |results: &[String], name: &str| {
-        results.iter().find_map(|r| r.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
-    };
-    if let (Some(e2e), Some(hop)) = (value(&results, "e2e_p99_ms_at_1000 "), value(&results, "broker_hop_p99_ms ")) {
-        results.push(format!("e2e_overhead_p99_ms {:.1}", e2e - 2.0 * hop));
+    let value = |results: &[(&str, f64, usize)], name: &str| results.iter().find(|r| r.0 == name).map(|r| r.1);
+    if let (Some(e2e), Some(hop)) = (value(&results, "e2e_p99_ms_at_1000"), value(&results, "broker_hop_p99_ms")) {
+        results.push(("e2e_overhead_p99_ms", e2e - 2.0 * hop, 1));
     }
     if let (Some(e2e), Some(relay)) =
-        (value(&results, "e2e_sustained_instructions_per_s "), value(&results, "relay_sustained_per_s "))
+        (value(&results, "e2e_sustained_instructions_per_s"), value(&results, "relay_sustained_per_s"))
     {
-        results.push(format!("e2e_vs_relay {:.2}", e2e / relay));
+        results.push(("e2e_vs_relay", e2e / relay, 2));
     }
     // SAFETY: getrusage(2) fills the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     println!("the benchmark's own CPU time: {} s user, {} s system", usage.ru_utime.tv_sec, usage.ru_stime.tv_sec);
-    for r in results {
-        println!("RESULT {r}");
+    for (name, value, decimals) in results {
+        println!("RESULT {name} {value:.decimals$}");
     }
 }
 
