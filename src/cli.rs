@@ -139,8 +139,8 @@ pub enum Command {
     Verify {
         #[command(flatten)]
         postgres: PostgresSettings,
-        /// Device stores to compare.
-        #[arg(long = "store", required = true)]
+        /// Device stores to compare: `--store a.sqlite b.sqlite` or `--store a.sqlite --store b.sqlite`.
+        #[arg(long = "store", required = true, num_args = 1..)]
         stores: Vec<PathBuf>,
     },
     /// Run the whole pipeline locally with a sample workload, then verify.
@@ -280,6 +280,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             pg::ensure_schema(&client).await?;
             kafka::ensure_pipeline_topics(&kafka).await?;
             println!("schema pgfanout and topics {:?} are in place", kafka.topics().all());
+            if let Some(problem) = pg::publication_problem(&client, &postgres.publication).await? {
+                println!("warning: {problem}; until then capture sends no changes and the executor may write no table");
+            }
         }
         Command::Executor { kafka, postgres, metrics, settings } => {
             telemetry::install_metrics(metrics.listen)?;

@@ -92,6 +92,9 @@ CREATE TABLE IF NOT EXISTS pgfanout.instruction_log (
     commit_lsn bigint,
     executed_at bigint NOT NULL
 );
+-- SHA-256 of the instruction's content (issued_by and operations): a reused id with other
+-- content is refused instead of answered with this row's result.
+ALTER TABLE pgfanout.instruction_log ADD COLUMN IF NOT EXISTS content_digest bytea;
 -- Capture's initial snapshots, one row per slot: started, and finished once Kafka has
 -- acknowledged every row of it.
 CREATE TABLE IF NOT EXISTS pgfanout.capture_snapshots (
@@ -151,7 +154,8 @@ impl fmt::Display for TableName {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnInfo {
     pub name: String,
-    /// `format_type(atttypid, atttypmod)`: the type as SQL accepts it in a cast.
+    /// `format_type(atttypid, NULL)`: the type as SQL accepts it in a cast, without its
+    /// modifier (which the assignment to the column applies and checks).
     pub type_sql: String,
     /// The type's name as capture reports it (`pg_type.typname`).
     pub type_name: String,
@@ -179,8 +183,11 @@ impl TableInfo {
 pub async fn table_info(client: &Client, table: &TableName) -> Result<Option<TableInfo>, tokio_postgres::Error> {
     let rows = client
         .query(
-            // A domain is carried as its base type (as pgoutput describes it).
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), coalesce(bt.typname, t.typname)::text,
+            // A domain is carried as its base type (as pgoutput describes it). The cast type
+            // has no modifier: a cast to varchar(5) truncates silently, while the assignment
+            // to the column checks the modifier and refuses (22001), as a hand-written
+            // INSERT does.
+            "SELECT a.attname::text, format_type(a.atttypid, NULL), coalesce(bt.typname, t.typname)::text,
                     coalesce(bt.oid, t.oid), coalesce(a.attnum = ANY(i.indkey), false)
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -226,6 +233,24 @@ pub async fn publication_tables(client: &Client, publication: &str) -> Result<Ve
 pub async fn publication_exists(client: &Client, publication: &str) -> Result<bool, tokio_postgres::Error> {
     let row = client.query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[&publication]).await?;
     Ok(row.get::<_, i64>(0) > 0)
+}
+
+/// Why the publication gives capture and the executor nothing to work on, if it does: it
+/// does not exist, or it has no tables.
+pub async fn publication_problem(client: &Client, publication: &str) -> Result<Option<String>, tokio_postgres::Error> {
+    if !publication_exists(client, publication).await? {
+        return Ok(Some(format!(
+            "publication {publication:?} does not exist: create it with `CREATE PUBLICATION {} FOR TABLE <schema.table>, ...`",
+            quote_ident(publication)
+        )));
+    }
+    if publication_tables(client, publication).await?.is_empty() {
+        return Ok(Some(format!(
+            "publication {publication:?} has no tables: add them with `ALTER PUBLICATION {} ADD TABLE <schema.table>`",
+            quote_ident(publication)
+        )));
+    }
+    Ok(None)
 }
 
 /// The SQLSTATE of a PostgreSQL error, if the server sent one.

@@ -39,7 +39,8 @@ pub fn instruction_from_json(json: &Json, default_issuer: &str) -> Result<Instru
     let obj = json.as_object().ok_or("an instruction is a JSON object")?;
     let instruction_id = match obj.get("instruction_id") {
         None | Some(Json::Null) => uuid::Uuid::new_v4().to_string(),
-        Some(Json::String(s)) => s.clone(),
+        // The executor answers with the canonical spelling; wait for that one.
+        Some(Json::String(s)) => uuid::Uuid::try_parse(s).map_or_else(|_| s.clone(), |id| id.hyphenated().to_string()),
         Some(_) => return Err("instruction_id must be a string".into()),
     };
     let issued_by = match obj.get("issued_by") {

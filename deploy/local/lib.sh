@@ -36,9 +36,15 @@ install_prerequisites() {
     # OpenSSL: TLS to PostgreSQL and Kafka (headers to build, the CLI for test certificates).
     apt_install libssl-dev pkg-config openssl
     command -v python3 >/dev/null || apt_install python3
+    install_python_example_deps
+    install_service_prerequisites
+}
+
+# PostgreSQL and the broker: all that starting the local services needs (cargo only to
+# build the broker when it is not installed yet).
+install_service_prerequisites() {
     pg_bindir >/dev/null || apt_install postgresql
     pg_bindir >/dev/null || die "PostgreSQL server binaries not found after installing the postgresql package"
-    install_python_example_deps
     install_broker
 }
 
@@ -68,6 +74,10 @@ install_broker() {
     if command -v nisshi >/dev/null && nisshi --version 2>/dev/null | grep -q "$PGFANOUT_BROKER_VERSION"; then
         BROKER=nisshi; return 0
     fi
+    if command -v tansu >/dev/null && ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+        BROKER=tansu; return 0
+    fi
+    command -v cargo >/dev/null || die "the broker is not installed, and building it needs cargo (install a Rust toolchain with rustup)"
     if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
         log "building the Kafka-protocol broker nisshi $PGFANOUT_BROKER_VERSION (once; about 11 minutes)"
         cargo +nightly install "nisshi@$PGFANOUT_BROKER_VERSION" --locked --quiet

@@ -81,6 +81,10 @@ export PGFANOUT_TEST_BROKER_BIN
 cd "$PGFANOUT_ROOT"
 VALIDATE_POSTGRES="$PGFANOUT_TEST_POSTGRES" ./deploy/validate.sh
 cargo test --quiet "$@"
+# The README's manual path, run as written (only for the whole suite).
+if [ $# -eq 0 ]; then
+    ./deploy/local/readme-manual.sh
+fi
 # Bounded fuzzing of the decoders of what arrives from outside (pgoutput, instructions,
 # deltas), with the nightly toolchain; only for the whole suite, not a filtered run.
 if [ $# -eq 0 ]; then

@@ -5,7 +5,8 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-install_prerequisites
+# Only what starting the services needs: no cargo when the broker is already installed.
+install_service_prerequisites
 DATA="$PGFANOUT_ROOT/.data/local"
 mkdir -p "$DATA"
 PG_DIR=$(pg_usable_dir "$DATA/pg")
@@ -17,6 +18,17 @@ if [ -f "$ENV_FILE" ]; then
 fi
 PG_PORT=${PGFANOUT_LOCAL_PG_PORT:-$(free_port)}
 BROKER_PORT=${PGFANOUT_LOCAL_BROKER_PORT:-$(free_port)}
+
+# Written before anything starts, so that down.sh finds what a failed start left running.
+cat >"$ENV_FILE" <<ENV
+export PGFANOUT_LOCAL_PG_PORT=$PG_PORT
+export PGFANOUT_LOCAL_BROKER_PORT=$BROKER_PORT
+export PGFANOUT_LOCAL_PG_DIR=$PG_DIR
+export PGFANOUT_POSTGRES="host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
+export PGFANOUT_BROKERS=127.0.0.1:$BROKER_PORT
+export PGFANOUT_KAFKA_PROPERTIES=$LOCAL_KAFKA_PROPERTIES
+export PGFANOUT_TOPIC_PARTITIONS=3
+ENV
 
 if [ -s "$PG_DIR/postmaster.pid" ] && as_pg "$(pg_bindir)/pg_ctl" -D "$PG_DIR" status >/dev/null 2>&1; then
     log "PostgreSQL already running on port $PG_PORT"
@@ -30,14 +42,4 @@ else
     broker_start "$DATA/broker" "$BROKER_PORT" sqlite
     log "$BROKER broker running on 127.0.0.1:$BROKER_PORT (data in $DATA/broker)"
 fi
-
-cat >"$ENV_FILE" <<ENV
-export PGFANOUT_LOCAL_PG_PORT=$PG_PORT
-export PGFANOUT_LOCAL_BROKER_PORT=$BROKER_PORT
-export PGFANOUT_LOCAL_PG_DIR=$PG_DIR
-export PGFANOUT_POSTGRES="host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
-export PGFANOUT_BROKERS=127.0.0.1:$BROKER_PORT
-export PGFANOUT_KAFKA_PROPERTIES=$LOCAL_KAFKA_PROPERTIES
-export PGFANOUT_TOPIC_PARTITIONS=3
-ENV
-log "settings written to $ENV_FILE"
+log "settings in $ENV_FILE (source it)"

@@ -24,9 +24,8 @@ use futures::future::join_all;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
-use super::plan::{
-    plan_operation, printable, PlannedStatement, Rejection, BAD_ID, BAD_SHAPE, PRECONDITION_FAILED, UNKNOWN_TABLE,
-};
+use super::admit::{admit, Admitted};
+use super::plan::{plan_operation, printable, PlannedStatement, Rejection, PRECONDITION_FAILED, UNKNOWN_TABLE};
 use crate::contract::{now_micros, Instruction, InstructionResult, ResultStatus};
 use crate::pg::{self, TableInfo, TableName};
 
@@ -116,16 +115,19 @@ impl Statements {
 
 const MARKER_SQL: &str = "SELECT pg_logical_emit_message(true, 'pgfanout', $1::text)";
 
+/// An id used again by an instruction with other content.
+pub const REUSED_ID: &str = "PGF09";
+
 /// One instruction to execute: its statements, or why it is refused before execution.
 enum Prepared<'a> {
-    Run { instruction: &'a Instruction, statements: Vec<(Statement, PlannedStatement)> },
-    Refuse { instruction: &'a Instruction, code: String, message: String },
+    Run { admitted: &'a Admitted, statements: Vec<(Statement, PlannedStatement)> },
+    Refuse { admitted: &'a Admitted, code: String, message: String },
 }
 
 impl Prepared<'_> {
-    fn instruction(&self) -> &Instruction {
+    fn admitted(&self) -> &Admitted {
         match self {
-            Prepared::Run { instruction, .. } | Prepared::Refuse { instruction, .. } => instruction,
+            Prepared::Run { admitted, .. } | Prepared::Refuse { admitted, .. } => admitted,
         }
     }
 }
@@ -154,22 +156,55 @@ fn committed(instruction: &Instruction, rows: i64) -> InstructionResult {
     }
 }
 
-/// Runs the batch; returns one result per instruction, in order. An `Err` means nothing of
-/// the batch was committed: retry it if [`pg::is_transient`], stop otherwise.
+/// Runs the batch; returns one result per instruction, in order, each carrying the
+/// instruction's canonical id (or, refused at admission for a malformed id, the id as
+/// sent). An `Err` means nothing of the batch was committed: retry it if
+/// [`pg::is_transient`], stop otherwise.
 pub async fn execute_batch(
     client: &Client,
     catalog: &mut Catalog,
     statements: &mut Statements,
     batch: &[Instruction],
 ) -> Result<Vec<InstructionResult>, tokio_postgres::Error> {
-    let ids: Vec<&str> = batch.iter().map(|i| i.instruction_id.as_str()).collect();
+    let checked: Vec<Result<Admitted, InstructionResult>> = batch
+        .iter()
+        .map(|raw| admit(raw).map_err(|r| refused(raw, r.code, r.message, ResultStatus::Rejected)))
+        .collect();
+    let admitted: Vec<&Admitted> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
+    let mut results = execute_admitted(client, catalog, statements, &admitted).await?.into_iter();
+    Ok(checked
+        .into_iter()
+        .zip(batch)
+        .map(|(c, raw)| match c {
+            Ok(_) => results.next().unwrap_or_else(|| {
+                refused(raw, "PGF07", "the outcome of this instruction could not be read back".into(), ResultStatus::Failed)
+            }),
+            Err(refusal) => refusal,
+        })
+        .collect())
+}
+
+/// [`execute_batch`] for admitted instructions: one result per instruction, in order.
+async fn execute_admitted(
+    client: &Client,
+    catalog: &mut Catalog,
+    statements: &mut Statements,
+    batch: &[&Admitted],
+) -> Result<Vec<InstructionResult>, tokio_postgres::Error> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = batch.iter().map(|a| a.instruction.instruction_id.as_str()).collect();
     let logged = load_logged(client, &ids).await?;
     let mut seen = HashSet::new();
-    let fresh: Vec<&Instruction> =
-        batch.iter().filter(|i| !logged.contains_key(&i.instruction_id) && seen.insert(i.instruction_id.as_str())).collect();
+    let fresh: Vec<&Admitted> = batch
+        .iter()
+        .copied()
+        .filter(|a| !logged.contains_key(&a.instruction.instruction_id) && seen.insert(a.instruction.instruction_id.as_str()))
+        .collect();
     let mut prepared = Vec::with_capacity(fresh.len());
-    for instruction in fresh {
-        prepared.push(prepare(client, catalog, statements, instruction).await?);
+    for admitted in fresh {
+        prepared.push(prepare(client, catalog, statements, admitted).await?);
     }
     let marker = statements.get(client, MARKER_SQL).await?;
 
@@ -177,7 +212,37 @@ pub async fn execute_batch(
         Some(outcomes) => outcomes,
         None => one_by_one(client, catalog, &marker, &prepared).await?,
     };
-    finish(client, batch, logged, outcomes).await
+    // The content each id stands for: logged before, or executed now by its first copy.
+    let mut digests: HashMap<String, Option<Vec<u8>>> = prepared
+        .iter()
+        .map(|p| (p.admitted().instruction.instruction_id.clone(), Some(p.admitted().digest.to_vec())))
+        .collect();
+    let mut stored = HashMap::with_capacity(logged.len());
+    for (id, l) in logged {
+        digests.insert(id.clone(), l.digest);
+        stored.insert(id, l.result);
+    }
+    let results = finish(client, batch, stored, outcomes).await?;
+    Ok(batch.iter().zip(results).map(|(a, r)| answer_reuse(a, r, &digests)).collect())
+}
+
+/// A result for an id whose logged content differs from this instruction's is not this
+/// instruction's: it is rejected with [`REUSED_ID`], and the stored result stands. A log
+/// row without a digest (written before digests were kept) matches any content.
+fn answer_reuse(admitted: &Admitted, result: InstructionResult, digests: &HashMap<String, Option<Vec<u8>>>) -> InstructionResult {
+    let id = admitted.instruction.instruction_id.as_str();
+    match digests.get(id) {
+        Some(Some(digest)) if digest.as_slice() != admitted.digest.as_slice() => refused(
+            &admitted.instruction,
+            REUSED_ID,
+            format!(
+                "instruction_id {id} was already used by an instruction with other content (its result was {}); this one was not applied",
+                result.status.as_str()
+            ),
+            ResultStatus::Rejected,
+        ),
+        _ => result,
+    }
 }
 
 /// Validates an instruction against the catalog and prepares its statements.
@@ -185,15 +250,10 @@ async fn prepare<'a>(
     client: &Client,
     catalog: &mut Catalog,
     statements: &mut Statements,
-    instruction: &'a Instruction,
+    admitted: &'a Admitted,
 ) -> Result<Prepared<'a>, tokio_postgres::Error> {
-    let refuse = |r: Rejection| Ok(Prepared::Refuse { instruction, code: r.code.to_string(), message: r.message });
-    if uuid::Uuid::parse_str(&instruction.instruction_id).is_err() {
-        return refuse(Rejection::new(BAD_ID, "instruction_id must be a UUID"));
-    }
-    if instruction.operations.is_empty() {
-        return refuse(Rejection::new(BAD_SHAPE, "an instruction needs at least one operation"));
-    }
+    let instruction = &admitted.instruction;
+    let refuse = |r: Rejection| Ok(Prepared::Refuse { admitted, code: r.code.to_string(), message: r.message });
     let mut planned = Vec::with_capacity(instruction.operations.len());
     for (i, op) in instruction.operations.iter().enumerate() {
         let plan = match catalog.lookup(client, &op.table).await? {
@@ -210,7 +270,7 @@ async fn prepare<'a>(
                     super::count_postgres_error(&e);
                     let code = pg::sqlstate(&e).unwrap_or("XX000").to_string();
                     return Ok(Prepared::Refuse {
-                        instruction,
+                        admitted,
                         code,
                         message: format!("operation {}: {}", i + 1, db_message(&e)),
                     });
@@ -219,7 +279,7 @@ async fn prepare<'a>(
             Err(r) => return refuse(Rejection { code: r.code, message: format!("operation {}: {}", i + 1, r.message) }),
         }
     }
-    Ok(Prepared::Run { instruction, statements: planned })
+    Ok(Prepared::Run { admitted, statements: planned })
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {
@@ -260,7 +320,8 @@ async fn units<'p>(
     let mut units = Vec::new();
     let mut keys: HashSet<&[Option<String>]> = HashSet::new();
     for p in prepared {
-        let Prepared::Run { instruction, statements: planned } = p else { continue };
+        let Prepared::Run { admitted, statements: planned } = p else { continue };
+        let instruction = &admitted.instruction;
         let single = match planned.as_slice() {
             [(_, plan)] => plan.set_sql.as_deref().map(|sql| (sql, plan)),
             _ => None,
@@ -307,7 +368,11 @@ async fn pipelined(
     statements: &mut Statements,
     prepared: &[Prepared<'_>],
 ) -> Result<Option<Vec<InstructionResult>>, tokio_postgres::Error> {
-    let units = units(client, statements, prepared).await?;
+    let units = match units(client, statements, prepared).await {
+        Ok(units) => units,
+        Err(e) if pg::is_transient(&e) => return Err(e),
+        Err(_) => return Ok(None), // a set statement no longer prepares: the catalog moved
+    };
     client.batch_execute("BEGIN").await?;
     let runs = units.iter().map(|unit| async move {
         match unit {
@@ -352,15 +417,17 @@ async fn pipelined(
         return Ok(None);
     }
     for p in prepared {
-        if let Prepared::Refuse { instruction, code, message } = p {
-            outcomes.push(refused(instruction, code, message.clone(), ResultStatus::Rejected));
+        if let Prepared::Refuse { admitted, code, message } = p {
+            outcomes.push(refused(&admitted.instruction, code, message.clone(), ResultStatus::Rejected));
         }
     }
     match log_outcomes(client, prepared, &outcomes).await {
-        Ok(()) => {
-            client.batch_execute("COMMIT").await?;
-            Ok(Some(outcomes))
-        }
+        Ok(()) => match client.batch_execute("COMMIT").await {
+            Ok(()) => Ok(Some(outcomes)),
+            Err(e) if pg::is_transient(&e) => Err(e),
+            // A deferred constraint failed at commit: find its instruction one by one.
+            Err(_) => Ok(None),
+        },
         Err(e) => {
             let _ = client.batch_execute("ROLLBACK").await;
             if pg::is_transient(&e) {
@@ -376,10 +443,11 @@ async fn log_outcomes(
     prepared: &[Prepared<'_>],
     outcomes: &[InstructionResult],
 ) -> Result<(), tokio_postgres::Error> {
-    let issuer: HashMap<&str, &str> =
-        prepared.iter().map(|p| (p.instruction().instruction_id.as_str(), p.instruction().issued_by.as_str())).collect();
+    let by_id: HashMap<&str, &Admitted> =
+        prepared.iter().map(|p| (p.admitted().instruction.instruction_id.as_str(), p.admitted())).collect();
     let ids: Vec<&str> = outcomes.iter().map(|r| r.instruction_id.as_str()).collect();
-    let issued_by: Vec<&str> = ids.iter().map(|id| issuer.get(id).copied().unwrap_or("")).collect();
+    let issued_by: Vec<&str> = ids.iter().map(|id| by_id.get(id).map_or("", |a| a.instruction.issued_by.as_str())).collect();
+    let digests: Vec<Option<&[u8]>> = ids.iter().map(|id| by_id.get(id).map(|a| &a.digest[..])).collect();
     let status: Vec<&str> = outcomes.iter().map(|r| r.status.as_str()).collect();
     let codes: Vec<Option<&str>> = outcomes.iter().map(|r| r.error_code.as_deref()).collect();
     let messages: Vec<Option<&str>> = outcomes.iter().map(|r| r.error_message.as_deref()).collect();
@@ -388,23 +456,25 @@ async fn log_outcomes(
     client
         .execute(
             "INSERT INTO pgfanout.instruction_log
-                 (instruction_id, issued_by, status, error_code, error_message, rows_affected, executed_at)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[])",
-            &[&ids, &issued_by, &status, &codes, &messages, &rows, &at],
+                 (instruction_id, issued_by, status, error_code, error_message, rows_affected, executed_at, content_digest)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::bytea[])",
+            &[&ids, &issued_by, &status, &codes, &messages, &rows, &at, &digests],
         )
         .await?;
     Ok(())
 }
 
 /// Each instruction inside its own SAVEPOINT: a failing one is rolled back and logged as
-/// `rejected`/`failed`, the others commit.
+/// `rejected`/`failed`, the others commit. Deferred constraints are checked at each
+/// statement, so that their violations, too, fail the instruction that caused them rather
+/// than the commit of all.
 async fn one_by_one(
     client: &Client,
     catalog: &mut Catalog,
     marker: &Statement,
     prepared: &[Prepared<'_>],
 ) -> Result<Vec<InstructionResult>, tokio_postgres::Error> {
-    client.batch_execute("BEGIN").await?;
+    client.batch_execute("BEGIN; SET CONSTRAINTS ALL IMMEDIATE").await?;
     let mut outcomes = Vec::with_capacity(prepared.len());
     for p in prepared {
         match one(client, catalog, marker, p).await {
@@ -428,8 +498,11 @@ async fn one(
 ) -> Result<Option<InstructionResult>, tokio_postgres::Error> {
     client.batch_execute("SAVEPOINT pgfanout_instruction").await?;
     let outcome = match p {
-        Prepared::Refuse { instruction, code, message } => refused(instruction, code, message.clone(), ResultStatus::Rejected),
-        Prepared::Run { instruction, statements } => {
+        Prepared::Refuse { admitted, code, message } => {
+            refused(&admitted.instruction, code, message.clone(), ResultStatus::Rejected)
+        }
+        Prepared::Run { admitted, statements } => {
+            let instruction = &admitted.instruction;
             let mut outcome = None;
             let mut rows: i64 = 0;
             for (i, r) in run_statements(client, marker, instruction, statements).await.into_iter().enumerate() {
@@ -510,15 +583,27 @@ fn result_from_row(r: &tokio_postgres::Row) -> InstructionResult {
     }
 }
 
-async fn load_logged(client: &Client, ids: &[&str]) -> Result<HashMap<String, InstructionResult>, tokio_postgres::Error> {
+/// A log row: the stored result and the digest of the content it was for.
+struct Logged {
+    result: InstructionResult,
+    digest: Option<Vec<u8>>,
+}
+
+async fn load_logged(client: &Client, ids: &[&str]) -> Result<HashMap<String, Logged>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT instruction_id, status, error_code, error_message, rows_affected, commit_lsn, executed_at
+            "SELECT instruction_id, status, error_code, error_message, rows_affected, commit_lsn, executed_at, content_digest
                FROM pgfanout.instruction_log WHERE instruction_id = ANY($1)",
             &[&ids],
         )
         .await?;
-    Ok(rows.iter().map(result_from_row).map(|r| (r.instruction_id.clone(), r)).collect())
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let result = result_from_row(row);
+            (result.instruction_id.clone(), Logged { result, digest: row.get(7) })
+        })
+        .collect())
 }
 
 /// After COMMIT: stamps committed instructions with an LSN at or after their commit record
@@ -526,7 +611,7 @@ async fn load_logged(client: &Client, ids: &[&str]) -> Result<HashMap<String, In
 /// They equal what a redelivery reads back from the log, field for field.
 async fn finish(
     client: &Client,
-    batch: &[Instruction],
+    batch: &[&Admitted],
     mut logged: HashMap<String, InstructionResult>,
     outcomes: Vec<InstructionResult>,
 ) -> Result<Vec<InstructionResult>, tokio_postgres::Error> {
@@ -556,12 +641,14 @@ async fn finish(
         }
     }
     // Ids logged by a concurrent executor: read their stored outcome.
-    let missing: Vec<&str> = batch.iter().map(|i| i.instruction_id.as_str()).filter(|id| !logged.contains_key(*id)).collect();
+    let missing: Vec<&str> =
+        batch.iter().map(|a| a.instruction.instruction_id.as_str()).filter(|id| !logged.contains_key(*id)).collect();
     if !missing.is_empty() {
-        logged.extend(load_logged(client, &missing).await?);
+        logged.extend(load_logged(client, &missing).await?.into_iter().map(|(id, l)| (id, l.result)));
     }
     Ok(batch
         .iter()
+        .map(|a| &a.instruction)
         .map(|i| {
             logged.get(&i.instruction_id).cloned().unwrap_or_else(|| {
                 refused(i, "PGF07", "the outcome of this instruction could not be read back".into(), ResultStatus::Failed)

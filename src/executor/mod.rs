@@ -15,6 +15,7 @@
 //! - *Correlation*: each instruction's rows are preceded in the WAL by
 //!   `pg_logical_emit_message(true, 'pgfanout', instruction_id)`, so capture tags the deltas.
 
+pub mod admit;
 pub mod batch;
 pub mod plan;
 
@@ -64,10 +65,24 @@ fn parse_table_name(s: &str) -> Result<TableName, String> {
 pub enum ExecutorError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("postgres: {0} (check the connection string, the role's privileges on the allowed tables and on schema pgfanout)")]
+    #[error("postgres: {0}{advice}", advice = postgres_advice(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// What to look at for a PostgreSQL error that stopped the executor, by its cause. Errors
+/// an instruction's content causes never get here: they are that instruction's result.
+fn postgres_advice(e: &tokio_postgres::Error) -> String {
+    let advice = match pg::sqlstate(e) {
+        None => "is PostgreSQL reachable at the connection string's host and port?",
+        Some(c) if c.starts_with("28") => "check the connection string's user and password, and pg_hba.conf",
+        Some("3D000") => "the database does not exist: check the connection string",
+        Some("42501") => "the role lacks a privilege: grant it on the allowed tables and on schema pgfanout",
+        Some("42P01" | "42703" | "3F000") => "the executor's tables are missing or older than this version: run `pgfanout setup`",
+        Some(c) => return format!(" (SQLSTATE {c})"),
+    };
+    format!(" ({advice})")
 }
 
 /// Runs the executor until `shutdown`. A producer that failed for good is replaced by
@@ -118,6 +133,9 @@ async fn run_clients(
     let linger = Duration::from_millis(settings.linger_ms);
     let max = settings.batch_size as usize;
     tracing::info!(topic = %topics.instructions, group = %settings.group_id, "executor started");
+    if settings.allowed_tables.is_none() {
+        warn_if_nothing_writable(pg_settings).await;
+    }
 
     let mut in_flight: VecDeque<Published> = VecDeque::new();
     let outcome = loop {
@@ -191,6 +209,21 @@ async fn run_clients(
     producer.flush(Timeout::After(Duration::from_secs(10)))?;
     tracing::info!("executor stopped");
     outcome
+}
+
+/// Says, once at start, when the publication gives the executor no table it may write:
+/// every instruction would be rejected `PGF01`. Not an error: the publication may be
+/// created later, and the executor reads it again when a table is not found.
+async fn warn_if_nothing_writable(pg_settings: &PostgresSettings) {
+    let problem = match pg::connect(&pg_settings.conninfo).await {
+        Ok(client) => pg::publication_problem(&client, &pg_settings.publication).await,
+        Err(e) => Err(e),
+    };
+    match problem {
+        Ok(Some(problem)) => tracing::warn!("{problem}; until then every instruction is rejected (PGF01)"),
+        Ok(None) => {}
+        Err(e) => tracing::debug!(error = %e, "could not read the publication at start"),
+    }
 }
 
 /// Applies the batch, retrying transient failures with backoff (reconnecting when the
