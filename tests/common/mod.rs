@@ -149,7 +149,9 @@ impl Pipeline {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfanout"));
+        // PGFANOUT_BIN runs the tests against another build (to show a test fails without a fix).
+        let bin = std::env::var_os("PGFANOUT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_pgfanout").into());
+        let mut cmd = Command::new(bin);
         cmd.args(args)
             .env("PGFANOUT_BROKERS", &self.kafka.brokers)
             .env("PGFANOUT_TOPIC_PREFIX", &self.kafka.topic_prefix)
