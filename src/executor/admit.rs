@@ -35,7 +35,7 @@ pub struct Admitted {
 /// Checks every field; on success the instruction carries its canonical id.
 pub fn admit(raw: &Instruction) -> Result<Admitted, Rejection> {
     let id = uuid::Uuid::try_parse(&raw.instruction_id).map_err(|_| {
-        Rejection::new(BAD_ID, format!("instruction_id {:?} is not a UUID", printable(&raw.instruction_id)))
+        Rejection::new(BAD_ID, format!("instruction_id \"{}\" is not a UUID", printable(&raw.instruction_id)))
     })?;
     if raw.operations.is_empty() {
         return Err(Rejection::new(BAD_SHAPE, "an instruction needs at least one operation"));
@@ -48,7 +48,7 @@ pub fn admit(raw: &Instruction) -> Result<Admitted, Rejection> {
             for f in fields {
                 refuse_nul(&at(&format!("{part} column name")), &f.name)?;
                 if let Value::String(s) = &f.value {
-                    refuse_nul(&at(&format!("{part} column {:?}", printable(&f.name))), s)?;
+                    refuse_nul(&at(&format!("{part} column \"{}\"", printable(&f.name))), s)?;
                 }
             }
         }
@@ -62,7 +62,7 @@ fn refuse_nul(what: &str, s: &str) -> Result<(), Rejection> {
     if s.contains('\0') {
         return Err(Rejection::new(
             NUL_CHARACTER,
-            format!("{what} contains the character U+0000, which PostgreSQL text cannot hold: {:?}", printable(s)),
+            format!("{what} contains the character U+0000, which PostgreSQL text cannot hold: \"{}\"", printable(s)),
         ));
     }
     Ok(())
