@@ -13,7 +13,8 @@ use tokio_postgres::SimpleQueryMessage;
 
 use crate::contract::Value;
 use crate::device::store::{sqlite_table, value_from_sqlite};
-use crate::pg::{self, quote_ident, TableInfo};
+use crate::pg::{self, TableInfo};
+use crate::quote::quote_ident;
 
 /// The rows of one table: canonical key → canonical row.
 pub type Rows = BTreeMap<String, String>;

@@ -22,7 +22,7 @@ use rusqlite::{params, CachedStatement, Connection, OptionalExtension, ToSql};
 use crate::contract::value::ValueKind;
 use crate::contract::view::{ColumnView, DeltaView, ValueView};
 use crate::contract::{DeltaOp, Value};
-use crate::pg::quote_ident;
+use crate::quote::quote_ident;
 
 /// Hidden columns of every replicated table.
 const LSN: &str = "_pgfanout_lsn";

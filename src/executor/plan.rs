@@ -8,7 +8,8 @@ use std::collections::HashSet;
 
 use crate::contract::value::ValueKind;
 use crate::contract::{Field, Operation, OperationKind};
-use crate::pg::{quote_ident, ColumnInfo, TableInfo};
+use crate::pg::{ColumnInfo, TableInfo};
+use crate::quote::quote_ident;
 
 /// A statement ready to run: SQL text and its text parameters (`None` is SQL NULL).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,7 @@
 //! Errors of the replication connection, with advice for the usual misconfigurations.
 
+use crate::byte_reader::Truncated;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error("replication connection I/O error: {0}")]
@@ -12,6 +14,12 @@ pub enum ReplicationError {
     Auth(String),
     #[error("invalid replication connection settings: {0}")]
     Config(String),
+}
+
+impl From<Truncated> for ReplicationError {
+    fn from(t: Truncated) -> Self {
+        ReplicationError::Protocol(format!("truncated {}", t.what))
+    }
 }
 
 impl ReplicationError {

@@ -7,7 +7,8 @@ use bytes::{Buf, Bytes};
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 
-use super::wire::{log_notice, now_pg_micros, server_error, unexpected, Body, Conn};
+use super::wire::{log_notice, now_pg_micros, server_error, unexpected, Conn};
+use crate::byte_reader::ByteReader;
 use super::{Lsn, ReplicationError, CLOSE_TIMEOUT};
 
 /// One message of the replication stream.
@@ -186,7 +187,7 @@ fn stream_failed() -> ReplicationError {
 }
 
 pub(super) fn parse_copy_data(body: Bytes) -> Result<ReplicationEvent, ReplicationError> {
-    let mut b = Body(&body);
+    let mut b = ByteReader::new(&body);
     match b.u8("CopyData")? {
         b'w' => {
             let wal_start = b.i64("XLogData")? as u64;
