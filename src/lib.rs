@@ -21,6 +21,7 @@ pub mod kafka;
 pub mod pg;
 pub mod quote;
 pub mod shutdown;
+pub mod sqlstate;
 pub mod submit;
 pub mod telemetry;
 pub mod tls;

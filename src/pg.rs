@@ -257,20 +257,12 @@ pub async fn publication_problem(client: &Client, publication: &str) -> Result<O
 
 /// The SQLSTATE of a PostgreSQL error, if the server sent one.
 pub fn sqlstate(err: &tokio_postgres::Error) -> Option<&str> {
-    err.code().map(|c| c.code())
+    crate::sqlstate::of(err)
 }
 
-/// Errors that go away by retrying: lost connection, serialization failure, deadlock,
-/// server shutting down or out of resources.
+/// Errors that may go away by retrying ([`crate::sqlstate::is_transient`]).
 pub fn is_transient(err: &tokio_postgres::Error) -> bool {
-    match sqlstate(err) {
-        None => true,
-        Some(code) => {
-            code.starts_with("08")
-                || code.starts_with("53")
-                || matches!(code, "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "55P03")
-        }
-    }
+    crate::sqlstate::is_transient(sqlstate(err))
 }
 
 

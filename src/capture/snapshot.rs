@@ -129,7 +129,7 @@ impl Session<'_> {
         let begin = PgOutputMessage::Begin { final_lsn: version, commit_ts: now_micros() - PG_EPOCH_OFFSET_MICROS, xid: 0 };
         decoder.on_message(version, begin).map_err(decode_error)?;
         let started = Instant::now();
-        let mut progress = Progress { rows: 0, logged: started };
+        let mut progress = SnapshotRowCounter { rows: 0, logged: started };
         for table in tables {
             let name = format!("{}.{}", table.relation.namespace, table.relation.name);
             let relation_id = table.relation.id;
@@ -213,12 +213,12 @@ impl Session<'_> {
 }
 
 /// Rows copied so far, logged every [`PROGRESS_INTERVAL`].
-struct Progress {
+struct SnapshotRowCounter {
     rows: u64,
     logged: Instant,
 }
 
-impl Progress {
+impl SnapshotRowCounter {
     fn add(&mut self, rows: usize, table: &str, started: Instant) {
         self.rows += rows as u64;
         metrics::counter!("pgfanout_capture_snapshot_rows_total").increment(rows as u64);

@@ -23,13 +23,11 @@ impl From<Truncated> for ReplicationError {
 }
 
 impl ReplicationError {
-    /// Whether retrying later (on a new connection) may succeed.
+    /// Whether retrying later (on a new connection) may succeed ([`crate::sqlstate`]).
     pub fn is_transient(&self) -> bool {
         match self {
             ReplicationError::Io(_) => true,
-            ReplicationError::Server { code, .. } => {
-                code.starts_with("08") || matches!(code.as_str(), "57P01" | "57P02" | "57P03" | "55006" | "53300")
-            }
+            ReplicationError::Server { code, .. } => crate::sqlstate::is_transient(Some(code)),
             _ => false,
         }
     }

@@ -25,23 +25,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Upper bound for the TCP connect, authentication and startup phase.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Upper bound for draining the copy stream in [`ReplicationStream::close`].
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest backend message accepted (PostgreSQL's own limit is 1 GiB of
-/// data plus a little framing).
-const MAX_MESSAGE_LEN: usize = (1 << 30) + 64 * 1024;
-const READ_CHUNK: usize = 64 * 1024;
 
 mod config;
 mod error;
 mod stream;
 mod wire;
 
-use wire::{log_notice, server_error, unexpected, Conn, Socket};
+use wire::{log_notice, server_error, unexpected, Conn, Socket, READ_CHUNK};
 
 pub use config::ReplicationConfig;
 pub use error::ReplicationError;
-pub use stream::{ReplicationEvent, ReplicationStream};
+pub use stream::{ReplicationEvent, ReplicationStream, CLOSE_TIMEOUT};
 
 /// Formats an LSN the way PostgreSQL does (`16/B374D848`); [`crate::contract::Lsn`] for
 /// positions kept as raw `u64`.

@@ -2,6 +2,7 @@
 //! status updates out.
 
 use std::fmt;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use postgres_protocol::message::frontend;
@@ -9,7 +10,10 @@ use tokio::io::AsyncWriteExt;
 
 use super::wire::{log_notice, now_pg_micros, server_error, unexpected, Conn};
 use crate::byte_reader::ByteReader;
-use super::{Lsn, ReplicationError, CLOSE_TIMEOUT};
+use super::{Lsn, ReplicationError};
+
+/// Upper bound for draining the copy stream in [`ReplicationStream::close`].
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One message of the replication stream.
 #[derive(Debug, Clone, PartialEq)]

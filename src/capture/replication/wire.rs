@@ -10,8 +10,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::byte_reader::ByteReader;
 
-use super::{ReplicationError, MAX_MESSAGE_LEN, READ_CHUNK};
+use super::ReplicationError;
 use crate::contract::PG_EPOCH_OFFSET_MICROS;
+
+/// The largest backend message accepted (PostgreSQL's own limit is 1 GiB of
+/// data plus a little framing).
+const MAX_MESSAGE_LEN: usize = (1 << 30) + 64 * 1024;
+pub(super) const READ_CHUNK: usize = 64 * 1024;
 
 pub(super) trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
