@@ -238,11 +238,7 @@ async fn submit_and_wait(
 }
 
 fn lsn_text(lsn: i64) -> String {
-    if lsn < 0 {
-        "none".to_string()
-    } else {
-        crate::capture::replication::format_lsn(lsn as u64)
-    }
+    crate::contract::Lsn::try_from(lsn).map_or_else(|_| "none".to_string(), |l| l.to_string())
 }
 
 /// Runs the parsed command line.
