@@ -7,17 +7,21 @@
 //! `docs/configuration.md`, rendered by [`config_reference`].
 
 pub mod backoff;
+pub mod byte_reader;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod config_reference;
+pub mod conninfo;
 pub mod contract;
 pub mod demo;
 pub mod device;
 pub mod executor;
 pub mod kafka;
 pub mod pg;
+pub mod quote;
 pub mod shutdown;
+pub mod sqlstate;
 pub mod submit;
 pub mod telemetry;
 pub mod tls;

@@ -2,28 +2,34 @@
 //! catalog look-ups (tables, columns, primary keys, publications).
 //!
 //! Identifiers that reach SQL text always come from the catalog and are quoted with
-//! [`quote_ident`]; values are always bound parameters.
+//! [`crate::quote::quote_ident`]; values are always bound parameters.
 
 use std::fmt;
 
 use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::{Client, NoTls};
 
+use crate::conninfo::Conninfo;
 use crate::contract::value::type_name_for_oid;
+// Callers in capture still reach the quoting through here.
+pub use crate::quote::{quote_ident, quote_literal};
+use crate::tls::SslMode;
 
 /// Connects with TLS as the connection string's `sslmode` and `sslrootcert` say
 /// ([`crate::tls`]; [`check_conninfo`] explains bad values before the first connection).
 pub async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
-    let Ok((plain, tls)) = crate::tls::split_conninfo(conninfo) else {
+    let Ok(parsed) = Conninfo::parse(conninfo) else {
         // Left to tokio-postgres, which reports what is wrong with the string.
         let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
         spawn_connection(connection);
         return Ok(client);
     };
+    let plain = parsed.to_tokio_postgres();
+    let tls = parsed.tls;
     let client = match tls.connector() {
         Ok(connector) => {
             let mut connector = MakeTlsConnector::new(connector);
-            let full = tls.mode == crate::tls::SslMode::VerifyFull;
+            let full = tls.mode == SslMode::VerifyFull;
             connector.set_callback(move |config, _| {
                 config.set_verify_hostname(full);
                 Ok(())
@@ -74,7 +80,7 @@ pub async fn primary_key_columns(client: &Client, table_oid: u32) -> Result<Vec<
 
 /// Explains what is wrong with a connection string's TLS settings, if anything.
 pub fn check_conninfo(conninfo: &str) -> Result<(), String> {
-    let (_, tls) = crate::tls::split_conninfo(conninfo)?;
+    let Conninfo { tls, .. } = Conninfo::parse(conninfo).map_err(|e| e.to_string())?;
     tls.connector().map(drop).map_err(|e| format!("cannot set up TLS for postgres: {e}"))
 }
 
@@ -110,10 +116,6 @@ pub async fn ensure_schema(client: &Client) -> Result<(), tokio_postgres::Error>
     client.batch_execute(SCHEMA_SQL).await
 }
 
-/// `"ident"` with embedded quotes doubled.
-pub fn quote_ident(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
 
 /// A table name as written in instructions and deltas: `schema.table`, or `table` in
 /// schema `public`. Parsing is strict: exactly one optional dot, no quoting.
@@ -255,26 +257,14 @@ pub async fn publication_problem(client: &Client, publication: &str) -> Result<O
 
 /// The SQLSTATE of a PostgreSQL error, if the server sent one.
 pub fn sqlstate(err: &tokio_postgres::Error) -> Option<&str> {
-    err.code().map(|c| c.code())
+    crate::sqlstate::of(err)
 }
 
-/// Errors that go away by retrying: lost connection, serialization failure, deadlock,
-/// server shutting down or out of resources.
+/// Errors that may go away by retrying ([`crate::sqlstate::is_transient`]).
 pub fn is_transient(err: &tokio_postgres::Error) -> bool {
-    match sqlstate(err) {
-        None => true,
-        Some(code) => {
-            code.starts_with("08")
-                || code.starts_with("53")
-                || matches!(code, "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "55P03")
-        }
-    }
+    crate::sqlstate::is_transient(sqlstate(err))
 }
 
-/// `'literal'` with embedded quotes doubled (for DDL, where parameters are not allowed).
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
 
 #[cfg(test)]
 mod tests {

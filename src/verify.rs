@@ -8,12 +8,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::contract::Value;
-use crate::device::store::{sqlite_table, value_from_sqlite};
-use crate::pg::{self, quote_ident, TableInfo};
+use crate::device::store::{open_read_only, value_from_sqlite, StoreReader};
+use crate::pg::{self, TableInfo};
+use crate::quote::quote_ident;
 
 /// The rows of one table: canonical key → canonical row.
 pub type Rows = BTreeMap<String, String>;
@@ -86,20 +87,15 @@ pub async fn postgres_rows(client: &tokio_postgres::Client, table: &TableInfo) -
 /// with the columns PostgreSQL has; a column the device never saw reads as NULL.
 pub fn device_rows(conn: &Connection, table: &TableInfo) -> Result<Rows, rusqlite::Error> {
     let name = table.name.to_string();
-    let known: Vec<String> = {
-        let mut stmt = conn.prepare("SELECT column_name FROM _pgfanout_columns WHERE table_name = ?1")?;
-        let names = stmt.query_map([&name], |r| r.get::<_, String>(0))?;
-        names.collect::<Result<_, _>>()?
-    };
+    let reader = StoreReader::new(conn);
+    let known = reader.known_columns(&name)?;
     let mut out = Rows::new();
     if known.is_empty() {
         return Ok(out);
     }
     let present: Vec<&crate::pg::ColumnInfo> = table.columns.iter().filter(|c| known.contains(&c.name)).collect();
-    let select = present.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-    let mut stmt = conn.prepare(&format!("SELECT {select} FROM {} WHERE _pgfanout_deleted = 0", sqlite_table(&name)))?;
-    let mut rows = stmt.query([])?;
-    while let Some(row) = rows.next()? {
+    let columns: Vec<&str> = present.iter().map(|c| c.name.as_str()).collect();
+    reader.for_each_live_row(&name, &columns, |row| {
         let mut key = Vec::new();
         let mut all = Vec::new();
         for c in &table.columns {
@@ -113,13 +109,13 @@ pub fn device_rows(conn: &Connection, table: &TableInfo) -> Result<Rows, rusqlit
             all.push((c.name.clone(), value));
         }
         out.insert(canonical(&key), canonical(&all));
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
 pub fn open_store_read_only(path: &Path) -> Result<Connection, VerifyError> {
-    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|source| VerifyError::Store { path: path.to_path_buf(), source })
+    open_read_only(path).map_err(|source| VerifyError::Store { path: path.to_path_buf(), source })
 }
 
 /// How one table of one device compares.

@@ -7,8 +7,8 @@ use crate::contract::{now_micros, Field, Instruction, Operation, OperationKind, 
 
 /// Tables of the sample workload and the publication that covers them.
 pub fn schema_sql(publication: &str) -> String {
-    let ident = crate::pg::quote_ident(publication);
-    let literal = crate::pg::quote_literal(publication);
+    let ident = crate::quote::quote_ident(publication);
+    let literal = crate::quote::quote_literal(publication);
     format!(
         "CREATE TABLE IF NOT EXISTS public.items (
              id bigint PRIMARY KEY,

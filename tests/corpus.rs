@@ -178,9 +178,12 @@ async fn every_bad_input_gets_its_documented_outcome_and_the_pipeline_goes_on() 
     })
     .await;
     let conn = pgfanout::verify::open_store_read_only(&p.store("a")).unwrap();
-    let mut stmt = conn.prepare("SELECT partition, record_offset FROM _pgfanout_rejected").unwrap();
-    let recorded: HashSet<(i32, i64)> =
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<Result<_, _>>().unwrap();
+    let recorded: HashSet<(i32, i64)> = pgfanout::device::store::StoreReader::new(&conn)
+        .rejected()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.partition, r.offset))
+        .collect();
     assert_eq!(recorded, rejected, "each bad delta is recorded at its position, nothing else");
 
     // The pipeline goes on.

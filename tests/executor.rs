@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::{now_micros, Field, Instruction, Operation, OperationKind, ResultStatus, Value};
-use pgfanout::executor::batch::{execute_batch, AllowedTables, Catalog, Statements};
+use pgfanout::executor::batch::execute_batch;
+use pgfanout::executor::catalog::{AllowedTables, Catalog, Statements};
 use pgfanout::pg::TableName;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};

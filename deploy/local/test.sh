@@ -80,6 +80,12 @@ PGFANOUT_TEST_BROKER_BIN="$(command -v "$BROKER")"
 export PGFANOUT_TEST_BROKER_BIN
 cd "$PGFANOUT_ROOT"
 VALIDATE_POSTGRES="$PGFANOUT_TEST_POSTGRES" ./deploy/validate.sh
+# Structure (file sizes, size lints, import cycles) and lints, only for the whole suite.
+if [ $# -eq 0 ]; then
+    ./.ci/check-structure --self-test
+    ./.ci/check-structure
+    cargo clippy --all-targets -- -D warnings -W clippy::too_many_lines
+fi
 cargo test --quiet "$@"
 # The README's manual path, run as written (only for the whole suite).
 if [ $# -eq 0 ]; then

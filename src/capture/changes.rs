@@ -10,13 +10,8 @@ use std::collections::HashMap;
 
 use super::pgoutput::{OldTuple, PgOutputMessage, Relation, TupleValue};
 use crate::contract::value::type_name_for_oid;
-use crate::contract::{Column, Delta, DeltaOp, Value};
+use crate::contract::{Column, Delta, DeltaOp, Value, CORRELATION_PREFIX, PG_EPOCH_OFFSET_MICROS};
 
-/// Prefix of the executor's logical messages that announce an instruction id.
-pub const INSTRUCTION_PREFIX: &str = "pgfanout";
-
-/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
-pub(crate) const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
@@ -86,7 +81,7 @@ impl ChangeDecoder {
             }
             PgOutputMessage::Origin { .. } => Ok(None),
             PgOutputMessage::Message { transactional, prefix, content, .. } => {
-                if transactional && prefix == INSTRUCTION_PREFIX {
+                if transactional && prefix == CORRELATION_PREFIX {
                     if let Some(tx) = self.tx.as_mut() {
                         tx.instruction_id = Some(String::from_utf8_lossy(&content).into_owned());
                     }
@@ -245,7 +240,7 @@ mod tests {
         );
         d.on_message(
             3,
-            PgOutputMessage::Message { transactional: true, lsn: 3, prefix: "pgfanout".into(), content: b"abc".to_vec() },
+            PgOutputMessage::Message { transactional: true, lsn: 3, prefix: CORRELATION_PREFIX.into(), content: b"abc".to_vec() },
         )
         .unwrap();
         let Some(Change::Delta(ins)) =

@@ -12,6 +12,8 @@
 //! Streaming (`S`, `E`, `c`, `A`) and two-phase messages belong to later
 //! protocol versions and are reported as [`DecodeError::UnknownTag`].
 
+use crate::byte_reader::{ByteReader, Truncated};
+
 /// A WAL position (log sequence number).
 pub type Lsn = u64;
 
@@ -148,7 +150,7 @@ fn describe_tag(tag: u8) -> &'static str {
 
 /// Decodes one pgoutput payload (the data of one XLogData message).
 pub fn decode(payload: &[u8]) -> Result<PgOutputMessage, DecodeError> {
-    let mut r = Reader { buf: payload };
+    let mut r = ByteReader::new(payload);
     let tag = r.u8("message tag").map_err(|_| DecodeError::Empty)?;
     let (what, msg) = match tag {
         b'B' => ("Begin", decode_begin(&mut r)?),
@@ -163,11 +165,11 @@ pub fn decode(payload: &[u8]) -> Result<PgOutputMessage, DecodeError> {
         b'M' => ("Message", decode_message(&mut r)?),
         other => return Err(DecodeError::UnknownTag(other)),
     };
-    r.finish(what)?;
+    finish(&r, what)?;
     Ok(msg)
 }
 
-fn decode_begin(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+fn decode_begin(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
     Ok(PgOutputMessage::Begin {
         final_lsn: r.u64("Begin final LSN")?,
         commit_ts: r.i64("Begin commit timestamp")?,
@@ -175,7 +177,7 @@ fn decode_begin(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     })
 }
 
-fn decode_commit(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+fn decode_commit(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
     Ok(PgOutputMessage::Commit {
         flags: r.u8("Commit flags")?,
         commit_lsn: r.u64("Commit LSN")?,
@@ -184,14 +186,14 @@ fn decode_commit(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     })
 }
 
-fn decode_origin(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
-    Ok(PgOutputMessage::Origin { commit_lsn: r.u64("Origin commit LSN")?, name: r.cstr("Origin name")? })
+fn decode_origin(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
+    Ok(PgOutputMessage::Origin { commit_lsn: r.u64("Origin commit LSN")?, name: text(r, "Origin name")? })
 }
 
-fn decode_relation(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+fn decode_relation(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
     let id = r.u32("Relation id")?;
-    let namespace = r.cstr("Relation namespace")?;
-    let name = r.cstr("Relation name")?;
+    let namespace = text(r, "Relation namespace")?;
+    let name = text(r, "Relation name")?;
     let replica_identity = r.u8("Relation replica identity")?;
     let ncols = r.u16("Relation column count")?;
     // Each column needs at least 10 bytes; never trust the count for the
@@ -201,7 +203,7 @@ fn decode_relation(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
         let flags = r.u8("Relation column flags")?;
         columns.push(RelationColumn {
             is_key: flags & 1 != 0,
-            name: r.cstr("Relation column name")?,
+            name: text(r, "Relation column name")?,
             type_oid: r.u32("Relation column type OID")?,
             type_modifier: r.i32("Relation column type modifier")?,
         });
@@ -209,11 +211,11 @@ fn decode_relation(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     Ok(PgOutputMessage::Relation(Relation { id, namespace, name, replica_identity, columns }))
 }
 
-fn decode_type(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
-    Ok(PgOutputMessage::Type { oid: r.u32("Type OID")?, namespace: r.cstr("Type namespace")?, name: r.cstr("Type name")? })
+fn decode_type(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
+    Ok(PgOutputMessage::Type { oid: r.u32("Type OID")?, namespace: text(r, "Type namespace")?, name: text(r, "Type name")? })
 }
 
-fn decode_insert(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+fn decode_insert(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
     let relation_id = r.u32("Insert relation id")?;
     let marker = r.u8("Insert tuple marker")?;
     if marker != b'N' {
@@ -222,7 +224,7 @@ fn decode_insert(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     Ok(PgOutputMessage::Insert { relation_id, new: decode_tuple(r)? })
 }
 
-fn decode_update(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+fn decode_update(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
     let relation_id = r.u32("Update relation id")?;
     let mut marker = r.u8("Update tuple marker")?;
     let old = match marker {
@@ -243,7 +245,7 @@ fn decode_update(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     Ok(PgOutputMessage::Update { relation_id, old, new: decode_tuple(r)? })
 }
 
-fn decode_delete(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+fn decode_delete(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
     let relation_id = r.u32("Delete relation id")?;
     let old = match r.u8("Delete tuple marker")? {
         b'K' => OldTuple::Key(decode_tuple(r)?),
@@ -253,7 +255,7 @@ fn decode_delete(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     Ok(PgOutputMessage::Delete { relation_id, old })
 }
 
-fn decode_truncate(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+fn decode_truncate(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
     let count = r.i32("Truncate relation count")?;
     let count = usize::try_from(count)
         .map_err(|_| DecodeError::InvalidLength { what: "Truncate relation count", len: i64::from(count) })?;
@@ -265,16 +267,16 @@ fn decode_truncate(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
     Ok(PgOutputMessage::Truncate { options, relation_ids })
 }
 
-fn decode_message(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+fn decode_message(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
     let flags = r.u8("Message flags")?;
     let lsn = r.u64("Message LSN")?;
-    let prefix = r.cstr("Message prefix")?;
-    let len = r.len_i32("Message content length")?;
-    let content = r.bytes(len, "Message content")?.to_vec();
+    let prefix = text(r, "Message prefix")?;
+    let len = len_i32(r, "Message content length")?;
+    let content = r.take(len, "Message content")?.to_vec();
     Ok(PgOutputMessage::Message { transactional: flags & 1 != 0, lsn, prefix, content })
 }
 
-fn decode_tuple(r: &mut Reader<'_>) -> Result<Vec<TupleValue>, DecodeError> {
+fn decode_tuple(r: &mut ByteReader<'_>) -> Result<Vec<TupleValue>, DecodeError> {
     let ncols = r.u16("tuple column count")?;
     let mut values = Vec::with_capacity(usize::from(ncols).min(r.remaining()));
     for _ in 0..ncols {
@@ -282,12 +284,12 @@ fn decode_tuple(r: &mut Reader<'_>) -> Result<Vec<TupleValue>, DecodeError> {
             b'n' => TupleValue::Null,
             b'u' => TupleValue::UnchangedToast,
             b't' => {
-                let len = r.len_i32("text column length")?;
-                TupleValue::Text(r.bytes(len, "text column value")?.to_vec())
+                let len = len_i32(r, "text column length")?;
+                TupleValue::Text(r.take(len, "text column value")?.to_vec())
             }
             b'b' => {
-                let len = r.len_i32("binary column length")?;
-                TupleValue::Binary(r.bytes(len, "binary column value")?.to_vec())
+                let len = len_i32(r, "binary column length")?;
+                TupleValue::Binary(r.take(len, "binary column value")?.to_vec())
             }
             other => return Err(DecodeError::UnknownColumnKind(other)),
         };
@@ -296,75 +298,28 @@ fn decode_tuple(r: &mut Reader<'_>) -> Result<Vec<TupleValue>, DecodeError> {
     Ok(values)
 }
 
-/// Bounds-checked big-endian reader over a byte slice.
-struct Reader<'a> {
-    buf: &'a [u8],
+impl From<Truncated> for DecodeError {
+    fn from(t: Truncated) -> Self {
+        DecodeError::Truncated { what: t.what }
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
-        self.buf.len()
-    }
+/// A non-negative Int32 length.
+fn len_i32(r: &mut ByteReader<'_>, what: &'static str) -> Result<usize, DecodeError> {
+    let len = r.i32(what)?;
+    usize::try_from(len).map_err(|_| DecodeError::InvalidLength { what, len: i64::from(len) })
+}
 
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
-        let (head, rest) = self.buf.split_first_chunk::<N>().ok_or(DecodeError::Truncated { what })?;
-        self.buf = rest;
-        Ok(*head)
-    }
+/// A NUL-terminated UTF-8 string.
+fn text(r: &mut ByteReader<'_>, what: &'static str) -> Result<String, DecodeError> {
+    let s = r.cstr(what)?;
+    std::str::from_utf8(s).map(str::to_owned).map_err(|_| DecodeError::InvalidUtf8 { what })
+}
 
-    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
-        Ok(u8::from_be_bytes(self.array(what)?))
-    }
-
-    fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
-        Ok(u16::from_be_bytes(self.array(what)?))
-    }
-
-    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
-        Ok(u32::from_be_bytes(self.array(what)?))
-    }
-
-    fn i32(&mut self, what: &'static str) -> Result<i32, DecodeError> {
-        Ok(i32::from_be_bytes(self.array(what)?))
-    }
-
-    fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(self.array(what)?))
-    }
-
-    fn i64(&mut self, what: &'static str) -> Result<i64, DecodeError> {
-        Ok(i64::from_be_bytes(self.array(what)?))
-    }
-
-    /// A non-negative Int32 length.
-    fn len_i32(&mut self, what: &'static str) -> Result<usize, DecodeError> {
-        let len = self.i32(what)?;
-        usize::try_from(len).map_err(|_| DecodeError::InvalidLength { what, len: i64::from(len) })
-    }
-
-    fn bytes(&mut self, len: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
-        if len > self.buf.len() {
-            return Err(DecodeError::Truncated { what });
-        }
-        let (head, rest) = self.buf.split_at(len);
-        self.buf = rest;
-        Ok(head)
-    }
-
-    /// A NUL-terminated UTF-8 string.
-    fn cstr(&mut self, what: &'static str) -> Result<String, DecodeError> {
-        let end = self.buf.iter().position(|&b| b == 0).ok_or(DecodeError::Truncated { what })?;
-        let s = self.bytes(end, what)?;
-        self.u8(what)?;
-        std::str::from_utf8(s).map(str::to_owned).map_err(|_| DecodeError::InvalidUtf8 { what })
-    }
-
-    fn finish(&self, what: &'static str) -> Result<(), DecodeError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(DecodeError::TrailingBytes { what, count: self.buf.len() })
-        }
+fn finish(r: &ByteReader<'_>, what: &'static str) -> Result<(), DecodeError> {
+    match r.remaining() {
+        0 => Ok(()),
+        count => Err(DecodeError::TrailingBytes { what, count }),
     }
 }
 

@@ -28,13 +28,13 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use super::changes::{Change, ChangeDecoder, PG_EPOCH_OFFSET_MICROS};
+use super::changes::{Change, ChangeDecoder};
 use super::flush::FlushLsnTracker;
 use super::pgoutput::{PgOutputMessage, Relation, RelationColumn, TupleValue};
 use super::replication::{self, ReplicationClient, ReplicationConfig};
 use super::{on_delivered, CaptureError, InFlight, Session};
-use crate::contract::{now_micros, DeltaOp};
-use crate::pg;
+use crate::contract::{now_micros, DeltaOp, PG_EPOCH_OFFSET_MICROS};
+use crate::{pg, quote};
 use crate::shutdown::Shutdown;
 
 /// When capture copies the published tables before streaming.
@@ -110,7 +110,7 @@ impl Session<'_> {
         reader
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                pg::quote_literal(&snapshot)
+                quote::quote_literal(&snapshot)
             ))
             .await?;
         let tables = published_tables(&reader, &self.pg_settings.publication).await?;
@@ -129,13 +129,13 @@ impl Session<'_> {
         let begin = PgOutputMessage::Begin { final_lsn: version, commit_ts: now_micros() - PG_EPOCH_OFFSET_MICROS, xid: 0 };
         decoder.on_message(version, begin).map_err(decode_error)?;
         let started = Instant::now();
-        let mut progress = Progress { rows: 0, logged: started };
+        let mut progress = SnapshotRowCounter { rows: 0, logged: started };
         for table in tables {
             let name = format!("{}.{}", table.relation.namespace, table.relation.name);
             let relation_id = table.relation.id;
-            let columns: Vec<String> = table.relation.columns.iter().map(|c| pg::quote_ident(&c.name)).collect();
+            let columns: Vec<String> = table.relation.columns.iter().map(|c| quote::quote_ident(&c.name)).collect();
             let filter = table.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
-            let source = format!("{}.{}", pg::quote_ident(&table.relation.namespace), pg::quote_ident(&table.relation.name));
+            let source = format!("{}.{}", quote::quote_ident(&table.relation.namespace), quote::quote_ident(&table.relation.name));
             for (oid, namespace, name) in table.types {
                 decoder.on_message(version, PgOutputMessage::Type { oid, namespace, name }).map_err(decode_error)?;
             }
@@ -213,12 +213,12 @@ impl Session<'_> {
 }
 
 /// Rows copied so far, logged every [`PROGRESS_INTERVAL`].
-struct Progress {
+struct SnapshotRowCounter {
     rows: u64,
     logged: Instant,
 }
 
-impl Progress {
+impl SnapshotRowCounter {
     fn add(&mut self, rows: usize, table: &str, started: Instant) {
         self.rows += rows as u64;
         metrics::counter!("pgfanout_capture_snapshot_rows_total").increment(rows as u64);

@@ -15,6 +15,8 @@ use serde_avro_fast::de::{DeserializerConfig, DeserializerState};
 use serde_avro_fast::ser::SerializerConfig;
 use serde_avro_fast::Schema;
 
+pub use super::codec_error::CodecError;
+use super::codec_error::MAX_ARRAY_LEN;
 use super::view::DeltaView;
 use super::{delta_reader, Delta, DeviceAck, Instruction, InstructionResult};
 
@@ -44,22 +46,10 @@ fn parse(json: &str, name: &str) -> Schema {
     json.parse().unwrap_or_else(|e| panic!("schemas/{name}.avsc is not a valid Avro schema: {e}"))
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum CodecError {
-    #[error("undecodable {what}: {reason}")]
-    Decode { what: &'static str, reason: String },
-    #[error("cannot encode {what}: {reason}")]
-    Encode { what: &'static str, reason: String },
-}
-
 fn encode<T: Serialize>(value: &T, schema: &Schema, what: &'static str) -> Result<Vec<u8>, CodecError> {
     serde_avro_fast::to_datum_vec(value, &mut SerializerConfig::new(schema))
         .map_err(|e| CodecError::Encode { what, reason: e.to_string() })
 }
-
-/// Longest array accepted in a record (operations, columns): bounds the work a hostile
-/// length prefix can cause.
-pub(super) const MAX_ARRAY_LEN: usize = 1_000_000;
 
 fn decode<T: DeserializeOwned>(bytes: &[u8], schema: &Schema, what: &'static str) -> Result<T, CodecError> {
     let mut config = DeserializerConfig::new(schema);

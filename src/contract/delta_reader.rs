@@ -11,7 +11,7 @@
 //! change of the schema fails them until this reader follows it. Any byte string gives a
 //! delta or an error, never a panic.
 
-use super::codec::{CodecError, MAX_ARRAY_LEN};
+use super::codec_error::{CodecError, MAX_ARRAY_LEN};
 use super::view::{ColumnView, DeltaView, ValueView};
 use super::DeltaOp;
 

@@ -6,13 +6,25 @@
 //! the device's apply path, in [`view`].
 
 pub mod codec;
+mod codec_error;
 mod delta_reader;
+pub mod lsn;
 pub mod value;
 pub mod view;
 
 use serde::{Deserialize, Serialize};
 
+pub use lsn::Lsn;
 pub use value::Value;
+
+/// Prefix of the logical message (`pg_logical_emit_message`) with which the executor
+/// announces, inside an instruction's transaction, the instruction id that capture puts on
+/// the deltas that follow.
+pub const CORRELATION_PREFIX: &str = "pgfanout";
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01), the offset
+/// between PostgreSQL's timestamps and the contracts' (Unix microseconds).
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// A named, typed value inside an operation (`key` or `values`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -125,7 +125,7 @@ pub fn replay_blocking(
 
     let mut device = Device::open(kafka_settings, &settings.device, &shutdown)?;
     let mut positions = from.clone();
-    let mut progress = Progress::new(total.max(0) as u64);
+    let mut progress = ReplayProgressBar::new(total.max(0) as u64);
     let mut processed = 0u64;
     while !shutdown.is_triggered() && ends.iter().any(|(p, end)| positions.get(p).is_some_and(|pos| pos < end)) {
         let step = device.step(&shutdown)?;
@@ -141,17 +141,17 @@ pub fn replay_blocking(
 }
 
 /// A progress bar on a terminal, a log line every 2 s otherwise.
-struct Progress {
+struct ReplayProgressBar {
     total: u64,
     started: Instant,
     last: Instant,
     terminal: bool,
 }
 
-impl Progress {
+impl ReplayProgressBar {
     fn new(total: u64) -> Self {
         let now = Instant::now();
-        Progress { total, started: now, last: now, terminal: std::io::stderr().is_terminal() }
+        ReplayProgressBar { total, started: now, last: now, terminal: std::io::stderr().is_terminal() }
     }
 
     fn line(&self, done: u64) -> String {

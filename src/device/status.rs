@@ -2,10 +2,10 @@
 //! end, the lag between them and the applied position — and its watermark and counters.
 //! Reads the store without locking it, so it works while the device runs.
 
-use rusqlite::{Connection, OpenFlags};
-
+use super::store::{open_read_only, StoreReader};
 use super::{topic_bounds, DeviceError};
 use crate::config::KafkaSettings;
+use crate::contract::Lsn;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionStatus {
@@ -34,7 +34,7 @@ impl DeviceStatus {
     }
 
     pub fn render(&self) -> String {
-        let lsn = |l: i64| crate::capture::replication::format_lsn(l.max(0) as u64);
+        let lsn = |l: i64| Lsn::try_from(l).unwrap_or(Lsn::ZERO);
         let mut out = String::from("partition  next_offset        end        lag  applied\n");
         for p in &self.partitions {
             out.push_str(&format!(
@@ -57,23 +57,18 @@ impl DeviceStatus {
 /// Reads the status of the store at `path`. Blocking.
 pub fn status_blocking(kafka_settings: &KafkaSettings, path: &std::path::Path) -> Result<DeviceStatus, DeviceError> {
     let topic = kafka_settings.topics().deltas;
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+    let conn = open_read_only(path)
         .map_err(|e| DeviceError::Replay(format!("cannot open store {}: {e}", path.display())))?;
     let not_a_store = |e: rusqlite::Error| DeviceError::Replay(format!("{} is not a device store: {e}", path.display()));
-    let stored: Vec<(i32, i64, i64)> = conn
-        .prepare("SELECT partition, next_offset, applied_lsn FROM _pgfanout_offsets WHERE topic = ?1")
-        .and_then(|mut stmt| stmt.query_map([&topic], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect())
-        .map_err(not_a_store)?;
-    let counters: Vec<(String, i64)> = conn
-        .prepare("SELECT name, value FROM _pgfanout_counters ORDER BY name")
-        .and_then(|mut stmt| stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
-        .map_err(not_a_store)?;
+    let reader = StoreReader::new(&conn);
+    let stored = reader.positions(&topic).map_err(not_a_store)?;
+    let counters = reader.counters().map_err(not_a_store)?;
     let (_, bounds) = topic_bounds(kafka_settings)?;
     let partitions = bounds
         .into_iter()
         .map(|(partition, _, end)| {
             let (next_offset, applied_lsn) =
-                stored.iter().find(|(p, _, _)| *p == partition).map_or((0, 0), |(_, next, applied)| (*next, *applied));
+                stored.iter().find(|p| p.partition == partition).map_or((0, 0), |p| (p.next_offset, p.applied_lsn));
             PartitionStatus { partition, next_offset, end, applied_lsn }
         })
         .collect();

@@ -18,102 +18,23 @@
 //!   and its `rejected`/`failed` outcome is logged while the others commit.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
 use super::admit::{admit, Admitted};
-use super::plan::{plan_operation, printable, PlannedStatement, Rejection, PRECONDITION_FAILED, UNKNOWN_TABLE};
-use crate::contract::{now_micros, Instruction, InstructionResult, ResultStatus};
-use crate::pg::{self, TableInfo, TableName};
+use super::catalog::{Catalog, Statements};
+use super::observe::count_postgres_error;
+use super::plan::{plan_operation, PlannedStatement, Rejection, PRECONDITION_FAILED};
+use crate::contract::{now_micros, Instruction, InstructionResult, ResultStatus, CORRELATION_PREFIX};
+use crate::pg;
+use crate::quote::quote_literal;
 
-/// Which tables instructions may write.
-#[derive(Debug, Clone)]
-pub enum AllowedTables {
-    /// The tables of this publication (read again when a table is not found).
-    Publication(String),
-    /// An explicit list.
-    List(HashSet<TableName>),
+/// The correlation marker: announces the instruction id to capture in the WAL.
+fn marker_sql() -> String {
+    format!("SELECT pg_logical_emit_message(true, {}, $1::text)", quote_literal(CORRELATION_PREFIX))
 }
-
-/// Tables the executor may write and their catalog descriptions, cached.
-pub struct Catalog {
-    allowed: AllowedTables,
-    allowed_now: HashSet<TableName>,
-    allowed_loaded: Option<Instant>,
-    tables: HashMap<TableName, TableInfo>,
-}
-
-/// How long a miss in the allowed set waits before the publication is read again.
-const ALLOWED_REFRESH: Duration = Duration::from_secs(2);
-
-impl Catalog {
-    pub fn new(allowed: AllowedTables) -> Self {
-        let allowed_now = match &allowed {
-            AllowedTables::List(list) => list.clone(),
-            AllowedTables::Publication(_) => HashSet::new(),
-        };
-        Catalog { allowed, allowed_now, allowed_loaded: None, tables: HashMap::new() }
-    }
-
-    /// Forgets cached table descriptions (after a schema change showed up as an error).
-    pub fn invalidate(&mut self) {
-        self.tables.clear();
-        self.allowed_loaded = None;
-    }
-
-    async fn lookup(&mut self, client: &Client, raw: &str) -> Result<Result<TableInfo, Rejection>, tokio_postgres::Error> {
-        let Some(name) = TableName::parse(raw) else {
-            return Ok(Err(Rejection::new(UNKNOWN_TABLE, format!("{:?} is not a table name (schema.table)", printable(raw)))));
-        };
-        if let AllowedTables::Publication(publication) = &self.allowed {
-            if !self.allowed_now.contains(&name) && self.allowed_loaded.is_none_or(|t| t.elapsed() > ALLOWED_REFRESH) {
-                self.allowed_now = pg::publication_tables(client, publication).await?.into_iter().collect();
-                self.allowed_loaded = Some(Instant::now());
-            }
-        }
-        if !self.allowed_now.contains(&name) {
-            return Ok(Err(Rejection::new(
-                UNKNOWN_TABLE,
-                format!("table {:?} is not one the executor may write", printable(raw)),
-            )));
-        }
-        if let Some(info) = self.tables.get(&name) {
-            return Ok(Ok(info.clone()));
-        }
-        match pg::table_info(client, &name).await? {
-            Some(info) => {
-                self.tables.insert(name, info.clone());
-                Ok(Ok(info))
-            }
-            None => Ok(Err(Rejection::new(UNKNOWN_TABLE, format!("table {name} does not exist")))),
-        }
-    }
-}
-
-/// Per-connection state: prepared statements by SQL text.
-#[derive(Default)]
-pub struct Statements {
-    cache: HashMap<String, Statement>,
-}
-
-impl Statements {
-    async fn get(&mut self, client: &Client, sql: &str) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(s) = self.cache.get(sql) {
-            return Ok(s.clone());
-        }
-        let s = client.prepare(sql).await?;
-        if self.cache.len() > 1000 {
-            self.cache.clear();
-        }
-        self.cache.insert(sql.to_string(), s.clone());
-        Ok(s)
-    }
-}
-
-const MARKER_SQL: &str = "SELECT pg_logical_emit_message(true, 'pgfanout', $1::text)";
 
 /// An id used again by an instruction with other content.
 pub const REUSED_ID: &str = "PGF09";
@@ -206,7 +127,7 @@ async fn execute_admitted(
     for admitted in fresh {
         prepared.push(prepare(client, catalog, statements, admitted).await?);
     }
-    let marker = statements.get(client, MARKER_SQL).await?;
+    let marker = statements.get(client, &marker_sql()).await?;
 
     let outcomes = match pipelined(client, &marker, statements, &prepared).await? {
         Some(outcomes) => outcomes,
@@ -222,7 +143,7 @@ async fn execute_admitted(
         digests.insert(id.clone(), l.digest);
         stored.insert(id, l.result);
     }
-    let results = finish(client, batch, stored, outcomes).await?;
+    let results = stamp_and_assemble_results(client, batch, stored, outcomes).await?;
     Ok(batch.iter().zip(results).map(|(a, r)| answer_reuse(a, r, &digests)).collect())
 }
 
@@ -267,7 +188,7 @@ async fn prepare<'a>(
                 Err(e) => {
                     // The catalog said yes but PostgreSQL disagrees: it changed meanwhile.
                     catalog.invalidate();
-                    super::count_postgres_error(&e);
+                    count_postgres_error(&e);
                     let code = pg::sqlstate(&e).unwrap_or("XX000").to_string();
                     return Ok(Prepared::Refuse {
                         admitted,
@@ -513,7 +434,7 @@ async fn one(
                         if code == "25P02" {
                             continue; // a later statement of the same failed pipeline
                         }
-                        super::count_postgres_error(&e);
+                        count_postgres_error(&e);
                         if code.starts_with("42") {
                             catalog.invalidate();
                         }
@@ -561,10 +482,11 @@ async fn one(
     }
 }
 
-/// Definite PostgreSQL errors: bad data, constraint violations and references to things
-/// that do not exist are the instruction's fault (`rejected`); anything else is `failed`.
+/// Definite PostgreSQL errors: those of the statement's own making (bad data, constraint
+/// violations, references to things that do not exist) are the instruction's fault
+/// (`rejected`); anything else is `failed`.
 fn classify_definite(sqlstate: &str) -> ResultStatus {
-    if ["22", "23", "42", "2F"].iter().any(|class| sqlstate.starts_with(class)) {
+    if crate::sqlstate::is_statement_fault(sqlstate) {
         ResultStatus::Rejected
     } else {
         ResultStatus::Failed
@@ -609,7 +531,7 @@ async fn load_logged(client: &Client, ids: &[&str]) -> Result<HashMap<String, Lo
 /// After COMMIT: stamps committed instructions with an LSN at or after their commit record
 /// (`pg_current_wal_insert_lsn()` read after the commit returned) and assembles the results.
 /// They equal what a redelivery reads back from the log, field for field.
-async fn finish(
+async fn stamp_and_assemble_results(
     client: &Client,
     batch: &[&Admitted],
     mut logged: HashMap<String, InstructionResult>,
@@ -660,6 +582,11 @@ async fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_marker_carries_the_correlation_prefix() {
+        assert_eq!(marker_sql(), "SELECT pg_logical_emit_message(true, 'pgfanout', $1::text)");
+    }
 
     #[test]
     fn definite_errors_are_classified() {

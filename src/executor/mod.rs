@@ -10,13 +10,16 @@
 //!   Kafka. A crash before that redelivers the record, and the redelivery re-publishes the
 //!   stored result. While a batch's results are on their way, the next batches are applied
 //!   (at most `MAX_BATCHES_IN_FLIGHT`); offsets are stored strictly in batch order, each
-//!   batch's once its results are acknowledged (`Published::finish`, the only place that
-//!   stores executor offsets).
+//!   batch's once its results are acknowledged (`Published::store_offsets_once_acknowledged`, the only
+//!   place that stores executor offsets).
 //! - *Correlation*: each instruction's rows are preceded in the WAL by
-//!   `pg_logical_emit_message(true, 'pgfanout', instruction_id)`, so capture tags the deltas.
+//!   `pg_logical_emit_message(true, 'pgfanout', instruction_id)`
+//!   ([`crate::contract::CORRELATION_PREFIX`]), so capture tags the deltas.
 
 pub mod admit;
 pub mod batch;
+pub mod catalog;
+mod observe;
 pub mod plan;
 
 use std::collections::{HashMap, VecDeque};
@@ -38,7 +41,8 @@ use crate::kafka::{self, ClientRole, Observed};
 use crate::pg;
 use crate::pg::TableName;
 use crate::shutdown::Shutdown;
-use batch::{AllowedTables, Catalog, Statements};
+use catalog::{AllowedTables, Catalog, Statements};
+use observe::count_postgres_error;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExecutorSettings {
@@ -144,7 +148,7 @@ async fn run_clients(
         }
         while in_flight.front().is_some_and(|b| b.publish.is_finished()) {
             if let Some(batch) = in_flight.pop_front() {
-                batch.finish(&consumer).await?;
+                batch.store_offsets_once_acknowledged(&consumer).await?;
             }
         }
         let polled = {
@@ -188,12 +192,12 @@ async fn run_clients(
         in_flight.push_back(Published { publish, messages, started });
         if in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
             if let Some(oldest) = in_flight.pop_front() {
-                oldest.finish(&consumer).await?;
+                oldest.store_offsets_once_acknowledged(&consumer).await?;
             }
         }
     };
     while let Some(batch) = in_flight.pop_front() {
-        batch.finish(&consumer).await?;
+        batch.store_offsets_once_acknowledged(&consumer).await?;
     }
 
     // Commit what was stored, then leave the group; both off the async runtime.
@@ -288,7 +292,7 @@ struct Published {
 
 impl Published {
     /// Waits for the batch's results to be acknowledged, then stores its offsets.
-    async fn finish(self, consumer: &BaseConsumer<Observed>) -> Result<(), ExecutorError> {
+    async fn store_offsets_once_acknowledged(self, consumer: &BaseConsumer<Observed>) -> Result<(), ExecutorError> {
         self.publish.await.map_err(|e| ExecutorError::Internal(e.to_string()))??;
         store_offsets(consumer, &self.messages)?;
         metrics::histogram!("pgfanout_executor_batch_duration_seconds").record(self.started.elapsed().as_secs_f64());
@@ -370,11 +374,4 @@ fn store_offsets(consumer: &BaseConsumer<Observed>, messages: &[OwnedMessage]) -
         tracing::debug!(error = %e, "offsets not stored (partition revoked?)");
     }
     Ok(())
-}
-
-/// Counts a PostgreSQL error by its SQLSTATE class (`status="23"`, …; `connection` when the
-/// error carries no SQLSTATE because the connection itself failed).
-fn count_postgres_error(e: &tokio_postgres::Error) {
-    let class = pg::sqlstate(e).and_then(|code| code.get(..2)).unwrap_or("connection").to_string();
-    metrics::counter!("pgfanout_executor_postgres_errors_total", "status" => class).increment(1);
 }

@@ -7,8 +7,9 @@
 use std::collections::HashSet;
 
 use crate::contract::value::ValueKind;
-use crate::contract::{Field, Operation, OperationKind};
-use crate::pg::{quote_ident, ColumnInfo, TableInfo};
+use crate::contract::{Field, Operation, OperationKind, CORRELATION_PREFIX};
+use crate::pg::{ColumnInfo, TableInfo};
+use crate::quote::{quote_ident, quote_literal};
 
 /// A statement ready to run: SQL text and its text parameters (`None` is SQL NULL).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,9 +117,10 @@ pub fn plan_operation(table: &TableInfo, op: &Operation) -> Result<PlannedStatem
                 let names = (1..=all.len()).map(|i| format!("p{i}")).collect::<Vec<_>>().join(", ");
                 let casts =
                     all.iter().map(|b| format!("u.p{}::{}", b.param + 1, b.column.type_sql)).collect::<Vec<_>>().join(", ");
+                let prefix = quote_literal(CORRELATION_PREFIX);
                 set_sql = Some(format!(
                     "INSERT INTO {t} ({cols}) SELECT {casts} FROM unnest({arrays}) AS u({names}, instruction_id) \
-                     WHERE pg_logical_emit_message(true, 'pgfanout', u.instruction_id) IS NOT NULL{conflict}"
+                     WHERE pg_logical_emit_message(true, {prefix}, u.instruction_id) IS NOT NULL{conflict}"
                 ));
             }
             format!("INSERT INTO {t} ({cols}) VALUES ({vals}){conflict}")

@@ -4,7 +4,8 @@
 use super::common::Pipeline;
 use super::{field, insert_item, instruction, op};
 use pgfanout::contract::{Instruction, InstructionResult, OperationKind, ResultStatus, Value};
-use pgfanout::executor::batch::{execute_batch, AllowedTables, Catalog, Statements};
+use pgfanout::executor::batch::execute_batch;
+use pgfanout::executor::catalog::{AllowedTables, Catalog, Statements};
 
 fn text(s: &str) -> Value {
     Value::String(s.to_string())

@@ -1,5 +1,7 @@
 //! Errors of the replication connection, with advice for the usual misconfigurations.
 
+use crate::byte_reader::Truncated;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error("replication connection I/O error: {0}")]
@@ -14,14 +16,18 @@ pub enum ReplicationError {
     Config(String),
 }
 
+impl From<Truncated> for ReplicationError {
+    fn from(t: Truncated) -> Self {
+        ReplicationError::Protocol(format!("truncated {}", t.what))
+    }
+}
+
 impl ReplicationError {
-    /// Whether retrying later (on a new connection) may succeed.
+    /// Whether retrying later (on a new connection) may succeed ([`crate::sqlstate`]).
     pub fn is_transient(&self) -> bool {
         match self {
             ReplicationError::Io(_) => true,
-            ReplicationError::Server { code, .. } => {
-                code.starts_with("08") || matches!(code.as_str(), "57P01" | "57P02" | "57P03" | "55006" | "53300")
-            }
+            ReplicationError::Server { code, .. } => crate::sqlstate::is_transient(Some(code)),
             _ => false,
         }
     }

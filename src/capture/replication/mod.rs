@@ -18,46 +18,36 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::frontend;
 
 pub use super::pgoutput::Lsn;
+use crate::byte_reader::ByteReader;
+use crate::quote::{quote_ident, quote_literal};
 use crate::tls::SslMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Upper bound for the TCP connect, authentication and startup phase.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Upper bound for draining the copy stream in [`ReplicationStream::close`].
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest backend message accepted (PostgreSQL's own limit is 1 GiB of
-/// data plus a little framing).
-const MAX_MESSAGE_LEN: usize = (1 << 30) + 64 * 1024;
-const READ_CHUNK: usize = 64 * 1024;
-use super::changes::PG_EPOCH_OFFSET_MICROS;
 
-pub(crate) mod conninfo;
+mod config;
 mod error;
 mod stream;
 mod wire;
 
-use wire::{log_notice, quote_ident, quote_literal, server_error, unexpected, Body, Conn, Socket};
+use wire::{log_notice, server_error, unexpected, Conn, Socket, READ_CHUNK};
 
-pub use conninfo::ReplicationConfig;
+pub use config::ReplicationConfig;
 pub use error::ReplicationError;
-pub use stream::{ReplicationEvent, ReplicationStream};
+pub use stream::{ReplicationEvent, ReplicationStream, CLOSE_TIMEOUT};
 
-/// Formats an LSN the way PostgreSQL does (`16/B374D848`).
+/// Formats an LSN the way PostgreSQL does (`16/B374D848`); [`crate::contract::Lsn`] for
+/// positions kept as raw `u64`.
 pub fn format_lsn(lsn: Lsn) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+    crate::contract::Lsn::new(lsn).to_string()
 }
 
 /// Parses an LSN in PostgreSQL's `X/Y` hexadecimal notation.
 pub fn parse_lsn(s: &str) -> Result<Lsn, ReplicationError> {
-    let bad = || ReplicationError::Protocol(format!("invalid LSN {s:?}"));
-    let (hi, lo) = s.trim().split_once('/').ok_or_else(bad)?;
-    let part = |p: &str| {
-        if p.is_empty() || p.len() > 8 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Err(bad());
-        }
-        u32::from_str_radix(p, 16).map_err(|_| bad())
-    };
-    Ok((u64::from(part(hi)?) << 32) | u64::from(part(lo)?))
+    s.parse::<crate::contract::Lsn>()
+        .map(u64::from)
+        .map_err(|_| ReplicationError::Protocol(format!("invalid LSN {s:?}")))
 }
 
 /// Result of `IDENTIFY_SYSTEM`.
@@ -212,7 +202,7 @@ impl ReplicationClient {
                 b'v' => return Err(ReplicationError::Protocol("server does not support protocol version 3.0".into())),
                 other => return Err(unexpected(other, "authentication")),
             }
-            let mut body = Body(&frame.body);
+            let mut body = ByteReader::new(&frame.body);
             match body.i32("authentication request")? {
                 0 => return Ok(()),
                 3 => {
@@ -247,12 +237,12 @@ impl ReplicationClient {
                 11 => {
                     let s =
                         scram.as_mut().ok_or_else(|| ReplicationError::Protocol("SASL continue without SASL start".into()))?;
-                    s.update(body.0).map_err(|e| ReplicationError::Auth(format!("SCRAM exchange failed: {e}")))?;
+                    s.update(body.rest()).map_err(|e| ReplicationError::Auth(format!("SCRAM exchange failed: {e}")))?;
                     frontend::sasl_response(s.message(), &mut self.conn.wbuf)?;
                 }
                 12 => {
                     let s = scram.as_mut().ok_or_else(|| ReplicationError::Protocol("SASL final without SASL start".into()))?;
-                    s.finish(body.0)
+                    s.finish(body.rest())
                         .map_err(|e| ReplicationError::Auth(format!("server SCRAM signature did not verify: {e}")))?;
                     continue;
                 }
@@ -289,7 +279,7 @@ impl ReplicationClient {
                 b'N' => log_notice(&frame.body),
                 b'S' => self.record_parameter(&frame.body),
                 b'K' => {
-                    self.backend_pid = Body(&frame.body).i32("BackendKeyData").ok();
+                    self.backend_pid = ByteReader::new(&frame.body).i32("BackendKeyData").ok();
                 }
                 b'C' | b'I' => {}
                 other => return Err(unexpected(other, during)),
@@ -298,7 +288,7 @@ impl ReplicationClient {
     }
 
     fn record_parameter(&mut self, body: &[u8]) {
-        let mut b = Body(body);
+        let mut b = ByteReader::new(body);
         if let (Ok(k), Ok(v)) = (b.cstr("parameter name"), b.cstr("parameter value")) {
             self.parameters.insert(String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned());
         }
@@ -326,7 +316,7 @@ impl ReplicationClient {
             match frame.tag {
                 b'T' => {
                     result = QueryResult::default();
-                    let mut b = Body(&frame.body);
+                    let mut b = ByteReader::new(&frame.body);
                     let n = b.i16("RowDescription")?;
                     for _ in 0..n {
                         let name = b.cstr("RowDescription")?;
@@ -335,7 +325,7 @@ impl ReplicationClient {
                     }
                 }
                 b'D' => {
-                    let mut b = Body(&frame.body);
+                    let mut b = ByteReader::new(&frame.body);
                     let n = b.i16("DataRow")?;
                     let mut row = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
                     for _ in 0..n {

@@ -2,13 +2,18 @@
 //! status updates out.
 
 use std::fmt;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 
-use super::wire::{log_notice, now_pg_micros, server_error, unexpected, Body, Conn};
-use super::{Lsn, ReplicationError, CLOSE_TIMEOUT};
+use super::wire::{log_notice, now_pg_micros, server_error, unexpected, Conn};
+use crate::byte_reader::ByteReader;
+use super::{Lsn, ReplicationError};
+
+/// Upper bound for draining the copy stream in [`ReplicationStream::close`].
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One message of the replication stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,7 +191,7 @@ fn stream_failed() -> ReplicationError {
 }
 
 pub(super) fn parse_copy_data(body: Bytes) -> Result<ReplicationEvent, ReplicationError> {
-    let mut b = Body(&body);
+    let mut b = ByteReader::new(&body);
     match b.u8("CopyData")? {
         b'w' => {
             let wal_start = b.i64("XLogData")? as u64;

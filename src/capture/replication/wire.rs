@@ -8,7 +8,15 @@ use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::message::backend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{ReplicationError, MAX_MESSAGE_LEN, PG_EPOCH_OFFSET_MICROS, READ_CHUNK};
+use crate::byte_reader::ByteReader;
+
+use super::ReplicationError;
+use crate::contract::PG_EPOCH_OFFSET_MICROS;
+
+/// The largest backend message accepted (PostgreSQL's own limit is 1 GiB of
+/// data plus a little framing).
+const MAX_MESSAGE_LEN: usize = (1 << 30) + 64 * 1024;
+pub(super) const READ_CHUNK: usize = 64 * 1024;
 
 pub(super) trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
@@ -95,50 +103,10 @@ impl Conn {
     }
 }
 
-/// Cursor over a backend message body; every read is bounds-checked.
-pub(super) struct Body<'a>(pub(super) &'a [u8]);
-
-impl<'a> Body<'a> {
-    pub(super) fn truncated(what: &str) -> ReplicationError {
-        ReplicationError::Protocol(format!("truncated {what}"))
-    }
-    pub(super) fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ReplicationError> {
-        if n > self.0.len() {
-            return Err(Self::truncated(what));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-    pub(super) fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ReplicationError> {
-        let (head, rest) = self.0.split_first_chunk::<N>().ok_or_else(|| Self::truncated(what))?;
-        self.0 = rest;
-        Ok(*head)
-    }
-    pub(super) fn u8(&mut self, what: &str) -> Result<u8, ReplicationError> {
-        Ok(self.array::<1>(what)?[0])
-    }
-    pub(super) fn i16(&mut self, what: &str) -> Result<i16, ReplicationError> {
-        Ok(i16::from_be_bytes(self.array(what)?))
-    }
-    pub(super) fn i32(&mut self, what: &str) -> Result<i32, ReplicationError> {
-        Ok(i32::from_be_bytes(self.array(what)?))
-    }
-    pub(super) fn i64(&mut self, what: &str) -> Result<i64, ReplicationError> {
-        Ok(i64::from_be_bytes(self.array(what)?))
-    }
-    pub(super) fn cstr(&mut self, what: &str) -> Result<&'a [u8], ReplicationError> {
-        let end = self.0.iter().position(|&b| b == 0).ok_or_else(|| Self::truncated(what))?;
-        let s = self.take(end, what)?;
-        self.take(1, what)?;
-        Ok(s)
-    }
-}
-
 /// Error and notice fields by their one-letter code.
 pub(super) fn parse_fields(body: &[u8]) -> HashMap<u8, String> {
     let mut fields = HashMap::new();
-    let mut b = Body(body);
+    let mut b = ByteReader::new(body);
     while let Ok(code) = b.u8("field") {
         if code == 0 {
             break;
@@ -171,14 +139,6 @@ pub(super) fn log_notice(body: &[u8]) {
 
 pub(super) fn unexpected(tag: u8, during: &str) -> ReplicationError {
     ReplicationError::Protocol(format!("unexpected backend message {:?} during {during}", char::from(tag)))
-}
-
-pub(super) fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-pub(super) fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 pub(super) fn now_pg_micros() -> i64 {

@@ -1,0 +1,374 @@
+//! Applying a batch of consumed records: each delta changes a row only if it is newer
+//! than the row's version, and the batch's offsets and counters are written in the same
+//! transaction as its rows.
+
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{params, CachedStatement, Connection, ToSql};
+
+use super::error::{ApplyError, StoreError};
+use super::schema::{ensure_shape, record_truncate, sqlite_table, truncated_at, TableShape, WriteKind, DELETED, LSN, SEQ};
+use crate::contract::view::{ColumnView, DeltaView, ValueView};
+use crate::contract::DeltaOp;
+use crate::quote::quote_ident;
+
+/// One consumed record: a delta (borrowed from the record's bytes), a Kafka tombstone
+/// (`Ok(None)`: no value, written after a delete for compaction), or why it could not be
+/// decoded.
+pub struct Record<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    /// The delta; for a Kafka tombstone, the delete it carries in a header, if any.
+    pub delta: Result<Option<DeltaView<'a>>, String>,
+    /// A Kafka tombstone (no value).
+    pub tombstone: bool,
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchStats {
+    pub processed: u64,
+    pub applied: u64,
+    pub skipped_older: u64,
+    pub watermarks: u64,
+    pub tombstones: u64,
+    pub not_subscribed: u64,
+    pub rejected: u64,
+    pub applied_by_op: HashMap<&'static str, u64>,
+    /// Per partition touched by the batch: the position below which every transaction is
+    /// fully applied on this device (see [`Store::applied_lsns`]).
+    pub applied_lsn: HashMap<i32, i64>,
+    /// Per partition touched by the batch: the next offset to consume.
+    pub next_offset: HashMap<i32, i64>,
+}
+/// The statements prepared during one batch's transaction, kept out of rusqlite's cache
+/// until the batch ends: a delta finds its statement by the identity of the text its table
+/// shape gave it, without hashing the SQL.
+struct BatchStatements<'c> {
+    conn: &'c Connection,
+    /// In order of preparation. Holding the text keeps its address from being reused.
+    prepared: Vec<(Rc<str>, CachedStatement<'c>)>,
+}
+
+/// The most statements a batch holds at once; older ones go back to rusqlite's cache.
+const STATEMENTS_PER_BATCH: usize = 16;
+
+impl<'c> BatchStatements<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        BatchStatements { conn, prepared: Vec::new() }
+    }
+
+    fn get(&mut self, sql: &Rc<str>) -> Result<&mut CachedStatement<'c>, rusqlite::Error> {
+        let i = match self.prepared.iter().rposition(|(s, _)| Rc::ptr_eq(s, sql)) {
+            Some(i) => i,
+            None => {
+                if self.prepared.len() >= STATEMENTS_PER_BATCH {
+                    self.prepared.remove(0);
+                }
+                self.prepared.push((sql.clone(), self.conn.prepare_cached(sql)?));
+                self.prepared.len() - 1
+            }
+        };
+        Ok(&mut self.prepared[i].1)
+    }
+}
+/// Applies a batch of records and records their offsets, in one SQLite transaction.
+pub(super) fn apply_batch(
+    conn: &mut Connection,
+    tables: &mut HashMap<String, TableShape>,
+    subscribed: Option<&HashSet<String>>,
+    topic: &str,
+    records: &[Record<'_>],
+) -> Result<BatchStats, StoreError> {
+    let tx = conn.transaction()?;
+    let mut statements = BatchStatements::new(&tx);
+    let mut stats = BatchStats::default();
+    // (partition, next offset, applied LSN): a handful of partitions, searched in place.
+    let mut next_offsets: Vec<(i32, i64, i64)> = Vec::new();
+    let mut applied_by_op = [0u64; 6];
+    for record in records {
+        stats.processed += 1;
+        let i = match next_offsets.iter().position(|(p, _, _)| *p == record.partition) {
+            Some(i) => i,
+            None => {
+                next_offsets.push((record.partition, 0, 0));
+                next_offsets.len() - 1
+            }
+        };
+        let entry = &mut next_offsets[i];
+        entry.1 = entry.1.max(record.offset + 1);
+        match &record.delta {
+            Ok(None) => stats.tombstones += 1,
+            Ok(Some(delta)) if record.tombstone => {
+                // Usually the delete delta before it was applied already and this
+                // changes nothing; after compaction it is the only news of the delete.
+                stats.tombstones += 1;
+                if delta.op != DeltaOp::Delete {
+                    reject(&tx, topic, record, "a tombstone's header carries a delete, not another change")?;
+                    stats.rejected += 1;
+                } else if subscribed.is_none_or(|t| t.contains(delta.table)) {
+                    if let Err(e) = apply_delta(&tx, &mut statements, tables, delta) {
+                        match e {
+                            ApplyError::Sqlite(e) => return Err(e.into()),
+                            ApplyError::Invalid(reason) => {
+                                reject(&tx, topic, record, &reason)?;
+                                stats.rejected += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(Some(delta)) => {
+                // Within a partition deltas come in WAL order: a delta of the
+                // transaction committed at C means every earlier transaction is complete
+                // here; a watermark W means every transaction at or below W is.
+                let complete_below = if delta.op == DeltaOp::Watermark { delta.commit_lsn } else { delta.commit_lsn - 1 };
+                entry.2 = entry.2.max(complete_below);
+                if delta.op == DeltaOp::Watermark {
+                    stats.watermarks += 1;
+                    continue;
+                }
+                if subscribed.is_some_and(|t| !t.contains(delta.table)) {
+                    stats.not_subscribed += 1;
+                    continue;
+                }
+                match apply_delta(&tx, &mut statements, tables, delta) {
+                    Ok(true) => {
+                        stats.applied += 1;
+                        applied_by_op[delta.op as usize] += 1;
+                    }
+                    Ok(false) => stats.skipped_older += 1,
+                    Err(ApplyError::Sqlite(e)) => return Err(e.into()),
+                    Err(ApplyError::Invalid(reason)) => {
+                        reject(&tx, topic, record, &reason)?;
+                        stats.rejected += 1;
+                    }
+                }
+            }
+            Err(reason) => {
+                reject(&tx, topic, record, reason)?;
+                stats.rejected += 1;
+            }
+        }
+    }
+    drop(statements);
+    record_positions(&tx, topic, &next_offsets, &applied_by_op, &mut stats)?;
+    // Reloaded on the next open if this commit fails.
+    tx.commit()?;
+    Ok(stats)
+}
+
+/// Writes the batch's positions and counters, in the batch's transaction, and completes
+/// `stats` with them.
+fn record_positions(
+    tx: &rusqlite::Transaction<'_>,
+    topic: &str,
+    next_offsets: &[(i32, i64, i64)],
+    applied_by_op: &[u64; 6],
+    stats: &mut BatchStats,
+) -> Result<(), rusqlite::Error> {
+    for op in [DeltaOp::Insert, DeltaOp::Update, DeltaOp::Delete, DeltaOp::Truncate, DeltaOp::Snapshot] {
+        if applied_by_op[op as usize] > 0 {
+            stats.applied_by_op.insert(op.as_str(), applied_by_op[op as usize]);
+        }
+    }
+    for (partition, next, applied) in next_offsets {
+        tx.execute(
+            "INSERT INTO _pgfanout_offsets (topic, partition, next_offset, applied_lsn) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (topic, partition) DO UPDATE SET
+                 next_offset = excluded.next_offset,
+                 applied_lsn = max(applied_lsn, excluded.applied_lsn)",
+            params![topic, partition, next, applied],
+        )?;
+        stats.applied_lsn.insert(*partition, *applied);
+        stats.next_offset.insert(*partition, *next);
+    }
+    for (name, n) in [
+        ("processed", stats.processed),
+        ("applied", stats.applied),
+        ("skipped", stats.skipped_older),
+        ("watermarks", stats.watermarks),
+        ("tombstones", stats.tombstones),
+        ("not_subscribed", stats.not_subscribed),
+        ("rejected", stats.rejected),
+    ] {
+        if n > 0 {
+            tx.execute(
+                "INSERT INTO _pgfanout_counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                params![name, n as i64],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, record: &Record<'_>, reason: &str) -> Result<(), rusqlite::Error> {
+    tracing::warn!(
+        partition = record.partition,
+        offset = record.offset,
+        reason,
+        "delta cannot be applied; recorded in _pgfanout_rejected"
+    );
+    tx.execute(
+        "INSERT OR REPLACE INTO _pgfanout_rejected (topic, partition, record_offset, reason) VALUES (?1, ?2, ?3, ?4)",
+        params![topic, record.partition, record.offset, reason],
+    )?;
+    Ok(())
+}
+
+
+/// Applies one delta if it is newer than what the store holds; `Ok(true)` if it changed
+/// anything.
+fn apply_delta(
+    tx: &rusqlite::Transaction<'_>,
+    statements: &mut BatchStatements<'_>,
+    tables: &mut HashMap<String, TableShape>,
+    delta: &DeltaView<'_>,
+) -> Result<bool, ApplyError> {
+    let version = delta.version();
+    match delta.op {
+        DeltaOp::Watermark => Ok(false), // positions only; handled by the caller
+        DeltaOp::Truncate => {
+            let Some(shape) = tables.get_mut(delta.table) else {
+                // Nothing of this table here yet, but rows older than the truncate may still
+                // arrive from other partitions: remember it for when the table is created.
+                if truncated_at(tx, delta.table)? >= version {
+                    return Ok(false);
+                }
+                record_truncate(tx, delta.table, version)?;
+                return Ok(true);
+            };
+            if shape.truncated_at >= version {
+                return Ok(false);
+            }
+            shape.truncated_at = version;
+            record_truncate(tx, delta.table, version)?;
+            let t = sqlite_table(delta.table);
+            let nulls = null_assignments(shape);
+            tx.execute(
+                &format!("UPDATE {t} SET {nulls}{DELETED} = 1, {LSN} = ?1, {SEQ} = ?2 WHERE ({LSN}, {SEQ}) < (?1, ?2)"),
+                params![version.0, version.1],
+            )?;
+            Ok(true)
+        }
+        DeltaOp::Insert | DeltaOp::Update | DeltaOp::Snapshot | DeltaOp::Delete => {
+            if delta.key.is_empty() {
+                return Err(ApplyError::Invalid(format!("{} delta on {} has no key", delta.op.as_str(), delta.table)));
+            }
+            let row: &[ColumnView<'_>] = match (&delta.op, &delta.after) {
+                (DeltaOp::Delete, _) => &delta.key,
+                (_, Some(after)) => after,
+                (_, None) => {
+                    return Err(ApplyError::Invalid(format!("{} delta on {} has no row", delta.op.as_str(), delta.table)))
+                }
+            };
+            let (shape, row) = ensure_shape(tx, tables, delta.table, &delta.key, row, version, delta.op != DeltaOp::Delete)?;
+            if shape.truncated_at >= version {
+                return Ok(false);
+            }
+            if let Some(old_key) = &delta.old_key {
+                if !same_key(old_key, &delta.key) {
+                    write_tombstone(statements, delta.table, shape, old_key, version)?;
+                }
+            }
+            if delta.op == DeltaOp::Delete {
+                write_tombstone(statements, delta.table, shape, &delta.key, version)
+            } else {
+                write_row(statements, delta.table, shape, &row, version)
+            }
+        }
+    }
+}
+
+fn same_key(a: &[ColumnView<'_>], b: &[ColumnView<'_>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.name == y.name && x.value == y.value)
+}
+fn null_assignments(shape: &TableShape) -> String {
+    shape.columns.iter().filter(|c| !shape.key.contains(c)).map(|c| format!("{} = NULL, ", quote_ident(c))).collect()
+}
+
+fn write_row(
+    statements: &mut BatchStatements<'_>,
+    table: &str,
+    shape: &mut TableShape,
+    row: &[ColumnView<'_>],
+    version: (i64, i64),
+) -> Result<bool, ApplyError> {
+    let sql = shape.statement(WriteKind::Row, row, |shape| {
+        let updates: String = row
+            .iter()
+            .filter(|c| !c.unchanged && !shape.key.iter().any(|k| k == c.name))
+            .map(|c| format!("{0} = excluded.{0}, ", quote_ident(c.name)))
+            .collect();
+        versioned_upsert_sql(table, shape, row, &updates, false)
+    });
+    execute_versioned(statements.get(&sql)?, row, version)
+}
+
+fn write_tombstone(
+    statements: &mut BatchStatements<'_>,
+    table: &str,
+    shape: &mut TableShape,
+    key: &[ColumnView<'_>],
+    version: (i64, i64),
+) -> Result<bool, ApplyError> {
+    // A tombstone clears every non-key column the table has now; the statements are
+    // forgotten whenever those change.
+    let sql = shape
+        .statement(WriteKind::Tombstone, key, |shape| versioned_upsert_sql(table, shape, key, &null_assignments(shape), true));
+    execute_versioned(statements.get(&sql)?, key, version)
+}
+
+/// `INSERT … ON CONFLICT DO UPDATE` of `columns` plus the version, applied only when the
+/// version is newer than the stored one: `assignments` (each ending in `, `) change the
+/// other columns, and the row becomes live or a tombstone.
+fn versioned_upsert_sql(
+    table: &str,
+    shape: &TableShape,
+    columns: &[ColumnView<'_>],
+    assignments: &str,
+    tombstone: bool,
+) -> String {
+    let t = sqlite_table(table);
+    let names = columns.iter().map(|c| quote_ident(c.name)).collect::<Vec<_>>().join(", ");
+    let marks = (1..=columns.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let (lsn, seq) = (columns.len() + 1, columns.len() + 2);
+    let conflict = shape.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+    let deleted = u8::from(tombstone);
+    format!(
+        "INSERT INTO {t} ({names}, {LSN}, {SEQ}, {DELETED}) VALUES ({marks}, ?{lsn}, ?{seq}, {deleted})
+         ON CONFLICT ({conflict}) DO UPDATE SET {assignments}{LSN} = excluded.{LSN}, {SEQ} = excluded.{SEQ}, {DELETED} = {deleted}
+         WHERE ({LSN}, {SEQ}) < (excluded.{LSN}, excluded.{SEQ})"
+    )
+}
+
+/// Runs a versioned write: the columns' values, then the version; `true` if a row changed.
+fn execute_versioned(
+    stmt: &mut rusqlite::Statement<'_>,
+    columns: &[ColumnView<'_>],
+    version: (i64, i64),
+) -> Result<bool, ApplyError> {
+    for (i, c) in columns.iter().enumerate() {
+        stmt.raw_bind_parameter(i + 1, c.value)?;
+    }
+    stmt.raw_bind_parameter(columns.len() + 1, version.0)?;
+    stmt.raw_bind_parameter(columns.len() + 2, version.1)?;
+    Ok(stmt.raw_execute()? > 0)
+}
+impl ToSql for ValueView<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match *self {
+            ValueView::Null => ValueRef::Null,
+            ValueView::Boolean(b) => ValueRef::Integer(i64::from(b)),
+            ValueView::Long(n) => ValueRef::Integer(n),
+            // SQLite turns a NaN REAL into NULL; keep it as text so it survives.
+            ValueView::Double(f) if f.is_nan() => ValueRef::Text(b"NaN"),
+            ValueView::Double(f) => ValueRef::Real(f),
+            ValueView::String(s) => ValueRef::Text(s.as_bytes()),
+            ValueView::Bytes(b) => ValueRef::Blob(b),
+        }))
+    }
+}
