@@ -87,19 +87,11 @@ fn parse_key_values(s: &str) -> Result<Vec<(String, String)>, ConninfoError> {
         if chars.next_if_eq(&'\'').is_some() {
             loop {
                 match chars.next() {
-                    None => {
-                        return Err(ConninfoError(format!(
-                            "unterminated quoted value for {key:?} in connection string"
-                        )))
-                    }
+                    None => return Err(ConninfoError(format!("unterminated quoted value for {key:?} in connection string"))),
                     Some('\'') => break,
                     Some('\\') => match chars.next() {
                         Some(c) => value.push(c),
-                        None => {
-                            return Err(ConninfoError(format!(
-                                "unterminated quoted value for {key:?} in connection string"
-                            )))
-                        }
+                        None => return Err(ConninfoError(format!("unterminated quoted value for {key:?} in connection string"))),
                     },
                     Some(c) => value.push(c),
                 }
@@ -145,8 +137,7 @@ fn parse_url(s: &str) -> Result<Vec<(String, String)>, ConninfoError> {
         None => authority,
     };
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (host, after) =
-            v6.split_once(']').ok_or_else(|| ConninfoError("unterminated IPv6 address in URL".into()))?;
+        let (host, after) = v6.split_once(']').ok_or_else(|| ConninfoError("unterminated IPv6 address in URL".into()))?;
         (host, after.strip_prefix(':'))
     } else {
         match hostport.rsplit_once(':') {
@@ -162,8 +153,7 @@ fn parse_url(s: &str) -> Result<Vec<(String, String)>, ConninfoError> {
         out.push(("dbname".to_owned(), percent_decode(db)?));
     }
     for param in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) =
-            param.split_once('=').ok_or_else(|| ConninfoError(format!("URL parameter {param:?} has no value")))?;
+        let (k, v) = param.split_once('=').ok_or_else(|| ConninfoError(format!("URL parameter {param:?} has no value")))?;
         out.push((percent_decode(k)?, percent_decode(v)?));
     }
     Ok(out)

@@ -116,7 +116,6 @@ pub async fn ensure_schema(client: &Client) -> Result<(), tokio_postgres::Error>
     client.batch_execute(SCHEMA_SQL).await
 }
 
-
 /// A table name as written in instructions and deltas: `schema.table`, or `table` in
 /// schema `public`. Parsing is strict: exactly one optional dot, no quoting.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -264,7 +263,6 @@ pub fn sqlstate(err: &tokio_postgres::Error) -> Option<&str> {
 pub fn is_transient(err: &tokio_postgres::Error) -> bool {
     crate::sqlstate::is_transient(sqlstate(err))
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,6 @@ use super::pgoutput::{OldTuple, PgOutputMessage, Relation, TupleValue};
 use crate::contract::value::type_name_for_oid;
 use crate::contract::{Column, Delta, DeltaOp, Value, CORRELATION_PREFIX, PG_EPOCH_OFFSET_MICROS};
 
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     Begin,

@@ -34,8 +34,8 @@ use super::pgoutput::{PgOutputMessage, Relation, RelationColumn, TupleValue};
 use super::replication::{self, ReplicationClient, ReplicationConfig};
 use super::{on_delivered, CaptureError, InFlight, Session};
 use crate::contract::{now_micros, DeltaOp, PG_EPOCH_OFFSET_MICROS};
-use crate::{pg, quote};
 use crate::shutdown::Shutdown;
+use crate::{pg, quote};
 
 /// When capture copies the published tables before streaming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -135,7 +135,8 @@ impl Session<'_> {
             let relation_id = table.relation.id;
             let columns: Vec<String> = table.relation.columns.iter().map(|c| quote::quote_ident(&c.name)).collect();
             let filter = table.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
-            let source = format!("{}.{}", quote::quote_ident(&table.relation.namespace), quote::quote_ident(&table.relation.name));
+            let source =
+                format!("{}.{}", quote::quote_ident(&table.relation.namespace), quote::quote_ident(&table.relation.name));
             for (oid, namespace, name) in table.types {
                 decoder.on_message(version, PgOutputMessage::Type { oid, namespace, name }).map_err(decode_error)?;
             }

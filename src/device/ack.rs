@@ -1,8 +1,10 @@
 //! The device's applied watermark and its publication on the `device-acks` topic.
 //!
 //! Per partition, the store knows the LSN at or below which every transaction is fully
-//! applied (deltas arrive in WAL order per partition; capture's watermark deltas move idle
-//! partitions). The device's watermark is the minimum over all partitions: every
+//! applied: the last watermark delta it applied there (capture sends a watermark only past
+//! deltas Kafka acknowledged, so they all precede it in the partition; a data delta moves
+//! nothing, since an earlier transaction's delta may have been lost while it got through).
+//! The device's watermark is the minimum over all partitions: every
 //! transaction at or below it is applied on this device. Comparing it with an
 //! instruction's `commit_lsn` is the one confirmation a submitter needs.
 

@@ -34,9 +34,8 @@ pub struct Admitted {
 
 /// Checks every field; on success the instruction carries its canonical id.
 pub fn admit(raw: &Instruction) -> Result<Admitted, Rejection> {
-    let id = uuid::Uuid::try_parse(&raw.instruction_id).map_err(|_| {
-        Rejection::new(BAD_ID, format!("instruction_id \"{}\" is not a UUID", printable(&raw.instruction_id)))
-    })?;
+    let id = uuid::Uuid::try_parse(&raw.instruction_id)
+        .map_err(|_| Rejection::new(BAD_ID, format!("instruction_id \"{}\" is not a UUID", printable(&raw.instruction_id))))?;
     if raw.operations.is_empty() {
         return Err(Rejection::new(BAD_SHAPE, "an instruction needs at least one operation"));
     }

@@ -87,10 +87,8 @@ pub async fn execute_batch(
     statements: &mut Statements,
     batch: &[Instruction],
 ) -> Result<Vec<InstructionResult>, tokio_postgres::Error> {
-    let checked: Vec<Result<Admitted, InstructionResult>> = batch
-        .iter()
-        .map(|raw| admit(raw).map_err(|r| refused(raw, r.code, r.message, ResultStatus::Rejected)))
-        .collect();
+    let checked: Vec<Result<Admitted, InstructionResult>> =
+        batch.iter().map(|raw| admit(raw).map_err(|r| refused(raw, r.code, r.message, ResultStatus::Rejected))).collect();
     let admitted: Vec<&Admitted> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
     let mut results = execute_admitted(client, catalog, statements, &admitted).await?.into_iter();
     Ok(checked
@@ -134,10 +132,8 @@ async fn execute_admitted(
         None => one_by_one(client, catalog, &marker, &prepared).await?,
     };
     // The content each id stands for: logged before, or executed now by its first copy.
-    let mut digests: HashMap<String, Option<Vec<u8>>> = prepared
-        .iter()
-        .map(|p| (p.admitted().instruction.instruction_id.clone(), Some(p.admitted().digest.to_vec())))
-        .collect();
+    let mut digests: HashMap<String, Option<Vec<u8>>> =
+        prepared.iter().map(|p| (p.admitted().instruction.instruction_id.clone(), Some(p.admitted().digest.to_vec()))).collect();
     let mut stored = HashMap::with_capacity(logged.len());
     for (id, l) in logged {
         digests.insert(id.clone(), l.digest);
@@ -190,11 +186,7 @@ async fn prepare<'a>(
                     catalog.invalidate();
                     count_postgres_error(&e);
                     let code = pg::sqlstate(&e).unwrap_or("XX000").to_string();
-                    return Ok(Prepared::Refuse {
-                        admitted,
-                        code,
-                        message: format!("operation {}: {}", i + 1, db_message(&e)),
-                    });
+                    return Ok(Prepared::Refuse { admitted, code, message: format!("operation {}: {}", i + 1, db_message(&e)) });
                 }
             },
             Err(r) => return refuse(Rejection { code: r.code, message: format!("operation {}: {}", i + 1, r.message) }),

@@ -47,7 +47,11 @@ impl Catalog {
         self.allowed_loaded = None;
     }
 
-    pub(super) async fn lookup(&mut self, client: &Client, raw: &str) -> Result<Result<TableInfo, Rejection>, tokio_postgres::Error> {
+    pub(super) async fn lookup(
+        &mut self,
+        client: &Client,
+        raw: &str,
+    ) -> Result<Result<TableInfo, Rejection>, tokio_postgres::Error> {
         let Some(name) = TableName::parse(raw) else {
             return Ok(Err(Rejection::new(UNKNOWN_TABLE, format!("{:?} is not a table name (schema.table)", printable(raw)))));
         };

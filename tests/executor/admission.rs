@@ -11,7 +11,11 @@ fn text(s: &str) -> Value {
     Value::String(s.to_string())
 }
 
-fn expect_outcome(results: &std::collections::HashMap<String, InstructionResult>, i: &Instruction, want: (ResultStatus, Option<&str>)) {
+fn expect_outcome(
+    results: &std::collections::HashMap<String, InstructionResult>,
+    i: &Instruction,
+    want: (ResultStatus, Option<&str>),
+) {
     let r = results.get(&i.instruction_id).unwrap_or_else(|| panic!("no result for {:?}", i.instruction_id));
     assert_eq!((r.status, r.error_code.as_deref()), want, "{r:?}");
     if want.0 != ResultStatus::Committed {
@@ -24,7 +28,8 @@ async fn a_nul_character_in_any_string_field_is_rejected_and_the_executor_goes_o
     let mut p = Pipeline::new("nul").await;
     p.start_executor();
     let nul_issuer = Instruction { issued_by: "dev\0ice".into(), ..insert_item(1, text("a"), Value::Long(1)) };
-    let nul_id = Instruction { instruction_id: format!("{}\0", uuid::Uuid::new_v4()), ..insert_item(2, text("a"), Value::Long(1)) };
+    let nul_id =
+        Instruction { instruction_id: format!("{}\0", uuid::Uuid::new_v4()), ..insert_item(2, text("a"), Value::Long(1)) };
     let mut nul_table = insert_item(3, text("a"), Value::Long(1));
     nul_table.operations[0].table = "public.it\0ems".into();
     let mut nul_column = insert_item(4, text("a"), Value::Long(1));

@@ -45,9 +45,7 @@ pub fn format_lsn(lsn: Lsn) -> String {
 
 /// Parses an LSN in PostgreSQL's `X/Y` hexadecimal notation.
 pub fn parse_lsn(s: &str) -> Result<Lsn, ReplicationError> {
-    s.parse::<crate::contract::Lsn>()
-        .map(u64::from)
-        .map_err(|_| ReplicationError::Protocol(format!("invalid LSN {s:?}")))
+    s.parse::<crate::contract::Lsn>().map(u64::from).map_err(|_| ReplicationError::Protocol(format!("invalid LSN {s:?}")))
 }
 
 /// Result of `IDENTIFY_SYSTEM`.

@@ -9,8 +9,8 @@ use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 
 use super::wire::{log_notice, now_pg_micros, server_error, unexpected, Conn};
-use crate::byte_reader::ByteReader;
 use super::{Lsn, ReplicationError};
+use crate::byte_reader::ByteReader;
 
 /// Upper bound for draining the copy stream in [`ReplicationStream::close`].
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);

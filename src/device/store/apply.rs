@@ -121,12 +121,13 @@ pub(super) fn apply_batch(
                 }
             }
             Ok(Some(delta)) => {
-                // Within a partition deltas come in WAL order: a delta of the
-                // transaction committed at C means every earlier transaction is complete
-                // here; a watermark W means every transaction at or below W is.
-                let complete_below = if delta.op == DeltaOp::Watermark { delta.commit_lsn } else { delta.commit_lsn - 1 };
-                entry.2 = entry.2.max(complete_below);
+                // Only a watermark moves the partition's applied position: capture sends W
+                // once Kafka acknowledged every delta of every transaction at or below W, so
+                // all of them lie before it in this partition. A data delta proves nothing
+                // about earlier transactions: one of their deltas may have failed to reach
+                // Kafka while this later one got through.
                 if delta.op == DeltaOp::Watermark {
+                    entry.2 = entry.2.max(delta.commit_lsn);
                     stats.watermarks += 1;
                     continue;
                 }
@@ -218,7 +219,6 @@ fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, record: &Record<'_>, reas
     )?;
     Ok(())
 }
-
 
 /// Applies one delta if it is newer than what the store holds; `Ok(true)` if it changed
 /// anything.

@@ -50,7 +50,8 @@ impl<'c> StoreReader<'c> {
     /// Per partition of `topic` that the store has consumed from.
     pub fn positions(&self, topic: &str) -> Result<Vec<Position>, rusqlite::Error> {
         let mut stmt = self.conn.prepare("SELECT partition, next_offset, applied_lsn FROM _pgfanout_offsets WHERE topic = ?1")?;
-        let rows = stmt.query_map([topic], |r| Ok(Position { partition: r.get(0)?, next_offset: r.get(1)?, applied_lsn: r.get(2)? }))?;
+        let rows =
+            stmt.query_map([topic], |r| Ok(Position { partition: r.get(0)?, next_offset: r.get(1)?, applied_lsn: r.get(2)? }))?;
         rows.collect()
     }
 

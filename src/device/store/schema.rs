@@ -111,7 +111,12 @@ impl TableShape {
     }
 
     /// The statement writing `columns`, built by `build` the first time.
-    pub(super) fn statement(&mut self, kind: WriteKind, columns: &[ColumnView<'_>], build: impl FnOnce(&TableShape) -> String) -> Rc<str> {
+    pub(super) fn statement(
+        &mut self,
+        kind: WriteKind,
+        columns: &[ColumnView<'_>],
+        build: impl FnOnce(&TableShape) -> String,
+    ) -> Rc<str> {
         match self.statements.iter().position(|s| s.writes(kind, columns)) {
             Some(0) => {}
             Some(i) => self.statements[..=i].rotate_right(1),

@@ -317,3 +317,25 @@ fn a_tombstone_carrying_its_delete_deletes_when_compaction_removed_the_delete_de
     store.apply_batch("t", &[row(&reinsert, 3), tombstone(&delete, 2)]).unwrap();
     assert_eq!(live_rows(&store), BTreeMap::from([(1, 3)]));
 }
+
+#[test]
+fn only_a_watermark_moves_a_partitions_applied_position() {
+    let path = temp_store(11);
+    let mut store = Store::open(&path).unwrap();
+    let watermark =
+        |lsn: i64| Delta { table: String::new(), op: DeltaOp::Watermark, key: vec![], after: None, ..row_delta(lsn, 0, &[]) };
+    fn record(d: &Delta, offset: i64) -> Record<'_> {
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false }
+    }
+    // A transaction at 300 got through while one at 200 (a delta in this partition) did not:
+    // its delta says nothing about 200.
+    let later = row_delta(300, 1, &[("v", 1)]);
+    let stats = store.apply_batch("t", &[record(&later, 0)]).unwrap();
+    assert_eq!(stats.applied, 1);
+    assert_eq!(stats.applied_lsn.get(&0).copied(), Some(0), "a data delta moves no position: {:?}", stats.applied_lsn);
+    let (w150, w400) = (watermark(150), watermark(400));
+    store.apply_batch("t", &[record(&w150, 1)]).unwrap();
+    assert_eq!(store.applied_lsns("t").unwrap().get(&0).copied(), Some(150));
+    store.apply_batch("t", &[record(&row_delta(500, 2, &[("v", 2)]), 2), record(&w400, 3)]).unwrap();
+    assert_eq!(store.applied_lsns("t").unwrap().get(&0).copied(), Some(400), "the watermark, not the later delta");
+}
