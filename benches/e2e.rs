@@ -39,6 +39,7 @@ use pgfanout::config::KafkaSettings;
 use pgfanout::contract::codec::{decode_delta, decode_device_ack, decode_result, encode_instruction};
 use pgfanout::contract::{now_micros, Delta, Field, Instruction, Operation, OperationKind, Value};
 use pgfanout::kafka::{self, ClientRole, TopicSpec};
+use pgfanout::test_support::bench::{env, kafka_settings, start, Process};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -47,11 +48,9 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
-mod common;
 #[path = "e2e/measure.rs"]
 mod measure;
 
-use common::{env, kafka_settings, start, Process};
 use measure::{broker_hop, open_loop, percentile, settle, sorted_ms, sustained, Chain};
 
 #[global_allocator]

@@ -4,12 +4,14 @@
 //! Components (one subcommand each): [`executor`], [`capture`], [`device`], plus
 //! [`submit`], [`verify`] and [`demo`]. The data contracts are in [`contract`], Kafka
 //! client set-up in [`kafka`], PostgreSQL helpers in [`pg`]; every option is listed in
-//! `docs/configuration.md`, rendered by [`config_reference`].
+//! `docs/configuration.md`, rendered by [`config_reference`]. With the `test-support`
+//! feature, `test_support` is the harness of the integration tests and benchmarks.
 
 pub mod backoff;
 pub mod byte_reader;
 pub mod capture;
 pub mod cli;
+pub mod component;
 pub mod config;
 pub mod config_reference;
 pub mod conninfo;
@@ -24,6 +26,8 @@ pub mod shutdown;
 pub mod sqlstate;
 pub mod submit;
 pub mod telemetry;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 pub mod tls;
 pub mod verify;
 pub mod workload;

@@ -11,17 +11,15 @@
 //! `PGFANOUT_CHAOS_ROUNDS` (default 10) sets its length; `bench/run chaos --rounds N` runs a
 //! long one. The run ends with `RESULT chaos_rounds N lost L duplicated D diverged V`.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::ResultStatus;
 use pgfanout::kafka::{self, ClientRole};
 use pgfanout::submit::produce_instructions;
+use pgfanout::test_support::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::workload::{Rng, Workload};
 use rdkafka::producer::FutureProducer;
 

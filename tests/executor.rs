@@ -3,16 +3,15 @@
 
 #[path = "executor/admission.rs"]
 mod admission;
-mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::{now_micros, Field, Instruction, Operation, OperationKind, ResultStatus, Value};
 use pgfanout::executor::batch::execute_batch;
 use pgfanout::executor::catalog::{AllowedTables, Catalog, Statements};
 use pgfanout::pg::TableName;
+use pgfanout::test_support::{logged_count, wait_for, Pipeline, TIMEOUT};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureRecord;

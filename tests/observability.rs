@@ -3,8 +3,6 @@
 //! dashboard panel returns data from a pipeline under load; the alert rules load, evaluate
 //! and pass their `promtool` unit tests.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Pipeline};
 use pgfanout::contract::{now_micros, Field, Instruction, Operation, OperationKind, ResultStatus, Value};
+use pgfanout::test_support::{wait_for, Pipeline};
 use pgfanout::workload::Workload;
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;

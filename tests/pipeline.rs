@@ -1,12 +1,10 @@
 //! The full path on real parts: instructions → executor → PostgreSQL → WAL → capture →
 //! Kafka → devices' SQLite stores, including crashes of a device and of capture.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::{Field, Instruction, Operation, OperationKind, ResultStatus, Value};
+use pgfanout::test_support::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::workload::{self, Workload};
 
 const DEVICES: [&str; 3] = ["a", "b", "c"];
