@@ -18,6 +18,7 @@ pub mod conninfo;
 pub mod contract;
 pub mod demo;
 pub mod device;
+pub mod error_kind;
 pub mod executor;
 pub mod kafka;
 pub mod pg;
