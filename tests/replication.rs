@@ -77,6 +77,47 @@ fn text(s: &str) -> TupleValue {
     TupleValue::Text(s.as_bytes().to_vec())
 }
 
+/// Checks the messages of the first test transaction (an insert, an update and a delete of
+/// one row of `table`, and a transactional message); returns its end LSN.
+fn assert_first_transaction(msgs: &[PgOutputMessage], table: &str) -> Lsn {
+    assert_eq!(msgs.len(), 7, "{msgs:#?}");
+    let PgOutputMessage::Begin { final_lsn, xid, .. } = msgs[0] else { panic!("expected Begin, got {:?}", msgs[0]) };
+    assert!(xid > 0);
+    let PgOutputMessage::Relation(rel) = &msgs[1] else { panic!("expected Relation, got {:?}", msgs[1]) };
+    assert_eq!(rel.namespace, "public");
+    assert_eq!(rel.name, table);
+    assert_eq!(rel.replica_identity, b'd');
+    let cols: Vec<_> = rel.columns.iter().map(|c| (c.name.as_str(), c.is_key, c.type_oid)).collect();
+    assert_eq!(cols, [("id", true, 23), ("name", false, 25)]);
+    let rel_id = rel.id;
+    assert_eq!(msgs[2], PgOutputMessage::Insert { relation_id: rel_id, new: vec![text("1"), text("a")] });
+    assert_eq!(msgs[3], PgOutputMessage::Update { relation_id: rel_id, old: None, new: vec![text("1"), text("b")] });
+    assert_eq!(msgs[4], PgOutputMessage::Delete { relation_id: rel_id, old: OldTuple::Key(vec![text("1"), TupleValue::Null]) });
+    let PgOutputMessage::Message { transactional, prefix, content, .. } = &msgs[5] else {
+        panic!("expected Message, got {:?}", msgs[5])
+    };
+    assert!(*transactional);
+    assert_eq!(prefix, "pgfanout");
+    assert_eq!(content, b"x");
+    let PgOutputMessage::Commit { commit_lsn, end_lsn, .. } = msgs[6] else { panic!("expected Commit, got {:?}", msgs[6]) };
+    assert_eq!(commit_lsn, final_lsn);
+    assert!(end_lsn > commit_lsn);
+    end_lsn
+}
+
+/// The new rows of the inserts among `msgs`; panics on an update or a delete.
+fn inserted_rows_only(msgs: &[PgOutputMessage]) -> Vec<Vec<TupleValue>> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            PgOutputMessage::Insert { new, .. } => Some(new.clone()),
+            PgOutputMessage::Update { .. } | PgOutputMessage::Delete { .. } => {
+                panic!("replayed {m:?}")
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn stream_decode_and_confirm() {
     let (cfg, sql) = superuser().await;
@@ -120,28 +161,7 @@ async fn stream_decode_and_confirm() {
     .unwrap();
 
     let msgs = collect_until(&mut stream, |m| matches!(m.last(), Some(PgOutputMessage::Commit { .. }))).await;
-    assert_eq!(msgs.len(), 7, "{msgs:#?}");
-    let PgOutputMessage::Begin { final_lsn, xid, .. } = msgs[0] else { panic!("expected Begin, got {:?}", msgs[0]) };
-    assert!(xid > 0);
-    let PgOutputMessage::Relation(rel) = &msgs[1] else { panic!("expected Relation, got {:?}", msgs[1]) };
-    assert_eq!(rel.namespace, "public");
-    assert_eq!(rel.name, table);
-    assert_eq!(rel.replica_identity, b'd');
-    let cols: Vec<_> = rel.columns.iter().map(|c| (c.name.as_str(), c.is_key, c.type_oid)).collect();
-    assert_eq!(cols, [("id", true, 23), ("name", false, 25)]);
-    let rel_id = rel.id;
-    assert_eq!(msgs[2], PgOutputMessage::Insert { relation_id: rel_id, new: vec![text("1"), text("a")] });
-    assert_eq!(msgs[3], PgOutputMessage::Update { relation_id: rel_id, old: None, new: vec![text("1"), text("b")] });
-    assert_eq!(msgs[4], PgOutputMessage::Delete { relation_id: rel_id, old: OldTuple::Key(vec![text("1"), TupleValue::Null]) });
-    let PgOutputMessage::Message { transactional, prefix, content, .. } = &msgs[5] else {
-        panic!("expected Message, got {:?}", msgs[5])
-    };
-    assert!(*transactional);
-    assert_eq!(prefix, "pgfanout");
-    assert_eq!(content, b"x");
-    let PgOutputMessage::Commit { commit_lsn, end_lsn, .. } = msgs[6] else { panic!("expected Commit, got {:?}", msgs[6]) };
-    assert_eq!(commit_lsn, final_lsn);
-    assert!(end_lsn > commit_lsn);
+    let end_lsn = assert_first_transaction(&msgs, &table);
 
     let (active, before) = slot_row(&sql, &slot).await;
     assert!(active);
@@ -158,16 +178,7 @@ async fn stream_decode_and_confirm() {
     let mut stream = repl.start_replication(&slot, 0, &publication).await.unwrap();
     sql.execute(&format!("INSERT INTO {table} VALUES (2, 'c')"), &[]).await.unwrap();
     let msgs = collect_until(&mut stream, |m| matches!(m.last(), Some(PgOutputMessage::Commit { .. }))).await;
-    let inserts: Vec<_> = msgs
-        .iter()
-        .filter_map(|m| match m {
-            PgOutputMessage::Insert { new, .. } => Some(new.clone()),
-            PgOutputMessage::Update { .. } | PgOutputMessage::Delete { .. } => {
-                panic!("replayed {m:?}")
-            }
-            _ => None,
-        })
-        .collect();
+    let inserts = inserted_rows_only(&msgs);
     assert_eq!(inserts, vec![vec![text("2"), text("c")]]);
 
     // A second consumer of an active slot gets a transient "in use" error.
