@@ -11,7 +11,7 @@ use pgfanout::contract::{now_micros, Field, Instruction, Operation, OperationKin
 use pgfanout::executor::batch::execute_batch;
 use pgfanout::executor::catalog::{AllowedTables, Catalog, Statements};
 use pgfanout::pg::TableName;
-use pgfanout::test_support::{logged_count, wait_for, Pipeline, TIMEOUT};
+use pgfanout::test_support::{logged_count, wait_for, Deadline, Pipeline, TIMEOUT};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureRecord;
@@ -306,8 +306,8 @@ async fn undecodable_records_are_dead_lettered(p: &mut Pipeline) {
             .unwrap();
     dlq.assign(&(0..p.kafka.partitions).map(|part| ((topics.dlq.clone(), part), rdkafka::Offset::Beginning)).collect()).unwrap();
     let mut letters = Vec::new();
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while letters.len() < 2 && std::time::Instant::now() < deadline {
+    let deadline = Deadline::after(TIMEOUT, "the dead letters");
+    while letters.len() < 2 && !deadline.passed() {
         if let Some(Ok(m)) = dlq.poll(Duration::from_millis(200)) {
             let headers: HashMap<String, String> = m
                 .headers()

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::env::{self, unique_name, with_dbname};
 use super::process::{append_log, pgfanout_bin, terminate_and_wait};
 use super::services::{OwnBroker, OwnPostgres};
+use super::sql::slot_streaming;
 use super::wait::{Deadline, TIMEOUT};
 use crate::component::component_command;
 use crate::config::{KafkaSettings, PostgresSettings};
@@ -151,16 +152,7 @@ impl Pipeline {
         self.start("capture", &args);
         let client = self.client().await;
         let deadline = Deadline::after(TIMEOUT, "capture to start streaming");
-        // A slot being created is already `active` while it waits for running
-        // transactions; its walsender reports `catchup` or `streaming` only once
-        // START_REPLICATION runs from the consistent point.
-        let sql = "SELECT r.state FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
-                   WHERE s.slot_name = $1";
-        loop {
-            let row = client.query_opt(sql, &[&self.name]).await.unwrap();
-            if row.is_some_and(|r| matches!(r.get::<_, Option<String>>(0).as_deref(), Some("catchup" | "streaming"))) {
-                return;
-            }
+        while !slot_streaming(&client, &self.name).await {
             self.assert_running("capture");
             deadline.pause().await;
         }
