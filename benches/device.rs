@@ -18,15 +18,12 @@ use pgfanout::device::store::{Record, Store};
 use pgfanout::device::DeviceSettings;
 use pgfanout::kafka;
 use pgfanout::shutdown::Shutdown;
+use pgfanout::test_support::bench::{env, kafka_settings};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::Offset;
 
 /// The same allocator as the `pgfanout` binary.
-mod common;
-
-use common::{env, kafka_settings};
-
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -39,6 +39,7 @@ use pgfanout::config::KafkaSettings;
 use pgfanout::contract::codec::{decode_delta, decode_device_ack, decode_result, encode_instruction};
 use pgfanout::contract::{now_micros, Delta, Field, Instruction, Operation, OperationKind, Value};
 use pgfanout::kafka::{self, ClientRole, TopicSpec};
+use pgfanout::test_support::bench::{env, kafka_settings, start, Process};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -47,11 +48,9 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
-mod common;
 #[path = "e2e/measure.rs"]
 mod measure;
 
-use common::{env, kafka_settings, start, Process};
 use measure::{broker_hop, open_loop, percentile, settle, sorted_ms, sustained, Chain};
 
 #[global_allocator]
@@ -471,6 +470,49 @@ impl Drop for Pipeline {
     }
 }
 
+/// (1) Open-loop latency at 1,000/s: each stage's p50 and p99, and the RESULT figures.
+fn measure_latency(p: &mut Pipeline, duration: Duration, results: &mut Vec<(&str, f64, usize)>) {
+    p.submitted.clear();
+    open_loop(p, 1000.0, duration);
+    settle(p, Duration::from_secs(120));
+    let ids: Vec<&String> = p.submitted.keys().collect();
+    let result = |id: &String| p.results[id];
+    let applied = |id: &String| p.applied_at(result(id).0).expect("applied");
+    let e2e = sorted_ms(ids.iter().map(|id| applied(id) - p.submitted[*id]));
+    let commit = sorted_ms(ids.iter().map(|id| result(id).2 - p.submitted[*id]));
+    println!("open loop: {} instructions at 1,000/s", ids.len());
+    let show =
+        |label: &str, v: &[f64]| println!("  {label}: p50 {:.1} ms, p99 {:.1} ms", percentile(v, 0.5), percentile(v, 0.99));
+    show(
+        "submit → executed (instructions hop, executor's poll)",
+        &sorted_ms(ids.iter().map(|id| result(id).1 - p.submitted[*id])),
+    );
+    show(
+        "executed → applied everywhere (commit, capture, deltas hop, devices)",
+        &sorted_ms(ids.iter().map(|id| applied(id) - result(id).1)),
+    );
+    if !p.deltas.is_empty() {
+        let traced: Vec<(&String, (i64, i64))> = ids.iter().filter_map(|id| p.deltas.get(*id).map(|d| (*id, *d))).collect();
+        show(
+            "  executed → committed (PostgreSQL's commit time)",
+            &sorted_ms(traced.iter().map(|(id, (commit_ts, _))| commit_ts - result(id).1)),
+        );
+        show(
+            "  committed → delta produced (capture; Kafka timestamp, ms)",
+            &sorted_ms(traced.iter().map(|(_, (commit_ts, produced_at))| produced_at - commit_ts)),
+        );
+        show(
+            "  delta produced → applied everywhere (deltas hop, devices)",
+            &sorted_ms(traced.iter().map(|(id, (_, produced_at))| applied(id) - produced_at)),
+        );
+    }
+    show("submit → result received", &commit);
+    show("submit → applied everywhere", &e2e);
+    results.push(("e2e_p50_ms_at_1000", percentile(&e2e, 0.5), 1));
+    results.push(("e2e_p99_ms_at_1000", percentile(&e2e, 0.99), 1));
+    results.push(("commit_p99_ms_at_1000", percentile(&commit, 0.99), 1));
+}
+
 fn main() {
     let dir = PathBuf::from(env("PGFANOUT_BENCH_DIR"));
     let settings = kafka_settings();
@@ -481,48 +523,7 @@ fn main() {
     if phase("latency") || phase("throughput") {
         let mut p = start_pipeline(&dir, &settings);
         if phase("latency") {
-            // (1) Open-loop latency at 1,000/s.
-            p.submitted.clear();
-            open_loop(&mut p, 1000.0, duration);
-            settle(&mut p, Duration::from_secs(120));
-            let ids: Vec<&String> = p.submitted.keys().collect();
-            let result = |id: &String| p.results[id];
-            let applied = |id: &String| p.applied_at(result(id).0).expect("applied");
-            let e2e = sorted_ms(ids.iter().map(|id| applied(id) - p.submitted[*id]));
-            let commit = sorted_ms(ids.iter().map(|id| result(id).2 - p.submitted[*id]));
-            println!("open loop: {} instructions at 1,000/s", ids.len());
-            let show = |label: &str, v: &[f64]| {
-                println!("  {label}: p50 {:.1} ms, p99 {:.1} ms", percentile(v, 0.5), percentile(v, 0.99))
-            };
-            show(
-                "submit → executed (instructions hop, executor's poll)",
-                &sorted_ms(ids.iter().map(|id| result(id).1 - p.submitted[*id])),
-            );
-            show(
-                "executed → applied everywhere (commit, capture, deltas hop, devices)",
-                &sorted_ms(ids.iter().map(|id| applied(id) - result(id).1)),
-            );
-            if !p.deltas.is_empty() {
-                let traced: Vec<(&String, (i64, i64))> =
-                    ids.iter().filter_map(|id| p.deltas.get(*id).map(|d| (*id, *d))).collect();
-                show(
-                    "  executed → committed (PostgreSQL's commit time)",
-                    &sorted_ms(traced.iter().map(|(id, (commit_ts, _))| commit_ts - result(id).1)),
-                );
-                show(
-                    "  committed → delta produced (capture; Kafka timestamp, ms)",
-                    &sorted_ms(traced.iter().map(|(_, (commit_ts, produced_at))| produced_at - commit_ts)),
-                );
-                show(
-                    "  delta produced → applied everywhere (deltas hop, devices)",
-                    &sorted_ms(traced.iter().map(|(id, (_, produced_at))| applied(id) - produced_at)),
-                );
-            }
-            show("submit → result received", &commit);
-            show("submit → applied everywhere", &e2e);
-            results.push(("e2e_p50_ms_at_1000", percentile(&e2e, 0.5), 1));
-            results.push(("e2e_p99_ms_at_1000", percentile(&e2e, 0.99), 1));
-            results.push(("commit_p99_ms_at_1000", percentile(&commit, 0.99), 1));
+            measure_latency(&mut p, duration, &mut results);
         }
         if phase("throughput") {
             // (2) The pipeline's throughput.

@@ -31,7 +31,9 @@ pub struct KafkaSettings {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Properties(pub Vec<(String, String)>);
 
-fn parse_properties(s: &str) -> Result<Properties, String> {
+/// Parses `key=value` pairs separated by commas (blanks around each trimmed, empty pairs
+/// skipped), as `--kafka-properties` takes them.
+pub fn parse_properties(s: &str) -> Result<Properties, String> {
     let mut out = Vec::new();
     for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| format!("kafka property {pair:?} is not key=value"))?;

@@ -5,12 +5,12 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureProducer;
 use tokio::process::{Child, Command};
 
+use crate::component::component_command;
 use crate::config::{KafkaSettings, PostgresSettings};
 use crate::kafka::{self, ClientRole};
 use crate::shutdown::Shutdown;
@@ -202,18 +202,8 @@ fn spawn(
 ) -> Result<(String, Child), DemoError> {
     let exe = std::env::current_exe().map_err(other)?;
     let log = std::fs::File::create(logs.join(format!("{name}.log"))).map_err(other)?;
-    let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .env("PGFANOUT_BROKERS", &kafka_settings.brokers)
-        .env("PGFANOUT_TOPIC_PREFIX", &kafka_settings.topic_prefix)
-        .env("PGFANOUT_KAFKA_PROPERTIES", kafka_settings.properties.to_string())
-        .env("PGFANOUT_POSTGRES", &pg_settings.conninfo)
-        .env("PGFANOUT_PUBLICATION", &pg_settings.publication)
-        .env_remove("PGFANOUT_METRICS_ADDR")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(other)?)
-        .stderr(log)
-        .kill_on_drop(true);
+    let mut cmd = Command::from(component_command(exe, args, kafka_settings, pg_settings));
+    cmd.stdout(log.try_clone().map_err(other)?).stderr(log).kill_on_drop(true);
     if let Some(port) = metrics_port {
         cmd.env("PGFANOUT_METRICS_ADDR", format!("127.0.0.1:{port}"));
     }

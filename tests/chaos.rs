@@ -11,17 +11,15 @@
 //! `PGFANOUT_CHAOS_ROUNDS` (default 10) sets its length; `bench/run chaos --rounds N` runs a
 //! long one. The run ends with `RESULT chaos_rounds N lost L duplicated D diverged V`.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{logged_count, wait_for, Pipeline, TIMEOUT};
-use pgfanout::contract::ResultStatus;
+use pgfanout::contract::{Instruction, ResultStatus};
 use pgfanout::kafka::{self, ClientRole};
 use pgfanout::submit::produce_instructions;
+use pgfanout::test_support::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::workload::{Rng, Workload};
 use rdkafka::producer::FutureProducer;
 
@@ -46,55 +44,12 @@ async fn nothing_is_lost_or_applied_twice_whatever_is_killed() {
     }
     let mut watcher = p.watch_results().await;
 
-    // Steady load: 40 instructions every 100 ms, each chunk produced until Kafka has it
-    // (again after a failure: the same ids, so a chunk sent twice is still one effect).
     let submitted = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (submitted, stop, settings) = (submitted.clone(), stop.clone(), p.kafka.clone());
-        let mut workload = Workload::new(seed, "chaos");
-        tokio::spawn(async move {
-            let producer: FutureProducer = kafka::client_config(&settings, ClientRole::Producer).create().unwrap();
-            let topic = settings.topics().instructions;
-            while !stop.load(Ordering::Relaxed) {
-                let chunk = workload.instructions(40);
-                while let Err(e) = produce_instructions(&producer, &topic, &chunk).await {
-                    println!("chaos: submit failed ({e}); again");
-                }
-                submitted.lock().unwrap().extend(chunk);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let load = steady_load(&p, seed, submitted.clone(), stop.clone());
 
     for round in 0..rounds {
-        tokio::time::sleep(Duration::from_millis(500 + rng.below(2000))).await;
-        let pause = Duration::from_millis(200 + rng.below(1800));
-        let victim = rng.below(6);
-        let device = DEVICES[rng.below(3) as usize];
-        let what = match victim {
-            0 => "executor".to_string(),
-            1 => "capture".to_string(),
-            2 => format!("device-{device}"),
-            3 => "broker".to_string(),
-            4 => "postgres (fast shutdown)".to_string(),
-            _ => "postgres (crash)".to_string(),
-        };
-        println!("chaos: round {round}: {what}, down for {pause:?}");
-        match victim {
-            0..=2 => p.kill(&what),
-            3 => p.kill_broker(),
-            4 => p.stop_postgres("fast"),
-            _ => p.stop_postgres("immediate"),
-        }
-        tokio::time::sleep(pause).await;
-        match victim {
-            0 => p.start_executor(),
-            1 => p.start_capture().await,
-            2 => p.start_device(device, &[]),
-            3 => p.start_broker(),
-            _ => p.start_postgres(),
-        }
+        break_something(&mut p, &mut rng, round).await;
     }
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
@@ -138,6 +93,74 @@ async fn nothing_is_lost_or_applied_twice_whatever_is_killed() {
     assert_eq!((lost, duplicated, diverged), (0, 0, 0), "nothing lost, nothing applied twice, every device equal to PostgreSQL");
 
     // Nothing was dead-lettered.
+    let dead = dead_letters(&p);
+    assert_eq!(dead, 0, "no dead letters");
+    for d in DEVICES {
+        p.stop(&format!("device-{d}"));
+    }
+    p.stop("capture");
+    p.stop("executor");
+}
+
+/// Steady load: 40 instructions every 100 ms until `stop`, each chunk produced until Kafka
+/// has it (again after a failure: the same ids, so a chunk sent twice is still one effect)
+/// and then added to `submitted`.
+fn steady_load(
+    p: &Pipeline,
+    seed: u64,
+    submitted: Arc<Mutex<Vec<Instruction>>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let settings = p.kafka.clone();
+    let mut workload = Workload::new(seed, "chaos");
+    tokio::spawn(async move {
+        let producer: FutureProducer = kafka::client_config(&settings, ClientRole::Producer).create().unwrap();
+        let topic = settings.topics().instructions;
+        while !stop.load(Ordering::Relaxed) {
+            let chunk = workload.instructions(40);
+            while let Err(e) = produce_instructions(&producer, &topic, &chunk).await {
+                println!("chaos: submit failed ({e}); again");
+            }
+            submitted.lock().unwrap().extend(chunk);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// One round: after a random while, kills or stops a random component or service and
+/// starts it again after a random pause.
+async fn break_something(p: &mut Pipeline, rng: &mut Rng, round: u64) {
+    tokio::time::sleep(Duration::from_millis(500 + rng.below(2000))).await;
+    let pause = Duration::from_millis(200 + rng.below(1800));
+    let victim = rng.below(6);
+    let device = DEVICES[rng.below(3) as usize];
+    let what = match victim {
+        0 => "executor".to_string(),
+        1 => "capture".to_string(),
+        2 => format!("device-{device}"),
+        3 => "broker".to_string(),
+        4 => "postgres (fast shutdown)".to_string(),
+        _ => "postgres (crash)".to_string(),
+    };
+    println!("chaos: round {round}: {what}, down for {pause:?}");
+    match victim {
+        0..=2 => p.kill(&what),
+        3 => p.kill_broker(),
+        4 => p.stop_postgres("fast"),
+        _ => p.stop_postgres("immediate"),
+    }
+    tokio::time::sleep(pause).await;
+    match victim {
+        0 => p.start_executor(),
+        1 => p.start_capture().await,
+        2 => p.start_device(device, &[]),
+        3 => p.start_broker(),
+        _ => p.start_postgres(),
+    }
+}
+
+/// Records in the dead-letter topic.
+fn dead_letters(p: &Pipeline) -> i64 {
     let dlq = p.kafka.topics().dlq;
     let consumer: rdkafka::consumer::BaseConsumer =
         kafka::client_config(&p.kafka, ClientRole::UncommittedConsumer { group_id: "chaos-dlq" }).create().unwrap();
@@ -146,12 +169,7 @@ async fn nothing_is_lost_or_applied_twice_whatever_is_killed() {
         let (low, high) = rdkafka::consumer::Consumer::fetch_watermarks(&consumer, &dlq, part, Duration::from_secs(10)).unwrap();
         dead += high - low;
     }
-    assert_eq!(dead, 0, "no dead letters");
-    for d in DEVICES {
-        p.stop(&format!("device-{d}"));
-    }
-    p.stop("capture");
-    p.stop("executor");
+    dead
 }
 
 /// librdkafka's mock cluster between every component and Kafka: produce and fetch

@@ -3,15 +3,13 @@
 //! goes on — a valid instruction still reaches the device, and nothing but the cases
 //! expected there lands in the dead-letter topic.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::codec::{encode_delta, encode_instruction};
 use pgfanout::contract::{Delta, Instruction, ResultStatus, Value};
+use pgfanout::test_support::{wait_for, Pipeline, TIMEOUT};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureRecord;

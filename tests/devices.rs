@@ -1,12 +1,10 @@
 //! Devices: replay from offsets and times, and partial subscriptions, on real parts.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{wait_for, Pipeline, TIMEOUT};
 use pgfanout::kafka::{self, ClientRole};
+use pgfanout::test_support::{wait_for, Pipeline, TIMEOUT};
 use pgfanout::verify;
 use pgfanout::workload::Workload;
 use rdkafka::consumer::BaseConsumer;

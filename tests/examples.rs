@@ -1,12 +1,10 @@
 //! The producer examples in `examples/` submit to a real pipeline: what another language
 //! writes is read by the executor, and the result comes back to it.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Output;
 
-use common::{Pipeline, TIMEOUT};
+use pgfanout::test_support::{Pipeline, TIMEOUT};
 use serde_json::Value as Json;
 
 fn python_example() -> PathBuf {

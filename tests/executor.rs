@@ -3,16 +3,15 @@
 
 #[path = "executor/admission.rs"]
 mod admission;
-mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::{now_micros, Field, Instruction, Operation, OperationKind, ResultStatus, Value};
 use pgfanout::executor::batch::execute_batch;
 use pgfanout::executor::catalog::{AllowedTables, Catalog, Statements};
 use pgfanout::pg::TableName;
+use pgfanout::test_support::{logged_count, wait_for, Deadline, Pipeline, TIMEOUT};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureRecord;
@@ -146,6 +145,31 @@ fn insert_item_with_column(id: i64, column: &str) -> Instruction {
 async fn each_error_class_gets_its_outcome() {
     let mut p = Pipeline::new("errors").await;
     let client = p.client().await;
+    install_items_guard(&client).await;
+    p.start_executor();
+    let batch_len = definite_errors_fail_alone(&mut p, &client).await;
+    transient_errors_are_retried(&mut p, &client).await;
+    let counts: Vec<i64> = client
+        .query("SELECT count(*) FROM public.items WHERE id IN (1, 10, 11, 20, 21) GROUP BY id ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(counts, vec![1, 1, 1, 1, 1], "every committed instruction took effect exactly once");
+    let logged: i64 = logged_count(&client).await;
+    // Every instruction that reached PostgreSQL is logged; `not_uuid`, refused at admission
+    // for its id, never did.
+    assert_eq!(logged, 1 + batch_len as i64 - 1 + 4);
+
+    undecodable_records_are_dead_lettered(&mut p).await;
+    p.stop("executor");
+}
+
+/// A trigger on `public.items` that fails a row named `explode` for good, a row named
+/// `flaky` with a serialization failure on its first two attempts, and sleeps 1.5 s on a
+/// row named `slow`.
+async fn install_items_guard(client: &tokio_postgres::Client) {
     client
         .batch_execute(
             "CREATE SEQUENCE flaky_attempts;
@@ -162,10 +186,12 @@ async fn each_error_class_gets_its_outcome() {
         )
         .await
         .unwrap();
-    p.start_executor();
-    let text = |s: &str| Value::String(s.to_string());
+}
 
-    // Definite errors: rejected or failed, each alone; the rest of the batch commits.
+/// Definite errors: rejected or failed, each alone; the rest of the batch commits. Returns
+/// the size of the batch of definite errors.
+async fn definite_errors_fail_alone(p: &mut Pipeline, client: &tokio_postgres::Client) -> usize {
+    let text = |s: &str| Value::String(s.to_string());
     let ok = insert_item(1, text("fine"), Value::Long(1));
     let dup = insert_item(1, text("again"), Value::Long(1));
     let bad_type = insert_item(2, text("x"), text("abc"));
@@ -216,6 +242,12 @@ async fn each_error_class_gets_its_outcome() {
     let qty1: i32 = client.query_one("SELECT qty FROM public.items WHERE id = 1", &[]).await.unwrap().get(0);
     assert_eq!(qty1, 1, "the failed compare-and-set changed nothing");
 
+    batch.len()
+}
+
+/// Transient errors are retried until the batch commits, each instruction once.
+async fn transient_errors_are_retried(p: &mut Pipeline, client: &tokio_postgres::Client) {
+    let text = |s: &str| Value::String(s.to_string());
     // Transient: a serialization failure twice, then success; other instructions of the
     // batch take effect once.
     let flaky = insert_item(10, text("flaky"), Value::Long(1));
@@ -233,7 +265,6 @@ async fn each_error_class_gets_its_outcome() {
     p.submit(&[slow.clone(), after_slow.clone()]).await;
     let db = p.name.clone();
     let killed: i64 = wait_for("the slow statement to run", TIMEOUT, || {
-        let client = &client;
         let db = db.clone();
         async move {
             let row = client
@@ -252,21 +283,11 @@ async fn each_error_class_gets_its_outcome() {
     let results = p.await_results(watcher, &[slow.clone(), after_slow.clone()]).await;
     assert_eq!(results[&slow.instruction_id].status, ResultStatus::Committed);
     assert_eq!(results[&after_slow.instruction_id].status, ResultStatus::Committed);
+}
 
-    let counts: Vec<i64> = client
-        .query("SELECT count(*) FROM public.items WHERE id IN (1, 10, 11, 20, 21) GROUP BY id ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(counts, vec![1, 1, 1, 1, 1], "every committed instruction took effect exactly once");
-    let logged: i64 = logged_count(&client).await;
-    // Every instruction that reached PostgreSQL is logged; `not_uuid`, refused at admission
-    // for its id, never did.
-    assert_eq!(logged, 1 + batch.len() as i64 - 1 + 4);
-
-    // Undecodable records go to the dead-letter topic with their origin; the pipeline goes on.
+/// Undecodable records go to the dead-letter topic with their origin; the pipeline goes on.
+async fn undecodable_records_are_dead_lettered(p: &mut Pipeline) {
+    let text = |s: &str| Value::String(s.to_string());
     let topics = p.kafka.topics();
     let producer = p.producer().await;
     let mut payload = pgfanout::contract::codec::encode_instruction(&insert_item(30, text("x"), Value::Long(1))).unwrap();
@@ -285,8 +306,8 @@ async fn each_error_class_gets_its_outcome() {
             .unwrap();
     dlq.assign(&(0..p.kafka.partitions).map(|part| ((topics.dlq.clone(), part), rdkafka::Offset::Beginning)).collect()).unwrap();
     let mut letters = Vec::new();
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while letters.len() < 2 && std::time::Instant::now() < deadline {
+    let deadline = Deadline::after(TIMEOUT, "the dead letters");
+    while letters.len() < 2 && !deadline.passed() {
         if let Some(Ok(m)) = dlq.poll(Duration::from_millis(200)) {
             let headers: HashMap<String, String> = m
                 .headers()
@@ -305,7 +326,6 @@ async fn each_error_class_gets_its_outcome() {
         assert!(h["pgfanout.source.offset"].parse::<i64>().is_ok());
         assert!(h["pgfanout.error"].contains("undecodable"), "{h:?}");
     }
-    p.stop("executor");
 }
 
 /// Instruction `k` of an issuer moves its counter row from `k - 1` to `k` with a

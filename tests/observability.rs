@@ -3,17 +3,15 @@
 //! dashboard panel returns data from a pipeline under load; the alert rules load, evaluate
 //! and pass their `promtool` unit tests.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{wait_for, Pipeline};
 use pgfanout::contract::{now_micros, Field, Instruction, Operation, OperationKind, ResultStatus, Value};
+use pgfanout::test_support::{wait_for, Deadline, Pipeline};
 use pgfanout::workload::Workload;
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
@@ -236,67 +234,12 @@ async fn metrics_match_the_documentation_and_every_dashboard_panel_has_data() {
         &[("executor", vec![executor.clone()]), ("capture", vec![capture.clone()]), ("device", devices.clone())],
     );
 
-    // Load with every outcome: committed instructions, a constraint violation (SQLSTATE
-    // class 23), an unknown table, and one undecodable record for the dead-letter topic.
-    let mut instructions = Workload::new(7, "observability").instructions(300);
-    let first = insert_item(900_001);
-    let duplicate = insert_item(900_001);
-    let mut unknown_table = insert_item(900_002);
-    unknown_table.operations[0].table = "public.no_such_table".into();
-    p.submit_and_wait(&[first]).await;
-    instructions.extend([duplicate.clone(), unknown_table.clone()]);
-    let results = p.submit_and_wait(&instructions).await;
-    assert_eq!(results[&duplicate.instruction_id].status, ResultStatus::Rejected);
-    assert_eq!(results[&unknown_table.instruction_id].status, ResultStatus::Rejected);
-    let producer = p.producer().await;
-    let topic = p.kafka.topics().instructions;
-    let garbage: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).key(&b"garbage"[..]).payload(&[0xff, 0x00, 0x13][..]);
-    producer.send(garbage, Timeout::After(Duration::from_secs(10))).await.unwrap();
+    load_with_every_outcome(&mut p).await;
     p.wait_converged(&DEVICES).await;
 
-    // Every exposed metric is documented and every documented one is exposed (librdkafka's
-    // statistics arrive every 5 s, the slot and partition lags every 5 s).
-    let documented = documented_names();
     let endpoints: Vec<&String> = [&executor, &capture].into_iter().chain(&devices).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let exposed: BTreeSet<String> =
-            endpoints.iter().flat_map(|a| exposed_names(a)).filter(|n| n.starts_with("pgfanout_")).collect();
-        if exposed == documented {
-            break;
-        }
-        if Instant::now() > deadline {
-            let undocumented: Vec<_> = exposed.difference(&documented).collect();
-            let missing: Vec<_> = documented.difference(&exposed).collect();
-            panic!("exposed but not in METRICS.md: {undocumented:?}; in METRICS.md but not exposed: {missing:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-
-    // Every panel's expression returns at least one series (a few scrapes are needed
-    // before rates exist).
-    let expressions = dashboard_expressions();
-    assert!(expressions.len() >= 20, "the dashboards have panels: {}", expressions.len());
-    let mut pending: Vec<(String, String)> = expressions;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let mut still = Vec::new();
-        for (file, expr) in pending {
-            match prometheus.query(&substitute_variables(&expr)) {
-                Ok(series) if !series.is_empty() => {}
-                Ok(_) => still.push((file, expr)),
-                Err(e) => panic!("{file}: invalid PromQL {expr}: {e}"),
-            }
-        }
-        pending = still;
-        if pending.is_empty() {
-            break;
-        }
-        if Instant::now() > deadline {
-            panic!("panel expressions without data: {pending:#?}");
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
+    wait_metrics_documented(&endpoints).await;
+    wait_panels_have_data(&prometheus).await;
 
     // The alert rules loaded into this Prometheus and evaluate without error.
     let rules = wait_for("the alert rules to be evaluated", Duration::from_secs(30), || async {
@@ -317,4 +260,72 @@ async fn metrics_match_the_documentation_and_every_dashboard_panel_has_data() {
     }
     p.stop("capture");
     p.stop("executor");
+}
+
+/// Load with every outcome: committed instructions, a constraint violation (SQLSTATE class
+/// 23), an unknown table, and one undecodable record for the dead-letter topic.
+async fn load_with_every_outcome(p: &mut Pipeline) {
+    let mut instructions = Workload::new(7, "observability").instructions(300);
+    let first = insert_item(900_001);
+    let duplicate = insert_item(900_001);
+    let mut unknown_table = insert_item(900_002);
+    unknown_table.operations[0].table = "public.no_such_table".into();
+    p.submit_and_wait(&[first]).await;
+    instructions.extend([duplicate.clone(), unknown_table.clone()]);
+    let results = p.submit_and_wait(&instructions).await;
+    assert_eq!(results[&duplicate.instruction_id].status, ResultStatus::Rejected);
+    assert_eq!(results[&unknown_table.instruction_id].status, ResultStatus::Rejected);
+    let producer = p.producer().await;
+    let topic = p.kafka.topics().instructions;
+    let garbage: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).key(&b"garbage"[..]).payload(&[0xff, 0x00, 0x13][..]);
+    producer.send(garbage, Timeout::After(Duration::from_secs(10))).await.unwrap();
+}
+
+/// Waits until every metric exposed at `endpoints` is documented in METRICS.md and every
+/// documented one is exposed (librdkafka's statistics arrive every 5 s, the slot and
+/// partition lags every 5 s).
+async fn wait_metrics_documented(endpoints: &[&String]) {
+    let documented = documented_names();
+    let deadline =
+        Deadline::after(Duration::from_secs(60), "the metrics to be exposed").polling_every(Duration::from_millis(500));
+    loop {
+        let exposed: BTreeSet<String> =
+            endpoints.iter().flat_map(|a| exposed_names(a)).filter(|n| n.starts_with("pgfanout_")).collect();
+        if exposed == documented {
+            break;
+        }
+        if deadline.passed() {
+            let undocumented: Vec<_> = exposed.difference(&documented).collect();
+            let missing: Vec<_> = documented.difference(&exposed).collect();
+            panic!("exposed but not in METRICS.md: {undocumented:?}; in METRICS.md but not exposed: {missing:?}");
+        }
+        deadline.sleep().await;
+    }
+}
+
+/// Waits until every dashboard panel's expression returns at least one series (a few
+/// scrapes are needed before rates exist).
+async fn wait_panels_have_data(prometheus: &Prometheus) {
+    let expressions = dashboard_expressions();
+    assert!(expressions.len() >= 20, "the dashboards have panels: {}", expressions.len());
+    let mut pending: Vec<(String, String)> = expressions;
+    let deadline = Deadline::after(Duration::from_secs(90), "the panels to have data").polling_every(Duration::from_secs(2));
+    loop {
+        let mut still = Vec::new();
+        for (file, expr) in pending {
+            match prometheus.query(&substitute_variables(&expr)) {
+                Ok(series) if !series.is_empty() => {}
+                Ok(_) => still.push((file, expr)),
+                Err(e) => panic!("{file}: invalid PromQL {expr}: {e}"),
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if deadline.passed() {
+            panic!("panel expressions without data: {pending:#?}");
+        }
+        deadline.sleep().await;
+    }
 }

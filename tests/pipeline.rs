@@ -1,12 +1,10 @@
 //! The full path on real parts: instructions → executor → PostgreSQL → WAL → capture →
 //! Kafka → devices' SQLite stores, including crashes of a device and of capture.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::{logged_count, wait_for, Pipeline, TIMEOUT};
 use pgfanout::contract::{Field, Instruction, Operation, OperationKind, ResultStatus, Value};
+use pgfanout::test_support::{logged_count, wait_for, Deadline, Pipeline, TIMEOUT};
 use pgfanout::workload::{self, Workload};
 
 const DEVICES: [&str; 3] = ["a", "b", "c"];
@@ -133,17 +131,17 @@ async fn every_delta_names_the_instruction_that_wrote_it() {
             (i.instruction_id.as_str(), keys.collect())
         })
         .collect();
-    let deadline = std::time::Instant::now() + TIMEOUT;
+    let deadline = Deadline::after(TIMEOUT, "a delta per row written").polling_every(std::time::Duration::from_millis(200));
     let deltas = loop {
         use pgfanout::contract::DeltaOp::{Delete, Insert, Update};
         let deltas: Vec<_> = deltas_in_kafka(&p)
             .into_iter()
             .filter(|d| d.table == "public.items" && matches!(d.op, Insert | Update | Delete))
             .collect();
-        if deltas.len() >= 64 || std::time::Instant::now() > deadline {
+        if deltas.len() >= 64 || deadline.passed() {
             break deltas;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        deadline.sleep().await;
     };
     assert_eq!(deltas.len(), 64, "one delta per row written");
     let mut seen = std::collections::HashSet::new();
@@ -177,10 +175,9 @@ async fn a_device_killed_mid_stream_converges_applying_each_delta_once() {
         // ...and the device is killed as soon as it has started on it.
         let before = p.store_counter("a", "processed");
         p.start_device("a", &device_args);
-        let deadline = std::time::Instant::now() + TIMEOUT;
+        let deadline = Deadline::after(TIMEOUT, "the device to make progress").polling_every(std::time::Duration::from_millis(1));
         while p.store_counter("a", "processed") == before {
-            assert!(std::time::Instant::now() < deadline, "the device made no progress");
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            deadline.pause().await;
         }
         // ...at a random point of its backlog.
         tokio::time::sleep(std::time::Duration::from_millis(rng.below(40))).await;
@@ -404,9 +401,9 @@ fn deltas_in_kafka(p: &Pipeline) -> Vec<pgfanout::contract::Delta> {
     .unwrap();
     let total: i64 = ends.iter().sum();
     let (mut read, mut deltas) = (0, Vec::new());
-    let deadline = std::time::Instant::now() + TIMEOUT;
+    let deadline = Deadline::after(TIMEOUT, "the deltas to be read");
     while read < total {
-        assert!(std::time::Instant::now() < deadline, "read {read} of {total} deltas");
+        assert!(!deadline.passed(), "read {read} of {total} deltas");
         let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(500)) else { continue };
         read += 1;
         if let Some(payload) = m.payload() {

@@ -9,35 +9,24 @@
 //!   lines use md5, scram-sha-256 and password respectively.
 //! - `PGFANOUT_TEST_PG_UNIX`: conninfo using a Unix-domain socket directory as host.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pgfanout::capture::pgoutput::{self, OldTuple, PgOutputMessage, TupleValue};
 use pgfanout::capture::replication::{
     format_lsn, parse_lsn, Lsn, ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream,
 };
+use pgfanout::test_support::{required_env, sql_client, unique_name, wait_for};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The connection string in `var`; the suite runner (`deploy/local/test.sh`) sets them
-/// all, so a missing one is a failure, not a skip.
-fn env_conninfo(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ => panic!("{var} is not set: run the suite with ./deploy/local/test.sh"),
-    }
+/// The conninfo in `var` (the suite runner sets it) as a replication configuration.
+fn replication_config(var: &str) -> ReplicationConfig {
+    ReplicationConfig::from_conninfo(&required_env(var)).unwrap()
 }
 
-fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-    format!("{prefix}_{}_{}", std::process::id(), nanos % 1_000_000_000)
-}
-
-async fn sql_client(conninfo: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await.expect("regular SQL connection");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
+/// The test server's superuser, as a replication configuration and a SQL connection.
+async fn superuser() -> (ReplicationConfig, tokio_postgres::Client) {
+    (replication_config("PGFANOUT_TEST_POSTGRES"), sql_client(&required_env("PGFANOUT_TEST_POSTGRES")).await)
 }
 
 /// Reads events until `done` says the collected messages are complete,
@@ -79,32 +68,62 @@ async fn slot_row(sql: &tokio_postgres::Client, slot: &str) -> (bool, Option<Lsn
     (row.get(0), lsn.map(|s| parse_lsn(&s).unwrap()))
 }
 
-async fn wait_for<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Waits until the slot is no longer in use.
+async fn wait_inactive(sql: &tokio_postgres::Client, slot: &str) {
+    wait_for("the slot to become inactive", WAIT, || async { (!slot_row(sql, slot).await.0).then_some(()) }).await;
 }
 
 fn text(s: &str) -> TupleValue {
     TupleValue::Text(s.as_bytes().to_vec())
 }
 
+/// Checks the messages of the first test transaction (an insert, an update and a delete of
+/// one row of `table`, and a transactional message); returns its end LSN.
+fn assert_first_transaction(msgs: &[PgOutputMessage], table: &str) -> Lsn {
+    assert_eq!(msgs.len(), 7, "{msgs:#?}");
+    let PgOutputMessage::Begin { final_lsn, xid, .. } = msgs[0] else { panic!("expected Begin, got {:?}", msgs[0]) };
+    assert!(xid > 0);
+    let PgOutputMessage::Relation(rel) = &msgs[1] else { panic!("expected Relation, got {:?}", msgs[1]) };
+    assert_eq!(rel.namespace, "public");
+    assert_eq!(rel.name, table);
+    assert_eq!(rel.replica_identity, b'd');
+    let cols: Vec<_> = rel.columns.iter().map(|c| (c.name.as_str(), c.is_key, c.type_oid)).collect();
+    assert_eq!(cols, [("id", true, 23), ("name", false, 25)]);
+    let rel_id = rel.id;
+    assert_eq!(msgs[2], PgOutputMessage::Insert { relation_id: rel_id, new: vec![text("1"), text("a")] });
+    assert_eq!(msgs[3], PgOutputMessage::Update { relation_id: rel_id, old: None, new: vec![text("1"), text("b")] });
+    assert_eq!(msgs[4], PgOutputMessage::Delete { relation_id: rel_id, old: OldTuple::Key(vec![text("1"), TupleValue::Null]) });
+    let PgOutputMessage::Message { transactional, prefix, content, .. } = &msgs[5] else {
+        panic!("expected Message, got {:?}", msgs[5])
+    };
+    assert!(*transactional);
+    assert_eq!(prefix, "pgfanout");
+    assert_eq!(content, b"x");
+    let PgOutputMessage::Commit { commit_lsn, end_lsn, .. } = msgs[6] else { panic!("expected Commit, got {:?}", msgs[6]) };
+    assert_eq!(commit_lsn, final_lsn);
+    assert!(end_lsn > commit_lsn);
+    end_lsn
+}
+
+/// The new rows of the inserts among `msgs`; panics on an update or a delete.
+fn inserted_rows_only(msgs: &[PgOutputMessage]) -> Vec<Vec<TupleValue>> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            PgOutputMessage::Insert { new, .. } => Some(new.clone()),
+            PgOutputMessage::Update { .. } | PgOutputMessage::Delete { .. } => {
+                panic!("replayed {m:?}")
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn stream_decode_and_confirm() {
-    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
-        return;
-    };
-    let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
-    let sql = sql_client(&conninfo).await;
-    let table = unique("it_items");
-    let publication = unique("it_pub");
-    let slot = unique("it_slot");
+    let (cfg, sql) = superuser().await;
+    let table = unique_name("it_items");
+    let publication = unique_name("it_pub");
+    let slot = unique_name("it_slot");
     sql.batch_execute(&format!(
         "CREATE TABLE {table} (id int PRIMARY KEY, name text NOT NULL);
          CREATE PUBLICATION {publication} FOR TABLE {table};"
@@ -142,53 +161,24 @@ async fn stream_decode_and_confirm() {
     .unwrap();
 
     let msgs = collect_until(&mut stream, |m| matches!(m.last(), Some(PgOutputMessage::Commit { .. }))).await;
-    assert_eq!(msgs.len(), 7, "{msgs:#?}");
-    let PgOutputMessage::Begin { final_lsn, xid, .. } = msgs[0] else { panic!("expected Begin, got {:?}", msgs[0]) };
-    assert!(xid > 0);
-    let PgOutputMessage::Relation(rel) = &msgs[1] else { panic!("expected Relation, got {:?}", msgs[1]) };
-    assert_eq!(rel.namespace, "public");
-    assert_eq!(rel.name, table);
-    assert_eq!(rel.replica_identity, b'd');
-    let cols: Vec<_> = rel.columns.iter().map(|c| (c.name.as_str(), c.is_key, c.type_oid)).collect();
-    assert_eq!(cols, [("id", true, 23), ("name", false, 25)]);
-    let rel_id = rel.id;
-    assert_eq!(msgs[2], PgOutputMessage::Insert { relation_id: rel_id, new: vec![text("1"), text("a")] });
-    assert_eq!(msgs[3], PgOutputMessage::Update { relation_id: rel_id, old: None, new: vec![text("1"), text("b")] });
-    assert_eq!(msgs[4], PgOutputMessage::Delete { relation_id: rel_id, old: OldTuple::Key(vec![text("1"), TupleValue::Null]) });
-    let PgOutputMessage::Message { transactional, prefix, content, .. } = &msgs[5] else {
-        panic!("expected Message, got {:?}", msgs[5])
-    };
-    assert!(*transactional);
-    assert_eq!(prefix, "pgfanout");
-    assert_eq!(content, b"x");
-    let PgOutputMessage::Commit { commit_lsn, end_lsn, .. } = msgs[6] else { panic!("expected Commit, got {:?}", msgs[6]) };
-    assert_eq!(commit_lsn, final_lsn);
-    assert!(end_lsn > commit_lsn);
+    let end_lsn = assert_first_transaction(&msgs, &table);
 
     let (active, before) = slot_row(&sql, &slot).await;
     assert!(active);
     assert!(before.unwrap_or(0) < end_lsn, "slot already confirmed {:?}", before.map(format_lsn));
     stream.send_status(end_lsn, end_lsn, end_lsn, false).await.unwrap();
-    wait_for("confirmed_flush_lsn to advance", || async { slot_row(&sql, &slot).await.1 == Some(end_lsn) }).await;
+    wait_for("confirmed_flush_lsn to advance", WAIT, || async { (slot_row(&sql, &slot).await.1 == Some(end_lsn)).then_some(()) })
+        .await;
 
     stream.close().await.unwrap();
-    wait_for("the slot to become inactive", || async { !slot_row(&sql, &slot).await.0 }).await;
+    wait_inactive(&sql, &slot).await;
 
     // Resuming streams only what was not confirmed.
     let repl = ReplicationClient::connect(&cfg).await.unwrap();
     let mut stream = repl.start_replication(&slot, 0, &publication).await.unwrap();
     sql.execute(&format!("INSERT INTO {table} VALUES (2, 'c')"), &[]).await.unwrap();
     let msgs = collect_until(&mut stream, |m| matches!(m.last(), Some(PgOutputMessage::Commit { .. }))).await;
-    let inserts: Vec<_> = msgs
-        .iter()
-        .filter_map(|m| match m {
-            PgOutputMessage::Insert { new, .. } => Some(new.clone()),
-            PgOutputMessage::Update { .. } | PgOutputMessage::Delete { .. } => {
-                panic!("replayed {m:?}")
-            }
-            _ => None,
-        })
-        .collect();
+    let inserts = inserted_rows_only(&msgs);
     assert_eq!(inserts, vec![vec![text("2"), text("c")]]);
 
     // A second consumer of an active slot gets a transient "in use" error.
@@ -214,7 +204,7 @@ async fn stream_decode_and_confirm() {
     assert!(stream.send_status(0, 0, 0, false).await.is_err());
     let _ = stream.close().await;
 
-    wait_for("the slot to become inactive", || async { !slot_row(&sql, &slot).await.0 }).await;
+    wait_inactive(&sql, &slot).await;
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
     repl.drop_slot(&slot, true).await.unwrap();
     let err = repl.drop_slot(&slot, false).await.unwrap_err();
@@ -224,14 +214,10 @@ async fn stream_decode_and_confirm() {
 
 #[tokio::test]
 async fn large_values_arrive_intact() {
-    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
-        return;
-    };
-    let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
-    let sql = sql_client(&conninfo).await;
-    let table = unique("it_big");
-    let publication = unique("it_bigpub");
-    let slot = unique("it_bigslot");
+    let (cfg, sql) = superuser().await;
+    let table = unique_name("it_big");
+    let publication = unique_name("it_bigpub");
+    let slot = unique_name("it_bigslot");
     sql.batch_execute(&format!(
         "CREATE TABLE {table} (id int PRIMARY KEY, body text, raw bytea);
          CREATE PUBLICATION {publication} FOR TABLE {table};"
@@ -269,7 +255,7 @@ async fn large_values_arrive_intact() {
         assert_eq!(row[2], text("\\x00ff"));
     }
     stream.close().await.unwrap();
-    wait_for("the slot to become inactive", || async { !slot_row(&sql, &slot).await.0 }).await;
+    wait_inactive(&sql, &slot).await;
     sql.batch_execute(&format!("SELECT pg_drop_replication_slot('{slot}'); DROP PUBLICATION {publication}; DROP TABLE {table};"))
         .await
         .unwrap();
@@ -277,13 +263,9 @@ async fn large_values_arrive_intact() {
 
 #[tokio::test]
 async fn keepalives_are_answered() {
-    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
-        return;
-    };
-    let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
-    let slot = unique("it_ka");
-    let publication = unique("it_kapub");
-    let sql = sql_client(&conninfo).await;
+    let (cfg, sql) = superuser().await;
+    let slot = unique_name("it_ka");
+    let publication = unique_name("it_kapub");
     sql.batch_execute(&format!("CREATE PUBLICATION {publication}")).await.unwrap();
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
     // Replication connections to a database also run plain SQL.
@@ -308,21 +290,17 @@ async fn keepalives_are_answered() {
     }
     assert!(requested >= 2, "only {requested} keepalive requests");
     stream.close().await.unwrap();
-    wait_for("the slot to become inactive", || async { !slot_row(&sql, &slot).await.0 }).await;
+    wait_inactive(&sql, &slot).await;
     sql.batch_execute(&format!("SELECT pg_drop_replication_slot('{slot}'); DROP PUBLICATION {publication};")).await.unwrap();
 }
 
 #[tokio::test]
 async fn exported_snapshot_is_usable() {
-    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
-        return;
-    };
-    let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
-    let slot = unique("it_snap");
+    let (cfg, sql) = superuser().await;
+    let slot = unique_name("it_snap");
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
     let created = repl.create_logical_slot(&slot, true).await.unwrap();
     let snapshot = created.snapshot_name.expect("exported snapshot name");
-    let sql = sql_client(&conninfo).await;
     sql.batch_execute(&format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '{snapshot}'; SELECT 1; COMMIT;"
     ))
@@ -333,10 +311,7 @@ async fn exported_snapshot_is_usable() {
 
 #[tokio::test]
 async fn server_errors_are_explained() {
-    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
-        return;
-    };
-    let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
+    let cfg = replication_config("PGFANOUT_TEST_POSTGRES");
 
     let repl = ReplicationClient::connect(&cfg).await.unwrap();
     let err = repl.start_replication("it_no_such_slot", 0, "it_no_such_pub").await.unwrap_err();
@@ -350,8 +325,8 @@ async fn server_errors_are_explained() {
     repl.identify_system().await.unwrap();
 
     if cfg.password.is_none() {
-        let sql = sql_client(&conninfo).await;
-        let role = unique("it_norepl");
+        let sql = sql_client(&required_env("PGFANOUT_TEST_POSTGRES")).await;
+        let role = unique_name("it_norepl");
         sql.batch_execute(&format!("CREATE ROLE {role} LOGIN")).await.unwrap();
         let mut c = cfg.clone();
         c.user = role.clone();
@@ -368,10 +343,7 @@ async fn server_errors_are_explained() {
 }
 
 async fn check_auth(var: &str) {
-    let Some(conninfo) = env_conninfo(var) else {
-        return;
-    };
-    let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
+    let cfg = replication_config(var);
     assert!(cfg.password.is_some(), "{var} must include a password");
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
     let sys = repl.identify_system().await.unwrap();
@@ -391,10 +363,7 @@ async fn check_auth(var: &str) {
 
 #[tokio::test]
 async fn auth_trust() {
-    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_POSTGRES") else {
-        return;
-    };
-    let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
+    let cfg = replication_config("PGFANOUT_TEST_POSTGRES");
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
     repl.identify_system().await.unwrap();
 }
@@ -416,10 +385,7 @@ async fn auth_cleartext_password() {
 
 #[tokio::test]
 async fn unix_socket() {
-    let Some(conninfo) = env_conninfo("PGFANOUT_TEST_PG_UNIX") else {
-        return;
-    };
-    let cfg = ReplicationConfig::from_conninfo(&conninfo).unwrap();
+    let cfg = replication_config("PGFANOUT_TEST_PG_UNIX");
     assert!(cfg.host.starts_with('/'));
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
     repl.identify_system().await.unwrap();
@@ -427,8 +393,8 @@ async fn unix_socket() {
 
 /// A role that pg_hba.conf admits only over TLS (`hostssl`), and the test CA.
 fn tls_setup() -> (String, String, String) {
-    let conninfo = std::env::var("PGFANOUT_TEST_PG_TLS").expect("PGFANOUT_TEST_PG_TLS (set by deploy/local/test.sh)");
-    let dir = std::env::var("PGFANOUT_TEST_TLS_DIR").expect("PGFANOUT_TEST_TLS_DIR");
+    let conninfo = required_env("PGFANOUT_TEST_PG_TLS");
+    let dir = required_env("PGFANOUT_TEST_TLS_DIR");
     (conninfo, format!("{dir}/ca.crt"), format!("{dir}/other-ca.crt"))
 }
 

@@ -2,9 +2,7 @@
 //! while capture runs, a column added and another dropped later, unchanged TOASTed values,
 //! and a slot that keeps moving while only unpublished tables change.
 
-mod common;
-
-use common::Pipeline;
+use pgfanout::test_support::{self, Pipeline};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_reaches_the_device_intact() {
@@ -96,7 +94,7 @@ async fn the_slot_keeps_moving_while_only_unpublished_tables_change() {
     let written = p.wal_position().await;
     assert!(written - before > 4_000_000, "the test wrote megabytes of WAL");
     // No delta is published, yet the slot follows the server instead of holding WAL back.
-    common::wait_for("the slot to pass the unpublished writes", common::TIMEOUT, || async {
+    test_support::wait_for("the slot to pass the unpublished writes", test_support::TIMEOUT, || async {
         (p.slot_flushed().await >= written).then_some(())
     })
     .await;
@@ -117,7 +115,7 @@ async fn a_heartbeat_moves_a_slot_that_status_updates_leave_behind() {
         .await
         .unwrap();
     let written = p.wal_position().await;
-    common::wait_for("a heartbeat to move the slot", std::time::Duration::from_secs(25), || async {
+    test_support::wait_for("a heartbeat to move the slot", std::time::Duration::from_secs(25), || async {
         (p.slot_flushed().await >= written).then_some(())
     })
     .await;

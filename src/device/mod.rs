@@ -30,6 +30,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::KafkaSettings;
 use crate::contract::codec::decode_delta_view;
 use crate::contract::{now_micros, DeltaOp, TOMBSTONE_DELTA_HEADER};
+use crate::error_kind::ErrorKind;
 use crate::kafka::{self, ClientRole, Observed};
 use crate::shutdown::Shutdown;
 use ack::{AckPublisher, Watermark};
@@ -57,6 +58,7 @@ pub struct DeviceSettings {
     pub tables: Option<Vec<String>>,
 }
 
+/// Why the device, a replay, a rebuild or a status read stopped: one variant per cause.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("kafka: {0}")]
@@ -65,8 +67,48 @@ pub enum DeviceError {
     Store(#[from] store::StoreError),
     #[error("topic {0} does not exist or has no partitions; start capture first or create the topics")]
     NoPartitions(String),
-    #[error("{0}")]
-    Replay(String),
+    #[error("topic {topic} has no partition {partition}")]
+    NoSuchPartition { topic: String, partition: i32 },
+    #[error("partition {partition} holds offsets {low}..{high}; {offset} is outside")]
+    OffsetOutOfRange { partition: i32, low: i64, high: i64, offset: i64 },
+    #[error(
+        "the deltas topic no longer holds its whole history (partition {partition} starts at offset {low}): a store rebuilt from it would miss rows. \
+         Give the topic cleanup.policy=compact (see the README), or copy the store of a device that is up to date, \
+         or recreate the capture slot so that a fresh snapshot is published"
+    )]
+    HistoryIncomplete { partition: i32, low: i64 },
+    #[error("rebuild interrupted; the old store is untouched")]
+    RebuildInterrupted,
+    #[error("cannot remove {}: {source}", path.display())]
+    RemoveFile { path: PathBuf, source: std::io::Error },
+    #[error("cannot swap in the rebuilt store: {0}")]
+    SwapStore(#[source] std::io::Error),
+    #[error("cannot open store {}: {source}", path.display())]
+    OpenStore { path: PathBuf, source: rusqlite::Error },
+    #[error("{} is not a device store: {source}", path.display())]
+    NotAStore { path: PathBuf, source: rusqlite::Error },
+}
+
+impl DeviceError {
+    /// Whether the same command may succeed later as it is (the topic is created, the
+    /// other process holding the store stops, the broker is back), never will (the input,
+    /// the topic's history or the file is wrong), or needs new clients.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DeviceError::Kafka(e) => ErrorKind::of_kafka(e),
+            DeviceError::Store(store::StoreError::InUse(_)) | DeviceError::NoPartitions(_) | DeviceError::RebuildInterrupted => {
+                ErrorKind::Transient
+            }
+            DeviceError::Store(_)
+            | DeviceError::NoSuchPartition { .. }
+            | DeviceError::OffsetOutOfRange { .. }
+            | DeviceError::HistoryIncomplete { .. }
+            | DeviceError::RemoveFile { .. }
+            | DeviceError::SwapStore(_)
+            | DeviceError::OpenStore { .. }
+            | DeviceError::NotAStore { .. } => ErrorKind::Definite,
+        }
+    }
 }
 
 /// A device's store, consumer and watermark, wired together.

@@ -39,11 +39,7 @@ pub fn rebuild_blocking(
     let mut ends = HashMap::new();
     for (p, low, high) in bounds {
         if low > 0 {
-            return Err(DeviceError::Replay(format!(
-                "the deltas topic no longer holds its whole history (partition {p} starts at offset {low}): a store rebuilt from it would miss rows. \
-                 Give the topic cleanup.policy=compact (see the README), or copy the store of a device that is up to date, \
-                 or recreate the capture slot so that a fresh snapshot is published"
-            )));
+            return Err(DeviceError::HistoryIncomplete { partition: p, low });
         }
         ends.insert(p, high);
     }
@@ -60,7 +56,7 @@ pub fn rebuild_blocking(
     while ends.iter().any(|(p, end)| positions.get(p).is_some_and(|pos| pos < end)) {
         if shutdown.is_triggered() {
             device.close();
-            return Err(DeviceError::Replay("rebuild interrupted; the old store is untouched".into()));
+            return Err(DeviceError::RebuildInterrupted);
         }
         let step = device.step(&shutdown)?;
         processed += step.processed;
@@ -71,8 +67,7 @@ pub fn rebuild_blocking(
     for old in [with_suffix(&settings.store, "-wal"), with_suffix(&settings.store, "-shm")] {
         remove_if_present(&old)?;
     }
-    std::fs::rename(&fresh, &settings.store)
-        .map_err(|e| DeviceError::Replay(format!("cannot swap in the rebuilt store: {e}")))?;
+    std::fs::rename(&fresh, &settings.store).map_err(DeviceError::SwapStore)?;
     Ok(RebuildReport { processed, store: settings.store.clone() })
 }
 
@@ -80,6 +75,6 @@ fn remove_if_present(path: &Path) -> Result<(), DeviceError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DeviceError::Replay(format!("cannot remove {}: {e}", path.display()))),
+        Err(source) => Err(DeviceError::RemoveFile { path: path.to_path_buf(), source }),
     }
 }

@@ -86,12 +86,10 @@ pub fn replay_blocking(
         ReplayFrom::Beginning => starts.clone(),
         ReplayFrom::Offset { partition, offset } => {
             let (Some(low), Some(high)) = (starts.get(partition), ends.get(partition)) else {
-                return Err(DeviceError::Replay(format!("topic {topic} has no partition {partition}")));
+                return Err(DeviceError::NoSuchPartition { topic, partition: *partition });
             };
             if offset < low || offset > high {
-                return Err(DeviceError::Replay(format!(
-                    "partition {partition} holds offsets {low}..{high}; {offset} is outside"
-                )));
+                return Err(DeviceError::OffsetOutOfRange { partition: *partition, low: *low, high: *high, offset: *offset });
             }
             HashMap::from([(*partition, *offset)])
         }

@@ -57,8 +57,8 @@ impl DeviceStatus {
 /// Reads the status of the store at `path`. Blocking.
 pub fn status_blocking(kafka_settings: &KafkaSettings, path: &std::path::Path) -> Result<DeviceStatus, DeviceError> {
     let topic = kafka_settings.topics().deltas;
-    let conn = open_read_only(path).map_err(|e| DeviceError::Replay(format!("cannot open store {}: {e}", path.display())))?;
-    let not_a_store = |e: rusqlite::Error| DeviceError::Replay(format!("{} is not a device store: {e}", path.display()));
+    let conn = open_read_only(path).map_err(|source| DeviceError::OpenStore { path: path.to_path_buf(), source })?;
+    let not_a_store = |source| DeviceError::NotAStore { path: path.to_path_buf(), source };
     let reader = StoreReader::new(&conn);
     let stored = reader.positions(&topic).map_err(not_a_store)?;
     let counters = reader.counters().map_err(not_a_store)?;

@@ -23,6 +23,7 @@ mod observe;
 pub mod plan;
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,9 +35,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
-use crate::config::{KafkaSettings, PostgresSettings};
-use crate::contract::codec::{decode_instruction, encode_result};
+use crate::config::{KafkaSettings, PostgresSettings, Topics};
+use crate::contract::codec::{decode_instruction, encode_result, CodecError};
 use crate::contract::{Instruction, InstructionResult};
+use crate::error_kind::ErrorKind;
 use crate::kafka::{self, ClientRole, Observed};
 use crate::pg;
 use crate::pg::TableName;
@@ -65,14 +67,37 @@ fn parse_table_name(s: &str) -> Result<TableName, String> {
     TableName::parse(s.trim()).ok_or_else(|| format!("{s:?} is not a table name (schema.table)"))
 }
 
+/// Why the executor stopped (or, for [`ErrorKind::Fatal`], started over with new
+/// clients). Errors an instruction's content causes never get here: they are that
+/// instruction's result.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("postgres: {0}{advice}", advice = postgres_advice(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// A task of the executor (a poll, a publication, the final commit) panicked or was
+    /// cancelled.
     #[error("internal: {0}")]
-    Internal(String),
+    Task(#[from] tokio::task::JoinError),
+    #[error("internal: {0}")]
+    EncodeResult(#[from] CodecError),
+    /// The consumer is still borrowed by a poll when the executor stops.
+    #[error("internal: consumer still shared")]
+    ConsumerShared,
+}
+
+impl ExecutorError {
+    /// [`ErrorKind::Fatal`] (librdkafka's producer failed for good) is the one [`run`]
+    /// recovers from, with new clients; transient errors are retried where they happen,
+    /// so one that gets here stops the executor like a definite one.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ExecutorError::Kafka(e) => ErrorKind::of_kafka(e),
+            ExecutorError::Postgres(e) => ErrorKind::of_postgres(e),
+            ExecutorError::Task(_) | ExecutorError::EncodeResult(_) | ExecutorError::ConsumerShared => ErrorKind::Definite,
+        }
+    }
 }
 
 /// What to look at for a PostgreSQL error that stopped the executor, by its cause. Errors
@@ -100,7 +125,7 @@ pub async fn run(
 ) -> Result<(), ExecutorError> {
     loop {
         match run_clients(kafka_settings, pg_settings, settings, shutdown.clone()).await {
-            Err(ExecutorError::Kafka(e)) if kafka::is_fatal(&e) && !shutdown.is_triggered() => {
+            Err(e) if e.kind() == ErrorKind::Fatal && !shutdown.is_triggered() => {
                 tracing::warn!(error = %e, "the Kafka producer failed for good; starting over with new clients");
             }
             outcome => return outcome,
@@ -112,107 +137,169 @@ async fn run_clients(
     kafka_settings: &KafkaSettings,
     pg_settings: &PostgresSettings,
     settings: &ExecutorSettings,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) -> Result<(), ExecutorError> {
-    let topics = kafka_settings.topics();
-    let consumer: Arc<BaseConsumer<Observed>> =
-        Arc::new(Observed::new("executor", None).create(kafka_settings, ClientRole::Consumer { group_id: &settings.group_id })?);
-    consumer.subscribe(&[&topics.instructions])?;
-    let producer: FutureProducer<Observed> = Observed::new("executor", None).create(kafka_settings, ClientRole::Producer)?;
+    let mut executor = ExecutorLoop::start(kafka_settings, pg_settings, settings, shutdown).await?;
+    while executor.step().await?.is_continue() {}
+    executor.stop().await
+}
 
-    // Counters exist from the start, so that a dashboard shows 0 rather than nothing.
-    for status in ["committed", "rejected", "failed"] {
-        metrics::counter!("pgfanout_executor_instructions_total", "status" => status).increment(0);
-    }
-    metrics::counter!("pgfanout_executor_retries_total").increment(0);
-    metrics::counter!("pgfanout_executor_dead_letters_total").increment(0);
+/// The executor's loop and everything it owns: the consumer and the producer, the
+/// PostgreSQL connection with its catalog and prepared statements, and the batches whose
+/// results are on their way to Kafka (whose offsets it stores, in order, once acknowledged).
+struct ExecutorLoop<'a> {
+    pg_settings: &'a PostgresSettings,
+    topics: Topics,
+    consumer: Arc<BaseConsumer<Observed>>,
+    producer: FutureProducer<Observed>,
+    pg_conn: Option<Client>,
+    catalog: Catalog,
+    statements: Statements,
+    max_batch: usize,
+    linger: Duration,
+    in_flight: VecDeque<Published>,
+    shutdown: Shutdown,
+}
 
-    let mut pg_conn = None;
-    let allowed = match &settings.allowed_tables {
-        Some(list) => AllowedTables::List(list.iter().cloned().collect()),
-        None => AllowedTables::Publication(pg_settings.publication.clone()),
-    };
-    let mut catalog = Catalog::new(allowed);
-    let mut statements = Statements::default();
-    let linger = Duration::from_millis(settings.linger_ms);
-    let max = settings.batch_size as usize;
-    tracing::info!(topic = %topics.instructions, group = %settings.group_id, "executor started");
-    if settings.allowed_tables.is_none() {
-        warn_if_nothing_writable(pg_settings).await;
-    }
+impl<'a> ExecutorLoop<'a> {
+    /// Creates the clients and subscribes to the instructions topic.
+    async fn start(
+        kafka_settings: &KafkaSettings,
+        pg_settings: &'a PostgresSettings,
+        settings: &ExecutorSettings,
+        shutdown: Shutdown,
+    ) -> Result<ExecutorLoop<'a>, ExecutorError> {
+        let topics = kafka_settings.topics();
+        let consumer: Arc<BaseConsumer<Observed>> = Arc::new(
+            Observed::new("executor", None).create(kafka_settings, ClientRole::Consumer { group_id: &settings.group_id })?,
+        );
+        consumer.subscribe(&[&topics.instructions])?;
+        let producer: FutureProducer<Observed> = Observed::new("executor", None).create(kafka_settings, ClientRole::Producer)?;
 
-    let mut in_flight: VecDeque<Published> = VecDeque::new();
-    let outcome = loop {
-        if shutdown.is_triggered() {
-            break Ok(());
+        // Counters exist from the start, so that a dashboard shows 0 rather than nothing.
+        for status in ["committed", "rejected", "failed"] {
+            metrics::counter!("pgfanout_executor_instructions_total", "status" => status).increment(0);
         }
-        while in_flight.front().is_some_and(|b| b.publish.is_finished()) {
-            if let Some(batch) = in_flight.pop_front() {
-                batch.store_offsets_once_acknowledged(&consumer).await?;
+        metrics::counter!("pgfanout_executor_retries_total").increment(0);
+        metrics::counter!("pgfanout_executor_dead_letters_total").increment(0);
+
+        let allowed = match &settings.allowed_tables {
+            Some(list) => AllowedTables::List(list.iter().cloned().collect()),
+            None => AllowedTables::Publication(pg_settings.publication.clone()),
+        };
+        tracing::info!(topic = %topics.instructions, group = %settings.group_id, "executor started");
+        if settings.allowed_tables.is_none() {
+            warn_if_nothing_writable(pg_settings).await;
+        }
+        Ok(ExecutorLoop {
+            pg_settings,
+            topics,
+            consumer,
+            producer,
+            pg_conn: None,
+            catalog: Catalog::new(allowed),
+            statements: Statements::default(),
+            max_batch: settings.batch_size as usize,
+            linger: Duration::from_millis(settings.linger_ms),
+            in_flight: VecDeque::new(),
+            shutdown,
+        })
+    }
+
+    /// One batch: stores the offsets of the batches already acknowledged, polls, applies
+    /// and starts publishing the results. `Break` once shutdown is asked for.
+    async fn step(&mut self) -> Result<ControlFlow<()>, ExecutorError> {
+        if self.shutdown.is_triggered() {
+            return Ok(ControlFlow::Break(()));
+        }
+        while self.in_flight.front().is_some_and(|b| b.publish.is_finished()) {
+            if let Some(batch) = self.in_flight.pop_front() {
+                batch.store_offsets_once_acknowledged(&self.consumer).await?;
             }
         }
-        let polled = {
-            let consumer = Arc::clone(&consumer);
-            tokio::task::spawn_blocking(move || kafka::poll_batch(&consumer, max, Duration::from_millis(200), linger))
-                .await
-                .map_err(|e| ExecutorError::Internal(e.to_string()))?
+        let Some(messages) = self.poll().await? else {
+            return Ok(ControlFlow::Continue(()));
         };
-        let messages = match polled {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "poll failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        if messages.is_empty() {
-            continue;
-        }
         let started = Instant::now();
-        let mut decoded: Vec<(usize, Instruction)> = Vec::with_capacity(messages.len());
-        for (i, m) in messages.iter().enumerate() {
-            match m.payload().map(decode_instruction) {
-                Some(Ok(instruction)) => decoded.push((i, instruction)),
-                Some(Err(e)) => send_dead_letter(&producer, &topics.dlq, m, &e.to_string(), &mut shutdown).await?,
-                None => send_dead_letter(&producer, &topics.dlq, m, "record has no value", &mut shutdown).await?,
-            }
-        }
-        let instructions: Vec<Instruction> = decoded.iter().map(|(_, ins)| ins.clone()).collect();
-        let results =
-            match apply_with_retry(pg_settings, &mut pg_conn, &mut catalog, &mut statements, &instructions, &mut shutdown).await?
-            {
-                Some(r) => r,
-                None => break Ok(()), // shut down while PostgreSQL was away; nothing stored
-            };
+        let instructions = self.decode_or_dead_letter(&messages).await?;
+        let Some(results) = apply_with_retry(
+            self.pg_settings,
+            &mut self.pg_conn,
+            &mut self.catalog,
+            &mut self.statements,
+            &instructions,
+            &mut self.shutdown,
+        )
+        .await?
+        else {
+            return Ok(ControlFlow::Break(())); // shut down while PostgreSQL was away; nothing stored
+        };
         for r in &results {
             metrics::counter!("pgfanout_executor_instructions_total", "status" => r.status.as_str()).increment(1);
         }
         metrics::histogram!("pgfanout_executor_batch_size").record(instructions.len() as f64);
-        let publish = tokio::spawn(publish_results(producer.clone(), topics.results.clone(), results, shutdown.clone()));
-        in_flight.push_back(Published { publish, messages, started });
-        if in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
-            if let Some(oldest) = in_flight.pop_front() {
-                oldest.store_offsets_once_acknowledged(&consumer).await?;
+        let publish =
+            tokio::spawn(publish_results(self.producer.clone(), self.topics.results.clone(), results, self.shutdown.clone()));
+        self.in_flight.push_back(Published { publish, messages, started });
+        if self.in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
+            if let Some(oldest) = self.in_flight.pop_front() {
+                oldest.store_offsets_once_acknowledged(&self.consumer).await?;
             }
         }
-    };
-    while let Some(batch) = in_flight.pop_front() {
-        batch.store_offsets_once_acknowledged(&consumer).await?;
+        Ok(ControlFlow::Continue(()))
     }
 
-    // Commit what was stored, then leave the group; both off the async runtime.
-    let consumer = Arc::try_unwrap(consumer).map_err(|_| ExecutorError::Internal("consumer still shared".into()))?;
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-            tracing::debug!(error = %e, "final offset commit");
+    /// The next records (off the async runtime); `None` when there were none, or the poll
+    /// failed (it is retried after a pause).
+    async fn poll(&self) -> Result<Option<Vec<OwnedMessage>>, ExecutorError> {
+        let consumer = Arc::clone(&self.consumer);
+        let (max, linger) = (self.max_batch, self.linger);
+        let polled =
+            tokio::task::spawn_blocking(move || kafka::poll_batch(&consumer, max, Duration::from_millis(200), linger)).await?;
+        match polled {
+            Ok(messages) if messages.is_empty() => Ok(None),
+            Ok(messages) => Ok(Some(messages)),
+            Err(e) => {
+                tracing::warn!(error = %e, "poll failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(None)
+            }
         }
-        kafka::close_consumer(consumer);
-    })
-    .await
-    .map_err(|e| ExecutorError::Internal(e.to_string()))?;
-    producer.flush(Timeout::After(Duration::from_secs(10)))?;
-    tracing::info!("executor stopped");
-    outcome
+    }
+
+    /// The instructions of the records that decode; each other record goes to the
+    /// dead-letter topic.
+    async fn decode_or_dead_letter(&mut self, messages: &[OwnedMessage]) -> Result<Vec<Instruction>, ExecutorError> {
+        let mut instructions = Vec::with_capacity(messages.len());
+        for m in messages {
+            match m.payload().map(decode_instruction) {
+                Some(Ok(instruction)) => instructions.push(instruction),
+                Some(Err(e)) => send_dead_letter(&self.producer, &self.topics.dlq, m, &e.to_string(), &mut self.shutdown).await?,
+                None => send_dead_letter(&self.producer, &self.topics.dlq, m, "record has no value", &mut self.shutdown).await?,
+            }
+        }
+        Ok(instructions)
+    }
+
+    /// Stores the offsets of every batch once its results are acknowledged, commits them,
+    /// leaves the group and flushes the producer.
+    async fn stop(mut self) -> Result<(), ExecutorError> {
+        while let Some(batch) = self.in_flight.pop_front() {
+            batch.store_offsets_once_acknowledged(&self.consumer).await?;
+        }
+        // Commit what was stored, then leave the group; both off the async runtime.
+        let consumer = Arc::try_unwrap(self.consumer).map_err(|_| ExecutorError::ConsumerShared)?;
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+                tracing::debug!(error = %e, "final offset commit");
+            }
+            kafka::close_consumer(consumer);
+        })
+        .await?;
+        self.producer.flush(Timeout::After(Duration::from_secs(10)))?;
+        tracing::info!("executor stopped");
+        Ok(())
+    }
 }
 
 /// Says, once at start, when the publication gives the executor no table it may write:
@@ -293,7 +380,7 @@ struct Published {
 impl Published {
     /// Waits for the batch's results to be acknowledged, then stores its offsets.
     async fn store_offsets_once_acknowledged(self, consumer: &BaseConsumer<Observed>) -> Result<(), ExecutorError> {
-        self.publish.await.map_err(|e| ExecutorError::Internal(e.to_string()))??;
+        self.publish.await??;
         store_offsets(consumer, &self.messages)?;
         metrics::histogram!("pgfanout_executor_batch_duration_seconds").record(self.started.elapsed().as_secs_f64());
         Ok(())
@@ -306,8 +393,7 @@ async fn publish_results(
     results: Vec<InstructionResult>,
     mut shutdown: Shutdown,
 ) -> Result<(), ExecutorError> {
-    let payloads: Vec<Vec<u8>> =
-        results.iter().map(encode_result).collect::<Result<_, _>>().map_err(|e| ExecutorError::Internal(e.to_string()))?;
+    let payloads: Vec<Vec<u8>> = results.iter().map(encode_result).collect::<Result<_, _>>()?;
     let mut backoff = Backoff::new();
     let mut pending: Vec<usize> = (0..results.len()).collect();
     while !pending.is_empty() {

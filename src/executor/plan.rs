@@ -55,9 +55,54 @@ struct Bound<'a> {
     param: usize,
 }
 
+/// An operation's fields bound to the table's columns, each to its parameter.
+struct BoundOperation<'a> {
+    params: Vec<Option<String>>,
+    key: Vec<Bound<'a>>,
+    values: Vec<Bound<'a>>,
+    expect: Vec<Bound<'a>>,
+}
+
 /// Plans `op` against `table`. The key must name exactly the primary-key columns; values
 /// name other existing columns, each at most once.
 pub fn plan_operation(table: &TableInfo, op: &Operation) -> Result<PlannedStatement, Rejection> {
+    let BoundOperation { params, key, values, expect } = bind_operation(table, op)?;
+    let t = table.name.quoted();
+    let cast = |b: &Bound<'_>| format!("${}::text::{}", b.param + 1, b.column.type_sql);
+    let name = |b: &Bound<'_>| quote_ident(&b.column.name);
+    let where_key = key
+        .iter()
+        .map(|b| format!("{} = {}", name(b), cast(b)))
+        .chain(expect.iter().map(|b| format!("{} IS NOT DISTINCT FROM {}", name(b), cast(b))))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let mut set_sql = None;
+    let sql = match op.op {
+        OperationKind::Insert | OperationKind::Upsert => {
+            let (sql, set) = insert_sql(&t, op.op, &key, &values);
+            set_sql = set;
+            sql
+        }
+        OperationKind::Update => {
+            if values.is_empty() {
+                return Err(Rejection::new(BAD_SHAPE, "an update needs at least one value"));
+            }
+            let set = values.iter().map(|b| format!("{} = {}", name(b), cast(b))).collect::<Vec<_>>().join(", ");
+            format!("UPDATE {t} SET {set} WHERE {where_key}")
+        }
+        OperationKind::Delete => {
+            if !values.is_empty() {
+                return Err(Rejection::new(BAD_SHAPE, "a delete takes only a key, no values"));
+            }
+            format!("DELETE FROM {t} WHERE {where_key}")
+        }
+    };
+    Ok(PlannedStatement { sql, params, has_precondition: !expect.is_empty(), set_sql, key_params: key.len() })
+}
+
+/// Binds the key (exactly the primary key, no nulls), the values (no key column) and the
+/// precondition (update and delete only), in that order of parameters.
+fn bind_operation<'a>(table: &'a TableInfo, op: &Operation) -> Result<BoundOperation<'a>, Rejection> {
     let key_names: HashSet<&str> = table.key_columns().map(|c| c.name.as_str()).collect();
     if key_names.is_empty() {
         return Err(Rejection::new(BAD_KEY, format!("table {} has no primary key", table.name)));
@@ -87,59 +132,40 @@ pub fn plan_operation(table: &TableInfo, op: &Operation) -> Result<PlannedStatem
     if !expect.is_empty() && !matches!(op.op, OperationKind::Update | OperationKind::Delete) {
         return Err(Rejection::new(BAD_SHAPE, "`expect` (a precondition) applies to update and delete only"));
     }
-    let t = table.name.quoted();
+    Ok(BoundOperation { params, key, values, expect })
+}
+
+/// An insert or upsert of table `t` (quoted): the statement for one row, and the one for a
+/// set of rows of this shape when each affects exactly one row (see
+/// [`PlannedStatement::set_sql`]).
+fn insert_sql(t: &str, kind: OperationKind, key: &[Bound<'_>], values: &[Bound<'_>]) -> (String, Option<String>) {
     let cast = |b: &Bound<'_>| format!("${}::text::{}", b.param + 1, b.column.type_sql);
     let name = |b: &Bound<'_>| quote_ident(&b.column.name);
-    let where_key = key
-        .iter()
-        .map(|b| format!("{} = {}", name(b), cast(b)))
-        .chain(expect.iter().map(|b| format!("{} IS NOT DISTINCT FROM {}", name(b), cast(b))))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let all: Vec<&Bound<'_>> = key.iter().chain(values.iter()).collect();
+    let cols = all.iter().map(|b| name(b)).collect::<Vec<_>>().join(", ");
+    let vals = all.iter().map(|b| cast(b)).collect::<Vec<_>>().join(", ");
+    let mut conflict = String::new();
+    if kind == OperationKind::Upsert {
+        let target = key.iter().map(name).collect::<Vec<_>>().join(", ");
+        if values.is_empty() {
+            conflict = format!(" ON CONFLICT ({target}) DO NOTHING");
+        } else {
+            let set = values.iter().map(|b| format!("{0} = EXCLUDED.{0}", name(b))).collect::<Vec<_>>().join(", ");
+            conflict = format!(" ON CONFLICT ({target}) DO UPDATE SET {set}");
+        }
+    }
     let mut set_sql = None;
-    let sql = match op.op {
-        OperationKind::Insert | OperationKind::Upsert => {
-            let all: Vec<&Bound<'_>> = key.iter().chain(values.iter()).collect();
-            let cols = all.iter().map(|b| name(b)).collect::<Vec<_>>().join(", ");
-            let vals = all.iter().map(|b| cast(b)).collect::<Vec<_>>().join(", ");
-            let mut conflict = String::new();
-            if op.op == OperationKind::Upsert {
-                let target = key.iter().map(name).collect::<Vec<_>>().join(", ");
-                if values.is_empty() {
-                    conflict = format!(" ON CONFLICT ({target}) DO NOTHING");
-                } else {
-                    let set = values.iter().map(|b| format!("{0} = EXCLUDED.{0}", name(b))).collect::<Vec<_>>().join(", ");
-                    conflict = format!(" ON CONFLICT ({target}) DO UPDATE SET {set}");
-                }
-            }
-            if op.op == OperationKind::Insert || !values.is_empty() {
-                let arrays = (1..=all.len() + 1).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", ");
-                let names = (1..=all.len()).map(|i| format!("p{i}")).collect::<Vec<_>>().join(", ");
-                let casts =
-                    all.iter().map(|b| format!("u.p{}::{}", b.param + 1, b.column.type_sql)).collect::<Vec<_>>().join(", ");
-                let prefix = quote_literal(CORRELATION_PREFIX);
-                set_sql = Some(format!(
-                    "INSERT INTO {t} ({cols}) SELECT {casts} FROM unnest({arrays}) AS u({names}, instruction_id) \
-                     WHERE pg_logical_emit_message(true, {prefix}, u.instruction_id) IS NOT NULL{conflict}"
-                ));
-            }
-            format!("INSERT INTO {t} ({cols}) VALUES ({vals}){conflict}")
-        }
-        OperationKind::Update => {
-            if values.is_empty() {
-                return Err(Rejection::new(BAD_SHAPE, "an update needs at least one value"));
-            }
-            let set = values.iter().map(|b| format!("{} = {}", name(b), cast(b))).collect::<Vec<_>>().join(", ");
-            format!("UPDATE {t} SET {set} WHERE {where_key}")
-        }
-        OperationKind::Delete => {
-            if !values.is_empty() {
-                return Err(Rejection::new(BAD_SHAPE, "a delete takes only a key, no values"));
-            }
-            format!("DELETE FROM {t} WHERE {where_key}")
-        }
-    };
-    Ok(PlannedStatement { sql, params, has_precondition: !expect.is_empty(), set_sql, key_params: key.len() })
+    if kind == OperationKind::Insert || !values.is_empty() {
+        let arrays = (1..=all.len() + 1).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", ");
+        let names = (1..=all.len()).map(|i| format!("p{i}")).collect::<Vec<_>>().join(", ");
+        let casts = all.iter().map(|b| format!("u.p{}::{}", b.param + 1, b.column.type_sql)).collect::<Vec<_>>().join(", ");
+        let prefix = quote_literal(CORRELATION_PREFIX);
+        set_sql = Some(format!(
+            "INSERT INTO {t} ({cols}) SELECT {casts} FROM unnest({arrays}) AS u({names}, instruction_id) \
+             WHERE pg_logical_emit_message(true, {prefix}, u.instruction_id) IS NOT NULL{conflict}"
+        ));
+    }
+    (format!("INSERT INTO {t} ({cols}) VALUES ({vals}){conflict}"), set_sql)
 }
 
 fn bind_fields<'a>(

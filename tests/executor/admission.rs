@@ -1,7 +1,7 @@
 //! No poison pill: whatever an instruction holds, it ends as its own result and the
 //! executor goes on; its id is a UUID in any spelling, and means one content.
 
-use super::common::Pipeline;
+use pgfanout::test_support::Pipeline;
 use super::{field, insert_item, instruction, op};
 use pgfanout::contract::{Instruction, InstructionResult, OperationKind, ResultStatus, Value};
 use pgfanout::executor::batch::execute_batch;

@@ -1,0 +1,58 @@
+//! What the benchmark programs share: settings from the environment `bench/run` prepares
+//! (it starts PostgreSQL and the broker and exports their addresses as the components'
+//! own `PGFANOUT_*` variables), and components run as child processes that stop with the
+//! benchmark.
+
+use std::path::Path;
+use std::process::Child;
+
+use super::process::{append_log, pgfanout_bin, terminate};
+use crate::component::component_command;
+use crate::config::{parse_properties, KafkaSettings, PostgresSettings};
+
+/// A variable `bench/run` sets.
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the benchmark with bench/run"))
+}
+
+/// The Kafka settings of the broker `bench/run` started (3 partitions).
+pub fn kafka_settings() -> KafkaSettings {
+    KafkaSettings {
+        brokers: env("PGFANOUT_BROKERS"),
+        topic_prefix: std::env::var("PGFANOUT_TOPIC_PREFIX").unwrap_or_else(|_| "pgfanout.".into()),
+        properties: parse_properties(&env("PGFANOUT_KAFKA_PROPERTIES"))
+            .unwrap_or_else(|e| panic!("PGFANOUT_KAFKA_PROPERTIES: {e}")),
+        partitions: 3,
+        replication_factor: 1,
+    }
+}
+
+/// The PostgreSQL settings of the database `bench/run` prepared.
+pub fn postgres_settings() -> PostgresSettings {
+    PostgresSettings {
+        conninfo: env("PGFANOUT_POSTGRES"),
+        publication: std::env::var("PGFANOUT_PUBLICATION").unwrap_or_else(|_| "pgfanout".into()),
+    }
+}
+
+/// A child process stopped (SIGTERM, then waited for) on drop.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        terminate(&self.0);
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `pgfanout <args>` (`PGFANOUT_BIN`, the release build `bench/run` made) with the
+/// benchmark's settings, its output appended to `<dir>/<label>.log`.
+pub fn start(dir: &Path, label: &str, args: &[&str]) -> Process {
+    let (out, err) = append_log(&dir.join(format!("{label}.log")));
+    let child = component_command(pgfanout_bin(), args, &kafka_settings(), &postgres_settings())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {label}: {e}"));
+    Process(child)
+}

@@ -1,0 +1,68 @@
+//! `pgfanout` components run as child processes, with their output in a log file of
+//! their own.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::time::Duration;
+
+use super::wait::Deadline;
+
+/// The `pgfanout` binary the tests and benchmarks run: `PGFANOUT_BIN` when set (to run the
+/// tests against another build, or the benchmarks against a release build), otherwise the
+/// one cargo built beside the running test (`target/<profile>/pgfanout`, one folder up from
+/// the test's own `deps/`).
+pub fn pgfanout_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("PGFANOUT_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("the path of the running test");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
+    profile_dir.join(OsString::from(format!("pgfanout{}", std::env::consts::EXE_SUFFIX)))
+}
+
+/// A log file opened for appending (output of several runs of one component follows on),
+/// as a child's standard output and standard error.
+pub fn append_log(path: &Path) -> (File, File) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let copy = log.try_clone().expect("a second handle on the log file");
+    (copy, log)
+}
+
+/// Sends SIGTERM to `child`, asking it to stop cleanly.
+pub fn terminate(child: &Child) {
+    // SAFETY: kill(2) on the pid of a child the caller owns and has not reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+/// SIGTERM, then waits up to `timeout` for the child to exit; panics naming `label` if it
+/// does not.
+pub fn terminate_and_wait(child: &mut Child, label: &str, timeout: Duration) -> ExitStatus {
+    terminate(child);
+    let deadline = Deadline::after(timeout, format!("{label} to stop"));
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for a child") {
+            return status;
+        }
+        deadline.pause_blocking();
+    }
+}
+
+/// The last `n` lines of the log at `path` (empty when there is none), for a failure message.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let mut out = String::new();
+    for line in &lines[lines.len().saturating_sub(n)..] {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
