@@ -1,11 +1,11 @@
 //! No poison pill: whatever an instruction holds, it ends as its own result and the
 //! executor goes on; its id is a UUID in any spelling, and means one content.
 
-use pgfanout::test_support::Pipeline;
 use super::{field, insert_item, instruction, op};
 use pgfanout::contract::{Instruction, InstructionResult, OperationKind, ResultStatus, Value};
 use pgfanout::executor::batch::execute_batch;
 use pgfanout::executor::catalog::{AllowedTables, Catalog, Statements};
+use pgfanout::test_support::Pipeline;
 
 fn text(s: &str) -> Value {
     Value::String(s.to_string())
