@@ -53,7 +53,13 @@ impl Buf {
     }
 }
 
-fn fixtures() -> Vec<(&'static str, Vec<u8>, PgOutputMessage)> {
+type Fixture = (&'static str, Vec<u8>, PgOutputMessage);
+
+fn fixtures() -> Vec<Fixture> {
+    [transaction_fixtures(), relation_fixtures(), row_fixtures(), other_fixtures()].concat()
+}
+
+fn transaction_fixtures() -> Vec<Fixture> {
     vec![
         (
             "begin",
@@ -70,6 +76,11 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>, PgOutputMessage)> {
             Buf::tag(b'O').u64(99).cstr("node_a").done(),
             PgOutputMessage::Origin { commit_lsn: 99, name: "node_a".into() },
         ),
+    ]
+}
+
+fn relation_fixtures() -> Vec<Fixture> {
+    vec![
         (
             "relation",
             Buf::tag(b'R')
@@ -119,6 +130,11 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>, PgOutputMessage)> {
             Buf::tag(b'Y').u32(16390).cstr("public").cstr("mood").done(),
             PgOutputMessage::Type { oid: 16390, namespace: "public".into(), name: "mood".into() },
         ),
+    ]
+}
+
+fn row_fixtures() -> Vec<Fixture> {
+    vec![
         (
             "insert",
             Buf::tag(b'I').u32(16385).u8(b'N').u16(4).text(b"1").u8(b'n').bin(&[0, 1, 2]).text(b"").done(),
@@ -172,6 +188,12 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>, PgOutputMessage)> {
             Buf::tag(b'D').u32(5).u8(b'O').u16(1).bin(b"\xff").done(),
             PgOutputMessage::Delete { relation_id: 5, old: OldTuple::Full(vec![TupleValue::Binary(vec![0xff])]) },
         ),
+    ]
+}
+
+/// Truncates and logical messages.
+fn other_fixtures() -> Vec<Fixture> {
+    vec![
         (
             "truncate",
             Buf::tag(b'T').i32(2).u8(3).u32(16385).u32(16400).done(),
