@@ -11,6 +11,9 @@
 //!   logical message emitted after the workload appears in its output;
 //! - the broker's ceiling: a plain producer with capture's producer settings sending the
 //!   same records (same keys and values) to a new topic, until all are acknowledged;
+//! - capture's CPU time (user + system, all its threads, from `/proc/<pid>/stat`) over the
+//!   same streaming interval, per change: less noisy than the rates, which depend on how
+//!   the machine's cores are shared at the moment;
 //! - capture's peak RSS while a single 1,000,000-row UPDATE streams through.
 
 use std::io::{Read, Seek, SeekFrom};
@@ -175,6 +178,18 @@ async fn raw_produce(settings: &KafkaSettings, records: &[(Vec<u8>, Option<Vec<u
     records.len() as f64 / started.elapsed().as_secs_f64()
 }
 
+/// CPU time the process `pid` has used so far (user + system, all threads), in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    let rest = &stat[stat.rfind(')').expect("a command name in /proc/<pid>/stat") + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap(); // utime, stime
+    // SAFETY: sysconf has no preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / per_sec
+}
+
 fn peak_rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: f64 = status
@@ -214,17 +229,19 @@ async fn main() {
     let mut watch = FileWatch { file: std::fs::File::open(&output).unwrap(), tail: Vec::new() };
     watch.file.seek(SeekFrom::End(0)).unwrap();
 
+    let cpu_before = cpu_secs(capture.0.id());
     let started = Instant::now();
     let end = workload(&client).await;
     let workload_secs = started.elapsed().as_secs_f64();
     client.batch_execute(&format!("SELECT pg_logical_emit_message(true, '{MARKER}', 'end')")).await.unwrap();
-    let (mut recv_secs, mut capture_secs) = (None, None);
+    let (mut recv_secs, mut capture_secs, mut capture_cpu) = (None, None, 0.0);
     while recv_secs.is_none() || capture_secs.is_none() {
         if recv_secs.is_none() && watch.found(MARKER.as_bytes()) {
             recv_secs = Some(started.elapsed().as_secs_f64());
         }
         if capture_secs.is_none() && flushed_past(&client, "pgfanout", &end).await {
             capture_secs = Some(started.elapsed().as_secs_f64());
+            capture_cpu = cpu_secs(capture.0.id()) - cpu_before;
         }
         assert!(started.elapsed() < Duration::from_secs(600), "the workload did not get through");
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -266,5 +283,6 @@ async fn main() {
     println!("RESULT raw_produce_events_per_s {raw_rate:.0}");
     println!("RESULT capture_vs_pg_recvlogical {:.2}", capture_rate / recv_rate);
     println!("RESULT capture_vs_ceiling {:.2}", capture_rate / recv_rate.min(raw_rate));
+    println!("RESULT capture_cpu_us_per_change {:.2}", capture_cpu * 1e6 / changes);
     println!("RESULT capture_peak_rss_mb_1m_row_tx {rss:.0}");
 }
