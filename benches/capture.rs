@@ -63,6 +63,25 @@ async fn wait_streaming(client: &tokio_postgres::Client, slot: &str) {
     }
 }
 
+/// Drops `slot` once its walsender has gone: a stopped `pg_recvlogical`'s walsender may
+/// hold the slot a moment longer, all the more on a busy core.
+async fn drop_slot_when_released(client: &tokio_postgres::Client, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let active: bool = client
+            .query_one("SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .unwrap()
+            .get(0);
+        if !active {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot {slot} is still active");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.unwrap();
+}
+
 async fn current_lsn(client: &tokio_postgres::Client) -> String {
     client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0)
 }
@@ -247,7 +266,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     drop(recv);
-    client.batch_execute("SELECT pg_drop_replication_slot('bench_recv')").await.unwrap();
+    drop_slot_when_released(&client, "bench_recv").await;
     let (recv_secs, capture_secs) = (recv_secs.unwrap(), capture_secs.unwrap());
 
     let records = read_deltas(&settings);
