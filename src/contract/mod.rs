@@ -7,6 +7,7 @@
 
 pub mod codec;
 mod delta_reader;
+mod delta_writer;
 pub mod value;
 pub mod view;
 
