@@ -40,6 +40,9 @@ use snapshot::SnapshotMode;
 /// Prefix of capture's heartbeat messages.
 const HEARTBEAT_PREFIX: &str = "pgfanout.heartbeat";
 
+/// Most replication messages handled in one round of the capture loop after the first.
+const BURST: usize = 256;
+
 /// How often the slot's lag behind the server is measured.
 const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -187,7 +190,7 @@ impl Session<'_> {
                 }
                 event = stream.next_event() => {
                     let step = match event {
-                        Ok(Some(ev)) => self.on_event(ev, &mut stream, &monitor, &mut decoder, publisher, &mut current_tx, &mut reported, &mut watermark).await,
+                        Ok(Some(ev)) => self.on_burst(ev, &mut stream, &monitor, &mut decoder, publisher, &mut current_tx, &mut reported, &mut watermark).await,
                         // A server shutting down ends the stream: reconnect, as after a lost connection.
                         Ok(None) => Err(CaptureError::Replication(ReplicationError::Io(std::io::Error::new(
                             std::io::ErrorKind::ConnectionAborted,
@@ -269,6 +272,30 @@ impl Session<'_> {
         let repl = ReplicationClient::connect(&cfg).await?;
         let stream = repl.start_replication(&self.settings.slot, confirmed, publication).await?;
         Ok(Some((stream, confirmed, client)))
+    }
+
+    /// Handles `first`, then up to [`BURST`] more events already buffered, before the loop
+    /// looks at its timers and the socket again: in a burst of changes, the loop's own
+    /// round (every branch polled, the runtime's wake-ups) cost as much as handling a
+    /// change.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_burst(
+        &self,
+        first: ReplicationEvent,
+        stream: &mut ReplicationStream,
+        monitor: &tokio_postgres::Client,
+        decoder: &mut ChangeDecoder,
+        publisher: &mut Publisher,
+        current_tx: &mut Option<TxHandle>,
+        reported: &mut Lsn,
+        watermark: &mut Watermark,
+    ) -> Result<(), CaptureError> {
+        self.on_event(first, stream, monitor, decoder, publisher, current_tx, reported, watermark).await?;
+        for _ in 0..BURST {
+            let Some(event) = stream.next_buffered_event()? else { break };
+            self.on_event(event, stream, monitor, decoder, publisher, current_tx, reported, watermark).await?;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
