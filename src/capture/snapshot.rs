@@ -29,8 +29,8 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::changes::{Change, ChangeDecoder, PG_EPOCH_OFFSET_MICROS};
 use super::pgoutput::{PgOutputMessage, Relation, RelationColumn, TupleValue};
-use super::replication::{self, ReplicationClient, ReplicationConfig};
 use super::publisher::Publisher;
+use super::replication::{self, ReplicationClient, ReplicationConfig};
 use super::{CaptureError, Session};
 use crate::contract::{now_micros, DeltaOp};
 use crate::pg;

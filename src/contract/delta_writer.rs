@@ -137,12 +137,8 @@ mod tests {
 
     #[test]
     fn long_columns_and_extreme_integers() {
-        let column = |i: i64| Column {
-            name: "c".repeat(200),
-            type_name: "int8".into(),
-            value: Value::Long(i),
-            unchanged: i % 2 == 0,
-        };
+        let column =
+            |i: i64| Column { name: "c".repeat(200), type_name: "int8".into(), value: Value::Long(i), unchanged: i % 2 == 0 };
         let d = Delta {
             table: "t".repeat(300),
             op: DeltaOp::Update,
