@@ -220,6 +220,38 @@ fn peak_rss_mb(pid: u32) -> f64 {
     kb / 1024.0
 }
 
+/// What the streaming phase measured, in seconds from the workload's start.
+struct Streamed {
+    workload_secs: f64,
+    recv_secs: f64,
+    capture_secs: f64,
+    /// Capture's CPU time over the same interval.
+    capture_cpu_secs: f64,
+}
+
+/// Runs the workload with both readers streaming, and times each until it has passed the
+/// workload's end.
+async fn stream_workload(client: &tokio_postgres::Client, watch: &mut FileWatch, capture_pid: u32) -> Streamed {
+    let cpu_before = cpu_secs(capture_pid);
+    let started = Instant::now();
+    let end = workload(client).await;
+    let workload_secs = started.elapsed().as_secs_f64();
+    client.batch_execute(&format!("SELECT pg_logical_emit_message(true, '{MARKER}', 'end')")).await.unwrap();
+    let (mut recv_secs, mut capture) = (None, None);
+    while recv_secs.is_none() || capture.is_none() {
+        if recv_secs.is_none() && watch.found(MARKER.as_bytes()) {
+            recv_secs = Some(started.elapsed().as_secs_f64());
+        }
+        if capture.is_none() && flushed_past(client, "pgfanout", &end).await {
+            capture = Some((started.elapsed().as_secs_f64(), cpu_secs(capture_pid) - cpu_before));
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "the workload did not get through");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (capture_secs, capture_cpu_secs) = capture.unwrap();
+    Streamed { workload_secs, recv_secs: recv_secs.unwrap(), capture_secs, capture_cpu_secs }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let dir = PathBuf::from(env("PGFANOUT_BENCH_DIR"));
@@ -249,26 +281,10 @@ async fn main() {
     let mut watch = FileWatch { file: std::fs::File::open(&output).unwrap(), tail: Vec::new() };
     watch.file.seek(SeekFrom::End(0)).unwrap();
 
-    let cpu_before = cpu_secs(capture.0.id());
-    let started = Instant::now();
-    let end = workload(&client).await;
-    let workload_secs = started.elapsed().as_secs_f64();
-    client.batch_execute(&format!("SELECT pg_logical_emit_message(true, '{MARKER}', 'end')")).await.unwrap();
-    let (mut recv_secs, mut capture_secs, mut capture_cpu) = (None, None, 0.0);
-    while recv_secs.is_none() || capture_secs.is_none() {
-        if recv_secs.is_none() && watch.found(MARKER.as_bytes()) {
-            recv_secs = Some(started.elapsed().as_secs_f64());
-        }
-        if capture_secs.is_none() && flushed_past(&client, "pgfanout", &end).await {
-            capture_secs = Some(started.elapsed().as_secs_f64());
-            capture_cpu = cpu_secs(capture.0.id()) - cpu_before;
-        }
-        assert!(started.elapsed() < Duration::from_secs(600), "the workload did not get through");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let streamed = stream_workload(&client, &mut watch, capture.0.id()).await;
     drop(recv);
     drop_slot_when_released(&client, "bench_recv").await;
-    let (recv_secs, capture_secs) = (recv_secs.unwrap(), capture_secs.unwrap());
+    let Streamed { workload_secs, recv_secs, capture_secs, capture_cpu_secs } = streamed;
 
     let records = read_deltas(&settings);
     let raw_rate = raw_produce(&settings, &records).await;
@@ -303,6 +319,6 @@ async fn main() {
     println!("RESULT raw_produce_events_per_s {raw_rate:.0}");
     println!("RESULT capture_vs_pg_recvlogical {:.2}", capture_rate / recv_rate);
     println!("RESULT capture_vs_ceiling {:.2}", capture_rate / recv_rate.min(raw_rate));
-    println!("RESULT capture_cpu_us_per_change {:.2}", capture_cpu * 1e6 / changes);
+    println!("RESULT capture_cpu_us_per_change {:.2}", capture_cpu_secs * 1e6 / changes);
     println!("RESULT capture_peak_rss_mb_1m_row_tx {rss:.0}");
 }
