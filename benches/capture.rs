@@ -11,6 +11,9 @@
 //!   logical message emitted after the workload appears in its output;
 //! - the broker's ceiling: a plain producer with capture's producer settings sending the
 //!   same records (same keys and values) to a new topic, until all are acknowledged;
+//! - capture's CPU time (user + system, all its threads, from `/proc/<pid>/stat`) over the
+//!   same streaming interval, per change: less noisy than the rates, which depend on how
+//!   the machine's cores are shared at the moment;
 //! - capture's peak RSS while a single 1,000,000-row UPDATE streams through.
 
 use std::io::{Read, Seek, SeekFrom};
@@ -58,6 +61,25 @@ async fn wait_streaming(client: &tokio_postgres::Client, slot: &str) {
         assert!(Instant::now() < deadline, "slot {slot} is not streaming");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Drops `slot` once its walsender has gone: a stopped `pg_recvlogical`'s walsender may
+/// hold the slot a moment longer, all the more on a busy core.
+async fn drop_slot_when_released(client: &tokio_postgres::Client, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let active: bool = client
+            .query_one("SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .unwrap()
+            .get(0);
+        if !active {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot {slot} is still active");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.unwrap();
 }
 
 async fn current_lsn(client: &tokio_postgres::Client) -> String {
@@ -175,6 +197,19 @@ async fn raw_produce(settings: &KafkaSettings, records: &[(Vec<u8>, Option<Vec<u
     records.len() as f64 / started.elapsed().as_secs_f64()
 }
 
+/// CPU time the process `pid` has used so far (user + system, all threads), in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    let rest = &stat[stat.rfind(')').expect("a command name in /proc/<pid>/stat") + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime, in clock ticks.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / per_sec
+}
+
 fn peak_rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: f64 = status
@@ -183,6 +218,38 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmHWM in /proc/<pid>/status");
     kb / 1024.0
+}
+
+/// What the streaming phase measured, in seconds from the workload's start.
+struct Streamed {
+    workload_secs: f64,
+    recv_secs: f64,
+    capture_secs: f64,
+    /// Capture's CPU time over the same interval.
+    capture_cpu_secs: f64,
+}
+
+/// Runs the workload with both readers streaming, and times each until it has passed the
+/// workload's end.
+async fn stream_workload(client: &tokio_postgres::Client, watch: &mut FileWatch, capture_pid: u32) -> Streamed {
+    let cpu_before = cpu_secs(capture_pid);
+    let started = Instant::now();
+    let end = workload(client).await;
+    let workload_secs = started.elapsed().as_secs_f64();
+    client.batch_execute(&format!("SELECT pg_logical_emit_message(true, '{MARKER}', 'end')")).await.unwrap();
+    let (mut recv_secs, mut capture) = (None, None);
+    while recv_secs.is_none() || capture.is_none() {
+        if recv_secs.is_none() && watch.found(MARKER.as_bytes()) {
+            recv_secs = Some(started.elapsed().as_secs_f64());
+        }
+        if capture.is_none() && flushed_past(client, "pgfanout", &end).await {
+            capture = Some((started.elapsed().as_secs_f64(), cpu_secs(capture_pid) - cpu_before));
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "the workload did not get through");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (capture_secs, capture_cpu_secs) = capture.unwrap();
+    Streamed { workload_secs, recv_secs: recv_secs.unwrap(), capture_secs, capture_cpu_secs }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -214,24 +281,10 @@ async fn main() {
     let mut watch = FileWatch { file: std::fs::File::open(&output).unwrap(), tail: Vec::new() };
     watch.file.seek(SeekFrom::End(0)).unwrap();
 
-    let started = Instant::now();
-    let end = workload(&client).await;
-    let workload_secs = started.elapsed().as_secs_f64();
-    client.batch_execute(&format!("SELECT pg_logical_emit_message(true, '{MARKER}', 'end')")).await.unwrap();
-    let (mut recv_secs, mut capture_secs) = (None, None);
-    while recv_secs.is_none() || capture_secs.is_none() {
-        if recv_secs.is_none() && watch.found(MARKER.as_bytes()) {
-            recv_secs = Some(started.elapsed().as_secs_f64());
-        }
-        if capture_secs.is_none() && flushed_past(&client, "pgfanout", &end).await {
-            capture_secs = Some(started.elapsed().as_secs_f64());
-        }
-        assert!(started.elapsed() < Duration::from_secs(600), "the workload did not get through");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let streamed = stream_workload(&client, &mut watch, capture.0.id()).await;
     drop(recv);
-    client.batch_execute("SELECT pg_drop_replication_slot('bench_recv')").await.unwrap();
-    let (recv_secs, capture_secs) = (recv_secs.unwrap(), capture_secs.unwrap());
+    drop_slot_when_released(&client, "bench_recv").await;
+    let Streamed { workload_secs, recv_secs, capture_secs, capture_cpu_secs } = streamed;
 
     let records = read_deltas(&settings);
     let raw_rate = raw_produce(&settings, &records).await;
@@ -266,5 +319,6 @@ async fn main() {
     println!("RESULT raw_produce_events_per_s {raw_rate:.0}");
     println!("RESULT capture_vs_pg_recvlogical {:.2}", capture_rate / recv_rate);
     println!("RESULT capture_vs_ceiling {:.2}", capture_rate / recv_rate.min(raw_rate));
+    println!("RESULT capture_cpu_us_per_change {:.2}", capture_cpu_secs * 1e6 / changes);
     println!("RESULT capture_peak_rss_mb_1m_row_tx {rss:.0}");
 }

@@ -142,12 +142,19 @@ impl Observed {
         settings: &KafkaSettings,
         role: ClientRole<'_>,
     ) -> Result<T, KafkaError> {
-        let mut cfg = client_config(settings, role);
-        if cfg.get("statistics.interval.ms").is_none() {
-            cfg.set("statistics.interval.ms", STATISTICS_INTERVAL_MS.to_string());
-        }
-        cfg.create_with_context(self)
+        observed_config(settings, role).create_with_context(self)
     }
+}
+
+/// [`client_config`] with librdkafka's statistics enabled (every [`STATISTICS_INTERVAL_MS`]
+/// unless the user's properties say otherwise), for a client whose context hands them to
+/// an [`Observed`].
+pub fn observed_config(settings: &KafkaSettings, role: ClientRole<'_>) -> ClientConfig {
+    let mut cfg = client_config(settings, role);
+    if cfg.get("statistics.interval.ms").is_none() {
+        cfg.set("statistics.interval.ms", STATISTICS_INTERVAL_MS.to_string());
+    }
+    cfg
 }
 
 impl ClientContext for Observed {

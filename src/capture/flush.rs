@@ -11,9 +11,25 @@ use std::collections::VecDeque;
 
 pub type Lsn = u64;
 
-/// Identifies a transaction inside the tracker.
+/// Identifies a transaction inside the tracker. Handles are never reused, not even across
+/// [`FlushLsnTracker::restart`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TxHandle(u64);
+
+// A handle travels with each record as librdkafka's pointer-sized opaque value.
+const _: () = assert!(usize::BITS >= u64::BITS, "capture needs a 64-bit target");
+
+impl TxHandle {
+    /// The handle as a record's delivery opaque value.
+    pub fn to_opaque(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The handle a record's delivery opaque value carries.
+    pub fn from_opaque(opaque: usize) -> TxHandle {
+        TxHandle(opaque as u64)
+    }
+}
 
 #[derive(Debug)]
 struct TxSlot {
@@ -27,12 +43,30 @@ pub struct FlushLsnTracker {
     txs: VecDeque<TxSlot>,
     first: u64,
     flushed: Lsn,
+    /// Sum of the transactions' `outstanding`.
+    in_flight: u64,
 }
 
 impl FlushLsnTracker {
     /// Starts from the slot's confirmed position.
     pub fn new(confirmed: Lsn) -> Self {
-        FlushLsnTracker { txs: VecDeque::new(), first: 0, flushed: confirmed }
+        FlushLsnTracker { txs: VecDeque::new(), first: 0, flushed: confirmed, in_flight: 0 }
+    }
+
+    /// Starts over from `confirmed` (a new replication session), forgetting every
+    /// transaction. New handles continue after the ones given so far, so a handle of an
+    /// earlier session names nothing any more: its late acknowledgement is ignored.
+    pub fn restart(&mut self, confirmed: Lsn) {
+        self.first += self.txs.len() as u64;
+        self.txs.clear();
+        self.flushed = confirmed;
+        self.in_flight = 0;
+    }
+
+    /// Whether `tx` is a transaction still tracked: false for one flushed already, and for
+    /// one of an earlier session (before [`restart`](Self::restart)).
+    pub fn tracks(&self, tx: TxHandle) -> bool {
+        self.index(tx).is_some()
     }
 
     /// A transaction began (its deltas follow).
@@ -41,22 +75,31 @@ impl FlushLsnTracker {
         TxHandle(self.first + self.txs.len() as u64 - 1)
     }
 
+    fn index(&self, tx: TxHandle) -> Option<usize> {
+        let i = usize::try_from(tx.0.checked_sub(self.first)?).ok()?;
+        (i < self.txs.len()).then_some(i)
+    }
+
     fn slot(&mut self, tx: TxHandle) -> Option<&mut TxSlot> {
-        let i = tx.0.checked_sub(self.first)?;
-        self.txs.get_mut(usize::try_from(i).ok()?)
+        let i = self.index(tx)?;
+        self.txs.get_mut(i)
     }
 
     /// A delta of `tx` was handed to the producer.
     pub fn sent(&mut self, tx: TxHandle) {
         if let Some(s) = self.slot(tx) {
             s.outstanding += 1;
+            self.in_flight += 1;
         }
     }
 
     /// Kafka acknowledged a delta of `tx`.
     pub fn acknowledged(&mut self, tx: TxHandle) {
         if let Some(s) = self.slot(tx) {
-            s.outstanding = s.outstanding.saturating_sub(1);
+            if s.outstanding > 0 {
+                s.outstanding -= 1;
+                self.in_flight -= 1;
+            }
         }
         self.advance();
     }
@@ -104,7 +147,7 @@ impl FlushLsnTracker {
 
     /// Deltas handed to the producer and not yet acknowledged.
     pub fn in_flight(&self) -> u64 {
-        self.txs.iter().map(|s| s.outstanding).sum()
+        self.in_flight
     }
 }
 
@@ -151,6 +194,29 @@ mod tests {
         assert_eq!(t.flushed(), 90);
     }
 
+    #[test]
+    fn a_restart_forgets_the_earlier_session() {
+        let mut t = FlushLsnTracker::new(10);
+        let a = t.begin();
+        t.sent(a);
+        t.sent(a);
+        t.committed(a, 100);
+        assert_eq!(t.in_flight(), 2);
+        t.restart(50);
+        assert!(!t.tracks(a));
+        assert_eq!((t.flushed(), t.in_flight()), (50, 0));
+        let b = t.begin();
+        assert_ne!(a, b, "handles are not reused");
+        t.sent(b);
+        t.committed(b, 200);
+        t.acknowledged(a); // late, of the earlier session
+        assert_eq!((t.flushed(), t.in_flight()), (50, 1), "an earlier session's acknowledgement moves nothing");
+        t.acknowledged(b);
+        assert_eq!((t.flushed(), t.in_flight()), (200, 0));
+        assert!(!t.tracks(b), "flushed");
+        assert_eq!(TxHandle::from_opaque(b.to_opaque()), b);
+    }
+
     proptest! {
         /// Whatever the order of acknowledgements, the flush LSN never passes a transaction
         /// with an unacknowledged delta, and reaches the last commit once all are in.
@@ -172,6 +238,7 @@ mod tests {
                 let k = (rng >> 33) as usize % pending.len();
                 let (_, h) = pending.swap_remove(k);
                 t.acknowledged(h);
+                prop_assert_eq!(t.in_flight(), pending.len() as u64);
                 if let Some(oldest) = pending.iter().map(|(i, _)| *i).min() {
                     prop_assert!(t.flushed() < ends[oldest]);
                 }

@@ -16,32 +16,32 @@
 pub mod changes;
 pub mod flush;
 pub mod pgoutput;
+pub mod publisher;
 pub mod replication;
 pub mod snapshot;
 
 use std::time::{Duration, Instant};
 
-use futures::stream::{FuturesUnordered, StreamExt};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
+use rdkafka::error::KafkaError;
 
 use crate::backoff::Backoff;
 use crate::config::{KafkaSettings, PostgresSettings};
-use crate::contract::codec::encode_delta;
-use crate::contract::{delta_kafka_key, Delta, DeltaOp, TOMBSTONE_DELTA_HEADER};
-use crate::kafka::{self, ClientRole, Observed};
+use crate::contract::{Delta, DeltaOp};
+use crate::kafka;
 use crate::pg;
 use crate::shutdown::Shutdown;
 use changes::{Change, ChangeDecoder};
 use flush::{FlushLsnTracker, Lsn, TxHandle};
 use pgoutput::PgOutputMessage;
+use publisher::Publisher;
 use replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
 use snapshot::SnapshotMode;
 
 /// Prefix of capture's heartbeat messages.
 const HEARTBEAT_PREFIX: &str = "pgfanout.heartbeat";
+
+/// Most replication messages handled in one round of the capture loop after the first.
+const BURST: usize = 256;
 
 /// How often the slot's lag behind the server is measured.
 const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -102,27 +102,24 @@ pub async fn run(
     settings: &CaptureSettings,
     mut shutdown: Shutdown,
 ) -> Result<(), CaptureError> {
-    let new_producer = || Observed::new("capture", None).create::<FutureProducer<Observed>>(kafka_settings, ClientRole::Producer);
-    let mut producer = new_producer()?;
-    let topic = kafka_settings.topics().deltas;
-    let partitions = partition_count(&producer, &topic).await?;
+    let mut publisher = Publisher::new(kafka_settings).await?;
     let mut backoff = Backoff::new();
     let snapshot_taken = std::cell::Cell::new(false);
+    let received_bytes = metrics::counter!("pgfanout_capture_received_bytes_total");
     metrics::counter!("pgfanout_capture_reconnects_total").increment(0);
     metrics::counter!("pgfanout_capture_heartbeats_total").increment(0);
     metrics::counter!("pgfanout_capture_snapshot_rows_total").increment(0);
     metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
     loop {
-        let session =
-            Session { producer: &producer, topic: &topic, partitions, settings, pg_settings, snapshot_taken: &snapshot_taken };
-        match session.run(&mut shutdown).await {
+        let session = Session { settings, pg_settings, snapshot_taken: &snapshot_taken, received_bytes: received_bytes.clone() };
+        match session.run(&mut publisher, &mut shutdown).await {
             Ok(()) => break,
             // The session starts again from the slot's confirmed position, with a producer
             // that can send.
             Err(CaptureError::Kafka(e)) if kafka::is_fatal(&e) && !shutdown.is_triggered() => {
                 metrics::counter!("pgfanout_capture_reconnects_total").increment(1);
                 tracing::warn!(error = %e, "the Kafka producer failed for good; replacing it and reconnecting");
-                producer = new_producer()?;
+                publisher.replace_producer(kafka_settings)?;
             }
             Err(e) if e.is_transient() && !shutdown.is_triggered() => {
                 metrics::counter!("pgfanout_capture_reconnects_total").increment(1);
@@ -132,43 +129,30 @@ pub async fn run(
             Err(e) => return Err(e),
         }
     }
-    producer.flush(Timeout::After(Duration::from_secs(10)))?;
+    publisher.flush(Duration::from_secs(10))?;
     tracing::info!("capture stopped");
     Ok(())
 }
 
-async fn partition_count(producer: &FutureProducer<Observed>, topic: &str) -> Result<i32, CaptureError> {
-    let n = tokio::task::block_in_place(|| kafka::partition_count(producer.client(), topic))?;
-    if n == 0 {
-        return Err(CaptureError::Config(format!("topic {topic} does not exist; create the pipeline's topics first")));
-    }
-    Ok(i32::try_from(n).unwrap_or(i32::MAX))
-}
-
-type InFlight =
-    FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = (TxHandle, Instant, Result<(), KafkaError>)> + Send>>>;
-
 struct Session<'a> {
-    producer: &'a FutureProducer<Observed>,
-    topic: &'a str,
-    partitions: i32,
     settings: &'a CaptureSettings,
     pg_settings: &'a PostgresSettings,
     /// Set once this process has copied a snapshot: `--snapshot always` copies on start,
     /// not again on every reconnect.
     snapshot_taken: &'a std::cell::Cell<bool>,
+    /// `pgfanout_capture_received_bytes_total`, looked up once.
+    received_bytes: metrics::Counter,
 }
 
 impl Session<'_> {
-    async fn run(&self, shutdown: &mut Shutdown) -> Result<(), CaptureError> {
-        let Some((mut stream, confirmed, monitor)) = self.start(shutdown).await? else {
+    async fn run(&self, publisher: &mut Publisher, shutdown: &mut Shutdown) -> Result<(), CaptureError> {
+        let Some((mut stream, confirmed, monitor)) = self.start(publisher, shutdown).await? else {
             return Ok(()); // stopped during the initial snapshot
         };
+        publisher.restart(confirmed);
         let mut slot_check = tokio::time::interval(SLOT_CHECK_INTERVAL);
         let mut slot_seen = SlotSeen { confirmed: None, since: Instant::now() };
-        let mut tracker = FlushLsnTracker::new(confirmed);
         let mut decoder = ChangeDecoder::new();
-        let mut in_flight: InFlight = FuturesUnordered::new();
         let mut current_tx: Option<TxHandle> = None;
         let mut status = tokio::time::interval(Duration::from_millis(self.settings.status_interval_ms));
         let mut watermark_timer = tokio::time::interval(Duration::from_millis(self.settings.watermark_interval_ms));
@@ -180,25 +164,25 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break Ok(()),
-                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Err(e) = on_delivered(&mut tracker, done) {
+                _ = publisher.delivered() => {
+                    if let Err(e) = publisher.take_deliveries() {
                         break Err(e);
                     }
                 }
                 _ = status.tick() => {
-                    if let Err(e) = report(&mut stream, &tracker, &mut reported, true).await {
+                    if let Err(e) = report(&mut stream, publisher.tracker(), &mut reported, true).await {
                         break Err(e);
                     }
                 }
                 _ = slot_check.tick() => {
                     // Monitoring only: a failure here must not stop the stream.
-                    if let Err(e) = self.report_slot(&monitor, &tracker, &mut slot_seen).await {
+                    if let Err(e) = self.report_slot(&monitor, publisher.tracker(), &mut slot_seen).await {
                         tracing::debug!(error = %e, "slot lag not measured");
                     }
                 }
                 _ = watermark_timer.tick() => {
                     if watermark.candidate > watermark.sent {
-                        if let Err(e) = self.send_watermark(watermark.candidate, &mut tracker, &mut in_flight).await {
+                        if let Err(e) = send_watermark(publisher, watermark.candidate).await {
                             break Err(e);
                         }
                         watermark.sent = watermark.candidate;
@@ -206,7 +190,7 @@ impl Session<'_> {
                 }
                 event = stream.next_event() => {
                     let step = match event {
-                        Ok(Some(ev)) => self.on_event(ev, &mut stream, &monitor, &mut decoder, &mut tracker, &mut in_flight, &mut current_tx, &mut reported, &mut watermark).await,
+                        Ok(Some(ev)) => self.on_burst(ev, &mut stream, &monitor, &mut decoder, publisher, &mut current_tx, &mut reported, &mut watermark).await,
                         // A server shutting down ends the stream: reconnect, as after a lost connection.
                         Ok(None) => Err(CaptureError::Replication(ReplicationError::Io(std::io::Error::new(
                             std::io::ErrorKind::ConnectionAborted,
@@ -221,16 +205,9 @@ impl Session<'_> {
             }
         };
         // Let what is in flight land, so the final status covers as much as possible.
-        let deadline = tokio::time::sleep(Duration::from_secs(30));
-        tokio::pin!(deadline);
-        while !in_flight.is_empty() {
-            tokio::select! {
-                Some(done) = in_flight.next() => { let _ = on_delivered(&mut tracker, done); }
-                _ = &mut deadline => break,
-            }
-        }
+        publisher.settle(Duration::from_secs(30)).await;
         if result.is_ok() {
-            report(&mut stream, &tracker, &mut reported, false).await?;
+            report(&mut stream, publisher.tracker(), &mut reported, false).await?;
             stream.close().await?;
         }
         result
@@ -239,7 +216,11 @@ impl Session<'_> {
     /// Checks the server, creates the slot if needed, copies the initial snapshot if one is
     /// due, and starts streaming. Returns the stream and the slot's confirmed position, or
     /// nothing when `shutdown` interrupted the snapshot.
-    async fn start(&self, shutdown: &Shutdown) -> Result<Option<(ReplicationStream, Lsn, tokio_postgres::Client)>, CaptureError> {
+    async fn start(
+        &self,
+        publisher: &mut Publisher,
+        shutdown: &Shutdown,
+    ) -> Result<Option<(ReplicationStream, Lsn, tokio_postgres::Client)>, CaptureError> {
         let client = pg::connect(&self.pg_settings.conninfo).await?;
         let version: String = client.query_one("SHOW server_version_num", &[]).await?.get(0);
         if version.parse::<u32>().unwrap_or(0) < 150_000 {
@@ -285,12 +266,36 @@ impl Session<'_> {
                 created.consistent_point
             }
         };
-        if self.snapshot_needed(&client).await? && !self.copy_snapshot(&client, &cfg, shutdown).await? {
+        if self.snapshot_needed(&client).await? && !self.copy_snapshot(&client, &cfg, publisher, shutdown).await? {
             return Ok(None);
         }
         let repl = ReplicationClient::connect(&cfg).await?;
         let stream = repl.start_replication(&self.settings.slot, confirmed, publication).await?;
         Ok(Some((stream, confirmed, client)))
+    }
+
+    /// Handles `first`, then up to [`BURST`] more events already buffered, before the loop
+    /// looks at its timers and the socket again: in a burst of changes, the loop's own
+    /// round (every branch polled, the runtime's wake-ups) cost as much as handling a
+    /// change.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_burst(
+        &self,
+        first: ReplicationEvent,
+        stream: &mut ReplicationStream,
+        monitor: &tokio_postgres::Client,
+        decoder: &mut ChangeDecoder,
+        publisher: &mut Publisher,
+        current_tx: &mut Option<TxHandle>,
+        reported: &mut Lsn,
+        watermark: &mut Watermark,
+    ) -> Result<(), CaptureError> {
+        self.on_event(first, stream, monitor, decoder, publisher, current_tx, reported, watermark).await?;
+        for _ in 0..BURST {
+            let Some(event) = stream.next_buffered_event()? else { break };
+            self.on_event(event, stream, monitor, decoder, publisher, current_tx, reported, watermark).await?;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -300,8 +305,7 @@ impl Session<'_> {
         stream: &mut ReplicationStream,
         monitor: &tokio_postgres::Client,
         decoder: &mut ChangeDecoder,
-        tracker: &mut FlushLsnTracker,
-        in_flight: &mut InFlight,
+        publisher: &mut Publisher,
         current_tx: &mut Option<TxHandle>,
         reported: &mut Lsn,
         watermark: &mut Watermark,
@@ -310,11 +314,11 @@ impl Session<'_> {
             ReplicationEvent::Keepalive { reply_requested, wal_end, .. } => {
                 if current_tx.is_none() {
                     // Everything committed before wal_end has been received and handed on.
-                    tracker.idle_at(wal_end);
+                    publisher.idle_at(wal_end);
                     watermark.candidate = watermark.candidate.max(wal_end);
                 }
                 if reply_requested {
-                    report(stream, tracker, reported, false).await?;
+                    report(stream, publisher.tracker(), reported, false).await?;
                 }
                 Ok(())
             }
@@ -323,21 +327,21 @@ impl Session<'_> {
                 if let PgOutputMessage::Relation(rel) = &mut message {
                     key_by_primary_key(monitor, rel).await?;
                 }
-                metrics::counter!("pgfanout_capture_received_bytes_total").increment(data.len() as u64);
+                self.received_bytes.increment(data.len() as u64);
                 if let PgOutputMessage::Message { transactional: false, prefix, .. } = &message {
                     if prefix == HEARTBEAT_PREFIX && current_tx.is_none() {
                         // Our own heartbeat came through: everything before it is handled.
-                        tracker.idle_at(wal_start);
+                        publisher.idle_at(wal_start);
                         watermark.candidate = watermark.candidate.max(wal_start);
-                        return report(stream, tracker, reported, false).await;
+                        return report(stream, publisher.tracker(), reported, false).await;
                     }
                 }
                 if let PgOutputMessage::Truncate { relation_ids, .. } = &message {
                     let tx = current_tx.ok_or_else(|| CaptureError::Decode("Truncate outside a transaction".into()))?;
                     for delta in decoder.on_truncate(wal_start, relation_ids).map_err(|e| CaptureError::Decode(e.to_string()))? {
                         // A truncate touches rows in every partition: tell every partition.
-                        for partition in 0..self.partitions {
-                            self.send(&delta, Some(partition), tx, tracker, in_flight).await?;
+                        for partition in 0..publisher.partitions() {
+                            publisher.send(&delta, Some(partition), tx).await?;
                         }
                         decoder.next_seq();
                     }
@@ -345,16 +349,16 @@ impl Session<'_> {
                 }
                 match decoder.on_message(wal_start, message).map_err(|e| CaptureError::Decode(e.to_string()))? {
                     None => {}
-                    Some(Change::Begin) => *current_tx = Some(tracker.begin()),
+                    Some(Change::Begin) => *current_tx = Some(publisher.begin()),
                     Some(Change::Delta(delta)) => {
                         let tx = current_tx.ok_or_else(|| CaptureError::Decode("change outside a transaction".into()))?;
-                        self.send(&delta, None, tx, tracker, in_flight).await?;
+                        publisher.send(&delta, None, tx).await?;
                         decoder.next_seq();
                     }
                     Some(Change::Commit { end_lsn }) => {
                         tracing::debug!(end_lsn = %replication::format_lsn(end_lsn), "transaction received");
                         if let Some(tx) = current_tx.take() {
-                            tracker.committed(tx, end_lsn);
+                            publisher.committed(tx, end_lsn);
                         }
                         watermark.candidate = watermark.candidate.max(end_lsn);
                         metrics::counter!("pgfanout_capture_transactions_total").increment(1);
@@ -407,124 +411,33 @@ impl Session<'_> {
         }
         Ok(())
     }
-
-    /// Sends a watermark delta to every partition: every transaction that committed at or
-    /// before `lsn` has all its deltas ahead of it in each partition.
-    async fn send_watermark(
-        &self,
-        lsn: Lsn,
-        tracker: &mut FlushLsnTracker,
-        in_flight: &mut InFlight,
-    ) -> Result<(), CaptureError> {
-        let lsn_i64 = i64::try_from(lsn).unwrap_or(i64::MAX);
-        let delta = Delta {
-            table: String::new(),
-            op: DeltaOp::Watermark,
-            key: Vec::new(),
-            after: None,
-            old_key: None,
-            commit_lsn: lsn_i64,
-            lsn: lsn_i64,
-            xid: 0,
-            commit_ts: crate::contract::now_micros(),
-            seq: 0,
-            instruction_id: None,
-        };
-        // Tracked like a transaction that moves nothing: the flush LSN waits for it only
-        // through the transactions before it.
-        let tx = tracker.begin();
-        for partition in 0..self.partitions {
-            self.send(&delta, Some(partition), tx, tracker, in_flight).await?;
-        }
-        tracker.committed(tx, 0);
-        metrics::gauge!("pgfanout_capture_watermark_lsn").set(lsn as f64);
-        Ok(())
-    }
-
-    /// Hands one delta to the producer; a delete is followed by a Kafka tombstone (same key,
-    /// no value), so a compacted deltas topic eventually forgets deleted rows entirely.
-    async fn send(
-        &self,
-        delta: &Delta,
-        partition: Option<i32>,
-        tx: TxHandle,
-        tracker: &mut FlushLsnTracker,
-        in_flight: &mut InFlight,
-    ) -> Result<(), CaptureError> {
-        let payload = encode_delta(delta).map_err(|e| CaptureError::Decode(e.to_string()))?;
-        let key = delta_kafka_key(&delta.table, &delta.key);
-        self.send_record(&key, Some(&payload), None, partition, tx, tracker, in_flight).await?;
-        if delta.op != DeltaOp::Watermark {
-            metrics::counter!("pgfanout_capture_changes_total", "op" => delta.op.as_str()).increment(1);
-        }
-        if delta.op == DeltaOp::Delete {
-            // The Kafka tombstone carries the delete in a header: compaction may remove the
-            // delete delta (same key) before a lagging device reads it.
-            self.send_record(&key, None, Some(&payload), partition, tx, tracker, in_flight).await?;
-        }
-        Ok(())
-    }
-
-    /// Enqueues one record. When the producer's queue is full, waits for acknowledgements
-    /// first: that is the back-pressure that bounds memory.
-    #[allow(clippy::too_many_arguments)]
-    async fn send_record(
-        &self,
-        key: &[u8],
-        payload: Option<&[u8]>,
-        tombstone_of: Option<&[u8]>,
-        partition: Option<i32>,
-        tx: TxHandle,
-        tracker: &mut FlushLsnTracker,
-        in_flight: &mut InFlight,
-    ) -> Result<(), CaptureError> {
-        loop {
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(self.topic).key(key);
-            if let Some(p) = payload {
-                record = record.payload(p);
-            }
-            if let Some(delete) = tombstone_of {
-                record = record.headers(OwnedHeaders::new().insert(Header { key: TOMBSTONE_DELTA_HEADER, value: Some(delete) }));
-            }
-            if let Some(p) = partition {
-                record = record.partition(p);
-            }
-            match self.producer.send_result(record) {
-                Ok(delivery) => {
-                    tracker.sent(tx);
-                    in_flight.push(Box::pin(track(tx, delivery)));
-                    metrics::gauge!("pgfanout_capture_in_flight_deltas").set(tracker.in_flight() as f64);
-                    return Ok(());
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => match in_flight.next().await {
-                    Some(done) => on_delivered(tracker, done)?,
-                    None => tokio::time::sleep(Duration::from_millis(10)).await,
-                },
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
-    }
 }
 
-async fn track(tx: TxHandle, delivery: DeliveryFuture) -> (TxHandle, Instant, Result<(), KafkaError>) {
-    let sent = Instant::now();
-    let result = match delivery.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => Err(e),
-        Err(_) => Err(KafkaError::Canceled),
+/// Sends a watermark delta to every partition: every transaction that committed at or
+/// before `lsn` has all its deltas ahead of it in each partition.
+async fn send_watermark(publisher: &mut Publisher, lsn: Lsn) -> Result<(), CaptureError> {
+    let lsn_i64 = i64::try_from(lsn).unwrap_or(i64::MAX);
+    let delta = Delta {
+        table: String::new(),
+        op: DeltaOp::Watermark,
+        key: Vec::new(),
+        after: None,
+        old_key: None,
+        commit_lsn: lsn_i64,
+        lsn: lsn_i64,
+        xid: 0,
+        commit_ts: crate::contract::now_micros(),
+        seq: 0,
+        instruction_id: None,
     };
-    (tx, sent, result)
-}
-
-fn on_delivered(
-    tracker: &mut FlushLsnTracker,
-    (tx, sent, result): (TxHandle, Instant, Result<(), KafkaError>),
-) -> Result<(), CaptureError> {
-    // A delta Kafka refused after all retries cannot be skipped: stop, acknowledge nothing
-    // more, and let the next session re-read it from the slot.
-    result?;
-    metrics::histogram!("pgfanout_capture_produce_latency_seconds").record(sent.elapsed().as_secs_f64());
-    tracker.acknowledged(tx);
+    // Tracked like a transaction that moves nothing: the flush LSN waits for it only
+    // through the transactions before it.
+    let tx = publisher.begin();
+    for partition in 0..publisher.partitions() {
+        publisher.send(&delta, Some(partition), tx).await?;
+    }
+    publisher.committed(tx, 0);
+    metrics::gauge!("pgfanout_capture_watermark_lsn").set(lsn as f64);
     Ok(())
 }
 

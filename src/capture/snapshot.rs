@@ -25,14 +25,13 @@
 
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::changes::{Change, ChangeDecoder};
-use super::flush::FlushLsnTracker;
 use super::pgoutput::{PgOutputMessage, Relation, RelationColumn, TupleValue};
+use super::publisher::Publisher;
 use super::replication::{self, ReplicationClient, ReplicationConfig};
-use super::{on_delivered, CaptureError, InFlight, Session};
+use super::{CaptureError, Session};
 use crate::contract::{now_micros, DeltaOp, PG_EPOCH_OFFSET_MICROS};
 use crate::shutdown::Shutdown;
 use crate::{pg, quote};
@@ -88,6 +87,7 @@ impl Session<'_> {
         &self,
         client: &Client,
         cfg: &ReplicationConfig,
+        publisher: &mut Publisher,
         shutdown: &Shutdown,
     ) -> Result<bool, CaptureError> {
         let slot = &self.settings.slot;
@@ -123,9 +123,10 @@ impl Session<'_> {
         metrics::gauge!("pgfanout_capture_snapshot_running").set(1.0);
 
         let mut decoder = ChangeDecoder::new();
-        let mut tracker = FlushLsnTracker::new(0);
-        let mut in_flight = InFlight::new();
-        let tx = tracker.begin();
+        // The snapshot's deltas are tracked as one transaction that moves no flush position;
+        // streaming starts a new session once all are acknowledged.
+        publisher.restart(0);
+        let tx = publisher.begin();
         let begin = PgOutputMessage::Begin { final_lsn: version, commit_ts: now_micros() - PG_EPOCH_OFFSET_MICROS, xid: 0 };
         decoder.on_message(version, begin).map_err(decode_error)?;
         let started = Instant::now();
@@ -144,8 +145,8 @@ impl Session<'_> {
             // The copy replaces the table on devices: what they hold from before, and is not
             // in this snapshot, was deleted meanwhile (point 3 above).
             for truncate in decoder.on_truncate(version, &[relation_id]).map_err(decode_error)? {
-                for partition in 0..self.partitions {
-                    self.send(&truncate, Some(partition), tx, &mut tracker, &mut in_flight).await?;
+                for partition in 0..publisher.partitions() {
+                    publisher.send(&truncate, Some(partition), tx).await?;
                 }
             }
             decoder.next_seq();
@@ -173,14 +174,12 @@ impl Session<'_> {
                         decoder.on_message(version, PgOutputMessage::Insert { relation_id, new }).map_err(decode_error)?
                     {
                         delta.op = DeltaOp::Snapshot;
-                        self.send(&delta, None, tx, &mut tracker, &mut in_flight).await?;
+                        publisher.send(&delta, None, tx).await?;
                         decoder.next_seq();
                     }
                     rows += 1;
                 }
-                while let Some(Some(done)) = in_flight.next().now_or_never() {
-                    on_delivered(&mut tracker, done)?;
-                }
+                publisher.take_deliveries()?;
                 progress.add(rows, &name, started);
                 if rows < FETCH_ROWS {
                     break;
@@ -190,10 +189,8 @@ impl Session<'_> {
         }
         reader.batch_execute("COMMIT").await?;
         drop(holder);
-        tracker.committed(tx, version);
-        while let Some(done) = in_flight.next().await {
-            on_delivered(&mut tracker, done)?;
-        }
+        publisher.committed(tx, 0);
+        publisher.all_acknowledged().await?;
         client
             .execute(
                 "UPDATE pgfanout.capture_snapshots SET finished_at = now(), snapshot_lsn = $2::text::pg_lsn, rows = $3 WHERE slot = $1",

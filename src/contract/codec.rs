@@ -18,7 +18,7 @@ use serde_avro_fast::Schema;
 pub use super::codec_error::CodecError;
 use super::codec_error::MAX_ARRAY_LEN;
 use super::view::DeltaView;
-use super::{delta_reader, Delta, DeviceAck, Instruction, InstructionResult};
+use super::{delta_reader, delta_writer, Delta, DeviceAck, Instruction, InstructionResult};
 
 /// The Avro schemas, as shipped in `schemas/`.
 pub struct Schemas {
@@ -75,8 +75,18 @@ pub fn encode_result(v: &InstructionResult) -> Result<Vec<u8>, CodecError> {
 pub fn decode_result(bytes: &[u8]) -> Result<InstructionResult, CodecError> {
     decode(bytes, &SCHEMAS.result, "result")
 }
+/// Encodes a delta (see [`delta_writer`]: the same bytes as through serde, written field by
+/// field). Never fails; the `Result` keeps the shape of the other encoders.
 pub fn encode_delta(v: &Delta) -> Result<Vec<u8>, CodecError> {
-    encode(v, &SCHEMAS.delta, "delta")
+    let mut out = Vec::with_capacity(256);
+    delta_writer::write_delta(v, &mut out);
+    Ok(out)
+}
+/// Encodes a delta into `out`, replacing what it held: capture's buffer reused for every
+/// record.
+pub fn encode_delta_into(v: &Delta, out: &mut Vec<u8>) {
+    out.clear();
+    delta_writer::write_delta(v, out);
 }
 pub fn decode_delta(bytes: &[u8]) -> Result<Delta, CodecError> {
     decode(bytes, &SCHEMAS.delta, "delta")

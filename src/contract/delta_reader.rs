@@ -183,4 +183,4 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 #[path = "delta_reader_tests.rs"]
-mod tests;
+pub(super) mod tests;

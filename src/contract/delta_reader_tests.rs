@@ -85,7 +85,8 @@ fn columns(max: usize) -> impl Strategy<Value = Vec<Column>> {
     prop::collection::vec(column(), 0..max)
 }
 
-fn delta() -> impl Strategy<Value = Delta> {
+/// Generated deltas (also what the writer's tests compare it with serde on).
+pub(crate) fn delta() -> impl Strategy<Value = Delta> {
     let op = prop::sample::select(vec![
         DeltaOp::Insert,
         DeltaOp::Update,

@@ -8,6 +8,7 @@
 pub mod codec;
 mod codec_error;
 mod delta_reader;
+mod delta_writer;
 pub mod lsn;
 pub mod value;
 pub mod view;

@@ -72,6 +72,24 @@ impl ReplicationStream {
         result
     }
 
+    /// The next XLogData or keepalive if the whole message is already buffered, without
+    /// reading from the socket; `None` when it is not (or another kind of message comes
+    /// next: [`next_event`](Self::next_event) handles those). Lets the caller take a burst
+    /// of messages in one go instead of waiting on the socket for each.
+    pub fn next_buffered_event(&mut self) -> Result<Option<ReplicationEvent>, ReplicationError> {
+        if self.state != StreamState::Streaming || self.conn.rbuf.first() != Some(&b'd') {
+            return Ok(None);
+        }
+        let result = match self.conn.try_frame() {
+            Ok(Some(frame)) => parse_copy_data(frame.body).map(Some),
+            other => other.map(|_| None),
+        };
+        if result.is_err() {
+            self.state = StreamState::Failed;
+        }
+        result
+    }
+
     async fn next_event_inner(&mut self) -> Result<Option<ReplicationEvent>, ReplicationError> {
         loop {
             let Some(frame) = self.conn.read_frame().await? else {

@@ -236,3 +236,20 @@ fn error_fields() {
     let _ = server_error(b"C4270");
     let _ = server_error(b"");
 }
+
+#[test]
+fn buffered_events_are_taken_without_the_socket() {
+    let keepalive = |end: u8| frame(b'd', &[&[b'k'][..], &[0, 0, 0, 0, 0, 0, 0, end], &[0; 8], &[0]].concat());
+    let mut bytes = [keepalive(1), keepalive(2), frame(b'N', b"")].concat();
+    bytes.extend(&keepalive(3)[..6]); // a partial message
+    let mut stream = stream::ReplicationStream::new(conn_with(&bytes));
+    for end in [1, 2] {
+        let ev = stream.next_buffered_event().unwrap();
+        assert!(matches!(ev, Some(ReplicationEvent::Keepalive { wal_end, .. }) if wal_end == end), "{ev:?}");
+    }
+    // A notice is not CopyData: it is left for next_event.
+    assert!(stream.next_buffered_event().unwrap().is_none());
+    let mut garbled = stream::ReplicationStream::new(conn_with(&frame(b'd', b"x")));
+    assert!(garbled.next_buffered_event().is_err());
+    assert!(garbled.next_buffered_event().unwrap().is_none(), "a failed stream gives nothing more");
+}
