@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::changes::{Change, ChangeDecoder};
+use super::flush::TxHandle;
 use super::pgoutput::{PgOutputMessage, Relation, RelationColumn, TupleValue};
 use super::publisher::Publisher;
 use super::replication::{self, ReplicationClient, ReplicationConfig};
@@ -122,71 +123,29 @@ impl Session<'_> {
         );
         metrics::gauge!("pgfanout_capture_snapshot_running").set(1.0);
 
-        let mut decoder = ChangeDecoder::new();
         // The snapshot's deltas are tracked as one transaction that moves no flush position;
         // streaming starts a new session once all are acknowledged.
         publisher.restart(0);
         let tx = publisher.begin();
-        let begin = PgOutputMessage::Begin { final_lsn: version, commit_ts: now_micros() - PG_EPOCH_OFFSET_MICROS, xid: 0 };
-        decoder.on_message(version, begin).map_err(decode_error)?;
         let started = Instant::now();
-        let mut progress = SnapshotRowCounter { rows: 0, logged: started };
+        let mut copier = TableCopier {
+            reader: &reader,
+            decoder: ChangeDecoder::new(),
+            publisher: &mut *publisher,
+            tx,
+            version,
+            started,
+            progress: SnapshotRowCounter { rows: 0, logged: started },
+        };
+        let begin = PgOutputMessage::Begin { final_lsn: version, commit_ts: now_micros() - PG_EPOCH_OFFSET_MICROS, xid: 0 };
+        copier.decoder.on_message(version, begin).map_err(decode_error)?;
         for table in tables {
-            let name = format!("{}.{}", table.relation.namespace, table.relation.name);
-            let relation_id = table.relation.id;
-            let columns: Vec<String> = table.relation.columns.iter().map(|c| quote::quote_ident(&c.name)).collect();
-            let filter = table.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
-            let source =
-                format!("{}.{}", quote::quote_ident(&table.relation.namespace), quote::quote_ident(&table.relation.name));
-            for (oid, namespace, name) in table.types {
-                decoder.on_message(version, PgOutputMessage::Type { oid, namespace, name }).map_err(decode_error)?;
+            if !copier.copy(table, shutdown).await? {
+                metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
+                return Ok(false);
             }
-            decoder.on_message(version, PgOutputMessage::Relation(table.relation)).map_err(decode_error)?;
-            // The copy replaces the table on devices: what they hold from before, and is not
-            // in this snapshot, was deleted meanwhile (point 3 above).
-            for truncate in decoder.on_truncate(version, &[relation_id]).map_err(decode_error)? {
-                for partition in 0..publisher.partitions() {
-                    publisher.send(&truncate, Some(partition), tx).await?;
-                }
-            }
-            decoder.next_seq();
-            reader
-                .batch_execute(&format!(
-                    "DECLARE pgfanout_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}{source}{filter}",
-                    columns.join(", "),
-                    // A partitioned table published through its root holds its rows in
-                    // its partitions; any other table's own rows only.
-                    if table.partitioned { "" } else { "ONLY " }
-                ))
-                .await?;
-            loop {
-                if shutdown.is_triggered() {
-                    metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
-                    return Ok(false);
-                }
-                let fetched = reader.simple_query(&format!("FETCH {FETCH_ROWS} FROM pgfanout_snapshot")).await?;
-                let mut rows = 0;
-                for message in fetched {
-                    let SimpleQueryMessage::Row(row) = message else { continue };
-                    let new =
-                        (0..row.len()).map(|i| row.get(i).map_or(TupleValue::Null, |v| TupleValue::Text(v.into()))).collect();
-                    if let Some(Change::Delta(mut delta)) =
-                        decoder.on_message(version, PgOutputMessage::Insert { relation_id, new }).map_err(decode_error)?
-                    {
-                        delta.op = DeltaOp::Snapshot;
-                        publisher.send(&delta, None, tx).await?;
-                        decoder.next_seq();
-                    }
-                    rows += 1;
-                }
-                publisher.take_deliveries()?;
-                progress.add(rows, &name, started);
-                if rows < FETCH_ROWS {
-                    break;
-                }
-            }
-            reader.batch_execute("CLOSE pgfanout_snapshot").await?;
         }
+        let copied = copier.progress.rows;
         reader.batch_execute("COMMIT").await?;
         drop(holder);
         publisher.committed(tx, 0);
@@ -194,19 +153,96 @@ impl Session<'_> {
         client
             .execute(
                 "UPDATE pgfanout.capture_snapshots SET finished_at = now(), snapshot_lsn = $2::text::pg_lsn, rows = $3 WHERE slot = $1",
-                &[slot, &replication::format_lsn(created.consistent_point), &(progress.rows as i64)],
+                &[slot, &replication::format_lsn(created.consistent_point), &(copied as i64)],
             )
             .await?;
         metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(
-            rows = progress.rows,
+            rows = copied,
             seconds,
-            rows_per_s = (progress.rows as f64 / seconds.max(1e-3)) as u64,
+            rows_per_s = (copied as f64 / seconds.max(1e-3)) as u64,
             "initial snapshot finished"
         );
         self.snapshot_taken.set(true);
         Ok(true)
+    }
+}
+
+/// Copies one table after another inside the snapshot's transaction, as `snapshot` deltas
+/// of one tracked transaction.
+struct TableCopier<'a> {
+    reader: &'a Client,
+    decoder: ChangeDecoder,
+    publisher: &'a mut Publisher,
+    tx: TxHandle,
+    version: u64,
+    started: Instant,
+    progress: SnapshotRowCounter,
+}
+
+impl TableCopier<'_> {
+    /// Copies `table`; false when `shutdown` interrupted it.
+    async fn copy(&mut self, table: SnapshotTable, shutdown: &Shutdown) -> Result<bool, CaptureError> {
+        let version = self.version;
+        let name = format!("{}.{}", table.relation.namespace, table.relation.name);
+        let relation_id = table.relation.id;
+        let columns: Vec<String> = table.relation.columns.iter().map(|c| quote::quote_ident(&c.name)).collect();
+        let filter = table.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
+        let source = format!("{}.{}", quote::quote_ident(&table.relation.namespace), quote::quote_ident(&table.relation.name));
+        for (oid, namespace, name) in table.types {
+            self.decoder.on_message(version, PgOutputMessage::Type { oid, namespace, name }).map_err(decode_error)?;
+        }
+        self.decoder.on_message(version, PgOutputMessage::Relation(table.relation)).map_err(decode_error)?;
+        // The copy replaces the table on devices: what they hold from before, and is not
+        // in this snapshot, was deleted meanwhile (point 3 above).
+        for truncate in self.decoder.on_truncate(version, &[relation_id]).map_err(decode_error)? {
+            for partition in 0..self.publisher.partitions() {
+                self.publisher.send(&truncate, Some(partition), self.tx).await?;
+            }
+        }
+        self.decoder.next_seq();
+        self.reader
+            .batch_execute(&format!(
+                "DECLARE pgfanout_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}{source}{filter}",
+                columns.join(", "),
+                // A partitioned table published through its root holds its rows in its
+                // partitions; any other table's own rows only.
+                if table.partitioned { "" } else { "ONLY " }
+            ))
+            .await?;
+        loop {
+            if shutdown.is_triggered() {
+                return Ok(false);
+            }
+            let rows = self.copy_rows(relation_id).await?;
+            self.progress.add(rows, &name, self.started);
+            if rows < FETCH_ROWS {
+                break;
+            }
+        }
+        self.reader.batch_execute("CLOSE pgfanout_snapshot").await?;
+        Ok(true)
+    }
+
+    /// Fetches the cursor's next rows and hands them to the publisher; returns how many.
+    async fn copy_rows(&mut self, relation_id: u32) -> Result<usize, CaptureError> {
+        let fetched = self.reader.simple_query(&format!("FETCH {FETCH_ROWS} FROM pgfanout_snapshot")).await?;
+        let mut rows = 0;
+        for message in fetched {
+            let SimpleQueryMessage::Row(row) = message else { continue };
+            let new = (0..row.len()).map(|i| row.get(i).map_or(TupleValue::Null, |v| TupleValue::Text(v.into()))).collect();
+            if let Some(Change::Delta(mut delta)) =
+                self.decoder.on_message(self.version, PgOutputMessage::Insert { relation_id, new }).map_err(decode_error)?
+            {
+                delta.op = DeltaOp::Snapshot;
+                self.publisher.send(&delta, None, self.tx).await?;
+                self.decoder.next_seq();
+            }
+            rows += 1;
+        }
+        self.publisher.take_deliveries()?;
+        Ok(rows)
     }
 }
 
