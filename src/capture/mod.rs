@@ -181,11 +181,17 @@ impl Session<'_> {
                     }
                 }
                 _ = watermark_timer.tick() => {
-                    if watermark.candidate > watermark.sent {
-                        if let Err(e) = send_watermark(publisher, watermark.candidate).await {
+                    if let Err(e) = publisher.take_deliveries() {
+                        break Err(e);
+                    }
+                    // Never past a delta Kafka has not acknowledged: a watermark beyond a
+                    // delivery that failed would confirm, on every device, a change none has.
+                    let due = watermark.candidate.min(publisher.tracker().flushed());
+                    if due > watermark.sent {
+                        if let Err(e) = send_watermark(publisher, due).await {
                             break Err(e);
                         }
-                        watermark.sent = watermark.candidate;
+                        watermark.sent = due;
                     }
                 }
                 event = stream.next_event() => {
@@ -464,7 +470,9 @@ struct SlotSeen {
 }
 
 /// The watermark: the newest LSN below which every committed transaction has been handed
-/// to the producer (`candidate`), and the last one sent to the partitions.
+/// to the producer (`candidate`), and the last one sent to the partitions. What is sent is
+/// the candidate only as far as the flush position (every delta at or below it acknowledged
+/// by Kafka), so every delta a watermark covers lies before it in each partition.
 struct Watermark {
     candidate: Lsn,
     sent: Lsn,
