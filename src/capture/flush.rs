@@ -95,11 +95,15 @@ impl FlushLsnTracker {
 
     /// Kafka acknowledged a delta of `tx`.
     pub fn acknowledged(&mut self, tx: TxHandle) {
+        self.acknowledged_records(tx, 1);
+    }
+
+    /// Kafka acknowledged `records` deltas of `tx`.
+    pub fn acknowledged_records(&mut self, tx: TxHandle, records: u64) {
         if let Some(s) = self.slot(tx) {
-            if s.outstanding > 0 {
-                s.outstanding -= 1;
-                self.in_flight -= 1;
-            }
+            let n = records.min(s.outstanding);
+            s.outstanding -= n;
+            self.in_flight -= n;
         }
         self.advance();
     }
@@ -211,8 +215,8 @@ mod tests {
         t.committed(b, 200);
         t.acknowledged(a); // late, of the earlier session
         assert_eq!((t.flushed(), t.in_flight()), (50, 1), "an earlier session's acknowledgement moves nothing");
-        t.acknowledged(b);
-        assert_eq!((t.flushed(), t.in_flight()), (200, 0));
+        t.acknowledged_records(b, 5);
+        assert_eq!((t.flushed(), t.in_flight()), (200, 0), "never more than were sent");
         assert!(!t.tracks(b), "flushed");
         assert_eq!(TxHandle::from_opaque(b.to_opaque()), b);
     }

@@ -4,9 +4,11 @@
 //! Guarantees and why they hold:
 //! - *Every committed change reaches Kafka.* The flush LSN reported to PostgreSQL comes
 //!   only from [`flush::FlushLsnTracker`], which passes a transaction only once Kafka has
-//!   acknowledged all its deltas and those of every earlier transaction. This module is the
-//!   only place that reports a flush LSN. After a crash, PostgreSQL re-sends from the last
-//!   reported point: a delta may reach Kafka twice, never zero times.
+//!   acknowledged all its deltas and those of every earlier transaction. The tracker is
+//!   owned by [`publisher::Publisher`], the only place that counts an acknowledgement (from
+//!   librdkafka's report for that very record), and this module is the only place that
+//!   reports a flush LSN. After a crash, PostgreSQL re-sends from the last reported point:
+//!   a delta may reach Kafka twice, never zero times.
 //! - *Bounded memory.* Changes stream to the producer as they are decoded; a transaction
 //!   is never held whole. When the producer queue is full, reading pauses until Kafka
 //!   acknowledges.

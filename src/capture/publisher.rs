@@ -5,7 +5,8 @@
 //! - *Only what Kafka acknowledged counts as acknowledged.* Each record carries its
 //!   transaction's [`TxHandle`] as librdkafka's per-record opaque value, and librdkafka
 //!   reports each record's outcome exactly once, to [`DeliveryInbox::delivery`] on the
-//!   producer's polling thread. That callback only appends (handle, outcome) to an inbox.
+//!   producer's polling thread. That callback only notes the outcome in an inbox: one more
+//!   acknowledged record of that handle, or the refusal.
 //!   The capture loop alone empties the inbox ([`Publisher::take_deliveries`]) into the
 //!   tracker, so the tracker, the only source of the flush LSN (see [`super::flush`]), is
 //!   never touched from two threads.
@@ -19,7 +20,9 @@
 //!   tracker whose handles continue after the earlier one's ([`Publisher::restart`]): a late
 //!   outcome of an earlier session names no transaction tracked now and is dropped, error or
 //!   not. A producer replaced after a fatal error comes with a new inbox.
-//! - *Bounded memory.* The inbox holds at most one entry per record librdkafka holds, and
+//! - *Bounded memory.* The inbox counts consecutive acknowledgements of one transaction in
+//!   one entry, so it holds about one entry per transaction in flight (a 1,000,000-row
+//!   transaction takes a few), never more than one per record librdkafka holds; and
 //!   librdkafka's queue is bounded (`queue.buffering.max.messages`, `.kbytes`): when it is
 //!   full, [`Publisher::send`] waits for outcomes. Deltas are encoded into one reused buffer
 //!   that librdkafka copies.
@@ -51,17 +54,30 @@ use crate::kafka::{self, ClientRole, Observed};
 /// How long [`Publisher::send`] waits for outcomes at most before trying a full queue again.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(100);
 
-/// One record's outcome, as the delivery callback reported it.
-struct Outcome {
-    tx: TxHandle,
-    error: Option<KafkaError>,
+/// Outcomes reported by the delivery callback and not taken yet.
+#[derive(Default)]
+struct Outcomes {
+    /// Acknowledged records, consecutive ones of one transaction counted together.
+    acknowledged: Vec<(TxHandle, u64)>,
+    refused: Vec<(TxHandle, KafkaError)>,
+}
+
+impl Outcomes {
+    fn is_empty(&self) -> bool {
+        self.acknowledged.is_empty() && self.refused.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.acknowledged.clear();
+        self.refused.clear();
+    }
 }
 
 /// The producer's context: outcomes wait here until the capture loop takes them; librdkafka
 /// statistics go on to [`Observed`].
 pub struct DeliveryInbox {
     observed: Observed,
-    outcomes: Mutex<Vec<Outcome>>,
+    outcomes: Mutex<Outcomes>,
     /// Notified when `outcomes` goes from empty to non-empty.
     arrived: Notify,
     latency: metrics::Histogram,
@@ -86,10 +102,18 @@ impl ProducerContext for DeliveryInbox {
         if error.is_none() && micros >= 0 {
             self.latency.record(micros as f64 / 1e6);
         }
+        let tx = TxHandle::from_opaque(opaque);
         let was_empty = {
             let mut outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
-            outcomes.push(Outcome { tx: TxHandle::from_opaque(opaque), error });
-            outcomes.len() == 1
+            let was_empty = outcomes.is_empty();
+            match error {
+                Some(e) => outcomes.refused.push((tx, e)),
+                None => match outcomes.acknowledged.last_mut() {
+                    Some((last, n)) if *last == tx => *n += 1,
+                    _ => outcomes.acknowledged.push((tx, 1)),
+                },
+            }
+            was_empty
         };
         if was_empty {
             self.arrived.notify_one();
@@ -102,7 +126,7 @@ type CaptureProducer = ThreadedProducer<DeliveryInbox>;
 fn new_producer(settings: &KafkaSettings) -> Result<CaptureProducer, KafkaError> {
     let inbox = DeliveryInbox {
         observed: Observed::new("capture", None),
-        outcomes: Mutex::new(Vec::new()),
+        outcomes: Mutex::new(Outcomes::default()),
         arrived: Notify::new(),
         latency: metrics::histogram!("pgfanout_capture_produce_latency_seconds"),
     };
@@ -116,7 +140,7 @@ pub struct Publisher {
     partitions: i32,
     tracker: FlushLsnTracker,
     /// Swapped with the inbox's outcomes on each take, so both keep their capacity.
-    taken: Vec<Outcome>,
+    taken: Outcomes,
     payload: Vec<u8>,
     changes: ChangeCounters,
     in_flight_gauge: metrics::Gauge,
@@ -136,7 +160,7 @@ impl Publisher {
             topic,
             partitions: i32::try_from(n).unwrap_or(i32::MAX),
             tracker: FlushLsnTracker::new(0),
-            taken: Vec::new(),
+            taken: Outcomes::default(),
             payload: Vec::with_capacity(1024),
             changes: ChangeCounters::new(),
             in_flight_gauge: metrics::gauge!("pgfanout_capture_in_flight_deltas"),
@@ -194,27 +218,29 @@ impl Publisher {
         }
     }
 
-    /// Hands the outcomes that arrived to the tracker. Every acknowledgement counts; the
-    /// first refusal of a record of this session is returned.
-    pub fn take_deliveries(&mut self) -> Result<usize, CaptureError> {
+    /// Hands the outcomes that arrived to the tracker, and says whether there were any.
+    /// Every acknowledgement counts; the first refusal of a record of this session is
+    /// returned.
+    pub fn take_deliveries(&mut self) -> Result<bool, CaptureError> {
         std::mem::swap(&mut *self.producer.context().outcomes.lock().unwrap_or_else(|e| e.into_inner()), &mut self.taken);
+        let took = !self.taken.is_empty();
+        for (tx, records) in self.taken.acknowledged.drain(..) {
+            self.tracker.acknowledged_records(tx, records);
+        }
         let mut refused = None;
-        let taken = self.taken.len();
-        for outcome in self.taken.drain(..) {
-            match outcome.error {
-                None => self.tracker.acknowledged(outcome.tx),
-                // A delta Kafka refused after all retries cannot be skipped: stop, and let
-                // the next session read it again from the slot.
-                Some(e) if self.tracker.tracks(outcome.tx) => {
-                    refused.get_or_insert(e);
-                }
-                Some(e) => tracing::debug!(error = %e, "a record of an earlier session was refused"),
+        for (tx, e) in self.taken.refused.drain(..) {
+            // A delta Kafka refused after all retries cannot be skipped: stop, and let the
+            // next session read it again from the slot.
+            if self.tracker.tracks(tx) {
+                refused.get_or_insert(e);
+            } else {
+                tracing::debug!(error = %e, "a record of an earlier session was refused");
             }
         }
         self.in_flight_gauge.set(self.tracker.in_flight() as f64);
         match refused {
             Some(e) => Err(e.into()),
-            None => Ok(taken),
+            None => Ok(took),
         }
     }
 
@@ -289,7 +315,7 @@ impl Publisher {
                     return Ok(());
                 }
                 Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                    if self.take_deliveries()? == 0 {
+                    if !self.take_deliveries()? {
                         let _ = tokio::time::timeout(QUEUE_FULL_WAIT, self.delivered()).await;
                         self.take_deliveries()?;
                     }
