@@ -27,11 +27,12 @@
 //!   full, [`Publisher::send`] waits for outcomes. Deltas are encoded into one reused buffer
 //!   that librdkafka copies.
 //!
-//! Why an inbox rather than one future per record (rdkafka's `FutureProducer`): each future
-//! cost a oneshot channel, a boxed task in a `FuturesUnordered` and a wake-up of the
-//! capture loop per record, about a quarter of capture's CPU per change when capture had a
-//! core to itself (BENCHMARKS.md, "Capture's CPU per change"). The inbox wakes the loop
-//! once when it goes from empty to non-empty, and the loop takes everything in it at once.
+//! Why an inbox rather than one future per record (rdkafka's `FutureProducer`): each record
+//! then cost a oneshot channel, a boxed task in a `FuturesUnordered` and a wake-up of the
+//! capture loop; the futures alone took a tenth of capture's CPU with the benchmark on one
+//! core, the channels more on the producer's threads (BENCHMARKS.md, "Capture's CPU per
+//! change"). The inbox wakes the loop only when it goes from empty to non-empty, and the
+//! loop takes everything in it at once.
 
 use std::sync::Mutex;
 use std::time::Duration;
