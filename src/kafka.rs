@@ -109,14 +109,14 @@ fn is_producer_only_property(key: &str) -> bool {
 /// Client context of the long-running components: logs partition assignments and
 /// revocations, and turns librdkafka's statistics (every [`STATISTICS_INTERVAL_MS`]) into
 /// the process's `pgfanout_<component>_kafka_*` metrics, summed over its clients.
-pub struct Observed {
+pub struct MetricsContext {
     component: &'static str,
     labels: Vec<metrics::Label>,
     /// librdkafka's name of the client, once its first statistics arrived.
     client: std::sync::Mutex<Option<String>>,
 }
 
-/// How often librdkafka reports statistics to [`Observed`] clients.
+/// How often librdkafka reports statistics to [`MetricsContext`] clients.
 pub const STATISTICS_INTERVAL_MS: u32 = 5000;
 
 /// The figures of one client, kept so that the process-wide metrics add up its clients.
@@ -129,15 +129,15 @@ struct ClientFigures {
 
 static CLIENT_FIGURES: std::sync::Mutex<Vec<(String, ClientFigures)>> = std::sync::Mutex::new(Vec::new());
 
-impl Observed {
+impl MetricsContext {
     /// `device` labels the metrics of a device process.
-    pub fn new(component: &'static str, device: Option<&str>) -> Observed {
+    pub fn new(component: &'static str, device: Option<&str>) -> MetricsContext {
         let labels = device.map(|d| vec![metrics::Label::new("device", d.to_string())]).unwrap_or_default();
-        Observed { component, labels, client: std::sync::Mutex::new(None) }
+        MetricsContext { component, labels, client: std::sync::Mutex::new(None) }
     }
 
     /// Creates a client of `role` with this context and statistics enabled.
-    pub fn create<T: FromClientConfigAndContext<Observed>>(
+    pub fn create<T: FromClientConfigAndContext<MetricsContext>>(
         self,
         settings: &KafkaSettings,
         role: ClientRole<'_>,
@@ -148,7 +148,7 @@ impl Observed {
 
 /// [`client_config`] with librdkafka's statistics enabled (every [`STATISTICS_INTERVAL_MS`]
 /// unless the user's properties say otherwise), for a client whose context hands them to
-/// an [`Observed`].
+/// an [`MetricsContext`].
 pub fn observed_config(settings: &KafkaSettings, role: ClientRole<'_>) -> ClientConfig {
     let mut cfg = client_config(settings, role);
     if cfg.get("statistics.interval.ms").is_none() {
@@ -157,7 +157,7 @@ pub fn observed_config(settings: &KafkaSettings, role: ClientRole<'_>) -> Client
     cfg
 }
 
-impl ClientContext for Observed {
+impl ClientContext for MetricsContext {
     fn stats(&self, statistics: Statistics) {
         let mut figures = ClientFigures { queued: statistics.msg_cnt as i64, ..ClientFigures::default() };
         for topic in statistics.topics.values() {
@@ -190,7 +190,7 @@ impl ClientContext for Observed {
 }
 
 /// A client that is gone no longer counts in the process's figures.
-impl Drop for Observed {
+impl Drop for MetricsContext {
     fn drop(&mut self) {
         if let Some(name) = self.client.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
             CLIENT_FIGURES.lock().unwrap_or_else(|e| e.into_inner()).retain(|(n, _)| *n != name);
@@ -200,12 +200,12 @@ impl Drop for Observed {
 
 /// Acknowledgements are fire-and-forget for the one producer that uses this (device acks:
 /// the next one supersedes a lost one).
-impl ProducerContext for Observed {
+impl ProducerContext for MetricsContext {
     type DeliveryOpaque = ();
     fn delivery(&self, _result: &DeliveryResult<'_>, _opaque: ()) {}
 }
 
-impl ConsumerContext for Observed {
+impl ConsumerContext for MetricsContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
@@ -405,13 +405,14 @@ pub fn close_consumer<C: rdkafka::consumer::ConsumerContext>(consumer: BaseConsu
     drop(consumer);
 }
 
-/// True for errors worth retrying: the broker or network is away, not the input wrong.
-/// A producer that reported this can send nothing more (an idempotent producer whose
-/// sequence the broker refused); only a new producer can go on.
+/// True when the client failed for good: a producer that reported this can send nothing
+/// more (an idempotent producer whose sequence the broker refused); only a new producer can
+/// go on.
 pub fn is_fatal(err: &KafkaError) -> bool {
     err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
 }
 
+/// True for errors worth retrying: the broker or network is away, not the input wrong.
 pub fn is_transient(err: &KafkaError) -> bool {
     match err.rdkafka_error_code() {
         Some(code) => !matches!(

@@ -16,6 +16,7 @@
 //!   in one partition in WAL order; the idempotent producer keeps that order across retries.
 
 pub mod changes;
+mod error;
 pub mod flush;
 pub mod pgoutput;
 pub mod publisher;
@@ -23,8 +24,6 @@ pub mod replication;
 pub mod snapshot;
 
 use std::time::{Duration, Instant};
-
-use rdkafka::error::KafkaError;
 
 use crate::backoff::Backoff;
 use crate::config::{KafkaSettings, PostgresSettings};
@@ -38,6 +37,8 @@ use pgoutput::PgOutputMessage;
 use publisher::Publisher;
 use replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
 use snapshot::SnapshotMode;
+
+pub use error::CaptureError;
 
 /// Prefix of capture's heartbeat messages.
 const HEARTBEAT_PREFIX: &str = "pgfanout.heartbeat";
@@ -70,31 +71,6 @@ pub struct CaptureSettings {
     /// logical message) so that the slot follows; 0 disables heartbeats.
     #[arg(long = "heartbeat-secs", env = "PGFANOUT_HEARTBEAT_SECS", default_value_t = 30)]
     pub heartbeat_secs: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CaptureError {
-    #[error("replication: {0}")]
-    Replication(#[from] ReplicationError),
-    #[error("postgres: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
-    #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
-    #[error("cannot decode the replication stream: {0}")]
-    Decode(String),
-    #[error("{0}")]
-    Config(String),
-}
-
-impl CaptureError {
-    fn is_transient(&self) -> bool {
-        match self {
-            CaptureError::Replication(e) => e.is_transient(),
-            CaptureError::Postgres(e) => pg::is_transient(e),
-            CaptureError::Kafka(e) => kafka::is_transient(e),
-            CaptureError::Decode(_) | CaptureError::Config(_) => false,
-        }
-    }
 }
 
 /// Runs capture until `shutdown`, reconnecting after transient failures.

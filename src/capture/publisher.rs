@@ -45,12 +45,12 @@ use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
 use tokio::sync::Notify;
 
+use super::error::CaptureError;
 use super::flush::{FlushLsnTracker, Lsn, TxHandle};
-use super::CaptureError;
 use crate::config::KafkaSettings;
 use crate::contract::codec::encode_delta_into;
 use crate::contract::{delta_kafka_key, Delta, DeltaOp, TOMBSTONE_DELTA_HEADER};
-use crate::kafka::{self, ClientRole, Observed};
+use crate::kafka::{self, ClientRole, MetricsContext};
 
 /// How long [`Publisher::send`] waits for outcomes at most before trying a full queue again.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(100);
@@ -75,9 +75,9 @@ impl Outcomes {
 }
 
 /// The producer's context: outcomes wait here until the capture loop takes them; librdkafka
-/// statistics go on to [`Observed`].
+/// statistics go on to [`MetricsContext`].
 pub struct DeliveryInbox {
-    observed: Observed,
+    observed: MetricsContext,
     outcomes: Mutex<Outcomes>,
     /// Notified when `outcomes` goes from empty to non-empty.
     arrived: Notify,
@@ -126,7 +126,7 @@ type CaptureProducer = ThreadedProducer<DeliveryInbox>;
 
 fn new_producer(settings: &KafkaSettings) -> Result<CaptureProducer, KafkaError> {
     let inbox = DeliveryInbox {
-        observed: Observed::new("capture", None),
+        observed: MetricsContext::new("capture", None),
         outcomes: Mutex::new(Outcomes::default()),
         arrived: Notify::new(),
         latency: metrics::histogram!("pgfanout_capture_produce_latency_seconds"),

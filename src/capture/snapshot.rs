@@ -28,11 +28,12 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::changes::{Change, ChangeDecoder};
+use super::error::CaptureError;
 use super::flush::TxHandle;
 use super::pgoutput::{PgOutputMessage, Relation, RelationColumn, TupleValue};
 use super::publisher::Publisher;
 use super::replication::{self, ReplicationClient, ReplicationConfig};
-use super::{CaptureError, Session};
+use super::Session;
 use crate::contract::{now_micros, DeltaOp, PG_EPOCH_OFFSET_MICROS};
 use crate::shutdown::Shutdown;
 use crate::{pg, quote};

@@ -17,7 +17,7 @@ use rdkafka::producer::{BaseRecord, ThreadedProducer};
 use crate::config::KafkaSettings;
 use crate::contract::codec::encode_device_ack;
 use crate::contract::{now_micros, DeviceAck};
-use crate::kafka::{self, ClientRole, Observed};
+use crate::kafka::{self, ClientRole, MetricsContext};
 
 /// Applied positions per partition and their minimum.
 #[derive(Debug, Clone, Default)]
@@ -52,7 +52,7 @@ impl Watermark {
 /// every `HEARTBEAT` even when it did not.
 pub struct AckPublisher {
     kafka_settings: KafkaSettings,
-    producer: ThreadedProducer<Observed>,
+    producer: ThreadedProducer<MetricsContext>,
     topic: String,
     device_id: String,
     min_gap: Duration,
@@ -68,8 +68,8 @@ impl AckPublisher {
         Ok(AckPublisher { kafka_settings: kafka_settings.clone(), producer, topic, device_id, min_gap, last: None })
     }
 
-    fn producer(kafka_settings: &KafkaSettings, device_id: &str) -> Result<ThreadedProducer<Observed>, KafkaError> {
-        Observed::new("device", Some(device_id)).create(kafka_settings, ClientRole::Producer)
+    fn producer(kafka_settings: &KafkaSettings, device_id: &str) -> Result<ThreadedProducer<MetricsContext>, KafkaError> {
+        MetricsContext::new("device", Some(device_id)).create(kafka_settings, ClientRole::Producer)
     }
 
     /// How long until a moved watermark may be published (zero: now); `None` when it did

@@ -31,7 +31,7 @@ use crate::config::KafkaSettings;
 use crate::contract::codec::decode_delta_view;
 use crate::contract::{now_micros, DeltaOp, TOMBSTONE_DELTA_HEADER};
 use crate::error_kind::ErrorKind;
-use crate::kafka::{self, ClientRole, Observed};
+use crate::kafka::{self, ClientRole, MetricsContext};
 use crate::shutdown::Shutdown;
 use ack::{AckPublisher, Watermark};
 use store::{Record, Store};
@@ -116,7 +116,7 @@ pub(crate) struct Device {
     settings: DeviceSettings,
     topic: String,
     store: Store,
-    consumer: BaseConsumer<Observed>,
+    consumer: BaseConsumer<MetricsContext>,
     watermark: Watermark,
     acks: AckPublisher,
     positions: HashMap<i32, i64>,
@@ -301,9 +301,9 @@ impl Device {
 
 /// The device's consumer: positions come from the store, never from Kafka (it only reports
 /// them there).
-fn new_consumer(kafka_settings: &KafkaSettings, device_id: &str) -> Result<BaseConsumer<Observed>, DeviceError> {
+fn new_consumer(kafka_settings: &KafkaSettings, device_id: &str) -> Result<BaseConsumer<MetricsContext>, DeviceError> {
     let group_id = format!("pgfanout-device-{device_id}");
-    Ok(Observed::new("device", Some(device_id))
+    Ok(MetricsContext::new("device", Some(device_id))
         .create(kafka_settings, ClientRole::UncommittedConsumer { group_id: &group_id })?)
 }
 
@@ -350,7 +350,7 @@ pub(crate) fn topic_bounds(kafka_settings: &KafkaSettings) -> Result<(BaseConsum
 /// Assigns every partition of `topic`, each at the offset the store recorded; returns the
 /// partitions.
 fn assign_from_store(
-    consumer: &BaseConsumer<Observed>,
+    consumer: &BaseConsumer<MetricsContext>,
     store: &Store,
     topic: &str,
     shutdown: &Shutdown,

@@ -39,7 +39,7 @@ use crate::config::{KafkaSettings, PostgresSettings, Topics};
 use crate::contract::codec::{decode_instruction, encode_result, CodecError};
 use crate::contract::{Instruction, InstructionResult};
 use crate::error_kind::ErrorKind;
-use crate::kafka::{self, ClientRole, Observed};
+use crate::kafka::{self, ClientRole, MetricsContext};
 use crate::pg;
 use crate::pg::TableName;
 use crate::shutdown::Shutdown;
@@ -150,8 +150,8 @@ async fn run_clients(
 struct ExecutorLoop<'a> {
     pg_settings: &'a PostgresSettings,
     topics: Topics,
-    consumer: Arc<BaseConsumer<Observed>>,
-    producer: FutureProducer<Observed>,
+    consumer: Arc<BaseConsumer<MetricsContext>>,
+    producer: FutureProducer<MetricsContext>,
     pg_conn: Option<Client>,
     catalog: Catalog,
     statements: Statements,
@@ -170,11 +170,13 @@ impl<'a> ExecutorLoop<'a> {
         shutdown: Shutdown,
     ) -> Result<ExecutorLoop<'a>, ExecutorError> {
         let topics = kafka_settings.topics();
-        let consumer: Arc<BaseConsumer<Observed>> = Arc::new(
-            Observed::new("executor", None).create(kafka_settings, ClientRole::Consumer { group_id: &settings.group_id })?,
+        let consumer: Arc<BaseConsumer<MetricsContext>> = Arc::new(
+            MetricsContext::new("executor", None)
+                .create(kafka_settings, ClientRole::Consumer { group_id: &settings.group_id })?,
         );
         consumer.subscribe(&[&topics.instructions])?;
-        let producer: FutureProducer<Observed> = Observed::new("executor", None).create(kafka_settings, ClientRole::Producer)?;
+        let producer: FutureProducer<MetricsContext> =
+            MetricsContext::new("executor", None).create(kafka_settings, ClientRole::Producer)?;
 
         // Counters exist from the start, so that a dashboard shows 0 rather than nothing.
         for status in ["committed", "rejected", "failed"] {
@@ -379,7 +381,7 @@ struct Published {
 
 impl Published {
     /// Waits for the batch's results to be acknowledged, then stores its offsets.
-    async fn store_offsets_once_acknowledged(self, consumer: &BaseConsumer<Observed>) -> Result<(), ExecutorError> {
+    async fn store_offsets_once_acknowledged(self, consumer: &BaseConsumer<MetricsContext>) -> Result<(), ExecutorError> {
         self.publish.await??;
         store_offsets(consumer, &self.messages)?;
         metrics::histogram!("pgfanout_executor_batch_duration_seconds").record(self.started.elapsed().as_secs_f64());
@@ -388,7 +390,7 @@ impl Published {
 }
 
 async fn publish_results(
-    producer: FutureProducer<Observed>,
+    producer: FutureProducer<MetricsContext>,
     topic: String,
     results: Vec<InstructionResult>,
     mut shutdown: Shutdown,
@@ -421,7 +423,7 @@ async fn publish_results(
 }
 
 async fn send_dead_letter(
-    producer: &FutureProducer<Observed>,
+    producer: &FutureProducer<MetricsContext>,
     dlq: &str,
     message: &OwnedMessage,
     reason: &str,
@@ -446,7 +448,7 @@ async fn send_dead_letter(
 /// Stores, per partition, the offset after the last record of the batch. Offsets of
 /// partitions revoked meanwhile are refused by librdkafka, which is harmless: the records
 /// are redelivered to the new owner and answered from the log.
-fn store_offsets(consumer: &BaseConsumer<Observed>, messages: &[OwnedMessage]) -> Result<(), ExecutorError> {
+fn store_offsets(consumer: &BaseConsumer<MetricsContext>, messages: &[OwnedMessage]) -> Result<(), ExecutorError> {
     let mut next: HashMap<(String, i32), i64> = HashMap::new();
     for m in messages {
         let e = next.entry((m.topic().to_string(), m.partition())).or_insert(0);
