@@ -19,7 +19,7 @@ use std::time::Duration;
 use pgfanout::contract::{Instruction, ResultStatus};
 use pgfanout::kafka::{self, ClientRole};
 use pgfanout::submit::produce_instructions;
-use pgfanout::test_support::{logged_count, wait_for, Pipeline, TIMEOUT};
+use pgfanout::test_support::{logged_count, logged_ids, wait_for, Pipeline, TIMEOUT};
 use pgfanout::workload::{Rng, Workload};
 use rdkafka::producer::FutureProducer;
 
@@ -74,13 +74,7 @@ async fn nothing_is_lost_or_applied_twice_whatever_is_killed() {
     // Lost: no committed result or no instruction_log row. Duplicated: a second row for an
     // id, or a redelivery with a different result. Diverged: a device unequal to PostgreSQL.
     let client = p.client().await;
-    let logged: HashSet<String> = client
-        .query("SELECT instruction_id FROM pgfanout.instruction_log", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let logged: HashSet<String> = logged_ids(&client).await.into_iter().collect();
     let rows: i64 = logged_count(&client).await;
     let lost = ids
         .iter()

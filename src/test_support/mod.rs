@@ -20,5 +20,5 @@ pub mod wait;
 
 pub use env::{required_env, unique_name};
 pub use pipeline::Pipeline;
-pub use sql::{logged_count, slot_streaming, sql_client};
+pub use sql::{logged_count, logged_ids, slot_streaming, sql_client};
 pub use wait::{wait_for, Deadline, TIMEOUT};

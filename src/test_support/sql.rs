@@ -12,6 +12,12 @@ pub async fn logged_count(client: &tokio_postgres::Client) -> i64 {
     client.query_one("SELECT count(*) FROM pgfanout.instruction_log", &[]).await.unwrap().get(0)
 }
 
+/// The ids in the executor's instruction log, in no particular order.
+pub async fn logged_ids(client: &tokio_postgres::Client) -> Vec<String> {
+    let rows = client.query("SELECT instruction_id FROM pgfanout.instruction_log", &[]).await.unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
 /// Whether `slot`'s walsender streams: a slot being created is already `active` while it
 /// waits for running transactions; its walsender reports `catchup` or `streaming` only
 /// once START_REPLICATION runs from the consistent point.

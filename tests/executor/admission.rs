@@ -5,7 +5,7 @@ use super::{field, insert_item, instruction, op};
 use pgfanout::contract::{Instruction, InstructionResult, OperationKind, ResultStatus, Value};
 use pgfanout::executor::batch::execute_batch;
 use pgfanout::executor::catalog::{AllowedTables, Catalog, Statements};
-use pgfanout::test_support::Pipeline;
+use pgfanout::test_support::{logged_ids, Pipeline};
 
 fn text(s: &str) -> Value {
     Value::String(s.to_string())
@@ -193,13 +193,7 @@ async fn one_uuid_in_any_spelling_is_one_instruction_and_a_reused_id_with_other_
         let results = p.await_results(watcher, &as_awaited).await;
         assert_eq!(results[&canonical], stored, "{spelling}: the stored result, not a second insert (23505)");
     }
-    let logged: Vec<String> = client
-        .query("SELECT instruction_id FROM pgfanout.instruction_log", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let logged = logged_ids(&client).await;
     assert_eq!(logged, vec![canonical.clone()], "one log row, under the canonical id");
 
     // The same id with other content: rejected with its own code; nothing changes.
