@@ -3,6 +3,8 @@
 
 use rdkafka::error::KafkaError;
 
+use super::changes::ChangeError;
+use super::pgoutput::DecodeError;
 use super::replication::ReplicationError;
 use crate::{kafka, pg};
 
@@ -14,19 +16,26 @@ pub enum CaptureError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// A replication message that is not pgoutput as capture reads it.
     #[error("cannot decode the replication stream: {0}")]
-    Decode(String),
+    Decode(#[from] DecodeError),
+    /// Decoded messages that do not fit together (a change before its relation, a row of
+    /// the wrong width, a change outside a transaction).
+    #[error("cannot follow the replication stream: {0}")]
+    Change(#[from] ChangeError),
     #[error("{0}")]
     Config(String),
 }
 
 impl CaptureError {
+    /// Whether a new session can get past it: lost connections and overloaded servers or
+    /// brokers, not a stream capture cannot read or a setting that is wrong.
     pub(super) fn is_transient(&self) -> bool {
         match self {
             CaptureError::Replication(e) => e.is_transient(),
             CaptureError::Postgres(e) => pg::is_transient(e),
             CaptureError::Kafka(e) => kafka::is_transient(e),
-            CaptureError::Decode(_) | CaptureError::Config(_) => false,
+            CaptureError::Decode(_) | CaptureError::Change(_) | CaptureError::Config(_) => false,
         }
     }
 }
