@@ -1,12 +1,12 @@
-//! Why capture stopped or starts over: one variant per source, and whether retrying can help
-//! ([`CaptureError::is_transient`], which the reconnect loop decides on).
+//! Why capture stopped or starts over: one variant per source, and what retrying can do
+//! about it ([`CaptureError::kind`], which the reconnect loop decides on).
 
 use rdkafka::error::KafkaError;
 
 use super::changes::ChangeError;
 use super::pgoutput::DecodeError;
 use super::replication::ReplicationError;
-use crate::{kafka, pg};
+use crate::error_kind::ErrorKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -28,14 +28,17 @@ pub enum CaptureError {
 }
 
 impl CaptureError {
-    /// Whether a new session can get past it: lost connections and overloaded servers or
-    /// brokers, not a stream capture cannot read or a setting that is wrong.
-    pub(super) fn is_transient(&self) -> bool {
+    /// Transient: lost connections, servers or brokers away or busy — a new session gets
+    /// past them. Fatal: the producer failed for good — a new producer gets past it.
+    /// Definite: a stream capture cannot read or a setting that is wrong.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            CaptureError::Replication(e) => e.is_transient(),
-            CaptureError::Postgres(e) => pg::is_transient(e),
-            CaptureError::Kafka(e) => kafka::is_transient(e),
-            CaptureError::Decode(_) | CaptureError::Change(_) | CaptureError::Config(_) => false,
+            CaptureError::Replication(e) if e.is_transient() => ErrorKind::Transient,
+            CaptureError::Postgres(e) => ErrorKind::of_postgres(e),
+            CaptureError::Kafka(e) => ErrorKind::of_kafka(e),
+            CaptureError::Replication(_) | CaptureError::Decode(_) | CaptureError::Change(_) | CaptureError::Config(_) => {
+                ErrorKind::Definite
+            }
         }
     }
 }

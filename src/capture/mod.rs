@@ -6,14 +6,20 @@
 //!   only from [`flush::FlushLsnTracker`], which passes a transaction only once Kafka has
 //!   acknowledged all its deltas and those of every earlier transaction. The tracker is
 //!   owned by [`publisher::Publisher`], the only place that counts an acknowledgement (from
-//!   librdkafka's report for that very record), and this module is the only place that
-//!   reports a flush LSN. After a crash, PostgreSQL re-sends from the last reported point:
+//!   librdkafka's report for that very record), and the streaming loop in `session` is
+//!   the only place that reports a flush LSN. After a crash, PostgreSQL re-sends from the last reported point:
 //!   a delta may reach Kafka twice, never zero times.
 //! - *Bounded memory.* Changes stream to the producer as they are decoded; a transaction
 //!   is never held whole. When the producer queue is full, reading pauses until Kafka
 //!   acknowledges.
 //! - *Order per row.* Deltas are keyed by (table, primary key), so one row's changes land
 //!   in one partition in WAL order; the idempotent producer keeps that order across retries.
+//!
+//! The parts: [`run`] (here) reconnects after transient failures and replaces a producer
+//! that failed for good; `session` checks the server and the slot, then runs the streaming
+//! loop; [`changes`] turns decoded [`pgoutput`] messages (and the [`snapshot`]'s rows) into
+//! numbered deltas; [`publisher`] sends them and tracks their acknowledgements; `watermark`
+//! and `slot` send watermarks and watch the slot.
 
 pub mod changes;
 mod error;
@@ -31,7 +37,7 @@ use std::time::Duration;
 
 use crate::backoff::Backoff;
 use crate::config::{KafkaSettings, PostgresSettings};
-use crate::kafka;
+use crate::error_kind::ErrorKind;
 use crate::shutdown::Shutdown;
 use publisher::Publisher;
 use session::Session;
@@ -60,12 +66,12 @@ pub async fn run(
             Ok(()) => break,
             // The session starts again from the slot's confirmed position, with a producer
             // that can send.
-            Err(CaptureError::Kafka(e)) if kafka::is_fatal(&e) && !shutdown.is_triggered() => {
+            Err(e) if e.kind() == ErrorKind::Fatal && !shutdown.is_triggered() => {
                 metrics::counter!("pgfanout_capture_reconnects_total").increment(1);
                 tracing::warn!(error = %e, "the Kafka producer failed for good; replacing it and reconnecting");
                 publisher.replace_producer(kafka_settings)?;
             }
-            Err(e) if e.is_transient() && !shutdown.is_triggered() => {
+            Err(e) if e.kind() == ErrorKind::Transient && !shutdown.is_triggered() => {
                 metrics::counter!("pgfanout_capture_reconnects_total").increment(1);
                 tracing::warn!(error = %e, "capture interrupted; reconnecting");
                 backoff.wait(&mut shutdown).await;
