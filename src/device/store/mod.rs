@@ -102,6 +102,8 @@ impl Store {
                  ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
                 params![topic, partition, offset],
             )?;
+            // Records from there on are new to the store: applied and counted again.
+            tx.execute("DELETE FROM _pgfanout_consumed WHERE topic = ?1 AND partition = ?2", params![topic, partition])?;
         }
         tx.commit()?;
         Ok(())
