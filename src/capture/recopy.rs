@@ -33,32 +33,65 @@
 
 use std::time::Duration;
 
-use super::ddl::DdlChanges;
+use super::ddl::{self, DdlChanges};
 use super::error::CaptureError;
 use super::flush::{Lsn, TxHandle};
 use super::publisher::Publisher;
-use super::replication::{ReplicationClient, ReplicationConfig, ReplicationStream};
+use super::replication::{self, ReplicationClient, ReplicationConfig, ReplicationStream};
 use super::snapshot::{published_tables, TableCopier};
-use super::Session;
 use crate::contract::{now_micros, Delta, DeltaOp};
 use crate::shutdown::Shutdown;
 use crate::{pg, quote};
 
-impl Session<'_> {
-    /// Sends the drops and copies `changes` asks for, as part of the transaction `tx` whose
-    /// commit record ends at `end_lsn`.
-    pub(super) async fn apply_ddl(
-        &self,
-        changes: DdlChanges,
+/// The DDL changes of the transaction being received, and how to act on them at its commit.
+pub(super) struct DdlFollower {
+    pub(super) conninfo: String,
+    pub(super) publication: String,
+    pub(super) slot: String,
+    /// Status updates to the replication connection while a copy runs.
+    pub(super) status_interval: Duration,
+    pending: DdlChanges,
+}
+
+impl DdlFollower {
+    pub(super) fn new(conninfo: &str, publication: &str, slot: &str, status_interval: Duration) -> Self {
+        DdlFollower {
+            conninfo: conninfo.into(),
+            publication: publication.into(),
+            slot: slot.into(),
+            status_interval,
+            pending: DdlChanges::default(),
+        }
+    }
+
+    /// A `pgfanout.ddl` message of the open transaction.
+    pub(super) fn on_message(&mut self, content: &[u8]) {
+        self.pending.extend(ddl::parse(content, &self.publication));
+    }
+
+    /// A transaction began: nothing is pending (a message of a transaction that never
+    /// committed is not one of this).
+    pub(super) fn on_begin(&mut self) {
+        self.pending = DdlChanges::default();
+    }
+
+    /// At the commit of the transaction `tx`, whose commit record ends at `end_lsn`: sends
+    /// the drops and copies its messages asked for, as part of it.
+    pub(super) async fn at_commit(
+        &mut self,
         end_lsn: Lsn,
         stream: &mut ReplicationStream,
         publisher: &mut Publisher,
         tx: TxHandle,
     ) -> Result<(), CaptureError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let changes = std::mem::take(&mut self.pending);
         let flushed = publisher.tracker().flushed();
         let work = self.ddl_deltas(changes, end_lsn, publisher, tx);
         tokio::pin!(work);
-        let mut status = tokio::time::interval(Duration::from_millis(self.settings.status_interval_ms.max(1000)));
+        let mut status = tokio::time::interval(self.status_interval);
         status.tick().await;
         loop {
             tokio::select! {
@@ -75,10 +108,10 @@ impl Session<'_> {
         publisher: &mut Publisher,
         tx: TxHandle,
     ) -> Result<(), CaptureError> {
-        let copy = if changes.copy.is_empty() { None } else { Some(self.copy_snapshot_now().await?) };
+        let copy = if changes.copy.is_empty() { None } else { Some(self.snapshot_now().await?) };
         let version = copy.as_ref().map_or(end_lsn.saturating_sub(1), |c| c.version);
         for table in &changes.drop {
-            tracing::info!(table = %table, at = %super::replication::format_lsn(version), "table left the publication; dropping it on devices");
+            tracing::info!(table = %table, at = %replication::format_lsn(version), "table left the publication; dropping it on devices");
             let delta = drop_delta(table, version);
             for partition in 0..publisher.partitions() {
                 publisher.send(&delta, Some(partition), tx).await?;
@@ -86,14 +119,15 @@ impl Session<'_> {
             metrics::counter!("pgfanout_capture_ddl_tables_dropped_total").increment(1);
         }
         let Some(copy) = copy else { return Ok(()) };
-        let tables = published_tables(&copy.reader, &self.pg_settings.publication).await?;
+        let tables = published_tables(&copy.reader, &self.publication).await?;
         let tables: Vec<_> =
             tables.into_iter().filter(|t| changes.copy.contains(&format!("{}.{}", t.relation.namespace, t.relation.name))).collect();
+        // Stopping waits for the copy: the next session would only copy again.
         let (_never_triggered, shutdown) = Shutdown::new();
-        let mut copier = TableCopier::new(&copy.reader, publisher, tx, copy.version)?;
+        let mut copier = TableCopier::new(&copy.reader, publisher, tx, copy.version);
         for table in tables {
             let name = format!("{}.{}", table.relation.namespace, table.relation.name);
-            tracing::info!(table = %name, at = %super::replication::format_lsn(copy.version + 1), "table changed by DDL; copying it again");
+            tracing::info!(table = %name, at = %replication::format_lsn(copy.version + 1), "table changed by DDL; copying it again");
             copier.copy(table, &shutdown).await?;
             metrics::counter!("pgfanout_capture_ddl_tables_copied_total").increment(1);
         }
@@ -105,13 +139,13 @@ impl Session<'_> {
     /// A snapshot taken now, exported by a temporary slot: the version of the rows read
     /// under it (point 1 of the module doc), a connection reading under it, and the
     /// connection that keeps it alive.
-    async fn copy_snapshot_now(&self) -> Result<NowSnapshot, CaptureError> {
-        let cfg = ReplicationConfig::from_conninfo(&self.pg_settings.conninfo)?;
+    async fn snapshot_now(&self) -> Result<NowSnapshot, CaptureError> {
+        let cfg = ReplicationConfig::from_conninfo(&self.conninfo)?;
         let mut holder = ReplicationClient::connect(&cfg).await?;
-        let name = format!("{}_recopy_{}", self.settings.slot.chars().take(40).collect::<String>(), std::process::id());
+        let name = format!("{}_recopy_{}", self.slot.chars().take(40).collect::<String>(), std::process::id());
         let created = holder.create_temporary_slot_with_snapshot(&name).await?;
         let snapshot = created.snapshot_name.ok_or_else(|| CaptureError::Config("the server exported no snapshot".into()))?;
-        let reader = pg::connect(&self.pg_settings.conninfo).await?;
+        let reader = pg::connect(&self.conninfo).await?;
         reader
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
