@@ -120,8 +120,10 @@ impl DdlFollower {
         }
         let Some(copy) = copy else { return Ok(()) };
         let tables = published_tables(&copy.reader, &self.publication).await?;
-        let tables: Vec<_> =
-            tables.into_iter().filter(|t| changes.copy.contains(&format!("{}.{}", t.relation.namespace, t.relation.name))).collect();
+        let tables: Vec<_> = tables
+            .into_iter()
+            .filter(|t| changes.copy.contains(&format!("{}.{}", t.relation.namespace, t.relation.name)))
+            .collect();
         // Stopping waits for the copy: the next session would only copy again.
         let (_never_triggered, shutdown) = Shutdown::new();
         let mut copier = TableCopier::new(&copy.reader, publisher, tx, copy.version);

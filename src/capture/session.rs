@@ -11,10 +11,10 @@ use std::cell::Cell;
 use std::time::Duration;
 
 use super::changes::{Change, ChangeDecoder, ChangeError};
+use super::ddl::DDL_PREFIX;
 use super::error::CaptureError;
 use super::flush::{Lsn, TxHandle};
 use super::pgoutput::{self, PgOutputMessage};
-use super::ddl::DDL_PREFIX;
 use super::publisher::Publisher;
 use super::recopy::DdlFollower;
 use super::replication::{self, ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};

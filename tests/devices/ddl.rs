@@ -129,7 +129,8 @@ async fn assert_devices_equal_postgres(p: &mut Pipeline) {
         let got = wait_for("the device's tables and columns", Duration::from_secs(20), || async {
             let got = device_shape(p, device);
             let published: BTreeSet<String> = p.tables().await.iter().map(|t| t.name.to_string()).collect();
-            let extra_or_wrong = got.iter().any(|(t, cols)| !published.contains(t) || expected.iter().any(|(e, c)| e == t && c != cols));
+            let extra_or_wrong =
+                got.iter().any(|(t, cols)| !published.contains(t) || expected.iter().any(|(e, c)| e == t && c != cols));
             let missing = expected.iter().any(|(t, _)| !got.iter().any(|(g, _)| g == t));
             (!extra_or_wrong && !missing).then_some(got)
         });
@@ -145,7 +146,12 @@ async fn rows_difference(p: &Pipeline, device: &str) -> String {
         let theirs = got.get(table).cloned().unwrap_or_default();
         for (key, row) in rows {
             if theirs.get(key) != Some(row) {
-                return format!("{table} {key}: postgres {row}, device {:?} ({} rows against {})", theirs.get(key), theirs.len(), rows.len());
+                return format!(
+                    "{table} {key}: postgres {row}, device {:?} ({} rows against {})",
+                    theirs.get(key),
+                    theirs.len(),
+                    rows.len()
+                );
             }
         }
         if theirs.len() != rows.len() {

@@ -8,7 +8,9 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, CachedStatement, Connection, ToSql};
 
 use super::error::{ApplyError, StoreError};
-use super::schema::{drop_table, ensure_shape, record_truncate, sqlite_table, truncated_at, TableShape, WriteKind, DELETED, LSN, SEQ};
+use super::schema::{
+    drop_table, ensure_shape, record_truncate, sqlite_table, truncated_at, TableShape, WriteKind, DELETED, LSN, SEQ,
+};
 use crate::contract::view::{ColumnView, DeltaView, ValueView};
 use crate::contract::DeltaOp;
 use crate::quote::quote_ident;

@@ -19,8 +19,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::error::{ApplyError, StoreError};
 use crate::contract::value::ValueKind;
-use crate::contract::DeltaOp;
 use crate::contract::view::ColumnView;
+use crate::contract::DeltaOp;
 use crate::quote::quote_ident;
 
 /// Hidden columns of every replicated table.
