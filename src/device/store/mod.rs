@@ -142,4 +142,6 @@ impl Store {
 }
 
 #[cfg(test)]
+mod ddl_tests;
+#[cfg(test)]
 mod tests;
