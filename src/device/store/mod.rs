@@ -144,4 +144,6 @@ impl Store {
 }
 
 #[cfg(test)]
+mod ddl_tests;
+#[cfg(test)]
 mod tests;
