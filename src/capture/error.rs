@@ -23,6 +23,10 @@ pub enum CaptureError {
     /// the wrong width, a change outside a transaction).
     #[error("cannot follow the replication stream: {0}")]
     Change(#[from] ChangeError),
+    /// Kafka (or librdkafka, before sending) refused a delta for good: which table, which
+    /// transaction, what to do.
+    #[error("Kafka refused a delta of {table} (transaction at {position}, partition {partition}): {source}{advice}")]
+    Refused { table: String, position: String, partition: String, source: KafkaError, advice: &'static str },
     #[error("{0}")]
     Config(String),
 }
@@ -34,7 +38,7 @@ impl CaptureError {
         match self {
             CaptureError::Replication(e) => e.is_transient(),
             CaptureError::Postgres(e) => pg::is_transient(e),
-            CaptureError::Kafka(e) => kafka::is_transient(e),
+            CaptureError::Kafka(e) | CaptureError::Refused { source: e, .. } => kafka::is_transient(e),
             CaptureError::Decode(_) | CaptureError::Change(_) | CaptureError::Config(_) => false,
         }
     }
