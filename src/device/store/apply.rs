@@ -9,7 +9,9 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, CachedStatement, Connection, ToSql};
 
 use super::error::{ApplyError, StoreError};
+use super::fragments::{self, Fragment, Staged};
 use super::schema::{ensure_shape, record_truncate, sqlite_table, truncated_at, TableShape, WriteKind, DELETED, LSN, SEQ};
+use crate::contract::codec::decode_delta_view;
 use crate::contract::view::{ColumnView, DeltaView, ValueView};
 use crate::contract::DeltaOp;
 use crate::quote::quote_ident;
@@ -24,6 +26,9 @@ pub struct Record<'a> {
     pub delta: Result<Option<DeltaView<'a>>, String>,
     /// A Kafka tombstone (no value).
     pub tombstone: bool,
+    /// A fragment of a delta too large for one record ([`fragments`]); `delta` is then
+    /// `Ok(None)`.
+    pub fragment: Option<Fragment<'a>>,
 }
 
 /// What one batch did.
@@ -36,6 +41,8 @@ pub struct BatchStats {
     pub tombstones: u64,
     pub not_subscribed: u64,
     pub rejected: u64,
+    /// Fragments staged, and sets dropped incomplete (see [`fragments`]).
+    pub fragments: u64,
     pub applied_by_op: HashMap<&'static str, u64>,
     /// Per partition touched by the batch: the position below which every transaction is
     /// fully applied on this device (see [`Store::applied_lsns`]).
@@ -99,6 +106,23 @@ pub(super) fn apply_batch(
         };
         let entry = &mut next_offsets[i];
         entry.1 = entry.1.max(record.offset + 1);
+        // A fragment is staged; the last one of a set goes on as the delta it completes.
+        let (whole, assembled);
+        let record = match &record.fragment {
+            None => record,
+            Some(f) => match fragments::stage(&tx, topic, record.partition, f)? {
+                Staged::Waiting | Staged::Incomplete => {
+                    stats.fragments += 1;
+                    continue;
+                }
+                Staged::Complete(bytes) => {
+                    whole = bytes;
+                    let delta = decode_delta_view(&whole).map(Some).map_err(|e| format!("reassembled fragments: {e}"));
+                    assembled = Record { delta, fragment: None, ..*record };
+                    &assembled
+                }
+            },
+        };
         match &record.delta {
             Ok(None) => stats.tombstones += 1,
             Ok(Some(delta)) if record.tombstone => {
@@ -155,6 +179,9 @@ pub(super) fn apply_batch(
         }
     }
     drop(statements);
+    for (partition, _, watermark) in &next_offsets {
+        fragments::discard_passed(&tx, topic, *partition, *watermark)?;
+    }
     record_positions(&tx, topic, &next_offsets, &applied_by_op, &mut stats)?;
     // Reloaded on the next open if this commit fails.
     tx.commit()?;
@@ -194,6 +221,7 @@ fn record_positions(
         ("tombstones", stats.tombstones),
         ("not_subscribed", stats.not_subscribed),
         ("rejected", stats.rejected),
+        ("fragments", stats.fragments),
     ] {
         if n > 0 {
             tx.execute(

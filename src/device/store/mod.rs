@@ -21,11 +21,13 @@ use rusqlite::{params, Connection};
 
 mod apply;
 mod error;
+mod fragments;
 mod read;
 mod schema;
 
 pub use apply::{BatchStats, Record};
 pub use error::StoreError;
+pub use fragments::Fragment;
 pub use read::{open_read_only, value_from_sqlite, Position, Rejected, StoreReader};
 use schema::{check_layout, load_shapes, TableShape, LAYOUT_VERSION, META_SQL};
 pub use schema::{sqlite_table, sqlite_type};
@@ -66,6 +68,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         check_layout(&conn)?;
         conn.execute_batch(META_SQL)?;
+        conn.execute_batch(fragments::FRAGMENTS_SQL)?;
         conn.pragma_update(None, "user_version", LAYOUT_VERSION)?;
         let tables = load_shapes(&conn)?;
         Ok(Store { conn, tables, subscribed: None, _lock: lock })

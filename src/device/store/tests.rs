@@ -160,7 +160,7 @@ proptest! {
         for chunk in stream.chunks(batch) {
             let records: Vec<Record> = chunk
                 .iter()
-                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some(d.view())), tombstone: false } })
+                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None } })
                 .collect();
             store.apply_batch("t", &records).unwrap();
         }
@@ -212,7 +212,7 @@ fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
     fn batch<'a>(ds: &[&'a Delta]) -> Vec<Record<'a>> {
         ds.iter()
             .enumerate()
-            .map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())), tombstone: false })
+            .map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())), tombstone: false, fragment: None })
             .collect()
     }
     store.apply_batch("t", &batch(&[&added])).unwrap();
@@ -241,7 +241,7 @@ fn columns_change_in_the_middle_of_a_batch_while_its_statements_are_prepared() {
     fn batch(ds: &[Delta]) -> Vec<Record<'_>> {
         ds.iter()
             .enumerate()
-            .map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())), tombstone: false })
+            .map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())), tombstone: false, fragment: None })
             .collect()
     }
     let mut tombstone = row_delta(600, 2, &[]);
@@ -281,7 +281,7 @@ fn a_truncate_that_arrives_before_its_table_still_hides_older_rows() {
     let older = row_delta(100, 1, &[("v", 1)]);
     let newer = row_delta(300, 2, &[("v", 2)]);
     fn record(d: &Delta, offset: i64) -> Record<'_> {
-        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false }
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None }
     }
     // The truncate's partition is read first, before any row of the table exists here.
     let stats = store.apply_batch("t", &[record(&truncate, 0)]).unwrap();
@@ -303,10 +303,10 @@ fn a_tombstone_carrying_its_delete_deletes_when_compaction_removed_the_delete_de
     let delete = Delta { op: DeltaOp::Delete, after: None, ..row_delta(200, 1, &[]) };
     let reinsert = row_delta(300, 1, &[("v", 3)]);
     fn tombstone(d: &Delta, offset: i64) -> Record<'_> {
-        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: true }
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: true, fragment: None }
     }
     fn row(d: &Delta, offset: i64) -> Record<'_> {
-        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false }
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None }
     }
     store.apply_batch("t", &[row(&insert, 0)]).unwrap();
     // The delete delta was compacted away; only the tombstone, with the delete in a header, is left.
@@ -325,7 +325,7 @@ fn only_a_watermark_moves_a_partitions_applied_position() {
     let watermark =
         |lsn: i64| Delta { table: String::new(), op: DeltaOp::Watermark, key: vec![], after: None, ..row_delta(lsn, 0, &[]) };
     fn record(d: &Delta, offset: i64) -> Record<'_> {
-        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false }
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None }
     }
     // A transaction at 300 got through while one at 200 (a delta in this partition) did not:
     // its delta says nothing about 200.
