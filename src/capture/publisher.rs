@@ -464,3 +464,7 @@ impl ChangeCounters {
         self.0[i].increment(1);
     }
 }
+
+#[cfg(test)]
+#[path = "publisher_tests.rs"]
+mod tests;

@@ -9,7 +9,9 @@ use pgfanout::test_support::{wait_for, Pipeline, TIMEOUT};
 async fn blobs_table(p: &Pipeline) {
     p.client()
         .await
-        .batch_execute("CREATE TABLE public.blobs (id int PRIMARY KEY, body bytea); ALTER PUBLICATION pgfanout ADD TABLE public.blobs")
+        .batch_execute(
+            "CREATE TABLE public.blobs (id int PRIMARY KEY, body bytea); ALTER PUBLICATION pgfanout ADD TABLE public.blobs",
+        )
         .await
         .unwrap();
 }
@@ -115,7 +117,10 @@ async fn a_refused_delivery_is_never_passed_by_a_watermark_or_the_slot() {
     let watermark = device_watermark(&p, "a");
     assert!(watermark > 0 && watermark < after_refused, "the device's watermark {watermark} passed the refused transaction (before {before}, ends by {after_refused}); {later_rows} later rows applied");
     let flushed = p.slot_flushed().await;
-    assert!(flushed < after_refused, "the slot's flush position {flushed} passed the refused transaction (ends by {after_refused})");
+    assert!(
+        flushed < after_refused,
+        "the slot's flush position {flushed} passed the refused transaction (ends by {after_refused})"
+    );
 
     // Capture again, with fragments that fit: nothing was lost.
     p.kill("capture"); // it has exited; this reaps it
