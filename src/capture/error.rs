@@ -25,8 +25,8 @@ pub enum CaptureError {
     Change(#[from] ChangeError),
     /// Kafka (or librdkafka, before sending) refused a delta for good: which table, which
     /// transaction, what to do.
-    #[error("Kafka refused a delta of {table} (transaction at {position}, partition {partition}): {source}{advice}")]
-    Refused { table: String, position: String, partition: String, source: KafkaError, advice: &'static str },
+    #[error("Kafka refused a delta of {what}")]
+    Refused { what: Box<str>, error: KafkaError },
     #[error("{0}")]
     Config(String),
 }
@@ -38,7 +38,7 @@ impl CaptureError {
         match self {
             CaptureError::Replication(e) => e.is_transient(),
             CaptureError::Postgres(e) => pg::is_transient(e),
-            CaptureError::Kafka(e) | CaptureError::Refused { source: e, .. } => kafka::is_transient(e),
+            CaptureError::Kafka(e) | CaptureError::Refused { error: e, .. } => kafka::is_transient(e),
             CaptureError::Decode(_) | CaptureError::Change(_) | CaptureError::Config(_) => false,
         }
     }

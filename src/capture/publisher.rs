@@ -421,13 +421,11 @@ fn refusal(error: KafkaError, table: &str, lsn: Lsn, partition: Option<i32>) -> 
         }
         _ => "",
     };
-    CaptureError::Refused {
-        table: if table.is_empty() { "(watermark)".to_string() } else { table.to_string() },
-        position: super::replication::format_lsn(lsn),
-        partition: partition.map_or_else(|| "by key".to_string(), |p| p.to_string()),
-        source: error,
-        advice,
-    }
+    let table = if table.is_empty() { "(watermark)" } else { table };
+    let position = super::replication::format_lsn(lsn);
+    let partition = partition.map_or_else(|| "by key".to_string(), |p| p.to_string());
+    let what = format!("{table} (transaction at {position}, partition {partition}): {error}{advice}");
+    CaptureError::Refused { what: what.into(), error }
 }
 
 /// The table a delta's Kafka key names (the key's text up to the first separator).

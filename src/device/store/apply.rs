@@ -9,9 +9,8 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, CachedStatement, Connection, ToSql};
 
 use super::error::{ApplyError, StoreError};
-use super::fragments::{self, Fragment, Staged};
+use super::fragments::{self, Fragment};
 use super::schema::{ensure_shape, record_truncate, sqlite_table, truncated_at, TableShape, WriteKind, DELETED, LSN, SEQ};
-use crate::contract::codec::decode_delta_view;
 use crate::contract::view::{ColumnView, DeltaView, ValueView};
 use crate::contract::DeltaOp;
 use crate::quote::quote_ident;
@@ -110,18 +109,12 @@ pub(super) fn apply_batch(
         let (whole, assembled);
         let record = match &record.fragment {
             None => record,
-            Some(f) => match fragments::stage(&tx, topic, record.partition, f)? {
-                Staged::Waiting | Staged::Incomplete => {
-                    stats.fragments += 1;
-                    continue;
-                }
-                Staged::Complete(bytes) => {
-                    whole = bytes;
-                    let delta = decode_delta_view(&whole).map(Some).map_err(|e| format!("reassembled fragments: {e}"));
-                    assembled = Record { delta, fragment: None, ..*record };
-                    &assembled
-                }
-            },
+            Some(f) => {
+                let Some(bytes) = fragments::stage(&tx, topic, record.partition, f, &mut stats.fragments)? else { continue };
+                whole = bytes;
+                assembled = Record { delta: fragments::decoded(&whole), fragment: None, ..*record };
+                &assembled
+            }
         };
         match &record.delta {
             Ok(None) => stats.tombstones += 1,
@@ -179,9 +172,7 @@ pub(super) fn apply_batch(
         }
     }
     drop(statements);
-    for (partition, _, watermark) in &next_offsets {
-        fragments::discard_passed(&tx, topic, *partition, *watermark)?;
-    }
+    fragments::discard_passed(&tx, topic, &next_offsets)?;
     record_positions(&tx, topic, &next_offsets, &applied_by_op, &mut stats)?;
     // Reloaded on the next open if this commit fails.
     tx.commit()?;

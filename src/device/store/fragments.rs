@@ -26,7 +26,9 @@
 
 use rusqlite::{params, OptionalExtension, Transaction};
 
+use crate::contract::codec::decode_delta_view;
 use crate::contract::fragment::FragmentHeader;
+use crate::contract::view::DeltaView;
 
 /// The staging table, created with the store's own tables.
 pub(super) const FRAGMENTS_SQL: &str = "CREATE TABLE IF NOT EXISTS _pgfanout_fragments (
@@ -48,26 +50,32 @@ pub struct Fragment<'a> {
     pub bytes: &'a [u8],
 }
 
-/// What staging a fragment gave.
-pub(super) enum Staged {
-    /// More fragments to come.
-    Waiting,
-    /// The whole delta's encoding, its fragments removed from the stage.
-    Complete(Vec<u8>),
-    /// The last fragment came, but not every earlier one did (compaction): dropped.
-    Incomplete,
-}
-
-/// Stages `fragment` of `partition`; on the last one, takes the whole delta off the stage.
+/// Stages `fragment` of `partition`; on the last one of a complete set, takes the whole
+/// delta's encoding off the stage and returns it. Counts in `staged` each fragment that
+/// applies nothing (staged, or the last one of an incomplete set, which is dropped).
 pub(super) fn stage(
     tx: &Transaction<'_>,
     topic: &str,
     partition: i32,
     fragment: &Fragment<'_>,
-) -> Result<Staged, rusqlite::Error> {
+    staged: &mut u64,
+) -> Result<Option<Vec<u8>>, rusqlite::Error> {
+    let whole = stage_inner(tx, topic, partition, fragment)?;
+    if whole.is_none() {
+        *staged += 1;
+    }
+    Ok(whole)
+}
+
+fn stage_inner(
+    tx: &Transaction<'_>,
+    topic: &str,
+    partition: i32,
+    fragment: &Fragment<'_>,
+) -> Result<Option<Vec<u8>>, rusqlite::Error> {
     let h = fragment.header;
     if h.count == 1 {
-        return Ok(whole_if(fragment.bytes.len() as u64 == h.total_len, fragment.bytes.to_vec()));
+        return Ok((fragment.bytes.len() as u64 == h.total_len).then(|| fragment.bytes.to_vec()));
     }
     if !h.is_last() {
         tx.prepare_cached(
@@ -84,7 +92,7 @@ pub(super) fn stage(
             h.total_len as i64,
             fragment.bytes
         ])?;
-        return Ok(Staged::Waiting);
+        return Ok(None);
     }
     let set = params![topic, partition, h.commit_lsn, h.seq, h.count, h.total_len as i64];
     let staged: Option<(i64, i64)> = tx
@@ -116,30 +124,22 @@ pub(super) fn stage(
     }
     tx.prepare_cached("DELETE FROM _pgfanout_fragments WHERE topic = ?1 AND partition = ?2 AND commit_lsn = ?3 AND seq = ?4")?
         .execute(params![topic, partition, h.commit_lsn, h.seq])?;
-    Ok(whole_if(complete, whole))
+    Ok(complete.then_some(whole))
 }
 
-fn whole_if(complete: bool, whole: Vec<u8>) -> Staged {
-    if complete {
-        Staged::Complete(whole)
-    } else {
-        Staged::Incomplete
-    }
+/// The delta of a complete set, decoded as one that came whole.
+pub(super) fn decoded(whole: &[u8]) -> Result<Option<DeltaView<'_>>, String> {
+    decode_delta_view(whole).map(Some).map_err(|e| format!("reassembled fragments: {e}"))
 }
 
-/// Drops the staged fragments of `partition` that a watermark at `watermark` has passed
-/// (see the module doc); `watermark` 0 passes nothing.
-pub(super) fn discard_passed(
-    tx: &Transaction<'_>,
-    topic: &str,
-    partition: i32,
-    watermark: i64,
-) -> Result<usize, rusqlite::Error> {
-    if watermark <= 0 {
-        return Ok(0);
+/// Drops the staged fragments that a batch's watermarks passed (see the module doc), per
+/// `(partition, _, highest watermark)`; a watermark of 0 passes nothing.
+pub(super) fn discard_passed(tx: &Transaction<'_>, topic: &str, watermarks: &[(i32, i64, i64)]) -> Result<(), rusqlite::Error> {
+    for (partition, _, watermark) in watermarks.iter().filter(|w| w.2 > 0) {
+        tx.prepare_cached("DELETE FROM _pgfanout_fragments WHERE topic = ?1 AND partition = ?2 AND commit_lsn < ?3")?
+            .execute(params![topic, partition, watermark])?;
     }
-    tx.prepare_cached("DELETE FROM _pgfanout_fragments WHERE topic = ?1 AND partition = ?2 AND commit_lsn < ?3")?
-        .execute(params![topic, partition, watermark])
+    Ok(())
 }
 
 #[cfg(test)]
