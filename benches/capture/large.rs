@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{current_lsn, flushed_past, peak_rss_mb, start_capture};
 
-const MB: i64 = 1 << 20;
+const MB: i32 = 1 << 20;
 
 /// What the large-row phase measured.
 pub struct Large {
@@ -17,7 +17,7 @@ pub struct Large {
 }
 
 /// Writes row `id` of table `blobs` with `bytes` random bytes, in a transaction of its own.
-async fn write_blob(client: &tokio_postgres::Client, id: i32, bytes: i64) {
+async fn write_blob(client: &tokio_postgres::Client, id: i32, bytes: i32) {
     client
         .execute(
             "INSERT INTO blobs VALUES ($1, (SELECT decode(string_agg(md5(random()::text || g), ''), 'hex')
