@@ -14,7 +14,9 @@
 //! - capture's CPU time (user + system, all its threads, from `/proc/<pid>/stat`) over the
 //!   same streaming interval, per change: less noisy than the rates, which depend on how
 //!   the machine's cores are shared at the moment;
-//! - capture's peak RSS while a single 1,000,000-row UPDATE streams through.
+//! - capture's peak RSS while a single 1,000,000-row UPDATE streams through;
+//! - large rows ([`large`]): five 20 MB rows through capture, and capture's peak RSS with one
+//!   100 MB value.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -31,6 +33,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Offset;
 
 mod common;
+#[path = "capture/large.rs"]
+mod large;
 
 use common::{env, kafka_settings, start, Process};
 
@@ -309,6 +313,7 @@ async fn main() {
     let big_secs = big_started.elapsed().as_secs_f64();
     let rss = peak_rss_mb(capture.0.id());
     drop(capture);
+    let large = large::run(&client, &dir).await;
 
     let changes = CHANGES as f64;
     let capture_rate = changes / capture_secs;
@@ -321,4 +326,9 @@ async fn main() {
     println!("RESULT capture_vs_ceiling {:.2}", capture_rate / recv_rate.min(raw_rate));
     println!("RESULT capture_cpu_us_per_change {:.2}", capture_cpu_secs * 1e6 / changes);
     println!("RESULT capture_peak_rss_mb_1m_row_tx {rss:.0}");
+    let mb_20 = 20.0 * large.rows_20mb as f64;
+    println!("RESULT capture_20mb_rows_mb_per_s {:.1}", mb_20 / large.secs_20mb);
+    println!("RESULT capture_20mb_row_secs {:.2}", large.secs_20mb / large.rows_20mb as f64);
+    println!("RESULT capture_peak_rss_mb_100mb_value {:.0}", large.peak_rss_mb_100mb);
+    println!("RESULT capture_rss_vs_3x_value_plus_30mb {:.2}", large.peak_rss_mb_100mb / (3.0 * 100.0 + 30.0));
 }

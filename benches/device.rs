@@ -133,6 +133,7 @@ fn main() {
                     None => Ok(None),
                 },
                 tombstone: payload.is_none(),
+                fragment: None,
             })
             .collect();
         store.apply_batch("bench", &batch).unwrap();

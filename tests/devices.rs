@@ -235,3 +235,6 @@ async fn a_device_offline_during_fifty_thousand_changes_catches_up() {
     p.wait_converged(&["a"]).await;
     assert!(p.store_counter("a", "processed") - processed_before >= missed);
 }
+
+#[path = "devices/large_rows.rs"]
+mod large_rows;

@@ -23,6 +23,10 @@ pub enum CaptureError {
     /// the wrong width, a change outside a transaction).
     #[error("cannot follow the replication stream: {0}")]
     Change(#[from] ChangeError),
+    /// Kafka (or librdkafka, before sending) refused a delta for good: which table, which
+    /// transaction, what to do.
+    #[error("Kafka refused a delta of {what}")]
+    Refused { what: Box<str>, error: KafkaError },
     #[error("{0}")]
     Config(String),
 }
@@ -35,7 +39,7 @@ impl CaptureError {
         match self {
             CaptureError::Replication(e) if e.is_transient() => ErrorKind::Transient,
             CaptureError::Postgres(e) => ErrorKind::of_postgres(e),
-            CaptureError::Kafka(e) => ErrorKind::of_kafka(e),
+            CaptureError::Kafka(e) | CaptureError::Refused { error: e, .. } => ErrorKind::of_kafka(e),
             CaptureError::Replication(_) | CaptureError::Decode(_) | CaptureError::Change(_) | CaptureError::Config(_) => {
                 ErrorKind::Definite
             }

@@ -34,6 +34,8 @@ impl TxHandle {
 #[derive(Debug)]
 struct TxSlot {
     end_lsn: Option<Lsn>,
+    /// The commit LSN its deltas carry, for naming it in an error.
+    position: Lsn,
     outstanding: u64,
     began: std::time::Instant,
 }
@@ -71,7 +73,7 @@ impl FlushLsnTracker {
 
     /// A transaction began (its deltas follow).
     pub fn begin(&mut self) -> TxHandle {
-        self.txs.push_back(TxSlot { end_lsn: None, outstanding: 0, began: std::time::Instant::now() });
+        self.txs.push_back(TxSlot { end_lsn: None, position: 0, outstanding: 0, began: std::time::Instant::now() });
         TxHandle(self.first + self.txs.len() as u64 - 1)
     }
 
@@ -91,6 +93,18 @@ impl FlushLsnTracker {
             s.outstanding += 1;
             self.in_flight += 1;
         }
+    }
+
+    /// The deltas of `tx` carry commit LSN `lsn` (see [`position`](Self::position)).
+    pub fn note_position(&mut self, tx: TxHandle, lsn: Lsn) {
+        if let Some(s) = self.slot(tx) {
+            s.position = lsn;
+        }
+    }
+
+    /// The commit LSN noted for `tx`, while it is tracked.
+    pub fn position(&self, tx: TxHandle) -> Option<Lsn> {
+        self.txs.get(self.index(tx)?).map(|s| s.position)
     }
 
     /// Kafka acknowledged a delta of `tx`.

@@ -56,6 +56,7 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> Result<(), CaptureError> {
     let mut publisher = Publisher::new(kafka_settings).await?;
+    publisher.set_fragment_bytes(settings.fragment_bytes);
     let mut backoff = Backoff::new();
     let snapshot_taken = std::cell::Cell::new(false);
     let received_bytes = metrics::counter!("pgfanout_capture_received_bytes_total");

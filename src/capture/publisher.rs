@@ -26,6 +26,14 @@
 //!   librdkafka's queue is bounded (`queue.buffering.max.messages`, `.kbytes`): when it is
 //!   full, [`Publisher::send`] waits for outcomes. Deltas are encoded into one reused buffer
 //!   that librdkafka copies.
+//! - *Any row fits.* A delta whose encoding exceeds `--fragment-bytes` goes out as
+//!   fragments ([`crate::contract::fragment`]): consecutive records with the delta's key
+//!   (so its partition, in order), each a slice of the encoding written straight from the
+//!   delta into the reused buffer, so no second whole copy of a large value is made. They
+//!   count as records of the transaction like any other: the flush position passes the
+//!   transaction only once Kafka acknowledged every fragment.
+//! - *A refusal says what was refused.* The error names the table, the transaction's commit
+//!   position and the partition, and for a record too large, the settings involved.
 //!
 //! Why an inbox rather than one future per record (rdkafka's `FutureProducer`): each record
 //! then cost a oneshot channel, a boxed task in a `FuturesUnordered` and a wake-up of the
@@ -39,7 +47,7 @@ use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
@@ -48,7 +56,9 @@ use tokio::sync::Notify;
 use super::error::CaptureError;
 use super::flush::{FlushLsnTracker, Lsn, TxHandle};
 use crate::config::KafkaSettings;
-use crate::contract::codec::encode_delta_into;
+use crate::contract::fragment::{
+    encode_bounded, encode_window, fragment_count, FragmentHeader, DEFAULT_FRAGMENT_BYTES, FRAGMENT_HEADER,
+};
 use crate::contract::{delta_kafka_key, Delta, DeltaOp, TOMBSTONE_DELTA_HEADER};
 use crate::kafka::{self, ClientRole, MetricsContext};
 
@@ -60,7 +70,16 @@ const QUEUE_FULL_WAIT: Duration = Duration::from_millis(100);
 struct Outcomes {
     /// Acknowledged records, consecutive ones of one transaction counted together.
     acknowledged: Vec<(TxHandle, u64)>,
-    refused: Vec<(TxHandle, KafkaError)>,
+    refused: Vec<Refusal>,
+}
+
+/// A record Kafka refused: its transaction, the error, the table (from the record's key)
+/// and the partition.
+struct Refusal {
+    tx: TxHandle,
+    error: KafkaError,
+    table: String,
+    partition: i32,
 }
 
 impl Outcomes {
@@ -108,7 +127,12 @@ impl ProducerContext for DeliveryInbox {
             let mut outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
             let was_empty = outcomes.is_empty();
             match error {
-                Some(e) => outcomes.refused.push((tx, e)),
+                Some(error) => outcomes.refused.push(Refusal {
+                    tx,
+                    error,
+                    table: table_of_key(message.key().unwrap_or_default()),
+                    partition: message.partition(),
+                }),
                 None => match outcomes.acknowledged.last_mut() {
                     Some((last, n)) if *last == tx => *n += 1,
                     _ => outcomes.acknowledged.push((tx, 1)),
@@ -143,6 +167,9 @@ pub struct Publisher {
     /// Swapped with the inbox's outcomes on each take, so both keep their capacity.
     taken: Outcomes,
     payload: Vec<u8>,
+    /// Largest encoding sent as one record; larger deltas go out as fragments.
+    fragment_bytes: usize,
+    fragments_sent: metrics::Counter,
     changes: ChangeCounters,
     in_flight_gauge: metrics::Gauge,
 }
@@ -163,6 +190,8 @@ impl Publisher {
             tracker: FlushLsnTracker::new(0),
             taken: Outcomes::default(),
             payload: Vec::with_capacity(1024),
+            fragment_bytes: DEFAULT_FRAGMENT_BYTES,
+            fragments_sent: metrics::counter!("pgfanout_capture_fragments_total"),
             changes: ChangeCounters::new(),
             in_flight_gauge: metrics::gauge!("pgfanout_capture_in_flight_deltas"),
         })
@@ -173,6 +202,11 @@ impl Publisher {
     pub fn replace_producer(&mut self, settings: &KafkaSettings) -> Result<(), CaptureError> {
         self.producer = new_producer(settings)?;
         Ok(())
+    }
+
+    /// Sends deltas whose encoding exceeds `bytes` as fragments of at most `bytes` each.
+    pub fn set_fragment_bytes(&mut self, bytes: usize) {
+        self.fragment_bytes = bytes.max(1);
     }
 
     /// The deltas topic's partition count.
@@ -229,18 +263,19 @@ impl Publisher {
             self.tracker.acknowledged_records(tx, records);
         }
         let mut refused = None;
-        for (tx, e) in self.taken.refused.drain(..) {
+        for r in self.taken.refused.drain(..) {
             // A delta Kafka refused after all retries cannot be skipped: stop, and let the
             // next session read it again from the slot.
-            if self.tracker.tracks(tx) {
-                refused.get_or_insert(e);
-            } else {
-                tracing::debug!(error = %e, "a record of an earlier session was refused");
+            match self.tracker.position(r.tx) {
+                Some(lsn) => {
+                    refused.get_or_insert_with(|| refusal(r.error, &r.table, lsn, Some(r.partition)));
+                }
+                None => tracing::debug!(error = %r.error, "a record of an earlier session was refused"),
             }
         }
         self.in_flight_gauge.set(self.tracker.in_flight() as f64);
         match refused {
-            Some(e) => Err(e.into()),
+            Some(e) => Err(e),
             None => Ok(took),
         }
     }
@@ -272,20 +307,65 @@ impl Publisher {
     }
 
     /// Hands one delta of `tx` to the producer; a delete is followed by a Kafka tombstone
-    /// (same key, no value), so a compacted deltas topic eventually forgets deleted rows.
+    /// (same key, no value), so a compacted deltas topic eventually forgets deleted rows. A
+    /// delta too large for one record goes out as fragments.
     pub async fn send(&mut self, delta: &Delta, partition: Option<i32>, tx: TxHandle) -> Result<(), CaptureError> {
+        self.tracker.note_position(tx, delta.commit_lsn as Lsn);
         let mut payload = std::mem::take(&mut self.payload);
-        encode_delta_into(delta, &mut payload);
+        let len = encode_bounded(delta, self.fragment_bytes, &mut payload);
         let key = delta_kafka_key(&delta.table, &delta.key);
-        let mut result = self.send_record(&key, Some(&payload), None, partition, tx).await;
+        let mut result = if len > self.fragment_bytes {
+            self.send_fragments(delta, &key, len, partition, tx, &mut payload).await
+        } else {
+            self.send_record(&key, Some(&payload), None, partition, tx).await
+        };
         if result.is_ok() && delta.op == DeltaOp::Delete {
             // The Kafka tombstone carries the delete in a header: compaction may remove the
             // delete delta (same key) before a lagging device reads it.
-            result = self.send_record(&key, None, Some(&payload), partition, tx).await;
+            let header = (TOMBSTONE_DELTA_HEADER, &payload[..]);
+            result = self.send_record(&key, None, Some(header), partition, tx).await;
+        }
+        if payload.capacity() > 4 * 1024 * 1024 {
+            payload = Vec::with_capacity(1024); // a large delta's buffer is not kept
         }
         self.payload = payload;
-        result?;
+        match result {
+            Err(CaptureError::Kafka(e)) if !kafka::is_fatal(&e) => {
+                return Err(refusal(e, &delta.table, delta.commit_lsn as Lsn, partition));
+            }
+            r => r?,
+        }
         self.changes.count(delta.op);
+        Ok(())
+    }
+
+    /// Sends `delta`, whose encoding is `len` bytes, as consecutive fragments with its key;
+    /// each is encoded into `buffer` just before it is handed on.
+    async fn send_fragments(
+        &mut self,
+        delta: &Delta,
+        key: &[u8],
+        len: usize,
+        partition: Option<i32>,
+        tx: TxHandle,
+        buffer: &mut Vec<u8>,
+    ) -> Result<(), CaptureError> {
+        let size = self.fragment_bytes;
+        let count = fragment_count(len, size);
+        let mut header = FragmentHeader {
+            commit_lsn: delta.commit_lsn,
+            seq: delta.seq,
+            index: 0,
+            count: u32::try_from(count).unwrap_or(u32::MAX),
+            total_len: len as u64,
+        };
+        for i in 0..count {
+            header.index = u32::try_from(i).unwrap_or(u32::MAX);
+            encode_window(delta, i * size, (i + 1) * size, buffer);
+            let encoded = header.encode();
+            self.send_record(key, Some(buffer), Some((FRAGMENT_HEADER, &encoded)), partition, tx).await?;
+            self.fragments_sent.increment(1);
+        }
         Ok(())
     }
 
@@ -295,7 +375,7 @@ impl Publisher {
         &mut self,
         key: &[u8],
         payload: Option<&[u8]>,
-        tombstone_of: Option<&[u8]>,
+        header: Option<(&str, &[u8])>,
         partition: Option<i32>,
         tx: TxHandle,
     ) -> Result<(), CaptureError> {
@@ -304,8 +384,8 @@ impl Publisher {
             if let Some(p) = payload {
                 record = record.payload(p);
             }
-            if let Some(delete) = tombstone_of {
-                record = record.headers(OwnedHeaders::new().insert(Header { key: TOMBSTONE_DELTA_HEADER, value: Some(delete) }));
+            if let Some((name, value)) = header {
+                record = record.headers(OwnedHeaders::new().insert(Header { key: name, value: Some(value) }));
             }
             if let Some(p) = partition {
                 record = record.partition(p);
@@ -325,6 +405,33 @@ impl Publisher {
             }
         }
     }
+}
+
+/// The error for a record Kafka refused: which table, transaction and partition, and for
+/// a record too large, the settings involved. A fatal error stays [`CaptureError::Kafka`]:
+/// the producer is replaced and the session starts over.
+fn refusal(error: KafkaError, table: &str, lsn: Lsn, partition: Option<i32>) -> CaptureError {
+    if kafka::is_fatal(&error) {
+        return CaptureError::Kafka(error);
+    }
+    let advice = match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+            "; the record is above the topic's max.message.bytes or the producer's message.max.bytes: \
+             lower --fragment-bytes below both (with room for the key and headers), or raise them"
+        }
+        _ => "",
+    };
+    let table = if table.is_empty() { "(watermark)" } else { table };
+    let position = super::replication::format_lsn(lsn);
+    let partition = partition.map_or_else(|| "by key".to_string(), |p| p.to_string());
+    let what = format!("{table} (transaction at {position}, partition {partition}): {error}{advice}");
+    CaptureError::Refused { what: what.into(), error }
+}
+
+/// The table a delta's Kafka key names (the key's text up to the first separator).
+fn table_of_key(key: &[u8]) -> String {
+    let end = key.iter().position(|b| *b == 0x1f).unwrap_or(key.len());
+    String::from_utf8_lossy(key.get(..end).unwrap_or_default()).into_owned()
 }
 
 /// `pgfanout_capture_changes_total` by op, looked up once instead of for every record.
@@ -357,3 +464,7 @@ impl ChangeCounters {
         self.0[i].increment(1);
     }
 }
+
+#[cfg(test)]
+#[path = "publisher_tests.rs"]
+mod tests;

@@ -24,4 +24,10 @@ pub struct CaptureSettings {
     /// logical message) so that the slot follows; 0 disables heartbeats.
     #[arg(long = "heartbeat-secs", env = "PGFANOUT_HEARTBEAT_SECS", default_value_t = 30)]
     pub heartbeat_secs: u64,
+    /// Largest delta encoding sent as one Kafka record; a larger delta is sent as
+    /// fragments of at most this many bytes, which devices reassemble. Keep it below the
+    /// deltas topic's `max.message.bytes` and the producer's `message.max.bytes`, with room
+    /// for the key and headers.
+    #[arg(long = "fragment-bytes", env = "PGFANOUT_FRAGMENT_BYTES", default_value_t = crate::contract::fragment::DEFAULT_FRAGMENT_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=1_000_000_000))]
+    pub fragment_bytes: usize,
 }

@@ -12,8 +12,21 @@
 
 use super::{Column, Delta, DeltaOp, Value};
 
+/// Where the encoding goes: a buffer, or a sink that keeps only part of it (capture's
+/// fragments, [`super::fragment`]) without ever holding the whole.
+pub(super) trait Out {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Out for Vec<u8> {
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
 /// Appends the encoding of `delta` to `out`.
-pub(super) fn write_delta(delta: &Delta, out: &mut Vec<u8>) {
+pub(super) fn write_delta<O: Out>(delta: &Delta, out: &mut O) {
     string(out, &delta.table);
     long(out, op_symbol(delta.op));
     columns(out, &delta.key);
@@ -42,26 +55,26 @@ fn op_symbol(op: DeltaOp) -> i64 {
 
 /// An array of `Column`: one block led by its count, then a count of zero (an empty array
 /// is the zero alone).
-fn columns(out: &mut Vec<u8>, columns: &[Column]) {
+fn columns<O: Out>(out: &mut O, columns: &[Column]) {
     if !columns.is_empty() {
         long(out, i64::try_from(columns.len()).unwrap_or(i64::MAX));
         for c in columns {
             string(out, &c.name);
             string(out, &c.type_name);
             value(out, &c.value);
-            out.push(u8::from(c.unchanged));
+            out.put(&[u8::from(c.unchanged)]);
         }
     }
     long(out, 0);
 }
 
 /// The union `null | boolean | long | double | string | bytes`: the branch, then its value.
-fn value(out: &mut Vec<u8>, value: &Value) {
+fn value<O: Out>(out: &mut O, value: &Value) {
     match value {
         Value::Null => long(out, 0),
         Value::Boolean(b) => {
             long(out, 1);
-            out.push(u8::from(*b));
+            out.put(&[u8::from(*b)]);
         }
         Value::Long(n) => {
             long(out, 2);
@@ -69,7 +82,7 @@ fn value(out: &mut Vec<u8>, value: &Value) {
         }
         Value::Double(f) => {
             long(out, 3);
-            out.extend_from_slice(&f.to_le_bytes());
+            out.put(&f.to_le_bytes());
         }
         Value::String(s) => {
             long(out, 4);
@@ -83,7 +96,7 @@ fn value(out: &mut Vec<u8>, value: &Value) {
 }
 
 /// A union of `null` (branch 0) and one other type (branch 1).
-fn nullable<T: ?Sized>(out: &mut Vec<u8>, value: Option<&T>, write: impl FnOnce(&mut Vec<u8>, &T)) {
+fn nullable<O: Out, T: ?Sized>(out: &mut O, value: Option<&T>, write: impl FnOnce(&mut O, &T)) {
     match value {
         None => long(out, 0),
         Some(v) => {
@@ -93,23 +106,27 @@ fn nullable<T: ?Sized>(out: &mut Vec<u8>, value: Option<&T>, write: impl FnOnce(
     }
 }
 
-fn string(out: &mut Vec<u8>, s: &str) {
+fn string<O: Out>(out: &mut O, s: &str) {
     bytes(out, s.as_bytes());
 }
 
-fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+fn bytes<O: Out>(out: &mut O, b: &[u8]) {
     long(out, i64::try_from(b.len()).unwrap_or(i64::MAX));
-    out.extend_from_slice(b);
+    out.put(b);
 }
 
 /// A zigzag-encoded variable-length `long`: 7 bits a byte, least significant first.
-fn long(out: &mut Vec<u8>, n: i64) {
+fn long<O: Out>(out: &mut O, n: i64) {
     let mut z = ((n << 1) ^ (n >> 63)) as u64;
+    let mut buf = [0u8; 10];
+    let mut i = 0;
     while z >= 0x80 {
-        out.push((z as u8) | 0x80);
+        buf[i] = (z as u8) | 0x80;
         z >>= 7;
+        i += 1;
     }
-    out.push(z as u8);
+    buf[i] = z as u8;
+    out.put(&buf[..=i]);
 }
 
 #[cfg(test)]

@@ -3,12 +3,14 @@
 //!
 //! The Avro encoding lives in [`codec`]; typed column values and their conversion from
 //! PostgreSQL's text output live in [`value`]; deltas borrowed from their encoded bytes, for
-//! the device's apply path, in [`view`].
+//! the device's apply path, in [`view`]; deltas too large for one Kafka record travel as
+//! [`fragment`]s.
 
 pub mod codec;
 mod codec_error;
 mod delta_reader;
 mod delta_writer;
+pub mod fragment;
 pub mod lsn;
 pub mod value;
 pub mod view;

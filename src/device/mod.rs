@@ -35,12 +35,13 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
 use crate::contract::codec::decode_delta_view;
+use crate::contract::fragment::{FragmentHeader, FRAGMENT_HEADER};
 use crate::contract::{now_micros, DeltaOp, TOMBSTONE_DELTA_HEADER};
 use crate::error_kind::ErrorKind;
 use crate::kafka::{self, ClientRole, MetricsContext};
 use crate::shutdown::Shutdown;
 use ack::{AckPublisher, AppliedPositions};
-use store::{Record, Store};
+use store::{Fragment, Record, Store};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeviceSettings {
@@ -267,18 +268,7 @@ impl Device {
         }
         self.last_record = Instant::now();
         let started = Instant::now();
-        let records: Vec<Record> = batch
-            .iter()
-            .map(|m| Record {
-                partition: m.partition(),
-                offset: m.offset(),
-                delta: match m.payload().or_else(|| tombstone_delta(m)) {
-                    Some(p) => decode_delta_view(p).map(Some).map_err(|e| e.to_string()),
-                    None => Ok(None),
-                },
-                tombstone: m.payload().is_none(),
-            })
-            .collect();
+        let records: Vec<Record> = batch.iter().map(record_of).collect();
         let stats = self.store.apply_batch(&self.topic, &records)?;
         self.watermark.update(&stats.applied_lsn);
         self.acks.maybe_publish(self.watermark.value());
@@ -296,6 +286,7 @@ impl Device {
         }
         metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => device.clone()).increment(stats.skipped_older);
         metrics::counter!("pgfanout_device_deltas_rejected_total", "device" => device.clone()).increment(stats.rejected);
+        metrics::counter!("pgfanout_device_fragments_total", "device" => device.clone()).increment(stats.fragments);
         metrics::histogram!("pgfanout_device_apply_batch_duration_seconds", "device" => device)
             .record(started.elapsed().as_secs_f64());
         metrics::gauge!("pgfanout_device_held_deltas", "device" => self.settings.id.clone()).set(stats.held as f64);
@@ -316,10 +307,28 @@ fn new_consumer(kafka_settings: &KafkaSettings, device_id: &str) -> Result<BaseC
         .create(kafka_settings, ClientRole::UncommittedConsumer { group_id: &group_id })?)
 }
 
-/// The delete delta a Kafka tombstone carries in its header, if any.
-fn tombstone_delta(m: &rdkafka::message::OwnedMessage) -> Option<&[u8]> {
+/// A consumed record as the store applies it: a delta, a Kafka tombstone (with the delete
+/// its header carries), or a fragment of a larger delta.
+pub(crate) fn record_of(m: &rdkafka::message::OwnedMessage) -> Record<'_> {
+    let (partition, offset) = (m.partition(), m.offset());
+    if let Some(header) = header(m, FRAGMENT_HEADER) {
+        let (delta, fragment) = match FragmentHeader::decode(header) {
+            Ok(header) => (Ok(None), Some(Fragment { header, bytes: m.payload().unwrap_or_default() })),
+            Err(e) => (Err(e.to_string()), None),
+        };
+        return Record { partition, offset, delta, tombstone: false, fragment };
+    }
+    let delta = match m.payload().or_else(|| header(m, TOMBSTONE_DELTA_HEADER)) {
+        Some(p) => decode_delta_view(p).map(Some).map_err(|e| e.to_string()),
+        None => Ok(None),
+    };
+    Record { partition, offset, delta, tombstone: m.payload().is_none(), fragment: None }
+}
+
+/// The value of the record's header `name`, if it has one.
+fn header<'m>(m: &'m rdkafka::message::OwnedMessage, name: &str) -> Option<&'m [u8]> {
     use rdkafka::message::Headers;
-    m.headers()?.iter().find(|h| h.key == TOMBSTONE_DELTA_HEADER).and_then(|h| h.value)
+    m.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value)
 }
 
 /// Runs the device on the current thread until `shutdown`. Blocking: call it from a

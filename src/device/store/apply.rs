@@ -8,6 +8,7 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, CachedStatement, Connection, ToSql};
 
 use super::error::{ApplyError, StoreError};
+use super::fragments::Fragment;
 use super::schema::{
     drop_table, ensure_shape, record_truncate, sqlite_table, truncated_at, TableShape, WriteKind, DELETED, LSN, SEQ,
 };
@@ -25,6 +26,9 @@ pub struct Record<'a> {
     pub delta: Result<Option<DeltaView<'a>>, String>,
     /// A Kafka tombstone (no value).
     pub tombstone: bool,
+    /// A fragment of a delta too large for one record ([`fragments`]); `delta` is then
+    /// `Ok(None)`.
+    pub fragment: Option<Fragment<'a>>,
 }
 
 /// What one batch did.
@@ -37,6 +41,8 @@ pub struct BatchStats {
     pub tombstones: u64,
     pub not_subscribed: u64,
     pub rejected: u64,
+    /// Fragments staged, and sets dropped incomplete (see [`fragments`]).
+    pub fragments: u64,
     pub applied_by_op: HashMap<&'static str, u64>,
     /// Per partition touched by the batch: the position below which every transaction is
     /// fully applied on this device (see [`Store::applied_lsns`]).
@@ -201,6 +207,7 @@ fn record_positions(
         ("tombstones", stats.tombstones),
         ("not_subscribed", stats.not_subscribed),
         ("rejected", stats.rejected),
+        ("fragments", stats.fragments),
     ] {
         if n > 0 {
             tx.execute(

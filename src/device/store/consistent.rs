@@ -33,6 +33,7 @@ use rusqlite::{params, Connection};
 
 use super::apply::{Applier, BatchStats, Record};
 use super::error::StoreError;
+use super::fragments;
 use crate::contract::codec::{decode_delta_view, encode_delta_into};
 use crate::contract::{Delta, DeltaOp, Value};
 
@@ -224,27 +225,10 @@ fn apply_in(
         }
     }
     for record in records {
-        let counted = state.counted.entry(record.partition).or_insert(0);
-        // Read again after a restart: handled before unless held then (at or above the cut
-        // of the last commit).
-        let again = record.offset < *counted;
-        *counted = (*counted).max(record.offset + 1);
-        match &record.delta {
-            _ if !again => applier.stats.processed += 1,
-            Ok(Some(delta))
-                if delta.op != DeltaOp::Watermark && delta.commit_lsn >= committed_cut && applier.keeps(delta.table) => {}
-            _ => continue,
-        }
-        match &record.delta {
-            Err(reason) => applier.reject(record.partition, record.offset, reason)?,
-            Ok(None) => applier.stats.tombstones += 1,
-            Ok(Some(delta)) if delta.op == DeltaOp::Watermark && !record.tombstone => applier.stats.watermarks += 1,
-            Ok(Some(delta)) if delta.commit_lsn < cut || !applier.keeps(delta.table) => {
-                applier.apply(record.partition, record.offset, record.tombstone, delta)?;
-            }
-            Ok(Some(delta)) => state.hold(record.partition, record.offset, record.tombstone, delta.to_delta()),
-        }
+        handle(tx, &mut applier, state, topic, record, (committed_cut, cut))?;
     }
+    let passed: Vec<(i32, i64, i64)> = state.watermarks.iter().map(|(p, w)| (*p, 0, *w)).collect();
+    fragments::discard_passed(tx, topic, &passed)?;
     if state.held_bytes > state.hold_bytes.unwrap_or(HOLD_BYTES) {
         state.staged += stage(tx, topic, &state.held)?;
         state.held.clear();
@@ -272,6 +256,64 @@ fn apply_in(
     Ok(stats)
 }
 
+/// One record: applied, held, or (read again after a restart and handled before) skipped.
+fn handle(
+    tx: &rusqlite::Transaction<'_>,
+    applier: &mut Applier<'_, '_>,
+    state: &mut CutState,
+    topic: &str,
+    record: &Record<'_>,
+    (committed_cut, cut): (i64, i64),
+) -> Result<(), StoreError> {
+    let counted = state.counted.entry(record.partition).or_insert(0);
+    // Read again after a restart: handled before unless held then (at or above the cut of
+    // the last commit).
+    let again = record.offset < *counted;
+    *counted = (*counted).max(record.offset + 1);
+    if !again {
+        applier.stats.processed += 1;
+    }
+    // A fragment is staged; the last one of a complete set goes on as the delta it completes.
+    let mut whole = None;
+    if let Some(fragment) = &record.fragment {
+        let mut staged = 0;
+        whole = fragments::stage(tx, topic, record.partition, fragment, &mut staged)?;
+        if !again {
+            applier.stats.fragments += staged;
+        }
+    }
+    if record.fragment.is_some() && whole.is_none() {
+        return Ok(());
+    }
+    let assembled = whole.as_deref().map(|bytes| Record { delta: fragments::decoded(bytes), fragment: None, ..*record });
+    let record = assembled.as_ref().unwrap_or(record);
+    if again {
+        match &record.delta {
+            Ok(Some(delta))
+                if delta.op != DeltaOp::Watermark && delta.commit_lsn >= committed_cut && applier.keeps(delta.table) => {}
+            _ => return Ok(()),
+        }
+    }
+    match &record.delta {
+        Err(reason) => applier.reject(record.partition, record.offset, reason)?,
+        Ok(None) => applier.stats.tombstones += 1,
+        Ok(Some(delta)) if delta.op == DeltaOp::Watermark && !record.tombstone => applier.stats.watermarks += 1,
+        Ok(Some(delta)) if delta.commit_lsn < cut || !applier.keeps(delta.table) => {
+            applier.apply(record.partition, record.offset, record.tombstone, delta)?;
+        }
+        // Its fragments are gone from their stage: the whole delta is staged at once, so
+        // that the offset may pass it.
+        Ok(Some(delta)) => match &whole {
+            Some(bytes) => {
+                let held = Staged { partition: record.partition, offset: record.offset, tombstone: record.tombstone };
+                state.staged += stage_encoded(tx, topic, &held, delta.commit_lsn, bytes)?;
+            }
+            None => state.hold(record.partition, record.offset, record.tombstone, delta.to_delta()),
+        },
+    }
+    Ok(())
+}
+
 /// Applies the staged deltas of transactions below `cut` and removes them; returns how many.
 fn apply_staged(tx: &rusqlite::Transaction<'_>, applier: &mut Applier<'_, '_>, topic: &str, cut: i64) -> Result<u64, StoreError> {
     let mut stmt = tx.prepare_cached(
@@ -296,20 +338,40 @@ fn apply_staged(tx: &rusqlite::Transaction<'_>, applier: &mut Applier<'_, '_>, t
     Ok(applied)
 }
 
+/// Where a staged delta was read.
+struct Staged {
+    partition: i32,
+    offset: i64,
+    tombstone: bool,
+}
+
 /// Writes held deltas to the staging table; returns how many.
 fn stage(tx: &rusqlite::Transaction<'_>, topic: &str, held: &[Held]) -> Result<u64, rusqlite::Error> {
-    let mut stmt = tx.prepare_cached(
-        "INSERT OR REPLACE INTO _pgfanout_staged (topic, partition, record_offset, commit_lsn, tombstone, delta)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
     let mut bytes = Vec::new();
     for h in held {
         bytes.clear();
         encode_delta_into(&h.delta, &mut bytes);
-        stmt.execute(params![topic, h.partition, h.offset, h.delta.commit_lsn, h.tombstone, bytes])?;
+        let at = Staged { partition: h.partition, offset: h.offset, tombstone: h.tombstone };
+        stage_encoded(tx, topic, &at, h.delta.commit_lsn, &bytes)?;
     }
     tracing::debug!(deltas = held.len(), "held deltas staged in the store");
     Ok(held.len() as u64)
+}
+
+/// Writes one encoded delta to the staging table.
+fn stage_encoded(
+    tx: &rusqlite::Transaction<'_>,
+    topic: &str,
+    at: &Staged,
+    commit_lsn: i64,
+    bytes: &[u8],
+) -> Result<u64, rusqlite::Error> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO _pgfanout_staged (topic, partition, record_offset, commit_lsn, tombstone, delta)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![topic, at.partition, at.offset, commit_lsn, at.tombstone, bytes])?;
+    Ok(1)
 }
 
 /// About what a held delta takes in memory.

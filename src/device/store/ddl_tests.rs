@@ -34,12 +34,17 @@ fn delta(op: DeltaOp, lsn: i64, seq: i64, row: Option<(i64, &str, Value)>) -> De
 /// Applies `deltas` in one batch, behind a watermark past them all.
 fn apply(store: &mut Store, deltas: &[Delta]) {
     let w = Delta { table: String::new(), ..delta(DeltaOp::Watermark, i64::MAX, 0, None) };
-    let mut records = vec![Record { partition: 0, offset: -1, delta: Ok(Some(w.view())), tombstone: false }];
-    records.extend(deltas.iter().enumerate().map(|(i, d)| Record {
+    // Offsets no earlier batch had: each record is news to the store.
+    static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let offset = || NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut records =
+        vec![Record { partition: 0, offset: offset(), delta: Ok(Some(w.view())), tombstone: false, fragment: None }];
+    records.extend(deltas.iter().map(|d| Record {
         partition: 0,
-        offset: i as i64,
+        offset: offset(),
         delta: Ok(Some(d.view())),
         tombstone: false,
+        fragment: None,
     }));
     store.apply_batch("t", &records).unwrap();
 }

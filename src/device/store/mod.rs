@@ -22,11 +22,13 @@ use rusqlite::{params, Connection};
 mod apply;
 mod consistent;
 mod error;
+mod fragments;
 mod read;
 mod schema;
 
 pub use apply::{BatchStats, Record};
 pub use error::StoreError;
+pub use fragments::Fragment;
 pub use read::{open_read_only, value_from_sqlite, Position, Rejected, StoreReader};
 use schema::{check_layout, load_shapes, TableShape, LAYOUT_VERSION, META_SQL};
 pub use schema::{sqlite_table, sqlite_type};
@@ -70,6 +72,7 @@ impl Store {
         check_layout(&conn)?;
         conn.execute_batch(META_SQL)?;
         conn.execute_batch(consistent::STAGED_SQL)?;
+        conn.execute_batch(fragments::FRAGMENTS_SQL)?;
         conn.pragma_update(None, "user_version", LAYOUT_VERSION)?;
         let tables = load_shapes(&conn)?;
         Ok(Store { conn, tables, subscribed: None, cut: consistent::CutState::default(), _lock: lock })
