@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::Connection;
 use tokio_postgres::SimpleQueryMessage;
 
+use crate::conninfo::text_output_settings_sql;
 use crate::contract::Value;
 use crate::device::store::{open_read_only, value_from_sqlite, StoreReader};
 use crate::pg::{self, TableInfo};
@@ -62,7 +63,10 @@ fn canonical(columns: &[(String, Value)]) -> String {
 /// cast would differ, e.g. it trims `char(n)` padding).
 pub async fn postgres_rows(client: &tokio_postgres::Client, table: &TableInfo) -> Result<Rows, VerifyError> {
     let select = table.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-    let messages = client.simple_query(&format!("SELECT {select} FROM {}", table.name.quoted())).await?;
+    // In PostgreSQL's text as capture reads it, whatever the session's own settings; SET
+    // LOCAL leaves the caller's session as it was.
+    let sql = format!("BEGIN; {}SELECT {select} FROM {}; COMMIT", text_output_settings_sql(true), table.name.quoted());
+    let messages = client.simple_query(&sql).await?;
     let mut out = Rows::new();
     for message in messages {
         let SimpleQueryMessage::Row(row) = message else { continue };

@@ -9,6 +9,9 @@ use pgfanout::verify;
 use pgfanout::workload::Workload;
 use rdkafka::consumer::BaseConsumer;
 
+#[path = "devices/fidelity.rs"]
+mod fidelity;
+
 async fn replay(p: &Pipeline, device: &str, from: &str) -> u64 {
     let store = p.store(device).to_string_lossy().into_owned();
     let out = p.run_cli(&["replay", "--device", device, "--store", &store, "--from", from]).await;

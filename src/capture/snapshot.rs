@@ -111,7 +111,8 @@ impl Session<'_> {
         let reader = pg::connect(&self.pg_settings.conninfo).await?;
         reader
             .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                "{}BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                crate::conninfo::text_output_settings_sql(false),
                 quote::quote_literal(&snapshot)
             ))
             .await?;
