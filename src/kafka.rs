@@ -56,18 +56,15 @@ pub fn client_config(settings: &KafkaSettings, role: ClientRole<'_>) -> ClientCo
                 // than waiting on librdkafka's own 5-minute default.
                 .set("message.timeout.ms", "30000");
         }
-        ClientRole::Consumer { group_id } => {
+        ClientRole::Consumer { group_id } | ClientRole::UncommittedConsumer { group_id } => {
+            let commits = matches!(role, ClientRole::Consumer { .. });
             cfg.set("group.id", group_id)
-                .set("enable.auto.commit", "true")
-                .set("enable.auto.offset.store", "false")
-                .set("auto.offset.reset", "earliest")
-                .set("partition.assignment.strategy", "cooperative-sticky");
-        }
-        ClientRole::UncommittedConsumer { group_id } => {
-            cfg.set("group.id", group_id)
-                .set("enable.auto.commit", "false")
+                .set("enable.auto.commit", if commits { "true" } else { "false" })
                 .set("enable.auto.offset.store", "false")
                 .set("auto.offset.reset", "earliest");
+            if commits {
+                cfg.set("partition.assignment.strategy", "cooperative-sticky");
+            }
         }
         ClientRole::Admin => {}
     }

@@ -1,10 +1,14 @@
-//! Turns decoded pgoutput messages into delta events.
+//! Turns decoded pgoutput messages, and rows read outside the stream, into deltas.
 //!
 //! Pure: keeps the relation and type descriptions PostgreSQL sent, the open transaction's
-//! identity (commit LSN, timestamp, xid), the position of each change inside it (`seq`)
-//! and the instruction id announced by the executor's logical message, and produces one
-//! [`Delta`] per row change. Unchanged TOASTed values are marked `unchanged` and never
-//! turned into NULL.
+//! identity (commit LSN, timestamp, xid), the position of each change inside it (`seq`,
+//! advanced here with every delta produced, so no caller numbers changes) and the
+//! instruction id announced by the executor's logical message, and produces one [`Delta`]
+//! per row change and per truncated table. Unchanged TOASTed values are marked `unchanged`
+//! and never turned into NULL.
+//!
+//! [`RowDeltas`] types and versions the snapshot's rows exactly as streamed rows are, from
+//! the same [`Relation`] description, without going through pgoutput messages.
 
 use std::collections::HashMap;
 
@@ -16,7 +20,12 @@ use crate::contract::{Column, Delta, DeltaOp, Value, CORRELATION_PREFIX, PG_EPOC
 pub enum Change {
     Begin,
     Delta(Delta),
-    Commit { end_lsn: u64 },
+    /// One delta per truncated table. A truncate touches rows in every partition, so each
+    /// goes to every partition.
+    Truncate(Vec<Delta>),
+    Commit {
+        end_lsn: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -29,19 +38,96 @@ pub enum ChangeError {
     TupleShape { table: String, got: usize, expected: usize },
 }
 
-struct OpenTx {
+/// The transaction the deltas being produced belong to: their version (commit LSN, then
+/// `seq`) and what each of them carries.
+struct TxFrame {
     commit_lsn: u64,
+    /// Unix microseconds.
     commit_ts: i64,
     xid: u32,
+    /// Position of the next delta inside the transaction.
     seq: i64,
     instruction_id: Option<String>,
+}
+
+impl TxFrame {
+    /// The next delta of this transaction; advances `seq`.
+    fn delta(&mut self, lsn: u64, rel: &Relation, op: DeltaOp, row: RowImage) -> Delta {
+        let delta = Delta {
+            table: format!("{}.{}", rel.namespace, rel.name),
+            op,
+            key: row.key,
+            after: row.after,
+            old_key: row.old_key,
+            commit_lsn: lsn_i64(self.commit_lsn),
+            lsn: lsn_i64(lsn),
+            xid: i64::from(self.xid),
+            commit_ts: self.commit_ts,
+            seq: self.seq,
+            instruction_id: self.instruction_id.clone(),
+        };
+        self.seq += 1;
+        delta
+    }
+}
+
+/// The row part of a delta.
+#[derive(Default)]
+struct RowImage {
+    key: Vec<Column>,
+    after: Option<Vec<Column>>,
+    old_key: Option<Vec<Column>>,
+}
+
+/// Names of the column types: built-in ones by OID, others as PostgreSQL described them.
+#[derive(Default)]
+struct TypeNames(HashMap<u32, String>);
+
+impl TypeNames {
+    fn insert(&mut self, oid: u32, namespace: &str, name: String) {
+        let qualified = if namespace.is_empty() || namespace == "pg_catalog" { name } else { format!("{namespace}.{name}") };
+        self.0.insert(oid, qualified);
+    }
+
+    fn name(&self, oid: u32) -> String {
+        type_name_for_oid(oid).map(str::to_string).or_else(|| self.0.get(&oid).cloned()).unwrap_or_else(|| format!("oid:{oid}"))
+    }
+
+    /// A row image as typed columns.
+    fn columns(&self, rel: &Relation, tuple: &[TupleValue]) -> Result<Vec<Column>, ChangeError> {
+        if tuple.len() != rel.columns.len() {
+            return Err(ChangeError::TupleShape {
+                table: format!("{}.{}", rel.namespace, rel.name),
+                got: tuple.len(),
+                expected: rel.columns.len(),
+            });
+        }
+        Ok(rel
+            .columns
+            .iter()
+            .zip(tuple)
+            .map(|(col, v)| {
+                let type_name = self.name(col.type_oid);
+                let (value, unchanged) = match v {
+                    TupleValue::Null => (Value::Null, false),
+                    TupleValue::UnchangedToast => (Value::Null, true),
+                    TupleValue::Text(bytes) => {
+                        let text = String::from_utf8_lossy(bytes);
+                        (Value::from_pg_text(&type_name, &text).unwrap_or_else(|_| Value::String(text.into_owned())), false)
+                    }
+                    TupleValue::Binary(bytes) => (Value::Bytes(bytes.clone()), false),
+                };
+                Column { name: col.name.clone(), type_name, value, unchanged }
+            })
+            .collect())
+    }
 }
 
 #[derive(Default)]
 pub struct ChangeDecoder {
     relations: HashMap<u32, Relation>,
-    types: HashMap<u32, String>,
-    tx: Option<OpenTx>,
+    types: TypeNames,
+    tx: Option<TxFrame>,
 }
 
 impl ChangeDecoder {
@@ -53,7 +139,7 @@ impl ChangeDecoder {
     pub fn on_message(&mut self, lsn: u64, message: PgOutputMessage) -> Result<Option<Change>, ChangeError> {
         match message {
             PgOutputMessage::Begin { final_lsn, commit_ts, xid } => {
-                self.tx = Some(OpenTx {
+                self.tx = Some(TxFrame {
                     commit_lsn: final_lsn,
                     commit_ts: commit_ts.saturating_add(PG_EPOCH_OFFSET_MICROS),
                     xid,
@@ -73,9 +159,7 @@ impl ChangeDecoder {
                 Ok(None)
             }
             PgOutputMessage::Type { oid, namespace, name } => {
-                let qualified =
-                    if namespace.is_empty() || namespace == "pg_catalog" { name } else { format!("{namespace}.{name}") };
-                self.types.insert(oid, qualified);
+                self.types.insert(oid, &namespace, name);
                 Ok(None)
             }
             PgOutputMessage::Origin { .. } => Ok(None),
@@ -87,114 +171,93 @@ impl ChangeDecoder {
                 }
                 Ok(None)
             }
+            PgOutputMessage::Truncate { relation_ids, .. } => {
+                self.truncate(lsn, &relation_ids).map(|d| Some(Change::Truncate(d)))
+            }
             PgOutputMessage::Insert { relation_id, new } => {
-                let rel = self.relation(relation_id)?;
-                let after = self.columns(rel, &new)?;
-                let key = key_of(rel, &after);
-                self.delta(lsn, rel, DeltaOp::Insert, key, Some(after), None).map(|d| Some(Change::Delta(d)))
+                self.row_change(lsn, relation_id, DeltaOp::Insert, Some(&new), None).map(|d| Some(Change::Delta(d)))
             }
             PgOutputMessage::Update { relation_id, old, new } => {
-                let rel = self.relation(relation_id)?;
-                let after = self.columns(rel, &new)?;
-                let key = key_of(rel, &after);
-                let old_key = match old {
-                    Some(OldTuple::Key(t) | OldTuple::Full(t)) => Some(key_of(rel, &self.columns(rel, &t)?)),
-                    None => None,
-                };
-                // Only an old key that differs says something: the row moved.
-                let old_key = old_key.filter(|k| *k != key);
-                self.delta(lsn, rel, DeltaOp::Update, key, Some(after), old_key).map(|d| Some(Change::Delta(d)))
+                let old = old.as_ref().map(|(OldTuple::Key(t) | OldTuple::Full(t))| t.as_slice());
+                self.row_change(lsn, relation_id, DeltaOp::Update, Some(&new), old).map(|d| Some(Change::Delta(d)))
             }
             PgOutputMessage::Delete { relation_id, old } => {
-                let rel = self.relation(relation_id)?;
-                let (OldTuple::Key(t) | OldTuple::Full(t)) = old;
-                let key = key_of(rel, &self.columns(rel, &t)?);
-                self.delta(lsn, rel, DeltaOp::Delete, key, None, None).map(|d| Some(Change::Delta(d)))
+                let (OldTuple::Key(t) | OldTuple::Full(t)) = &old;
+                self.row_change(lsn, relation_id, DeltaOp::Delete, None, Some(t)).map(|d| Some(Change::Delta(d)))
             }
-            PgOutputMessage::Truncate { .. } => Err(ChangeError::OutsideTransaction("Truncate (use on_truncate)")),
         }
+    }
+
+    /// The delta of an insert (`new`), update (`new`, `old` when pgoutput sent one) or
+    /// delete (`old` only).
+    fn row_change(
+        &mut self,
+        lsn: u64,
+        relation_id: u32,
+        op: DeltaOp,
+        new: Option<&[TupleValue]>,
+        old: Option<&[TupleValue]>,
+    ) -> Result<Delta, ChangeError> {
+        let rel = self.relations.get(&relation_id).ok_or(ChangeError::UnknownRelation(relation_id))?;
+        let old_key = old.map(|t| self.types.columns(rel, t).map(|c| key_of(rel, &c))).transpose()?;
+        let row = match new {
+            Some(new) => {
+                let after = self.types.columns(rel, new)?;
+                let key = key_of(rel, &after);
+                // Only an old key that differs says something: the row moved.
+                let old_key = old_key.filter(|k| *k != key);
+                RowImage { key, after: Some(after), old_key }
+            }
+            None => RowImage { key: old_key.unwrap_or_default(), ..RowImage::default() },
+        };
+        let tx = self.tx.as_mut().ok_or(ChangeError::OutsideTransaction(op.as_str()))?;
+        Ok(tx.delta(lsn, rel, op, row))
     }
 
     /// One truncate delta per truncated relation.
-    pub fn on_truncate(&mut self, lsn: u64, relation_ids: &[u32]) -> Result<Vec<Delta>, ChangeError> {
+    fn truncate(&mut self, lsn: u64, relation_ids: &[u32]) -> Result<Vec<Delta>, ChangeError> {
+        let tx = self.tx.as_mut().ok_or(ChangeError::OutsideTransaction("Truncate"))?;
         relation_ids
             .iter()
             .map(|id| {
-                let rel = self.relation(*id)?;
-                self.delta(lsn, rel, DeltaOp::Truncate, Vec::new(), None, None)
+                let rel = self.relations.get(id).ok_or(ChangeError::UnknownRelation(*id))?;
+                Ok(tx.delta(lsn, rel, DeltaOp::Truncate, RowImage::default()))
             })
             .collect()
     }
+}
 
-    fn relation(&self, id: u32) -> Result<&Relation, ChangeError> {
-        self.relations.get(&id).ok_or(ChangeError::UnknownRelation(id))
+/// The deltas of rows read from the tables themselves (the snapshot's copy), typed and
+/// versioned as streamed rows are: one version `lsn`, every delta numbered after the one
+/// before.
+pub struct RowDeltas {
+    types: TypeNames,
+    frame: TxFrame,
+    lsn: u64,
+}
+
+impl RowDeltas {
+    /// `commit_ts` in Unix microseconds.
+    pub fn new(lsn: u64, commit_ts: i64) -> Self {
+        let frame = TxFrame { commit_lsn: lsn, commit_ts, xid: 0, seq: 0, instruction_id: None };
+        RowDeltas { types: TypeNames::default(), frame, lsn }
     }
 
-    fn type_name(&self, oid: u32) -> String {
-        type_name_for_oid(oid)
-            .map(str::to_string)
-            .or_else(|| self.types.get(&oid).cloned())
-            .unwrap_or_else(|| format!("oid:{oid}"))
+    /// Names a non-built-in column type, as pgoutput's Type message would.
+    pub fn add_type(&mut self, oid: u32, namespace: &str, name: String) {
+        self.types.insert(oid, namespace, name);
     }
 
-    fn columns(&self, rel: &Relation, tuple: &[TupleValue]) -> Result<Vec<Column>, ChangeError> {
-        if tuple.len() != rel.columns.len() {
-            return Err(ChangeError::TupleShape {
-                table: format!("{}.{}", rel.namespace, rel.name),
-                got: tuple.len(),
-                expected: rel.columns.len(),
-            });
-        }
-        Ok(rel
-            .columns
-            .iter()
-            .zip(tuple)
-            .map(|(col, v)| {
-                let type_name = self.type_name(col.type_oid);
-                let (value, unchanged) = match v {
-                    TupleValue::Null => (Value::Null, false),
-                    TupleValue::UnchangedToast => (Value::Null, true),
-                    TupleValue::Text(bytes) => {
-                        let text = String::from_utf8_lossy(bytes);
-                        (Value::from_pg_text(&type_name, &text).unwrap_or_else(|_| Value::String(text.into_owned())), false)
-                    }
-                    TupleValue::Binary(bytes) => (Value::Bytes(bytes.clone()), false),
-                };
-                Column { name: col.name.clone(), type_name, value, unchanged }
-            })
-            .collect())
+    /// A truncate of `rel`: what devices hold of it from before this version goes.
+    pub fn truncate(&mut self, rel: &Relation) -> Delta {
+        self.frame.delta(self.lsn, rel, DeltaOp::Truncate, RowImage::default())
     }
 
-    fn delta(
-        &self,
-        lsn: u64,
-        rel: &Relation,
-        op: DeltaOp,
-        key: Vec<Column>,
-        after: Option<Vec<Column>>,
-        old_key: Option<Vec<Column>>,
-    ) -> Result<Delta, ChangeError> {
-        let tx = self.tx.as_ref().ok_or(ChangeError::OutsideTransaction(op.as_str()))?;
-        Ok(Delta {
-            table: format!("{}.{}", rel.namespace, rel.name),
-            op,
-            key,
-            after,
-            old_key,
-            commit_lsn: lsn_i64(tx.commit_lsn),
-            lsn: lsn_i64(lsn),
-            xid: i64::from(tx.xid),
-            commit_ts: tx.commit_ts,
-            seq: tx.seq,
-            instruction_id: tx.instruction_id.clone(),
-        })
-    }
-
-    /// Advances the position inside the open transaction (after each emitted delta).
-    pub fn next_seq(&mut self) {
-        if let Some(tx) = self.tx.as_mut() {
-            tx.seq += 1;
-        }
+    /// A `snapshot` delta of one row of `rel`, its values in the relation's column order.
+    pub fn row(&mut self, rel: &Relation, values: &[TupleValue]) -> Result<Delta, ChangeError> {
+        let after = self.types.columns(rel, values)?;
+        let key = key_of(rel, &after);
+        Ok(self.frame.delta(self.lsn, rel, DeltaOp::Snapshot, RowImage { key, after: Some(after), old_key: None }))
     }
 }
 
@@ -247,7 +310,6 @@ mod tests {
         else {
             panic!("expected a delta")
         };
-        d.next_seq();
         assert_eq!(ins.op, DeltaOp::Insert);
         assert_eq!(ins.key[0].value, Value::Long(1));
         assert_eq!(ins.commit_lsn, 500);
@@ -290,5 +352,31 @@ mod tests {
             d.on_message(4, PgOutputMessage::Insert { relation_id: 7, new: vec![text("1")] }),
             Err(ChangeError::TupleShape { .. })
         ));
+    }
+
+    #[test]
+    fn truncates_and_snapshot_rows_are_numbered_by_the_decoder() {
+        let mut d = ChangeDecoder::new();
+        d.on_message(1, PgOutputMessage::Relation(rel())).unwrap();
+        d.on_message(2, PgOutputMessage::Begin { final_lsn: 90, commit_ts: 0, xid: 4 }).unwrap();
+        d.on_message(3, PgOutputMessage::Insert { relation_id: 7, new: vec![text("1"), text("x")] }).unwrap();
+        let Some(Change::Truncate(deltas)) =
+            d.on_message(4, PgOutputMessage::Truncate { options: 0, relation_ids: vec![7, 7] }).unwrap()
+        else {
+            panic!("expected truncates")
+        };
+        assert_eq!(deltas.iter().map(|t| (t.op, t.seq)).collect::<Vec<_>>(), [(DeltaOp::Truncate, 1), (DeltaOp::Truncate, 2)]);
+        assert_eq!(
+            d.on_message(5, PgOutputMessage::Truncate { options: 0, relation_ids: vec![8] }).unwrap_err(),
+            ChangeError::UnknownRelation(8)
+        );
+
+        let mut rows = RowDeltas::new(41, 17);
+        let truncate = rows.truncate(&rel());
+        let row = rows.row(&rel(), &[text("5"), TupleValue::Null]).unwrap();
+        assert_eq!((truncate.op, truncate.seq, truncate.commit_lsn), (DeltaOp::Truncate, 0, 41));
+        assert_eq!((row.op, row.seq, row.commit_lsn, row.commit_ts), (DeltaOp::Snapshot, 1, 41, 17));
+        assert_eq!(row.key[0].value, Value::Long(5));
+        assert!(matches!(rows.row(&rel(), &[text("5")]), Err(ChangeError::TupleShape { .. })));
     }
 }

@@ -165,7 +165,7 @@ pub fn decode(payload: &[u8]) -> Result<PgOutputMessage, DecodeError> {
         b'M' => ("Message", decode_message(&mut r)?),
         other => return Err(DecodeError::UnknownTag(other)),
     };
-    finish(&r, what)?;
+    expect_end(&r, what)?;
     Ok(msg)
 }
 
@@ -316,7 +316,7 @@ fn text(r: &mut ByteReader<'_>, what: &'static str) -> Result<String, DecodeErro
     std::str::from_utf8(s).map(str::to_owned).map_err(|_| DecodeError::InvalidUtf8 { what })
 }
 
-fn finish(r: &ByteReader<'_>, what: &'static str) -> Result<(), DecodeError> {
+fn expect_end(r: &ByteReader<'_>, what: &'static str) -> Result<(), DecodeError> {
     match r.remaining() {
         0 => Ok(()),
         count => Err(DecodeError::TrailingBytes { what, count }),

@@ -27,14 +27,13 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use super::changes::{Change, ChangeDecoder};
+use super::changes::RowDeltas;
 use super::error::CaptureError;
 use super::flush::TxHandle;
-use super::pgoutput::{PgOutputMessage, Relation, RelationColumn, TupleValue};
+use super::pgoutput::{Relation, RelationColumn, TupleValue};
 use super::publisher::Publisher;
 use super::replication::{self, ReplicationClient, ReplicationConfig};
-use super::Session;
-use crate::contract::{now_micros, DeltaOp, PG_EPOCH_OFFSET_MICROS};
+use crate::contract::now_micros;
 use crate::shutdown::Shutdown;
 use crate::{pg, quote};
 
@@ -63,18 +62,23 @@ struct SnapshotTable {
     partitioned: bool,
 }
 
-impl Session<'_> {
-    /// Whether this start copies the published tables before streaming.
-    pub(super) async fn snapshot_needed(&self, client: &Client) -> Result<bool, CaptureError> {
-        match self.settings.snapshot {
+/// The initial snapshot of one slot's publication.
+pub(super) struct InitialSnapshot<'a> {
+    pub(super) slot: &'a str,
+    pub(super) conninfo: &'a str,
+    pub(super) publication: &'a str,
+}
+
+impl InitialSnapshot<'_> {
+    /// Whether this start copies the published tables before streaming; `taken` says
+    /// whether this process has copied them already.
+    pub(super) async fn needed(&self, client: &Client, mode: SnapshotMode, taken: bool) -> Result<bool, CaptureError> {
+        match mode {
             SnapshotMode::Never => Ok(false),
-            SnapshotMode::Always => Ok(!self.snapshot_taken.get()),
+            SnapshotMode::Always => Ok(!taken),
             SnapshotMode::Initial => {
                 let row = client
-                    .query_opt(
-                        "SELECT finished_at IS NOT NULL FROM pgfanout.capture_snapshots WHERE slot = $1",
-                        &[&self.settings.slot],
-                    )
+                    .query_opt("SELECT finished_at IS NOT NULL FROM pgfanout.capture_snapshots WHERE slot = $1", &[&self.slot])
                     .await
                     .map_err(missing_schema)?;
                 Ok(!row.is_some_and(|r| r.get::<_, bool>(0)))
@@ -85,19 +89,19 @@ impl Session<'_> {
     /// Copies every published table as `snapshot` deltas and waits for Kafka to acknowledge
     /// them all; returns false when `shutdown` interrupted it (the snapshot stays
     /// unfinished and is taken again on the next start).
-    pub(super) async fn copy_snapshot(
+    pub(super) async fn copy(
         &self,
         client: &Client,
         cfg: &ReplicationConfig,
         publisher: &mut Publisher,
         shutdown: &Shutdown,
     ) -> Result<bool, CaptureError> {
-        let slot = &self.settings.slot;
+        let slot = self.slot;
         client
             .execute(
                 "INSERT INTO pgfanout.capture_snapshots (slot, started_at) VALUES ($1, now())
                  ON CONFLICT (slot) DO UPDATE SET started_at = now(), finished_at = NULL, snapshot_lsn = NULL, rows = 0",
-                &[slot],
+                &[&slot],
             )
             .await
             .map_err(missing_schema)?;
@@ -108,7 +112,7 @@ impl Session<'_> {
         let created = holder.create_temporary_slot_with_snapshot(&temporary).await?;
         let snapshot = created.snapshot_name.ok_or_else(|| CaptureError::Config("the server exported no snapshot".into()))?;
         let version = created.consistent_point - 1;
-        let reader = pg::connect(&self.pg_settings.conninfo).await?;
+        let reader = pg::connect(self.conninfo).await?;
         reader
             .batch_execute(&format!(
                 "{}BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
@@ -116,7 +120,7 @@ impl Session<'_> {
                 quote::quote_literal(&snapshot)
             ))
             .await?;
-        let tables = published_tables(&reader, &self.pg_settings.publication).await?;
+        let tables = published_tables(&reader, self.publication).await?;
         tracing::info!(
             slot = %slot,
             at = %replication::format_lsn(created.consistent_point),
@@ -132,15 +136,12 @@ impl Session<'_> {
         let started = Instant::now();
         let mut copier = TableCopier {
             reader: &reader,
-            decoder: ChangeDecoder::new(),
+            deltas: RowDeltas::new(version, now_micros()),
             publisher: &mut *publisher,
             tx,
-            version,
             started,
             progress: SnapshotRowCounter { rows: 0, logged: started },
         };
-        let begin = PgOutputMessage::Begin { final_lsn: version, commit_ts: now_micros() - PG_EPOCH_OFFSET_MICROS, xid: 0 };
-        copier.decoder.on_message(version, begin).map_err(decode_error)?;
         for table in tables {
             if !copier.copy(table, shutdown).await? {
                 metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
@@ -155,7 +156,7 @@ impl Session<'_> {
         client
             .execute(
                 "UPDATE pgfanout.capture_snapshots SET finished_at = now(), snapshot_lsn = $2::text::pg_lsn, rows = $3 WHERE slot = $1",
-                &[slot, &replication::format_lsn(created.consistent_point), &(copied as i64)],
+                &[&slot, &replication::format_lsn(created.consistent_point), &(copied as i64)],
             )
             .await?;
         metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
@@ -166,7 +167,6 @@ impl Session<'_> {
             rows_per_s = (copied as f64 / seconds.max(1e-3)) as u64,
             "initial snapshot finished"
         );
-        self.snapshot_taken.set(true);
         Ok(true)
     }
 }
@@ -175,10 +175,9 @@ impl Session<'_> {
 /// of one tracked transaction.
 struct TableCopier<'a> {
     reader: &'a Client,
-    decoder: ChangeDecoder,
+    deltas: RowDeltas,
     publisher: &'a mut Publisher,
     tx: TxHandle,
-    version: u64,
     started: Instant,
     progress: SnapshotRowCounter,
 }
@@ -186,24 +185,20 @@ struct TableCopier<'a> {
 impl TableCopier<'_> {
     /// Copies `table`; false when `shutdown` interrupted it.
     async fn copy(&mut self, table: SnapshotTable, shutdown: &Shutdown) -> Result<bool, CaptureError> {
-        let version = self.version;
-        let name = format!("{}.{}", table.relation.namespace, table.relation.name);
-        let relation_id = table.relation.id;
-        let columns: Vec<String> = table.relation.columns.iter().map(|c| quote::quote_ident(&c.name)).collect();
+        let relation = &table.relation;
+        let name = format!("{}.{}", relation.namespace, relation.name);
+        let columns: Vec<String> = relation.columns.iter().map(|c| quote::quote_ident(&c.name)).collect();
         let filter = table.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
-        let source = format!("{}.{}", quote::quote_ident(&table.relation.namespace), quote::quote_ident(&table.relation.name));
-        for (oid, namespace, name) in table.types {
-            self.decoder.on_message(version, PgOutputMessage::Type { oid, namespace, name }).map_err(decode_error)?;
+        let source = format!("{}.{}", quote::quote_ident(&relation.namespace), quote::quote_ident(&relation.name));
+        for (oid, namespace, type_name) in &table.types {
+            self.deltas.add_type(*oid, namespace, type_name.clone());
         }
-        self.decoder.on_message(version, PgOutputMessage::Relation(table.relation)).map_err(decode_error)?;
         // The copy replaces the table on devices: what they hold from before, and is not
         // in this snapshot, was deleted meanwhile (point 3 above).
-        for truncate in self.decoder.on_truncate(version, &[relation_id]).map_err(decode_error)? {
-            for partition in 0..self.publisher.partitions() {
-                self.publisher.send(&truncate, Some(partition), self.tx).await?;
-            }
+        let truncate = self.deltas.truncate(relation);
+        for partition in 0..self.publisher.partitions() {
+            self.publisher.send(&truncate, Some(partition), self.tx).await?;
         }
-        self.decoder.next_seq();
         self.reader
             .batch_execute(&format!(
                 "DECLARE pgfanout_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}{source}{filter}",
@@ -217,7 +212,7 @@ impl TableCopier<'_> {
             if shutdown.is_triggered() {
                 return Ok(false);
             }
-            let rows = self.copy_rows(relation_id).await?;
+            let rows = self.copy_rows(relation).await?;
             self.progress.add(rows, &name, self.started);
             if rows < FETCH_ROWS {
                 break;
@@ -228,19 +223,16 @@ impl TableCopier<'_> {
     }
 
     /// Fetches the cursor's next rows and hands them to the publisher; returns how many.
-    async fn copy_rows(&mut self, relation_id: u32) -> Result<usize, CaptureError> {
+    async fn copy_rows(&mut self, relation: &Relation) -> Result<usize, CaptureError> {
         let fetched = self.reader.simple_query(&format!("FETCH {FETCH_ROWS} FROM pgfanout_snapshot")).await?;
         let mut rows = 0;
+        let mut values = Vec::with_capacity(relation.columns.len());
         for message in fetched {
             let SimpleQueryMessage::Row(row) = message else { continue };
-            let new = (0..row.len()).map(|i| row.get(i).map_or(TupleValue::Null, |v| TupleValue::Text(v.into()))).collect();
-            if let Some(Change::Delta(mut delta)) =
-                self.decoder.on_message(self.version, PgOutputMessage::Insert { relation_id, new }).map_err(decode_error)?
-            {
-                delta.op = DeltaOp::Snapshot;
-                self.publisher.send(&delta, None, self.tx).await?;
-                self.decoder.next_seq();
-            }
+            values.clear();
+            values.extend((0..row.len()).map(|i| row.get(i).map_or(TupleValue::Null, |v| TupleValue::Text(v.into()))));
+            let delta = self.deltas.row(relation, &values)?;
+            self.publisher.send(&delta, None, self.tx).await?;
             rows += 1;
         }
         self.publisher.take_deliveries()?;
@@ -264,10 +256,6 @@ impl SnapshotRowCounter {
             tracing::info!(table, rows = self.rows, rows_per_s = rate as u64, "initial snapshot in progress");
         }
     }
-}
-
-fn decode_error(e: super::changes::ChangeError) -> CaptureError {
-    CaptureError::Decode(e.to_string())
 }
 
 fn missing_schema(e: tokio_postgres::Error) -> CaptureError {

@@ -21,14 +21,14 @@ use crate::kafka::{self, ClientRole, MetricsContext};
 
 /// Applied positions per partition and their minimum.
 #[derive(Debug, Clone, Default)]
-pub struct Watermark {
+pub struct AppliedPositions {
     partitions: Vec<i32>,
     applied: HashMap<i32, i64>,
 }
 
-impl Watermark {
+impl AppliedPositions {
     pub fn new(partitions: Vec<i32>, applied: HashMap<i32, i64>) -> Self {
-        Watermark { partitions, applied }
+        AppliedPositions { partitions, applied }
     }
 
     pub fn update(&mut self, applied: &HashMap<i32, i64>) {
@@ -114,7 +114,7 @@ mod tests {
 
     #[test]
     fn the_watermark_is_the_slowest_partition() {
-        let mut w = Watermark::new(vec![0, 1, 2], HashMap::new());
+        let mut w = AppliedPositions::new(vec![0, 1, 2], HashMap::new());
         assert_eq!(w.value(), 0);
         w.update(&HashMap::from([(0, 50), (1, 70)]));
         assert_eq!(w.value(), 0, "partition 2 has seen nothing yet");

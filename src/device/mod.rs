@@ -33,7 +33,7 @@ use crate::contract::{now_micros, DeltaOp, TOMBSTONE_DELTA_HEADER};
 use crate::error_kind::ErrorKind;
 use crate::kafka::{self, ClientRole, MetricsContext};
 use crate::shutdown::Shutdown;
-use ack::{AckPublisher, Watermark};
+use ack::{AckPublisher, AppliedPositions};
 use store::{Record, Store};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -117,7 +117,7 @@ pub(crate) struct Device {
     topic: String,
     store: Store,
     consumer: BaseConsumer<MetricsContext>,
-    watermark: Watermark,
+    watermark: AppliedPositions,
     acks: AckPublisher,
     positions: HashMap<i32, i64>,
     lag_checked: Instant,
@@ -160,7 +160,7 @@ impl Device {
         store.subscribe_to(settings.tables.as_ref().map(|t| t.iter().map(|s| s.trim().to_string()).collect::<HashSet<_>>()));
         let consumer = new_consumer(kafka_settings, &settings.id)?;
         let partitions = assign_from_store(&consumer, &store, &topic, shutdown)?;
-        let watermark = Watermark::new(partitions, store.applied_lsns(&topic)?);
+        let watermark = AppliedPositions::new(partitions, store.applied_lsns(&topic)?);
         let acks = AckPublisher::new(kafka_settings, settings.id.clone(), Duration::from_millis(settings.ack_interval_ms))?;
         let positions = store.offsets(&topic)?;
         metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => settings.id.clone()).increment(0);

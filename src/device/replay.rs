@@ -133,7 +133,7 @@ pub fn replay_blocking(
         }
         progress.show(processed);
     }
-    progress.finish(processed);
+    progress.show_final(processed);
     device.close();
     Ok(ReplayReport { from, processed })
 }
@@ -174,7 +174,7 @@ impl ReplayProgressBar {
         }
     }
 
-    fn finish(&self, done: u64) {
+    fn show_final(&self, done: u64) {
         if self.terminal {
             eprintln!("\r{}", self.line(done));
         } else {
