@@ -177,7 +177,10 @@ impl ChangeDecoder {
             PgOutputMessage::Insert { relation_id, new } => {
                 self.row_change(lsn, relation_id, DeltaOp::Insert, Some(&new), None).map(|d| Some(Change::Delta(d)))
             }
-            PgOutputMessage::Update { relation_id, old, new } => {
+            PgOutputMessage::Update { relation_id, old, mut new } => {
+                if let Some(OldTuple::Full(full)) = &old {
+                    fill_unchanged_from_old(&mut new, full);
+                }
                 let old = old.as_ref().map(|(OldTuple::Key(t) | OldTuple::Full(t))| t.as_slice());
                 self.row_change(lsn, relation_id, DeltaOp::Update, Some(&new), old).map(|d| Some(Change::Delta(d)))
             }
@@ -224,6 +227,17 @@ impl ChangeDecoder {
                 Ok(tx.delta(lsn, rel, DeltaOp::Truncate, RowImage::default()))
             })
             .collect()
+    }
+}
+
+/// With `REPLICA IDENTITY FULL` the old row comes whole, its TOASTed values inline: an
+/// unchanged value of the new row is that value, so the delta carries it and needs nothing
+/// from a device's earlier state (nor from records a compacted topic may have dropped).
+fn fill_unchanged_from_old(new: &mut [TupleValue], old: &[TupleValue]) {
+    for (n, o) in new.iter_mut().zip(old) {
+        if matches!(n, TupleValue::UnchangedToast) && !matches!(o, TupleValue::UnchangedToast) {
+            *n = o.clone();
+        }
     }
 }
 

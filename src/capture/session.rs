@@ -251,7 +251,13 @@ impl Streaming<'_> {
     async fn on_change(&mut self, change: Change) -> Result<(), CaptureError> {
         match change {
             Change::Begin => self.current_tx = Some(self.publisher.begin()),
-            Change::Delta(delta) => self.publisher.send(&delta, None, self.open_tx()?).await?,
+            Change::Delta(delta) => {
+                let tx = self.open_tx()?;
+                self.publisher.send(&delta, None, tx).await?;
+                if delta.old_key.is_some() {
+                    self.publisher.send_old_key_tombstone(&delta, tx).await?;
+                }
+            }
             Change::Truncate(deltas) => {
                 let tx = self.open_tx()?;
                 for delta in deltas {

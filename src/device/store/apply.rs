@@ -9,6 +9,7 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, CachedStatement, Connection, ToSql};
 
 use super::error::{ApplyError, StoreError};
+use super::moved;
 use super::schema::{ensure_shape, record_truncate, sqlite_table, truncated_at, TableShape, WriteKind, DELETED, LSN, SEQ};
 use crate::contract::view::{ColumnView, DeltaView, ValueView};
 use crate::contract::DeltaOp;
@@ -46,7 +47,7 @@ pub struct BatchStats {
 /// The statements prepared during one batch's transaction, kept out of rusqlite's cache
 /// until the batch ends: a delta finds its statement by the identity of the text its table
 /// shape gave it, without hashing the SQL.
-struct BatchStatements<'c> {
+pub(super) struct BatchStatements<'c> {
     conn: &'c Connection,
     /// In order of preparation. Holding the text keeps its address from being reused.
     prepared: Vec<(Rc<str>, CachedStatement<'c>)>,
@@ -105,11 +106,18 @@ pub(super) fn apply_batch(
                 // Usually the delete delta before it was applied already and this
                 // changes nothing; after compaction it is the only news of the delete.
                 stats.tombstones += 1;
-                if delta.op != DeltaOp::Delete {
-                    reject(&tx, topic, record, "a tombstone's header carries a delete, not another change")?;
+                // After a key change, the move of the old key (see [`moved`]).
+                let is_move = delta.op == DeltaOp::Update && delta.after.is_none();
+                if delta.op != DeltaOp::Delete && !is_move {
+                    reject(&tx, topic, record, "a tombstone's header carries a delete or a move, not another change")?;
                     stats.rejected += 1;
                 } else if subscribed.is_none_or(|t| t.contains(delta.table)) {
-                    if let Err(e) = apply_delta(&tx, &mut statements, tables, delta) {
+                    let applied = if is_move {
+                        moved::apply_move(&tx, tables, delta)
+                    } else {
+                        apply_delta(&tx, &mut statements, tables, delta)
+                    };
+                    if let Err(e) = applied {
                         match e {
                             ApplyError::Sqlite(e) => return Err(e.into()),
                             ApplyError::Invalid(reason) => {
@@ -271,6 +279,9 @@ fn apply_delta(
             }
             if let Some(old_key) = &delta.old_key {
                 if !same_key(old_key, &delta.key) {
+                    if delta.op != DeltaOp::Delete {
+                        return moved::apply_key_change(tx, statements, delta.table, shape, old_key, &row, version);
+                    }
                     write_tombstone(statements, delta.table, shape, old_key, version)?;
                 }
             }
@@ -290,7 +301,7 @@ fn null_assignments(shape: &TableShape) -> String {
     shape.columns.iter().filter(|c| !shape.key.contains(c)).map(|c| format!("{} = NULL, ", quote_ident(c))).collect()
 }
 
-fn write_row(
+pub(super) fn write_row(
     statements: &mut BatchStatements<'_>,
     table: &str,
     shape: &mut TableShape,
@@ -308,7 +319,7 @@ fn write_row(
     execute_versioned(statements.get(&sql)?, row, version)
 }
 
-fn write_tombstone(
+pub(super) fn write_tombstone(
     statements: &mut BatchStatements<'_>,
     table: &str,
     shape: &mut TableShape,
@@ -325,7 +336,7 @@ fn write_tombstone(
 /// `INSERT … ON CONFLICT DO UPDATE` of `columns` plus the version, applied only when the
 /// version is newer than the stored one: `assignments` (each ending in `, `) change the
 /// other columns, and the row becomes live or a tombstone.
-fn versioned_upsert_sql(
+pub(super) fn versioned_upsert_sql(
     table: &str,
     shape: &TableShape,
     columns: &[ColumnView<'_>],
@@ -346,7 +357,7 @@ fn versioned_upsert_sql(
 }
 
 /// Runs a versioned write: the columns' values, then the version; `true` if a row changed.
-fn execute_versioned(
+pub(super) fn execute_versioned(
     stmt: &mut rusqlite::Statement<'_>,
     columns: &[ColumnView<'_>],
     version: (i64, i64),

@@ -21,6 +21,7 @@ use rusqlite::{params, Connection};
 
 mod apply;
 mod error;
+mod moved;
 mod read;
 mod schema;
 

@@ -1,0 +1,166 @@
+//! A row whose key changed: the device makes it arrive whole under its new key and removes
+//! the old key, in whichever order it reads the two partitions involved.
+//!
+//! - *Unchanged values move with the row.* An update that changes the key and leaves a
+//!   TOASTed value as it was does not carry that value (pgoutput sends only "unchanged"),
+//!   whatever the replica identity. The device holds the old row: the update takes the
+//!   value from it before the old key's tombstone clears it. Only the old row as it was
+//!   just before the update counts: live and older than the update, or moved away by this
+//!   very update (below). Where the device holds no such row, the value stays NULL, as
+//!   before any fix could apply; the carried value is exact when the device applied the old
+//!   row's earlier changes before the move (see the README, "What reaches devices").
+//! - *The old key's Kafka tombstone loses nothing and brings nothing back.* Capture follows
+//!   a key-changing update with a Kafka tombstone under the old key, so that a compacted
+//!   topic forgets the old key; its header carries the move: the update's version, its new
+//!   key and its old key, and no row. The tombstone lies in the old key's partition, the
+//!   update in the new key's, and a device may read either first. The move marks the old
+//!   row deleted at the update's version but keeps its values until the update has taken
+//!   them; it names only the old key, so the row under its new key is never touched, and it
+//!   is versioned like every write, so a newer row under the old key wins over it.
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::Transaction;
+
+use super::apply::{execute_versioned, versioned_upsert_sql, write_row, write_tombstone, BatchStatements};
+use super::error::ApplyError;
+use super::schema::{ensure_shape, sqlite_table, TableShape, DELETED, LSN, SEQ};
+use crate::contract::view::{ColumnView, DeltaView, ValueView};
+use crate::quote::quote_ident;
+
+/// Writes an insert, update or snapshot row whose key differs from its `old_key`: the old
+/// key's row becomes a tombstone, the new one gets the row, with the old row's values
+/// where the row says `unchanged`. `true` if the new key's row changed.
+pub(super) fn apply_key_change(
+    tx: &Transaction<'_>,
+    statements: &mut BatchStatements<'_>,
+    table: &str,
+    shape: &mut TableShape,
+    old_key: &[ColumnView<'_>],
+    row: &[ColumnView<'_>],
+    version: (i64, i64),
+) -> Result<bool, ApplyError> {
+    let old = if row.iter().any(|c| c.unchanged) { old_values(tx, table, shape, old_key, row, version)? } else { None };
+    write_tombstone(statements, table, shape, old_key, version)?;
+    let Some(old) = old else { return write_row(statements, table, shape, row, version) };
+    if old.moved {
+        // Deleted by the move with its values kept for this update; now they are taken.
+        clear_moved(tx, table, shape, old_key, version)?;
+    }
+    let mut carried = old.values.iter();
+    let filled: Vec<ColumnView<'_>> = row
+        .iter()
+        .map(|c| match if c.unchanged { carried.next() } else { None } {
+            Some(v) => ColumnView { value: view_of(v), unchanged: false, ..c.clone() },
+            None => c.clone(),
+        })
+        .collect();
+    write_row(statements, table, shape, &filled, version)
+}
+
+/// Applies the move a Kafka tombstone carries (an update with its old key and no row): the
+/// old key's row is marked deleted at the update's version, its values kept for the update.
+pub(super) fn apply_move(
+    tx: &Transaction<'_>,
+    tables: &mut std::collections::HashMap<String, TableShape>,
+    delta: &DeltaView<'_>,
+) -> Result<bool, ApplyError> {
+    let version = delta.version();
+    let old_key = match &delta.old_key {
+        Some(k) if !k.is_empty() => k,
+        _ => return Err(ApplyError::Invalid(format!("the move of a row of {} names no old key", delta.table))),
+    };
+    let (shape, _) = ensure_shape(tx, tables, delta.table, old_key, old_key, version, false)?;
+    if shape.truncated_at >= version {
+        return Ok(false);
+    }
+    // Rare enough for rusqlite's own statement cache.
+    let mut stmt = tx.prepare_cached(&versioned_upsert_sql(delta.table, shape, old_key, "", true))?;
+    execute_versioned(&mut stmt, old_key, version)
+}
+
+/// The old row's values of the row's unchanged columns, in their order.
+struct OldValues {
+    values: Vec<SqlValue>,
+    /// The old row was deleted by this very move (its Kafka tombstone came first).
+    moved: bool,
+}
+
+fn old_values(
+    tx: &Transaction<'_>,
+    table: &str,
+    shape: &TableShape,
+    old_key: &[ColumnView<'_>],
+    row: &[ColumnView<'_>],
+    version: (i64, i64),
+) -> Result<Option<OldValues>, ApplyError> {
+    let wanted: Vec<&str> = row.iter().filter(|c| c.unchanged).map(|c| c.name).collect();
+    if wanted.iter().any(|c| !shape.columns.iter().any(|s| s == c)) {
+        return Ok(None);
+    }
+    let select: String = wanted.iter().map(|c| format!("{}, ", quote_ident(c))).collect();
+    let (lsn, seq) = (old_key.len() + 1, old_key.len() + 2);
+    let sql = format!(
+        "SELECT {select}{DELETED} FROM {} WHERE {} AND (({DELETED} = 0 AND ({LSN}, {SEQ}) < (?{lsn}, ?{seq}))
+                                                 OR ({DELETED} = 1 AND {LSN} = ?{lsn} AND {SEQ} = ?{seq}))",
+        sqlite_table(table),
+        key_condition(old_key)
+    );
+    let mut stmt = tx.prepare_cached(&sql)?;
+    bind_key_and_version(&mut stmt, old_key, version)?;
+    let mut rows = stmt.raw_query();
+    let Some(r) = rows.next()? else { return Ok(None) };
+    let values = (0..wanted.len()).map(|i| r.get::<_, SqlValue>(i)).collect::<Result<Vec<_>, _>>()?;
+    let moved = r.get::<_, i64>(wanted.len())? != 0;
+    Ok(Some(OldValues { values, moved }))
+}
+
+/// Clears the values a move kept in the old key's tombstone.
+fn clear_moved(
+    tx: &Transaction<'_>,
+    table: &str,
+    shape: &TableShape,
+    old_key: &[ColumnView<'_>],
+    version: (i64, i64),
+) -> Result<(), ApplyError> {
+    let nulls: Vec<String> =
+        shape.columns.iter().filter(|c| !shape.key.contains(c)).map(|c| format!("{} = NULL", quote_ident(c))).collect();
+    if nulls.is_empty() {
+        return Ok(());
+    }
+    let (lsn, seq) = (old_key.len() + 1, old_key.len() + 2);
+    let sql = format!(
+        "UPDATE {} SET {} WHERE {} AND {DELETED} = 1 AND {LSN} = ?{lsn} AND {SEQ} = ?{seq}",
+        sqlite_table(table),
+        nulls.join(", "),
+        key_condition(old_key)
+    );
+    let mut stmt = tx.prepare_cached(&sql)?;
+    bind_key_and_version(&mut stmt, old_key, version)?;
+    stmt.raw_execute()?;
+    Ok(())
+}
+
+/// Binds the key's values, then the version, to `?1 …`.
+fn bind_key_and_version(stmt: &mut rusqlite::Statement<'_>, key: &[ColumnView<'_>], version: (i64, i64)) -> rusqlite::Result<()> {
+    for (i, c) in key.iter().enumerate() {
+        stmt.raw_bind_parameter(i + 1, c.value)?;
+    }
+    stmt.raw_bind_parameter(key.len() + 1, version.0)?;
+    stmt.raw_bind_parameter(key.len() + 2, version.1)
+}
+
+/// `"k1" = ?1 AND "k2" = ?2 …` for the key's columns.
+fn key_condition(key: &[ColumnView<'_>]) -> String {
+    key.iter().enumerate().map(|(i, c)| format!("{} = ?{}", quote_ident(c.name), i + 1)).collect::<Vec<_>>().join(" AND ")
+}
+
+/// A value read from the store, to be written again as it is.
+fn view_of(v: &SqlValue) -> ValueView<'_> {
+    match v {
+        SqlValue::Null => ValueView::Null,
+        SqlValue::Integer(n) => ValueView::Long(*n),
+        SqlValue::Real(f) => ValueView::Double(*f),
+        SqlValue::Text(s) => ValueView::String(s),
+        SqlValue::Blob(b) => ValueView::Bytes(b),
+    }
+}
