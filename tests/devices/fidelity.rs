@@ -187,3 +187,142 @@ async fn a_key_change_keeps_unchanged_toasted_values_on_every_replica_identity()
     p.stop("device-c");
     p.stop("capture");
 }
+
+/// One record of the deltas topic.
+struct TopicRecord {
+    partition: i32,
+    key: Vec<u8>,
+    payload: Option<Vec<u8>>,
+    header: Option<Vec<u8>>,
+}
+
+/// Every record of the deltas topic, in each partition's order.
+fn delta_topic_records(p: &Pipeline) -> Vec<TopicRecord> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let topic = p.kafka.topics().deltas;
+    let mut ends = Vec::new();
+    let consumer: BaseConsumer = pgfanout::kafka::reader_at(&p.kafka, &topic, |c: &BaseConsumer, part| {
+        ends.push(c.fetch_watermarks(&topic, part, std::time::Duration::from_secs(10))?.1);
+        Ok(rdkafka::Offset::Beginning)
+    })
+    .unwrap()
+    .unwrap();
+    let total: i64 = ends.iter().sum();
+    let mut out = Vec::new();
+    let deadline = pgfanout::test_support::Deadline::after(pgfanout::test_support::TIMEOUT, "the deltas to be read");
+    while (out.len() as i64) < total {
+        assert!(!deadline.passed(), "read {} of {total} records", out.len());
+        let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(500)) else { continue };
+        let header = m.headers().and_then(|h| {
+            h.iter().find(|h| h.key == pgfanout::contract::TOMBSTONE_DELTA_HEADER).and_then(|h| h.value.map(<[u8]>::to_vec))
+        });
+        out.push(TopicRecord {
+            partition: m.partition(),
+            key: m.key().unwrap_or_default().to_vec(),
+            payload: m.payload().map(<[u8]>::to_vec),
+            header,
+        });
+    }
+    out
+}
+
+/// What compaction leaves of `records`: the newest record of each key in each partition,
+/// without the tombstones once `drop_tombstones` (after `delete.retention.ms`), written to a
+/// deltas topic of its own; returns that topic's prefix.
+async fn compacted_copy(p: &Pipeline, records: &[TopicRecord], drop_tombstones: bool, name: &str) -> String {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut newest: std::collections::HashMap<(i32, &[u8]), usize> = std::collections::HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        newest.insert((r.partition, r.key.as_slice()), i);
+    }
+    let mut kept: Vec<usize> = newest.into_values().collect();
+    kept.sort_unstable();
+    let prefix = format!("{}{name}.", p.kafka.topic_prefix);
+    let settings = pgfanout::config::KafkaSettings { topic_prefix: prefix.clone(), ..p.kafka.clone() };
+    pgfanout::kafka::ensure_pipeline_topics(&settings).await.unwrap();
+    let producer: FutureProducer =
+        pgfanout::kafka::client_config(&settings, pgfanout::kafka::ClientRole::Producer).create().unwrap();
+    let topic = settings.topics().deltas;
+    for r in kept.into_iter().map(|i| &records[i]) {
+        if drop_tombstones && r.payload.is_none() {
+            continue;
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).partition(r.partition).key(&r.key);
+        if let Some(v) = &r.payload {
+            record = record.payload(v);
+        }
+        if let Some(h) = &r.header {
+            record = record
+                .headers(OwnedHeaders::new().insert(Header { key: pgfanout::contract::TOMBSTONE_DELTA_HEADER, value: Some(h) }));
+        }
+        producer.send(record, std::time::Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+    }
+    prefix
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_leaves_a_tombstone_so_a_compacted_topic_never_brings_the_old_row_back() {
+    use pgfanout::contract::{codec::decode_delta, delta_kafka_key, Column, DeltaOp, Value};
+    let mut p = Pipeline::new("movetomb").await;
+    let client = p.client().await;
+    client
+        .batch_execute(&format!(
+            "{MOVED_TABLES}
+             INSERT INTO public.moved_default SELECT i, i, 0, 'small ' || i FROM generate_series(1, 3) i;
+             INSERT INTO public.moved_full SELECT i, i, 0, {} FROM generate_series(1, 3) i;",
+            big_doc_sql("i")
+        ))
+        .await
+        .unwrap();
+    p.start_capture().await;
+    p.start_device("a", &[]);
+    // Moves, then later changes of the moved rows: compaction keeps those under the new
+    // keys and drops the moves' own deltas.
+    client
+        .batch_execute(
+            "UPDATE public.moved_default SET id = id + 100 WHERE id IN (1, 2);
+             UPDATE public.moved_full SET id = id + 100 WHERE id IN (1, 2);
+             INSERT INTO public.moved_default VALUES (4, 4, 0, 'during');
+             UPDATE public.moved_default SET n = n + 1 WHERE id IN (101, 102);
+             UPDATE public.moved_full SET n = n + 1 WHERE id IN (101, 102);
+             INSERT INTO public.moved_default VALUES (2, 2, 5, 'the old key again');",
+        )
+        .await
+        .unwrap();
+    p.wait_converged(&["a"]).await;
+    p.wait_deltas_settled().await;
+
+    let records = delta_topic_records(&p);
+    let old_key = |id| vec![Column { name: "id".into(), type_name: "int4".into(), value: Value::Long(id), unchanged: false }];
+    let tombstone = records.iter().find(|r| r.key == delta_kafka_key("public.moved_default", &old_key(1)) && r.payload.is_none());
+    let tombstone = tombstone.expect("a Kafka tombstone under the old key of the moved row");
+    let moved = decode_delta(tombstone.header.as_deref().expect("the tombstone carries the move")).unwrap();
+    assert_eq!((moved.op, moved.after.is_none()), (DeltaOp::Update, true));
+    assert_eq!((moved.key[0].value.clone(), moved.old_key.unwrap()[0].value.clone()), (Value::Long(101), Value::Long(1)));
+    let update_partition = records
+        .iter()
+        .find(|r| {
+            r.payload
+                .as_deref()
+                .and_then(|v| decode_delta(v).ok())
+                .is_some_and(|d| d.old_key.is_some() && d.key[0].value == Value::Long(101))
+        })
+        .map(|r| r.partition);
+    assert!(update_partition.is_some(), "the move's own delta is on the topic");
+
+    // Rebuilt from what compaction leaves, before and after it drops the tombstones: the
+    // old keys stay gone, every column equals PostgreSQL.
+    let expected = p.postgres_rows().await;
+    for (name, drop_tombstones) in [("compacted", false), ("cleaned", true)] {
+        let prefix = compacted_copy(&p, &records, drop_tombstones, name).await;
+        let store = p.store(name).to_string_lossy().into_owned();
+        let out = p.run_cli(&["rebuild", "--id", name, "--store", &store, "--topic-prefix", &prefix]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rebuilt = p.device_rows(name).await;
+        assert_eq!(rebuilt, expected, "{name}: the rebuilt store equals PostgreSQL");
+    }
+    p.stop("device-a");
+    p.stop("capture");
+}
