@@ -8,6 +8,12 @@
 //! offsets ([`replay`]) replays history safely, since a delta only changes a row it is
 //! newer than.
 //!
+//! A reader of the store sees only states PostgreSQL had: each SQLite transaction applies
+//! every source transaction below the cut — the smallest watermark over all partitions —
+//! and nothing above it, holding later deltas until their transaction is complete on every
+//! partition (`store`'s consistent apply explains why). Running, `replay` and `rebuild`
+//! all apply through it.
+//!
 //! Once a second, when they moved, the device also commits its stored positions to its
 //! consumer group (`pgfanout-device-<id>`), so that Kafka's own tools (consumer-group lag, a job that
 //! deletes records every reader has passed) see how far each device is. Those commits are
@@ -144,7 +150,8 @@ const STALL: Duration = Duration::from_secs(30);
 /// What one step of the device did.
 pub(crate) struct Step {
     pub processed: u64,
-    /// Next offset per partition after this step.
+    /// Next offset per partition after the records consumed so far (the stored offsets
+    /// may be behind, at deltas held in memory).
     pub positions: HashMap<i32, i64>,
 }
 
@@ -160,6 +167,7 @@ impl Device {
         store.subscribe_to(settings.tables.as_ref().map(|t| t.iter().map(|s| s.trim().to_string()).collect::<HashSet<_>>()));
         let consumer = new_consumer(kafka_settings, &settings.id)?;
         let partitions = assign_from_store(&consumer, &store, &topic, shutdown)?;
+        store.set_partitions(partitions.clone());
         let watermark = AppliedPositions::new(partitions, store.applied_lsns(&topic)?);
         let acks = AckPublisher::new(kafka_settings, settings.id.clone(), Duration::from_millis(settings.ack_interval_ms))?;
         let positions = store.offsets(&topic)?;
@@ -290,8 +298,9 @@ impl Device {
         metrics::counter!("pgfanout_device_deltas_rejected_total", "device" => device.clone()).increment(stats.rejected);
         metrics::histogram!("pgfanout_device_apply_batch_duration_seconds", "device" => device)
             .record(started.elapsed().as_secs_f64());
+        metrics::gauge!("pgfanout_device_held_deltas", "device" => self.settings.id.clone()).set(stats.held as f64);
         self.positions.extend(&stats.next_offset);
-        Ok(Step { processed: stats.processed, positions: stats.next_offset })
+        Ok(Step { processed: stats.processed, positions: stats.consumed })
     }
 
     pub(crate) fn close(self) {

@@ -1,6 +1,5 @@
-//! Applying a batch of consumed records: each delta changes a row only if it is newer
-//! than the row's version, and the batch's offsets and counters are written in the same
-//! transaction as its rows.
+//! Applying deltas: each changes a row only if it is newer than the row's version, and the
+//! batch's offsets and counters are written in the same transaction as its rows.
 
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
@@ -41,8 +40,14 @@ pub struct BatchStats {
     /// Per partition touched by the batch: the position below which every transaction is
     /// fully applied on this device (see [`Store::applied_lsns`]).
     pub applied_lsn: HashMap<i32, i64>,
-    /// Per partition touched by the batch: the next offset to consume.
+    /// Per partition: the next offset to consume after a restart (never past a record
+    /// held in memory).
     pub next_offset: HashMap<i32, i64>,
+    /// Per partition: the next offset after the records consumed so far.
+    pub consumed: HashMap<i32, i64>,
+    /// Deltas of transactions not yet complete on every partition, held after this batch
+    /// (in memory and staged in the store).
+    pub held: u64,
 }
 /// The statements prepared during one batch's transaction, kept out of rusqlite's cache
 /// until the batch ends: a delta finds its statement by the identity of the text its table
@@ -75,102 +80,100 @@ impl<'c> BatchStatements<'c> {
         Ok(&mut self.prepared[i].1)
     }
 }
-/// Applies a batch of records and records their offsets, in one SQLite transaction.
-pub(super) fn apply_batch(
-    conn: &mut Connection,
-    tables: &mut HashMap<String, TableShape>,
-    subscribed: Option<&HashSet<String>>,
-    topic: &str,
-    records: &[Record<'_>],
-) -> Result<BatchStats, StoreError> {
-    let tx = conn.transaction()?;
-    let mut statements = BatchStatements::new(&tx);
-    let mut stats = BatchStats::default();
-    // (partition, next offset, applied LSN): a handful of partitions, searched in place.
-    let mut next_offsets: Vec<(i32, i64, i64)> = Vec::new();
-    let mut applied_by_op = [0u64; 6];
-    for record in records {
-        stats.processed += 1;
-        let i = match next_offsets.iter().position(|(p, _, _)| *p == record.partition) {
-            Some(i) => i,
-            None => {
-                next_offsets.push((record.partition, 0, 0));
-                next_offsets.len() - 1
-            }
-        };
-        let entry = &mut next_offsets[i];
-        entry.1 = entry.1.max(record.offset + 1);
-        match &record.delta {
-            Ok(None) => stats.tombstones += 1,
-            Ok(Some(delta)) if record.tombstone => {
-                // Usually the delete delta before it was applied already and this
-                // changes nothing; after compaction it is the only news of the delete.
-                stats.tombstones += 1;
-                // After a key change, the move of the old key (see [`moved`]).
-                let is_move = delta.op == DeltaOp::Update && delta.after.is_none();
-                if delta.op != DeltaOp::Delete && !is_move {
-                    reject(&tx, topic, record, "a tombstone's header carries a delete or a move, not another change")?;
-                    stats.rejected += 1;
-                } else if subscribed.is_none_or(|t| t.contains(delta.table)) {
-                    let applied = if is_move {
-                        moved::apply_move(&tx, tables, delta)
-                    } else {
-                        apply_delta(&tx, &mut statements, tables, delta)
-                    };
-                    if let Err(e) = applied {
-                        match e {
-                            ApplyError::Sqlite(e) => return Err(e.into()),
-                            ApplyError::Invalid(reason) => {
-                                reject(&tx, topic, record, &reason)?;
-                                stats.rejected += 1;
-                            }
-                        }
-                    }
-                }
-            }
-            Ok(Some(delta)) => {
-                // Only a watermark moves the partition's applied position: capture sends W
-                // once Kafka acknowledged every delta of every transaction at or below W, so
-                // all of them lie before it in this partition. A data delta proves nothing
-                // about earlier transactions: one of their deltas may have failed to reach
-                // Kafka while this later one got through.
-                if delta.op == DeltaOp::Watermark {
-                    entry.2 = entry.2.max(delta.commit_lsn);
-                    stats.watermarks += 1;
-                    continue;
-                }
-                if subscribed.is_some_and(|t| !t.contains(delta.table)) {
-                    stats.not_subscribed += 1;
-                    continue;
-                }
-                match apply_delta(&tx, &mut statements, tables, delta) {
-                    Ok(true) => {
-                        stats.applied += 1;
-                        applied_by_op[delta.op as usize] += 1;
-                    }
-                    Ok(false) => stats.skipped_older += 1,
-                    Err(ApplyError::Sqlite(e)) => return Err(e.into()),
-                    Err(ApplyError::Invalid(reason)) => {
-                        reject(&tx, topic, record, &reason)?;
-                        stats.rejected += 1;
-                    }
-                }
-            }
-            Err(reason) => {
-                reject(&tx, topic, record, reason)?;
-                stats.rejected += 1;
-            }
+/// Applies records inside one SQLite transaction and counts what it did. The caller
+/// ([`super::consistent`]) decides which records apply now and writes the positions.
+pub(super) struct Applier<'t, 'c> {
+    tx: &'t rusqlite::Transaction<'c>,
+    statements: BatchStatements<'t>,
+    tables: &'t mut HashMap<String, TableShape>,
+    subscribed: Option<&'t HashSet<String>>,
+    topic: &'t str,
+    pub(super) stats: BatchStats,
+    applied_by_op: [u64; 6],
+}
+
+impl<'t, 'c> Applier<'t, 'c> {
+    pub(super) fn new(
+        tx: &'t rusqlite::Transaction<'c>,
+        tables: &'t mut HashMap<String, TableShape>,
+        subscribed: Option<&'t HashSet<String>>,
+        topic: &'t str,
+    ) -> Self {
+        Applier {
+            tx,
+            statements: BatchStatements::new(tx),
+            tables,
+            subscribed,
+            topic,
+            stats: BatchStats::default(),
+            applied_by_op: [0; 6],
         }
     }
-    drop(statements);
-    record_positions(&tx, topic, &next_offsets, &applied_by_op, &mut stats)?;
-    // Reloaded on the next open if this commit fails.
-    tx.commit()?;
-    Ok(stats)
+
+    /// Whether the device keeps `table`'s rows.
+    pub(super) fn keeps(&self, table: &str) -> bool {
+        self.subscribed.is_none_or(|t| t.contains(table))
+    }
+
+    /// A record that did not decode, or whose delta makes no sense here.
+    pub(super) fn reject(&mut self, partition: i32, offset: i64, reason: &str) -> Result<(), rusqlite::Error> {
+        self.stats.rejected += 1;
+        reject(self.tx, self.topic, partition, offset, reason)
+    }
+
+    /// Applies one delta (from a record at `partition`/`offset`; `tombstone`: carried by a
+    /// Kafka tombstone's header). Watermarks and Kafka tombstones without a delta are
+    /// counted by the caller.
+    pub(super) fn apply(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        tombstone: bool,
+        delta: &DeltaView<'_>,
+    ) -> Result<(), StoreError> {
+        if tombstone {
+            // Usually the delete delta before it was applied already and this changes
+            // nothing; after compaction it is the only news of the delete.
+            self.stats.tombstones += 1;
+            if delta.op != DeltaOp::Delete && !moved::is_move(delta) {
+                self.reject(partition, offset, "a tombstone's header carries a delete or a move, not another change")?;
+                return Ok(());
+            }
+        }
+        if !self.keeps(delta.table) {
+            self.stats.not_subscribed += u64::from(!tombstone);
+            return Ok(());
+        }
+        let applied = if tombstone && moved::is_move(delta) {
+            moved::apply_move(self.tx, self.tables, delta)
+        } else {
+            apply_delta(self.tx, &mut self.statements, self.tables, delta)
+        };
+        match applied {
+            Ok(true) if !tombstone => {
+                self.stats.applied += 1;
+                self.applied_by_op[delta.op as usize] += 1;
+            }
+            Ok(true) => {}
+            Ok(false) if !tombstone => self.stats.skipped_older += 1,
+            Ok(false) => {}
+            Err(ApplyError::Sqlite(e)) => return Err(e.into()),
+            Err(ApplyError::Invalid(reason)) => self.reject(partition, offset, &reason)?,
+        }
+        Ok(())
+    }
+
+    /// Writes the positions and the counters, in the transaction, and returns what the
+    /// batch did: `positions` are (partition, next offset to consume, applied LSN).
+    pub(super) fn finish(mut self, positions: &[(i32, i64, i64)]) -> Result<BatchStats, rusqlite::Error> {
+        drop(self.statements);
+        record_positions(self.tx, self.topic, positions, &self.applied_by_op, &mut self.stats)?;
+        Ok(self.stats)
+    }
 }
 
 /// Writes the batch's positions and counters, in the batch's transaction, and completes
-/// `stats` with them.
+/// `stats` with them: `positions` are (partition, next offset to consume, applied LSN).
 fn record_positions(
     tx: &rusqlite::Transaction<'_>,
     topic: &str,
@@ -214,16 +217,11 @@ fn record_positions(
     Ok(())
 }
 
-fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, record: &Record<'_>, reason: &str) -> Result<(), rusqlite::Error> {
-    tracing::warn!(
-        partition = record.partition,
-        offset = record.offset,
-        reason,
-        "delta cannot be applied; recorded in _pgfanout_rejected"
-    );
+fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, partition: i32, offset: i64, reason: &str) -> Result<(), rusqlite::Error> {
+    tracing::warn!(partition, offset, reason, "delta cannot be applied; recorded in _pgfanout_rejected");
     tx.execute(
         "INSERT OR REPLACE INTO _pgfanout_rejected (topic, partition, record_offset, reason) VALUES (?1, ?2, ?3, ?4)",
-        params![topic, record.partition, record.offset, reason],
+        params![topic, partition, offset, reason],
     )?;
     Ok(())
 }

@@ -20,6 +20,7 @@ use std::path::Path;
 use rusqlite::{params, Connection};
 
 mod apply;
+mod consistent;
 mod error;
 mod moved;
 mod read;
@@ -36,6 +37,8 @@ pub struct Store {
     tables: HashMap<String, TableShape>,
     /// Tables this device keeps; `None` for all. Deltas of other tables only move positions.
     subscribed: Option<HashSet<String>>,
+    /// Watermarks, consumed positions and held deltas ([`consistent`]).
+    cut: consistent::CutState,
     _lock: StoreLock,
 }
 
@@ -67,9 +70,10 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         check_layout(&conn)?;
         conn.execute_batch(META_SQL)?;
+        conn.execute_batch(consistent::STAGED_SQL)?;
         conn.pragma_update(None, "user_version", LAYOUT_VERSION)?;
         let tables = load_shapes(&conn)?;
-        Ok(Store { conn, tables, subscribed: None, _lock: lock })
+        Ok(Store { conn, tables, subscribed: None, cut: consistent::CutState::default(), _lock: lock })
     }
     /// Keep only these tables (`schema.table`); deltas of others still move offsets and
     /// the watermark.
@@ -77,9 +81,21 @@ impl Store {
         self.subscribed = tables;
     }
 
+    /// The partitions of the deltas topic: a transaction is complete once the watermarks
+    /// of all of them passed it. Until told, the store counts the partitions it has seen.
+    pub fn set_partitions(&mut self, partitions: Vec<i32>) {
+        self.cut.set_partitions(partitions);
+    }
+
+    /// Held deltas kept in memory before they are staged in the store (default 32 MiB).
+    pub fn set_hold_bytes(&mut self, bytes: usize) {
+        self.cut.set_hold_bytes(bytes);
+    }
+
     /// Sets the next offset to consume of the given partitions: the device re-reads from
     /// there. Applied positions are kept; re-applied deltas change only older rows.
     pub fn rewind(&mut self, topic: &str, offsets: &HashMap<i32, i64>) -> Result<(), StoreError> {
+        self.cut.reset();
         let tx = self.conn.transaction()?;
         for (partition, offset) in offsets {
             tx.execute(
@@ -109,9 +125,11 @@ impl Store {
         Ok(self.reader().counter(name)?)
     }
 
-    /// Applies a batch of records and records their offsets, in one SQLite transaction.
+    /// Applies a batch of records and records their offsets, in one SQLite transaction,
+    /// so that the store shows only states PostgreSQL had at a commit ([`consistent`]):
+    /// deltas of transactions not yet complete on every partition are held.
     pub fn apply_batch(&mut self, topic: &str, records: &[Record<'_>]) -> Result<BatchStats, StoreError> {
-        apply::apply_batch(&mut self.conn, &mut self.tables, self.subscribed.as_ref(), topic, records)
+        consistent::apply_batch(&mut self.conn, &mut self.tables, self.subscribed.as_ref(), &mut self.cut, topic, records)
     }
 
     /// Read accessors ([`StoreReader`]).

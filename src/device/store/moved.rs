@@ -57,6 +57,11 @@ pub(super) fn apply_key_change(
     write_row(statements, table, shape, &filled, version)
 }
 
+/// Whether a Kafka tombstone's delta is a move (an update with no row).
+pub(super) fn is_move(delta: &DeltaView<'_>) -> bool {
+    delta.op == crate::contract::DeltaOp::Update && delta.after.is_none()
+}
+
 /// Applies the move a Kafka tombstone carries (an update with its old key and no row): the
 /// old key's row is marked deleted at the update's version, its values kept for the update.
 pub(super) fn apply_move(

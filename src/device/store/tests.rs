@@ -115,21 +115,18 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     /// Partitions interleaved at random, records delivered twice and partitions replayed
-    /// from the start, in batches of random sizes: the store ends as the changes applied in
-    /// WAL order.
+    /// from the start, in batches of random sizes, with capture's watermarks after each
+    /// transaction: after every batch the store holds exactly the changes of the
+    /// transactions below the cut (the least watermark over the partitions), applied in
+    /// WAL order — never part of a transaction — and in the end all of them.
     #[test]
-    fn any_interleaving_with_duplicates_and_replays_converges(
+    fn any_interleaving_with_duplicates_and_replays_shows_only_whole_transactions(
         changes in prop::collection::vec(change(), 1..40),
         seed in any::<u64>(),
         batch in 1usize..7,
     ) {
         let all = deltas(&changes);
-        let mut per_partition: Vec<Vec<&Delta>> = vec![Vec::new(); PARTITIONS as usize];
-        for d in &all {
-            for p in partitions_of(d) {
-                per_partition[p as usize].push(d);
-            }
-        }
+        let per_partition = with_watermarks(&all);
         // Interleave, duplicating and replaying on the way.
         let mut rng = seed | 1;
         let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
@@ -141,10 +138,10 @@ proptest! {
             if cursor[p] >= per_partition[p].len() {
                 continue;
             }
-            stream.push((p as i32, per_partition[p][cursor[p]]));
+            stream.push((p as i32, &per_partition[p][cursor[p]]));
             match next() % 10 {
                 // An earlier record of this partition delivered again, late.
-                0 => stream.push((p as i32, per_partition[p][(next() % (cursor[p] as u64 + 1)) as usize])),
+                0 => stream.push((p as i32, &per_partition[p][(next() % (cursor[p] as u64 + 1)) as usize])),
                 1 if replays_left > 0 => {
                     replays_left -= 1;
                     cursor[p] = 0; // the partition is replayed from its beginning
@@ -156,13 +153,23 @@ proptest! {
         }
         let path = temp_store(seed);
         let mut store = Store::open(&path).unwrap();
+        store.set_partitions((0..PARTITIONS).collect());
         let mut offset = 0i64;
+        let mut seen = vec![0i64; PARTITIONS as usize];
         for chunk in stream.chunks(batch) {
             let records: Vec<Record> = chunk
                 .iter()
                 .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some(d.view())), tombstone: false } })
                 .collect();
+            for (p, d) in chunk {
+                if d.op == DeltaOp::Watermark {
+                    seen[*p as usize] = seen[*p as usize].max(d.commit_lsn);
+                }
+            }
             store.apply_batch("t", &records).unwrap();
+            let cut = seen.iter().copied().min().unwrap_or(0);
+            let whole: Vec<_> = changes.iter().zip(&all).filter(|(_, d)| d.commit_lsn < cut).map(|(c, _)| c.clone()).collect();
+            prop_assert_eq!(live_rows(&store), expected(&whole), "after a batch, at cut {}", cut);
         }
         let got = live_rows(&store);
         drop(store);
@@ -173,6 +180,25 @@ proptest! {
         }
         prop_assert_eq!(got, expected(&changes));
     }
+}
+
+/// Each partition's records as capture sends them: a transaction's deltas, then after its
+/// commit a watermark just past it in every partition.
+fn with_watermarks(all: &[Delta]) -> Vec<Vec<Delta>> {
+    let mut per_partition: Vec<Vec<Delta>> = vec![Vec::new(); PARTITIONS as usize];
+    let watermark =
+        |lsn: i64| Delta { table: String::new(), op: DeltaOp::Watermark, key: vec![], after: None, ..row_delta(lsn, 0, &[]) };
+    for (i, d) in all.iter().enumerate() {
+        for p in partitions_of(d) {
+            per_partition[p as usize].push(d.clone());
+        }
+        if all.get(i + 1).is_none_or(|n| n.commit_lsn != d.commit_lsn) {
+            for p in &mut per_partition {
+                p.push(watermark(d.commit_lsn + 1));
+            }
+        }
+    }
+    per_partition
 }
 
 fn row_delta(lsn: i64, id: i64, columns: &[(&str, i64)]) -> Delta {
@@ -193,6 +219,13 @@ fn row_delta(lsn: i64, id: i64, columns: &[(&str, i64)]) -> Delta {
     }
 }
 
+/// A watermark on partition 0 past every delta of these tests: their deltas apply at once,
+/// as deltas of complete transactions do.
+fn open_cut(store: &mut Store) {
+    let w = Delta { table: String::new(), op: DeltaOp::Watermark, key: vec![], after: None, ..row_delta(i64::MAX, 0, &[]) };
+    store.apply_batch("t", &[Record { partition: 0, offset: -1, delta: Ok(Some(w.view())), tombstone: false }]).unwrap();
+}
+
 fn table_columns(store: &Store) -> Vec<String> {
     let conn = store.connection();
     let mut stmt =
@@ -205,6 +238,7 @@ fn table_columns(store: &Store) -> Vec<String> {
 fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
     let path = temp_store(7);
     let mut store = Store::open(&path).unwrap();
+    open_cut(&mut store);
     let added = row_delta(100, 1, &[("v", 1), ("x", 1)]);
     let after_drop = row_delta(300, 2, &[("v", 2)]);
     // Written before the drop, delivered after it (another partition).
@@ -238,6 +272,7 @@ fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
 fn columns_change_in_the_middle_of_a_batch_while_its_statements_are_prepared() {
     let path = temp_store(8);
     let mut store = Store::open(&path).unwrap();
+    open_cut(&mut store);
     fn batch(ds: &[Delta]) -> Vec<Record<'_>> {
         ds.iter()
             .enumerate()
@@ -277,6 +312,7 @@ fn columns_change_in_the_middle_of_a_batch_while_its_statements_are_prepared() {
 fn a_truncate_that_arrives_before_its_table_still_hides_older_rows() {
     let path = temp_store(9);
     let mut store = Store::open(&path).unwrap();
+    open_cut(&mut store);
     let truncate = Delta { op: DeltaOp::Truncate, key: vec![], after: None, ..row_delta(200, 0, &[]) };
     let older = row_delta(100, 1, &[("v", 1)]);
     let newer = row_delta(300, 2, &[("v", 2)]);
@@ -299,6 +335,7 @@ fn a_truncate_that_arrives_before_its_table_still_hides_older_rows() {
 fn a_tombstone_carrying_its_delete_deletes_when_compaction_removed_the_delete_delta() {
     let path = temp_store(10);
     let mut store = Store::open(&path).unwrap();
+    open_cut(&mut store);
     let insert = row_delta(100, 1, &[("v", 1)]);
     let delete = Delta { op: DeltaOp::Delete, after: None, ..row_delta(200, 1, &[]) };
     let reinsert = row_delta(300, 1, &[("v", 3)]);
@@ -319,23 +356,61 @@ fn a_tombstone_carrying_its_delete_deletes_when_compaction_removed_the_delete_de
 }
 
 #[test]
-fn only_a_watermark_moves_a_partitions_applied_position() {
+fn only_a_watermark_moves_a_partitions_applied_position_and_releases_what_it_passed() {
     let path = temp_store(11);
     let mut store = Store::open(&path).unwrap();
+    store.set_partitions(vec![0]);
     let watermark =
         |lsn: i64| Delta { table: String::new(), op: DeltaOp::Watermark, key: vec![], after: None, ..row_delta(lsn, 0, &[]) };
     fn record(d: &Delta, offset: i64) -> Record<'_> {
         Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false }
     }
     // A transaction at 300 got through while one at 200 (a delta in this partition) did not:
-    // its delta says nothing about 200.
+    // its delta says nothing about 200, and waits for a watermark past it.
     let later = row_delta(300, 1, &[("v", 1)]);
     let stats = store.apply_batch("t", &[record(&later, 0)]).unwrap();
-    assert_eq!(stats.applied, 1);
+    assert_eq!((stats.applied, stats.held), (0, 1), "held until a watermark passes it");
     assert_eq!(stats.applied_lsn.get(&0).copied(), Some(0), "a data delta moves no position: {:?}", stats.applied_lsn);
+    assert_eq!(stats.next_offset.get(&0).copied(), Some(0), "the stored offset stays at the held delta");
     let (w150, w400) = (watermark(150), watermark(400));
     store.apply_batch("t", &[record(&w150, 1)]).unwrap();
     assert_eq!(store.applied_lsns("t").unwrap().get(&0).copied(), Some(150));
-    store.apply_batch("t", &[record(&row_delta(500, 2, &[("v", 2)]), 2), record(&w400, 3)]).unwrap();
+    assert_eq!(live_rows(&store), BTreeMap::new());
+    let stats = store.apply_batch("t", &[record(&row_delta(500, 2, &[("v", 2)]), 2), record(&w400, 3)]).unwrap();
     assert_eq!(store.applied_lsns("t").unwrap().get(&0).copied(), Some(400), "the watermark, not the later delta");
+    assert_eq!(live_rows(&store), BTreeMap::from([(1, 1)]), "300 is below the watermark, 500 is not");
+    assert_eq!((stats.applied, stats.held, stats.next_offset.get(&0).copied()), (1, 1, Some(2)));
+}
+
+#[test]
+fn held_deltas_staged_in_the_store_survive_a_restart_and_apply_together() {
+    let path = temp_store(12);
+    let watermark =
+        |lsn: i64| Delta { table: String::new(), op: DeltaOp::Watermark, key: vec![], after: None, ..row_delta(lsn, 0, &[]) };
+    fn record(d: &Delta, partition: i32, offset: i64) -> Record<'_> {
+        Record { partition, offset, delta: Ok(Some(d.view())), tombstone: false }
+    }
+    // One transaction at 300 writing rows in two partitions.
+    let (a, b) = (row_delta(300, 1, &[("v", 1)]), row_delta(300, 2, &[("v", 2)]));
+    let (w200, w400) = (watermark(200), watermark(400));
+    {
+        let mut store = Store::open(&path).unwrap();
+        store.set_partitions(vec![0, 1]);
+        store.set_hold_bytes(0);
+        store.apply_batch("t", &[record(&w200, 1, 0), record(&a, 0, 0), record(&w400, 0, 1)]).unwrap();
+        let stats = store.apply_batch("t", &[record(&w200, 0, 2)]).unwrap();
+        assert_eq!(stats.held, 1, "staged: partition 1 has not passed 300");
+        assert_eq!(stats.next_offset.get(&0).copied(), Some(3), "a staged delta lets the offset pass it");
+        assert_eq!(live_rows(&store), BTreeMap::new());
+    }
+    // Killed here; on restart the staged delta is still there and partition 0 is not read again.
+    let mut store = Store::open(&path).unwrap();
+    store.set_partitions(vec![0, 1]);
+    store.apply_batch("t", &[record(&b, 1, 1)]).unwrap();
+    assert_eq!(live_rows(&store), BTreeMap::new(), "partition 1's watermark has not passed 300 yet");
+    let stats = store.apply_batch("t", &[record(&w400, 1, 2)]).unwrap();
+    assert_eq!(live_rows(&store), BTreeMap::from([(1, 1), (2, 2)]), "both rows of the transaction at once");
+    assert_eq!(stats.held, 0);
+    let staged: i64 = store.connection().query_row("SELECT count(*) FROM _pgfanout_staged", [], |r| r.get(0)).unwrap();
+    assert_eq!(staged, 0);
 }

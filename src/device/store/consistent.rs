@@ -1,0 +1,264 @@
+//! Transaction-consistent apply: a reader of the store only ever sees a state PostgreSQL
+//! had at a commit.
+//!
+//! Why it holds. Capture sends a watermark `W` to a partition only once every delta of
+//! every transaction committed before `W` is acknowledged in it, so everything such a
+//! transaction wrote to that partition lies before the watermark. Per partition, the store
+//! keeps the newest watermark received; their minimum over all the topic's partitions is
+//! the *cut* `C`: every transaction whose commit LSN is below `C` has all its deltas
+//! received, on every partition. Each SQLite transaction the store commits applies exactly
+//! the deltas of transactions below the cut (those not applied before) and none above it:
+//! deltas of later transactions are held until the cut passes them. A transaction spread
+//! over several partitions or several batches, a truncate sent to every partition, and a
+//! snapshot's rows (all at the snapshot's position) become visible together.
+//!
+//! Held deltas stay in memory up to [`HOLD_BYTES`]; beyond that they are staged in the
+//! store (`_pgfanout_staged`), in the same transaction as the offsets that pass them, so a
+//! transaction of any size applies atomically while memory stays bounded. A partition's
+//! stored offset never passes a delta held only in memory: after a crash the device reads
+//! it again (and re-reads some deltas already applied, which change nothing, being no newer
+//! than the rows). Many source transactions still go into one SQLite transaction: one
+//! commit per batch, not per source transaction.
+
+use std::collections::HashMap;
+
+use rusqlite::{params, Connection};
+
+use super::apply::{Applier, BatchStats, Record};
+use super::error::StoreError;
+use crate::contract::codec::{decode_delta_view, encode_delta_into};
+use crate::contract::{Delta, DeltaOp, Value};
+
+/// Held deltas kept in memory before they are staged in the store.
+pub(super) const HOLD_BYTES: usize = 32 << 20;
+
+pub(super) const STAGED_SQL: &str = "
+CREATE TABLE IF NOT EXISTS _pgfanout_staged (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, record_offset INTEGER NOT NULL,
+    commit_lsn INTEGER NOT NULL, tombstone INTEGER NOT NULL, delta BLOB NOT NULL,
+    PRIMARY KEY (topic, partition, record_offset));
+CREATE INDEX IF NOT EXISTS _pgfanout_staged_by_commit ON _pgfanout_staged (topic, commit_lsn);
+";
+
+/// A delta waiting for the cut to pass its transaction.
+struct Held {
+    partition: i32,
+    offset: i64,
+    tombstone: bool,
+    delta: Delta,
+}
+
+/// What the store knows about the cut between batches.
+#[derive(Default)]
+pub(super) struct CutState {
+    /// The topic's partitions, when the device told (otherwise those seen).
+    partitions: Option<Vec<i32>>,
+    /// Per partition: the newest watermark received.
+    watermarks: HashMap<i32, i64>,
+    /// Per partition: the next offset after the records consumed.
+    consumed: HashMap<i32, i64>,
+    /// In consumption order.
+    held: Vec<Held>,
+    held_bytes: usize,
+    /// Deltas staged in the store.
+    staged: u64,
+    loaded_for: Option<String>,
+    /// Held bytes beyond which held deltas are staged ([`HOLD_BYTES`] unless set).
+    hold_bytes: Option<usize>,
+}
+
+impl CutState {
+    pub(super) fn set_partitions(&mut self, partitions: Vec<i32>) {
+        self.partitions = Some(partitions);
+    }
+
+    pub(super) fn set_hold_bytes(&mut self, bytes: usize) {
+        self.hold_bytes = Some(bytes);
+    }
+
+    /// Forgets what was read since the last commit: the store's offsets are the truth.
+    pub(super) fn reset(&mut self) {
+        *self = CutState { partitions: self.partitions.take(), hold_bytes: self.hold_bytes, ..CutState::default() };
+    }
+
+    /// Reads the store's positions for `topic` the first time it is used.
+    fn load(&mut self, conn: &Connection, topic: &str) -> Result<(), rusqlite::Error> {
+        if self.loaded_for.as_deref() == Some(topic) {
+            return Ok(());
+        }
+        let mut stmt = conn.prepare("SELECT partition, next_offset, applied_lsn FROM _pgfanout_offsets WHERE topic = ?1")?;
+        let rows = stmt.query_map([topic], |r| Ok((r.get::<_, i32>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+        for row in rows {
+            let (partition, next, applied) = row?;
+            self.consumed.insert(partition, next);
+            self.watermarks.insert(partition, applied);
+        }
+        self.staged =
+            conn.query_row("SELECT count(*) FROM _pgfanout_staged WHERE topic = ?1", [topic], |r| r.get::<_, i64>(0))? as u64;
+        self.loaded_for = Some(topic.to_string());
+        Ok(())
+    }
+
+    /// The cut: every transaction committed below it is complete on every partition.
+    fn cut(&self) -> i64 {
+        let of = |p: &i32| self.watermarks.get(p).copied().unwrap_or(0);
+        match &self.partitions {
+            Some(partitions) => partitions.iter().map(of).min().unwrap_or(0),
+            None => self.consumed.keys().map(of).min().unwrap_or(0),
+        }
+    }
+
+    fn hold(&mut self, partition: i32, offset: i64, tombstone: bool, delta: Delta) {
+        self.held_bytes += approximate_size(&delta);
+        self.held.push(Held { partition, offset, tombstone, delta });
+    }
+}
+
+/// Applies a batch consistently (module doc) and commits it with its positions.
+pub(super) fn apply_batch(
+    conn: &mut Connection,
+    tables: &mut HashMap<String, super::schema::TableShape>,
+    subscribed: Option<&std::collections::HashSet<String>>,
+    state: &mut CutState,
+    topic: &str,
+    records: &[Record<'_>],
+) -> Result<BatchStats, StoreError> {
+    state.load(conn, topic)?;
+    for record in records {
+        let next = state.consumed.entry(record.partition).or_insert(0);
+        *next = (*next).max(record.offset + 1);
+        if let Ok(Some(delta)) = &record.delta {
+            if delta.op == DeltaOp::Watermark && !record.tombstone {
+                let w = state.watermarks.entry(record.partition).or_insert(0);
+                *w = (*w).max(delta.commit_lsn);
+            }
+        }
+    }
+    let cut = state.cut();
+    let tx = conn.transaction()?;
+    let result = apply_in(&tx, tables, subscribed, state, topic, records, cut);
+    match result {
+        Ok(stats) => {
+            tx.commit()?;
+            Ok(stats)
+        }
+        Err(e) => {
+            // Nothing of this batch is committed: start again from the store.
+            state.reset();
+            Err(e)
+        }
+    }
+}
+
+fn apply_in(
+    tx: &rusqlite::Transaction<'_>,
+    tables: &mut HashMap<String, super::schema::TableShape>,
+    subscribed: Option<&std::collections::HashSet<String>>,
+    state: &mut CutState,
+    topic: &str,
+    records: &[Record<'_>],
+    cut: i64,
+) -> Result<BatchStats, StoreError> {
+    let mut applier = Applier::new(tx, tables, subscribed, topic);
+    if state.staged > 0 {
+        state.staged -= apply_staged(tx, &mut applier, topic, cut)?;
+    }
+    let held = std::mem::take(&mut state.held);
+    state.held_bytes = 0;
+    for h in held {
+        if h.delta.commit_lsn < cut {
+            applier.apply(h.partition, h.offset, h.tombstone, &h.delta.view())?;
+        } else {
+            state.hold(h.partition, h.offset, h.tombstone, h.delta);
+        }
+    }
+    for record in records {
+        applier.stats.processed += 1;
+        match &record.delta {
+            Err(reason) => applier.reject(record.partition, record.offset, reason)?,
+            Ok(None) => applier.stats.tombstones += 1,
+            Ok(Some(delta)) if delta.op == DeltaOp::Watermark && !record.tombstone => applier.stats.watermarks += 1,
+            Ok(Some(delta)) if delta.commit_lsn < cut || !applier.keeps(delta.table) => {
+                applier.apply(record.partition, record.offset, record.tombstone, delta)?;
+            }
+            Ok(Some(delta)) => state.hold(record.partition, record.offset, record.tombstone, delta.to_delta()),
+        }
+    }
+    if state.held_bytes > state.hold_bytes.unwrap_or(HOLD_BYTES) {
+        state.staged += stage(tx, topic, &state.held)?;
+        state.held.clear();
+        state.held_bytes = 0;
+    }
+    let mut positions: Vec<(i32, i64, i64)> =
+        state.consumed.iter().map(|(p, next)| (*p, *next, state.watermarks.get(p).copied().unwrap_or(0))).collect();
+    for h in &state.held {
+        if let Some(entry) = positions.iter_mut().find(|(p, _, _)| *p == h.partition) {
+            entry.1 = entry.1.min(h.offset);
+        }
+    }
+    positions.sort_unstable();
+    let mut stats = applier.finish(&positions)?;
+    stats.consumed = state.consumed.clone();
+    stats.held = state.held.len() as u64 + state.staged;
+    Ok(stats)
+}
+
+/// Applies the staged deltas of transactions below `cut` and removes them; returns how many.
+fn apply_staged(tx: &rusqlite::Transaction<'_>, applier: &mut Applier<'_, '_>, topic: &str, cut: i64) -> Result<u64, StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT partition, record_offset, tombstone, delta FROM _pgfanout_staged WHERE topic = ?1 AND commit_lsn < ?2",
+    )?;
+    let mut rows = stmt.query(params![topic, cut])?;
+    let mut applied = 0;
+    while let Some(row) = rows.next()? {
+        let (partition, offset, tombstone): (i32, i64, bool) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        let bytes: Vec<u8> = row.get(3)?;
+        match decode_delta_view(&bytes) {
+            Ok(delta) => applier.apply(partition, offset, tombstone, &delta)?,
+            // Staged by this store from a delta that decoded: the file was damaged.
+            Err(e) => applier.reject(partition, offset, &format!("staged delta no longer decodes: {e}"))?,
+        }
+        applied += 1;
+    }
+    drop(rows);
+    if applied > 0 {
+        tx.execute("DELETE FROM _pgfanout_staged WHERE topic = ?1 AND commit_lsn < ?2", params![topic, cut])?;
+    }
+    Ok(applied)
+}
+
+/// Writes held deltas to the staging table; returns how many.
+fn stage(tx: &rusqlite::Transaction<'_>, topic: &str, held: &[Held]) -> Result<u64, rusqlite::Error> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT OR REPLACE INTO _pgfanout_staged (topic, partition, record_offset, commit_lsn, tombstone, delta)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut bytes = Vec::new();
+    for h in held {
+        bytes.clear();
+        encode_delta_into(&h.delta, &mut bytes);
+        stmt.execute(params![topic, h.partition, h.offset, h.delta.commit_lsn, h.tombstone, bytes])?;
+    }
+    tracing::debug!(deltas = held.len(), "held deltas staged in the store");
+    Ok(held.len() as u64)
+}
+
+/// About what a held delta takes in memory.
+fn approximate_size(delta: &Delta) -> usize {
+    let columns = |cs: &[crate::contract::Column]| -> usize {
+        cs.iter().map(|c| 96 + c.name.len() + c.type_name.len() + value_size(&c.value)).sum()
+    };
+    160 + delta.table.len()
+        + columns(&delta.key)
+        + delta.after.as_deref().map_or(0, columns)
+        + delta.old_key.as_deref().map_or(0, columns)
+        + delta.instruction_id.as_ref().map_or(0, String::len)
+}
+
+fn value_size(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.len(),
+        Value::Bytes(b) => b.len(),
+        Value::Null | Value::Boolean(_) | Value::Long(_) | Value::Double(_) => 0,
+    }
+}
