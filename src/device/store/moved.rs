@@ -225,6 +225,13 @@ mod tests {
                 let record = Record { partition, offset: i as i64, delta: Ok(Some(d.view())), tombstone };
                 store.apply_batch("t", &[record]).unwrap();
             }
+            // Watermarks past the changes on both partitions: the store applies them.
+            let mut watermark = delta(DeltaOp::Watermark, 0, None, None, 100);
+            (watermark.table, watermark.key, watermark.after) = (String::new(), Vec::new(), None);
+            let marks: Vec<Record<'_>> = (0..2)
+                .map(|p| Record { partition: p, offset: 10, delta: Ok(Some(watermark.view())), tombstone: false })
+                .collect();
+            store.apply_batch("t", &marks).unwrap();
             assert_eq!(docs(&store), vec![(1, None, 1), (2, Some("big".into()), 0)], "order {order:?}");
             drop(store);
             let _ = std::fs::remove_file(&path);
