@@ -26,6 +26,7 @@ mod error;
 pub mod flush;
 pub mod pgoutput;
 pub mod publisher;
+pub mod refused;
 pub mod replication;
 mod session;
 mod settings;

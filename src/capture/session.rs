@@ -79,6 +79,7 @@ impl Session<'_> {
                 pg::quote_ident(publication)
             )));
         }
+        super::refused::warn_unpublished_generated_columns(&client, publication).await?;
         let cfg = ReplicationConfig::from_conninfo(&self.pg_settings.conninfo)?;
         let confirmed = self.slot_position(&client, &cfg).await?;
         let snapshot = InitialSnapshot { slot: &self.settings.slot, conninfo: &self.pg_settings.conninfo, publication };

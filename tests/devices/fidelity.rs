@@ -326,3 +326,89 @@ async fn a_key_change_leaves_a_tombstone_so_a_compacted_topic_never_brings_the_o
     p.stop("device-a");
     p.stop("capture");
 }
+
+/// The body of `http://addr/metrics` (plain HTTP/1.0, no chunking).
+fn metrics_body(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else { return String::new() };
+    let _ = write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domains_negative_zero_generated_columns_and_keyless_tables() {
+    let mut p = Pipeline::new("smaller").await;
+    let client = p.client().await;
+    client
+        .batch_execute(
+            "CREATE DOMAIN positive AS integer CHECK (VALUE > 0);
+             CREATE DOMAIN small_positive AS positive CHECK (VALUE < 1000);
+             CREATE TABLE public.odd (id int PRIMARY KEY, dm positive, dm2 small_positive, r real, d float8,
+                                      twice int GENERATED ALWAYS AS (id * 2) STORED);
+             CREATE TABLE public.nokey (id int, v text);
+             ALTER PUBLICATION pgfanout ADD TABLE public.odd, public.nokey;
+             INSERT INTO public.odd VALUES (1, 7, 8, '-0', '-0'), (2, 1, 2, '0', '0');
+             INSERT INTO public.nokey VALUES (1, 'before');",
+        )
+        .await
+        .unwrap();
+    let metrics = format!("127.0.0.1:{}", pgfanout::test_support::env::free_port());
+    p.start_capture_with(&["--metrics-addr", &metrics]).await;
+    p.start_device("a", &[]);
+    client
+        .batch_execute(
+            "INSERT INTO public.odd VALUES (3, 9, 10, '-0', '-0'), (4, 2, 3, 1.5, -0.0::float8 * 1);
+             INSERT INTO public.nokey VALUES (2, 'during');
+             UPDATE public.odd SET r = -r, d = -d WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    p.wait_converged(&["a"]).await;
+    let conn = pgfanout::verify::open_store_read_only(&p.store("a")).unwrap();
+    let (dm_type, r): (String, pgfanout::contract::Value) = conn
+        .query_row("SELECT typeof(dm) || '/' || typeof(dm2), r FROM \"public.odd\" WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, pgfanout::device::store::value_from_sqlite("float4", r.get_ref(1)?)))
+        })
+        .unwrap();
+    assert_eq!(dm_type, "integer/integer", "a domain over an integer is an integer on both paths");
+    assert!(matches!(r, pgfanout::contract::Value::Double(f) if f == 0.0 && f.is_sign_negative()), "-0 kept its sign: {r:?}");
+    let rejected: i64 = conn.query_row("SELECT count(*) FROM _pgfanout_rejected", [], |r| r.get(0)).unwrap();
+    assert_eq!(rejected, 0, "nothing the device had to reject");
+
+    // The keyless table is refused by name, counted and alerted on; the rest goes on.
+    let log = std::fs::read_to_string(p.log("capture")).unwrap();
+    assert!(log.contains("table public.nokey has no primary key") && log.contains("ADD PRIMARY KEY"), "{log}");
+    pgfanout::test_support::wait_for("the refusal metrics", pgfanout::test_support::TIMEOUT, || async {
+        let body = metrics_body(&metrics);
+        (body.contains("pgfanout_capture_refused_tables 1") && body.contains("pgfanout_capture_refused_changes_total"))
+            .then_some(())
+    })
+    .await;
+    let store = p.store("a").to_string_lossy().into_owned();
+    let out = p.run_cli(&["verify", "--store", &store]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("1 of 1 devices match") && stdout.contains("not compared: public.nokey"), "{stdout}");
+
+    // Given a key, the table is captured again; its rows reach devices as they change.
+    client
+        .batch_execute(
+            "ALTER TABLE public.nokey ADD PRIMARY KEY (id);
+             UPDATE public.nokey SET v = v || ' and after';
+             INSERT INTO public.nokey VALUES (3, 'after');
+             INSERT INTO public.odd VALUES (5, 5, 5, '-0', 'NaN');",
+        )
+        .await
+        .unwrap();
+    p.wait_converged(&["a"]).await;
+    let rows = p.device_rows("a").await;
+    assert_eq!(rows.get("public.nokey").map(|r| r.len()), Some(3), "{rows:?}");
+    pgfanout::test_support::wait_for("the refusal to end", pgfanout::test_support::TIMEOUT, || async {
+        metrics_body(&metrics).contains("pgfanout_capture_refused_tables 0").then_some(())
+    })
+    .await;
+    p.stop("device-a");
+    p.stop("capture");
+}

@@ -9,6 +9,7 @@ use rusqlite::{params, CachedStatement, Connection, ToSql};
 
 use super::error::{ApplyError, StoreError};
 use super::moved;
+use super::read::NEGATIVE_ZERO;
 use super::schema::{ensure_shape, record_truncate, sqlite_table, truncated_at, TableShape, WriteKind, DELETED, LSN, SEQ};
 use crate::contract::view::{ColumnView, DeltaView, ValueView};
 use crate::contract::DeltaOp;
@@ -375,6 +376,9 @@ impl ToSql for ValueView<'_> {
             ValueView::Long(n) => ValueRef::Integer(n),
             // SQLite turns a NaN REAL into NULL; keep it as text so it survives.
             ValueView::Double(f) if f.is_nan() => ValueRef::Text(b"NaN"),
+            // SQLite writes an integral REAL as an integer, and turns any numeric text into
+            // one, so -0.0 would come back as 0.0: keep its bits as a blob.
+            ValueView::Double(f) if f == 0.0 && f.is_sign_negative() => ValueRef::Blob(&NEGATIVE_ZERO),
             ValueView::Double(f) => ValueRef::Real(f),
             ValueView::String(s) => ValueRef::Text(s.as_bytes()),
             ValueView::Bytes(b) => ValueRef::Blob(b),
