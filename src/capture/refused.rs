@@ -30,10 +30,19 @@ pub fn refusal(rel: &Relation) -> Option<String> {
     ))
 }
 
-/// The relations refused so far, by id.
-#[derive(Default)]
+/// The relations refused so far in this replication session, by id (PostgreSQL describes
+/// every relation again in each session, before its first change).
 pub struct RefusedTables {
     ids: HashSet<u32>,
+}
+
+impl Default for RefusedTables {
+    /// None refused yet; both metrics are exported from the start.
+    fn default() -> Self {
+        metrics::gauge!("pgfanout_capture_refused_tables").set(0.0);
+        metrics::counter!("pgfanout_capture_refused_changes_total").increment(0);
+        RefusedTables { ids: HashSet::new() }
+    }
 }
 
 impl RefusedTables {

@@ -53,7 +53,7 @@ pub struct BatchStats {
 /// The statements prepared during one batch's transaction, kept out of rusqlite's cache
 /// until the batch ends: a delta finds its statement by the identity of the text its table
 /// shape gave it, without hashing the SQL.
-pub(super) struct BatchStatements<'c> {
+struct BatchStatements<'c> {
     conn: &'c Connection,
     /// In order of preparation. Holding the text keeps its address from being reused.
     prepared: Vec<(Rc<str>, CachedStatement<'c>)>,
@@ -146,7 +146,7 @@ impl<'t, 'c> Applier<'t, 'c> {
             return Ok(());
         }
         let applied = if tombstone && moved::is_move(delta) {
-            moved::apply_move(self.tx, self.tables, delta)
+            apply_move(self.tx, self.tables, delta)
         } else {
             apply_delta(self.tx, &mut self.statements, self.tables, delta)
         };
@@ -279,7 +279,7 @@ fn apply_delta(
             if let Some(old_key) = &delta.old_key {
                 if !same_key(old_key, &delta.key) {
                     if delta.op != DeltaOp::Delete {
-                        return moved::apply_key_change(tx, statements, delta.table, shape, old_key, &row, version);
+                        return apply_key_change(tx, statements, delta.table, shape, old_key, &row, version);
                     }
                     write_tombstone(statements, delta.table, shape, old_key, version)?;
                 }
@@ -293,6 +293,47 @@ fn apply_delta(
     }
 }
 
+/// Writes an insert, update or snapshot row whose key differs from its `old_key`: the old
+/// key's row becomes a tombstone, the new one gets the row, with the old row's values where
+/// the row says `unchanged` (see [`moved`]). `true` if the new key's row changed.
+fn apply_key_change(
+    tx: &rusqlite::Transaction<'_>,
+    statements: &mut BatchStatements<'_>,
+    table: &str,
+    shape: &mut TableShape,
+    old_key: &[ColumnView<'_>],
+    row: &[ColumnView<'_>],
+    version: (i64, i64),
+) -> Result<bool, ApplyError> {
+    let old = moved::old_values(tx, table, shape, old_key, row, version)?;
+    write_tombstone(statements, table, shape, old_key, version)?;
+    let Some(old) = old else { return write_row(statements, table, shape, row, version) };
+    old.taken(tx, table, shape, old_key, version)?;
+    write_row(statements, table, shape, &old.fill(row), version)
+}
+
+/// Applies the move a Kafka tombstone carries (an update with its old key and no row, see
+/// [`moved`]): the old key's row is marked deleted at the update's version, its values kept
+/// for the update.
+fn apply_move(
+    tx: &rusqlite::Transaction<'_>,
+    tables: &mut HashMap<String, TableShape>,
+    delta: &DeltaView<'_>,
+) -> Result<bool, ApplyError> {
+    let version = delta.version();
+    let old_key = match &delta.old_key {
+        Some(k) if !k.is_empty() => k,
+        _ => return Err(ApplyError::Invalid(format!("the move of a row of {} names no old key", delta.table))),
+    };
+    let (shape, _) = ensure_shape(tx, tables, delta.table, old_key, old_key, version, false)?;
+    if shape.truncated_at >= version {
+        return Ok(false);
+    }
+    // Rare enough for rusqlite's own statement cache.
+    let mut stmt = tx.prepare_cached(&versioned_upsert_sql(delta.table, shape, old_key, "", true))?;
+    execute_versioned(&mut stmt, old_key, version)
+}
+
 fn same_key(a: &[ColumnView<'_>], b: &[ColumnView<'_>]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.name == y.name && x.value == y.value)
 }
@@ -300,7 +341,7 @@ fn null_assignments(shape: &TableShape) -> String {
     shape.columns.iter().filter(|c| !shape.key.contains(c)).map(|c| format!("{} = NULL, ", quote_ident(c))).collect()
 }
 
-pub(super) fn write_row(
+fn write_row(
     statements: &mut BatchStatements<'_>,
     table: &str,
     shape: &mut TableShape,
@@ -318,7 +359,7 @@ pub(super) fn write_row(
     execute_versioned(statements.get(&sql)?, row, version)
 }
 
-pub(super) fn write_tombstone(
+fn write_tombstone(
     statements: &mut BatchStatements<'_>,
     table: &str,
     shape: &mut TableShape,
@@ -335,7 +376,7 @@ pub(super) fn write_tombstone(
 /// `INSERT … ON CONFLICT DO UPDATE` of `columns` plus the version, applied only when the
 /// version is newer than the stored one: `assignments` (each ending in `, `) change the
 /// other columns, and the row becomes live or a tombstone.
-pub(super) fn versioned_upsert_sql(
+fn versioned_upsert_sql(
     table: &str,
     shape: &TableShape,
     columns: &[ColumnView<'_>],
@@ -356,7 +397,7 @@ pub(super) fn versioned_upsert_sql(
 }
 
 /// Runs a versioned write: the columns' values, then the version; `true` if a row changed.
-pub(super) fn execute_versioned(
+fn execute_versioned(
     stmt: &mut rusqlite::Statement<'_>,
     columns: &[ColumnView<'_>],
     version: (i64, i64),

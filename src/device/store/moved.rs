@@ -21,76 +21,55 @@
 use rusqlite::types::Value as SqlValue;
 use rusqlite::Transaction;
 
-use super::apply::{execute_versioned, versioned_upsert_sql, write_row, write_tombstone, BatchStatements};
 use super::error::ApplyError;
-use super::schema::{ensure_shape, sqlite_table, TableShape, DELETED, LSN, SEQ};
+use super::schema::{sqlite_table, TableShape, DELETED, LSN, SEQ};
 use crate::contract::view::{ColumnView, DeltaView, ValueView};
 use crate::quote::quote_ident;
-
-/// Writes an insert, update or snapshot row whose key differs from its `old_key`: the old
-/// key's row becomes a tombstone, the new one gets the row, with the old row's values
-/// where the row says `unchanged`. `true` if the new key's row changed.
-pub(super) fn apply_key_change(
-    tx: &Transaction<'_>,
-    statements: &mut BatchStatements<'_>,
-    table: &str,
-    shape: &mut TableShape,
-    old_key: &[ColumnView<'_>],
-    row: &[ColumnView<'_>],
-    version: (i64, i64),
-) -> Result<bool, ApplyError> {
-    let old = if row.iter().any(|c| c.unchanged) { old_values(tx, table, shape, old_key, row, version)? } else { None };
-    write_tombstone(statements, table, shape, old_key, version)?;
-    let Some(old) = old else { return write_row(statements, table, shape, row, version) };
-    if old.moved {
-        // Deleted by the move with its values kept for this update; now they are taken.
-        clear_moved(tx, table, shape, old_key, version)?;
-    }
-    let mut carried = old.values.iter();
-    let filled: Vec<ColumnView<'_>> = row
-        .iter()
-        .map(|c| match if c.unchanged { carried.next() } else { None } {
-            Some(v) => ColumnView { value: view_of(v), unchanged: false, ..c.clone() },
-            None => c.clone(),
-        })
-        .collect();
-    write_row(statements, table, shape, &filled, version)
-}
 
 /// Whether a Kafka tombstone's delta is a move (an update with no row).
 pub(super) fn is_move(delta: &DeltaView<'_>) -> bool {
     delta.op == crate::contract::DeltaOp::Update && delta.after.is_none()
 }
 
-/// Applies the move a Kafka tombstone carries (an update with its old key and no row): the
-/// old key's row is marked deleted at the update's version, its values kept for the update.
-pub(super) fn apply_move(
-    tx: &Transaction<'_>,
-    tables: &mut std::collections::HashMap<String, TableShape>,
-    delta: &DeltaView<'_>,
-) -> Result<bool, ApplyError> {
-    let version = delta.version();
-    let old_key = match &delta.old_key {
-        Some(k) if !k.is_empty() => k,
-        _ => return Err(ApplyError::Invalid(format!("the move of a row of {} names no old key", delta.table))),
-    };
-    let (shape, _) = ensure_shape(tx, tables, delta.table, old_key, old_key, version, false)?;
-    if shape.truncated_at >= version {
-        return Ok(false);
-    }
-    // Rare enough for rusqlite's own statement cache.
-    let mut stmt = tx.prepare_cached(&versioned_upsert_sql(delta.table, shape, old_key, "", true))?;
-    execute_versioned(&mut stmt, old_key, version)
-}
-
 /// The old row's values of the row's unchanged columns, in their order.
-struct OldValues {
+pub(super) struct OldValues {
     values: Vec<SqlValue>,
     /// The old row was deleted by this very move (its Kafka tombstone came first).
     moved: bool,
 }
 
-fn old_values(
+impl OldValues {
+    /// `row` with the old values in its unchanged columns.
+    pub(super) fn fill<'x>(&'x self, row: &[ColumnView<'x>]) -> Vec<ColumnView<'x>> {
+        let mut carried = self.values.iter();
+        row.iter()
+            .map(|c| match if c.unchanged { carried.next() } else { None } {
+                Some(v) => ColumnView { value: view_of(v), unchanged: false, ..c.clone() },
+                None => c.clone(),
+            })
+            .collect()
+    }
+
+    /// Clears the values a move kept in the old key's tombstone for this update, now taken.
+    pub(super) fn taken(
+        &self,
+        tx: &Transaction<'_>,
+        table: &str,
+        shape: &TableShape,
+        old_key: &[ColumnView<'_>],
+        version: (i64, i64),
+    ) -> Result<(), ApplyError> {
+        if self.moved {
+            clear_moved(tx, table, shape, old_key, version)?;
+        }
+        Ok(())
+    }
+}
+
+/// The values of `row`'s unchanged columns in the old row as it was just before the update
+/// at `version`: live and older, or deleted by this very move; `None` when the device holds
+/// no such row or `row` has no unchanged column.
+pub(super) fn old_values(
     tx: &Transaction<'_>,
     table: &str,
     shape: &TableShape,
@@ -99,7 +78,7 @@ fn old_values(
     version: (i64, i64),
 ) -> Result<Option<OldValues>, ApplyError> {
     let wanted: Vec<&str> = row.iter().filter(|c| c.unchanged).map(|c| c.name).collect();
-    if wanted.iter().any(|c| !shape.columns.iter().any(|s| s == c)) {
+    if wanted.is_empty() || wanted.iter().any(|c| !shape.columns.iter().any(|s| s == c)) {
         return Ok(None);
     }
     let select: String = wanted.iter().map(|c| format!("{}, ", quote_ident(c))).collect();
