@@ -149,6 +149,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Setup { kafka, postgres } => {
             let client = pg::connect(&postgres.conninfo).await?;
             pg::ensure_schema(&client).await?;
+            if let capture::ddl::DdlTrigger::NotPermitted(why) = capture::ddl::install_trigger(&client).await? {
+                println!("warning: {why}");
+            }
             kafka::ensure_pipeline_topics(&kafka).await?;
             println!("schema pgfanout and topics {:?} are in place", kafka.topics().all());
             if let Some(problem) = pg::publication_problem(&client, &postgres.publication).await? {

@@ -18,14 +18,17 @@
 //! The parts: [`run`] (here) reconnects after transient failures and replaces a producer
 //! that failed for good; `session` checks the server and the slot, then runs the streaming
 //! loop; [`changes`] turns decoded [`pgoutput`] messages (and the [`snapshot`]'s rows) into
-//! numbered deltas; [`publisher`] sends them and tracks their acknowledgements; `watermark`
+//! numbered deltas; [`ddl`] learns DDL on published tables at its commit and `recopy`
+//! drops or copies those tables again while streaming goes on; [`publisher`] sends them and tracks their acknowledgements; `watermark`
 //! and `slot` send watermarks and watch the slot.
 
 pub mod changes;
+pub mod ddl;
 mod error;
 pub mod flush;
 pub mod pgoutput;
 pub mod publisher;
+mod recopy;
 pub mod refused;
 pub mod replication;
 mod session;

@@ -328,7 +328,7 @@ impl Publisher {
 }
 
 /// `pgfanout_capture_changes_total` by op, looked up once instead of for every record.
-struct ChangeCounters([metrics::Counter; 5]);
+struct ChangeCounters([metrics::Counter; 6]);
 
 impl ChangeCounters {
     fn new() -> ChangeCounters {
@@ -339,6 +339,7 @@ impl ChangeCounters {
             counter(DeltaOp::Delete),
             counter(DeltaOp::Truncate),
             counter(DeltaOp::Snapshot),
+            counter(DeltaOp::Drop),
         ])
     }
 
@@ -350,6 +351,7 @@ impl ChangeCounters {
             DeltaOp::Delete => 2,
             DeltaOp::Truncate => 3,
             DeltaOp::Snapshot => 4,
+            DeltaOp::Drop => 5,
             DeltaOp::Watermark => return,
         };
         self.0[i].increment(1);

@@ -11,10 +11,12 @@ use std::cell::Cell;
 use std::time::Duration;
 
 use super::changes::{Change, ChangeDecoder, ChangeError};
+use super::ddl::DDL_PREFIX;
 use super::error::CaptureError;
 use super::flush::{Lsn, TxHandle};
 use super::pgoutput::{self, PgOutputMessage};
 use super::publisher::Publisher;
+use super::recopy::DdlFollower;
 use super::replication::{self, ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
 use super::settings::CaptureSettings;
 use super::slot::{SlotMonitor, HEARTBEAT_PREFIX};
@@ -58,6 +60,12 @@ impl Session<'_> {
             watermark: Watermark::new(confirmed),
             slot: SlotMonitor::new(&self.settings.slot, self.settings.heartbeat_secs),
             received_bytes: self.received_bytes.clone(),
+            ddl: DdlFollower::new(
+                &self.pg_settings.conninfo,
+                &self.pg_settings.publication,
+                &self.settings.slot,
+                Duration::from_millis(self.settings.status_interval_ms),
+            ),
         };
         streaming.run(self.settings, shutdown).await
     }
@@ -150,6 +158,8 @@ struct Streaming<'a> {
     watermark: Watermark,
     slot: SlotMonitor,
     received_bytes: metrics::Counter,
+    /// DDL on published tables, acted on at its transaction's commit.
+    ddl: DdlFollower,
 }
 
 impl Streaming<'_> {
@@ -238,6 +248,9 @@ impl Streaming<'_> {
                         self.watermark.passed(wal_start);
                         return self.report(false).await;
                     }
+                    PgOutputMessage::Message { transactional: true, prefix, content, .. } if prefix.as_str() == DDL_PREFIX => {
+                        self.ddl.on_message(content);
+                    }
                     _ => {}
                 }
                 match self.decoder.on_message(wal_start, message)? {
@@ -251,7 +264,10 @@ impl Streaming<'_> {
     /// Hands a decoded change to the publisher.
     async fn on_change(&mut self, change: Change) -> Result<(), CaptureError> {
         match change {
-            Change::Begin => self.current_tx = Some(self.publisher.begin()),
+            Change::Begin => {
+                self.ddl.on_begin();
+                self.current_tx = Some(self.publisher.begin());
+            }
             Change::Delta(delta) => {
                 let tx = self.open_tx()?;
                 self.publisher.send(&delta, None, tx).await?;
@@ -270,6 +286,7 @@ impl Streaming<'_> {
             Change::Commit { end_lsn } => {
                 tracing::debug!(end_lsn = %replication::format_lsn(end_lsn), "transaction received");
                 if let Some(tx) = self.current_tx.take() {
+                    self.ddl.at_commit(end_lsn, &mut self.stream, self.publisher, tx).await?;
                     self.publisher.committed(tx, end_lsn);
                 }
                 self.watermark.passed(end_lsn);

@@ -53,8 +53,8 @@ const FETCH_ROWS: usize = 5000;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A published table as the snapshot sees it.
-struct SnapshotTable {
-    relation: Relation,
+pub(super) struct SnapshotTable {
+    pub(super) relation: Relation,
     /// Non-built-in column types: (oid, namespace, name), as pgoutput's Type messages.
     types: Vec<(u32, String, String)>,
     /// The publication's row filter, if any.
@@ -134,14 +134,7 @@ impl InitialSnapshot<'_> {
         publisher.restart(0);
         let tx = publisher.begin();
         let started = Instant::now();
-        let mut copier = TableCopier {
-            reader: &reader,
-            deltas: RowDeltas::new(version, now_micros()),
-            publisher: &mut *publisher,
-            tx,
-            started,
-            progress: SnapshotRowCounter { rows: 0, logged: started },
-        };
+        let mut copier = TableCopier::new(&reader, &mut *publisher, tx, version);
         for table in
             tables.into_iter().filter(|t| super::refused::refusal(&t.relation).inspect(|why| tracing::error!("{why}")).is_none())
         {
@@ -174,8 +167,8 @@ impl InitialSnapshot<'_> {
 }
 
 /// Copies one table after another inside the snapshot's transaction, as `snapshot` deltas
-/// of one tracked transaction.
-struct TableCopier<'a> {
+/// of one tracked transaction (also the online copy of a table changed by DDL, `recopy`).
+pub(super) struct TableCopier<'a> {
     reader: &'a Client,
     deltas: RowDeltas,
     publisher: &'a mut Publisher,
@@ -184,9 +177,22 @@ struct TableCopier<'a> {
     progress: SnapshotRowCounter,
 }
 
-impl TableCopier<'_> {
+impl<'a> TableCopier<'a> {
+    /// A copier whose deltas carry the version `(version, n)`, tracked as part of `tx`.
+    pub(super) fn new(reader: &'a Client, publisher: &'a mut Publisher, tx: TxHandle, version: u64) -> Self {
+        let started = Instant::now();
+        TableCopier {
+            reader,
+            deltas: RowDeltas::new(version, now_micros()),
+            publisher,
+            tx,
+            started,
+            progress: SnapshotRowCounter { rows: 0, logged: started },
+        }
+    }
+
     /// Copies `table`; false when `shutdown` interrupted it.
-    async fn copy(&mut self, table: SnapshotTable, shutdown: &Shutdown) -> Result<bool, CaptureError> {
+    pub(super) async fn copy(&mut self, table: SnapshotTable, shutdown: &Shutdown) -> Result<bool, CaptureError> {
         let relation = &table.relation;
         let name = format!("{}.{}", relation.namespace, relation.name);
         let columns: Vec<String> = relation.columns.iter().map(|c| quote::quote_ident(&c.name)).collect();
@@ -273,7 +279,7 @@ fn missing_schema(e: tokio_postgres::Error) -> CaptureError {
 /// pgoutput's Relation and Type messages describe them: published columns only (column
 /// lists), generated columns only where pgoutput sends them, key flags from the replica identity (the primary
 /// key under `REPLICA IDENTITY FULL`, as streaming uses).
-async fn published_tables(reader: &Client, publication: &str) -> Result<Vec<SnapshotTable>, CaptureError> {
+pub(super) async fn published_tables(reader: &Client, publication: &str) -> Result<Vec<SnapshotTable>, CaptureError> {
     let tables = reader
         .query(
             "SELECT c.oid, pt.schemaname::text, pt.tablename::text, c.relreplident::text, pt.attnames::text[], pt.rowfilter,

@@ -81,6 +81,7 @@ impl<'a> Reader<'a> {
             3 => DeltaOp::Truncate,
             4 => DeltaOp::Snapshot,
             5 => DeltaOp::Watermark,
+            6 => DeltaOp::Drop,
             _ => return Err("op symbol out of range"),
         })
     }

@@ -25,7 +25,7 @@ fn the_schema_is_the_one_the_reader_walks() {
         "fields": [
             {"name": "table", "type": "string"},
             {"name": "op", "type": {"type": "enum", "name": "DeltaOp",
-                "symbols": ["insert", "update", "delete", "truncate", "snapshot", "watermark"]}},
+                "symbols": ["insert", "update", "delete", "truncate", "snapshot", "watermark", "drop"]}},
             {"name": "key", "type": {"type": "array", "items": {
                 "type": "record", "name": "Column",
                 "fields": [

@@ -36,6 +36,7 @@ fn op_symbol(op: DeltaOp) -> i64 {
         DeltaOp::Truncate => 3,
         DeltaOp::Snapshot => 4,
         DeltaOp::Watermark => 5,
+        DeltaOp::Drop => 6,
     }
 }
 

@@ -137,6 +137,9 @@ pub enum DeltaOp {
     Truncate,
     Snapshot,
     Watermark,
+    /// The table left the publication under this name (dropped, renamed, removed from it):
+    /// devices remove its rows older than this version, and the table when none is left.
+    Drop,
 }
 
 impl DeltaOp {
@@ -148,6 +151,7 @@ impl DeltaOp {
             DeltaOp::Truncate => "truncate",
             DeltaOp::Snapshot => "snapshot",
             DeltaOp::Watermark => "watermark",
+            DeltaOp::Drop => "drop",
         }
     }
 }

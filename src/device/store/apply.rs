@@ -10,7 +10,9 @@ use rusqlite::{params, CachedStatement, Connection, ToSql};
 use super::error::{ApplyError, StoreError};
 use super::moved;
 use super::read::NEGATIVE_ZERO;
-use super::schema::{ensure_shape, record_truncate, sqlite_table, truncated_at, TableShape, WriteKind, DELETED, LSN, SEQ};
+use super::schema::{
+    drop_table, ensure_shape, record_truncate, sqlite_table, truncated_at, TableShape, WriteKind, DELETED, LSN, SEQ,
+};
 use crate::contract::view::{ColumnView, DeltaView, ValueView};
 use crate::contract::DeltaOp;
 use crate::quote::quote_ident;
@@ -90,7 +92,7 @@ pub(super) struct Applier<'t, 'c> {
     subscribed: Option<&'t HashSet<String>>,
     topic: &'t str,
     pub(super) stats: BatchStats,
-    applied_by_op: [u64; 6],
+    applied_by_op: [u64; 7],
 }
 
 impl<'t, 'c> Applier<'t, 'c> {
@@ -107,7 +109,7 @@ impl<'t, 'c> Applier<'t, 'c> {
             subscribed,
             topic,
             stats: BatchStats::default(),
-            applied_by_op: [0; 6],
+            applied_by_op: [0; 7],
         }
     }
 
@@ -179,10 +181,10 @@ fn record_positions(
     tx: &rusqlite::Transaction<'_>,
     topic: &str,
     next_offsets: &[(i32, i64, i64)],
-    applied_by_op: &[u64; 6],
+    applied_by_op: &[u64; 7],
     stats: &mut BatchStats,
 ) -> Result<(), rusqlite::Error> {
-    for op in [DeltaOp::Insert, DeltaOp::Update, DeltaOp::Delete, DeltaOp::Truncate, DeltaOp::Snapshot] {
+    for op in [DeltaOp::Insert, DeltaOp::Update, DeltaOp::Delete, DeltaOp::Truncate, DeltaOp::Snapshot, DeltaOp::Drop] {
         if applied_by_op[op as usize] > 0 {
             stats.applied_by_op.insert(op.as_str(), applied_by_op[op as usize]);
         }
@@ -238,6 +240,7 @@ fn apply_delta(
     let version = delta.version();
     match delta.op {
         DeltaOp::Watermark => Ok(false), // positions only; handled by the caller
+        DeltaOp::Drop => Ok(drop_table(tx, tables, delta.table, version)?),
         DeltaOp::Truncate => {
             let Some(shape) = tables.get_mut(delta.table) else {
                 // Nothing of this table here yet, but rows older than the truncate may still
@@ -272,7 +275,8 @@ fn apply_delta(
                     return Err(ApplyError::Invalid(format!("{} delta on {} has no row", delta.op.as_str(), delta.table)))
                 }
             };
-            let (shape, row) = ensure_shape(tx, tables, delta.table, &delta.key, row, version, delta.op != DeltaOp::Delete)?;
+            let written = ensure_shape(tx, tables, delta.table, &delta.key, row, version, delta.op)?;
+            let Some((shape, row)) = written else { return Ok(false) };
             if shape.truncated_at >= version {
                 return Ok(false);
             }
@@ -325,7 +329,10 @@ fn apply_move(
         Some(k) if !k.is_empty() => k,
         _ => return Err(ApplyError::Invalid(format!("the move of a row of {} names no old key", delta.table))),
     };
-    let (shape, _) = ensure_shape(tx, tables, delta.table, old_key, old_key, version, false)?;
+    // Only the old key's columns: shaped as a delete is.
+    let Some((shape, _)) = ensure_shape(tx, tables, delta.table, old_key, old_key, version, DeltaOp::Delete)? else {
+        return Ok(false);
+    };
     if shape.truncated_at >= version {
         return Ok(false);
     }

@@ -16,9 +16,16 @@
 //! store (`_pgfanout_staged`), in the same transaction as the offsets that pass them, so a
 //! transaction of any size applies atomically while memory stays bounded. A partition's
 //! stored offset never passes a delta held only in memory: after a crash the device reads
-//! it again (and re-reads some deltas already applied, which change nothing, being no newer
-//! than the rows). Many source transactions still go into one SQLite transaction: one
-//! commit per batch, not per source transaction.
+//! it again. Until every partition has been read again as far as before, the cut stays
+//! where the last commit left it: watermarks read before the restart must not let it pass
+//! a delta that was held in memory and is not yet read again. The records after it that
+//! were already handled are recognised by the position read and the watermark received
+//! (`_pgfanout_consumed`, same transaction) and that cut, and neither applied nor counted
+//! again: each record is counted once. A partition's applied position
+//! (`_pgfanout_offsets.applied_lsn`, what the device acknowledges) is its watermark, but
+//! never above the cut. Many source
+//! transactions still go into one SQLite transaction: one commit per batch, not per source
+//! transaction.
 
 use std::collections::HashMap;
 
@@ -38,6 +45,9 @@ CREATE TABLE IF NOT EXISTS _pgfanout_staged (
     commit_lsn INTEGER NOT NULL, tombstone INTEGER NOT NULL, delta BLOB NOT NULL,
     PRIMARY KEY (topic, partition, record_offset));
 CREATE INDEX IF NOT EXISTS _pgfanout_staged_by_commit ON _pgfanout_staged (topic, commit_lsn);
+CREATE TABLE IF NOT EXISTS _pgfanout_consumed (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, watermark INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition));
 ";
 
 /// A delta waiting for the cut to pass its transaction.
@@ -55,14 +65,20 @@ pub(super) struct CutState {
     partitions: Option<Vec<i32>>,
     /// Per partition: the newest watermark received.
     watermarks: HashMap<i32, i64>,
-    /// Per partition: the next offset after the records consumed.
-    consumed: HashMap<i32, i64>,
+    /// Per partition: the next offset after the records this store has read since it was
+    /// opened (from its stored offset on).
+    read: HashMap<i32, i64>,
+    /// Per partition: the next offset after every record ever handled (read before a
+    /// restart included): records below it are not counted again.
+    counted: HashMap<i32, i64>,
     /// In consumption order.
     held: Vec<Held>,
     held_bytes: usize,
     /// Deltas staged in the store.
     staged: u64,
     loaded_for: Option<String>,
+    /// The cut of the last commit: every delta below it is applied.
+    committed: i64,
     /// Held bytes beyond which held deltas are staged ([`HOLD_BYTES`] unless set).
     hold_bytes: Option<usize>,
 }
@@ -86,25 +102,54 @@ impl CutState {
         if self.loaded_for.as_deref() == Some(topic) {
             return Ok(());
         }
-        let mut stmt = conn.prepare("SELECT partition, next_offset, applied_lsn FROM _pgfanout_offsets WHERE topic = ?1")?;
-        let rows = stmt.query_map([topic], |r| Ok((r.get::<_, i32>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+        let mut stmt = conn.prepare(
+            "SELECT o.partition, o.next_offset, max(o.next_offset, coalesce(c.next_offset, 0)), o.applied_lsn,
+                    max(o.applied_lsn, coalesce(c.watermark, 0))
+               FROM _pgfanout_offsets o
+               LEFT JOIN _pgfanout_consumed c ON c.topic = o.topic AND c.partition = o.partition
+              WHERE o.topic = ?1",
+        )?;
+        let rows = stmt
+            .query_map([topic], |r| Ok((r.get::<_, i32>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get(3)?, r.get(4)?)))?;
+        let mut applied = HashMap::new();
         for row in rows {
-            let (partition, next, applied) = row?;
-            self.consumed.insert(partition, next);
-            self.watermarks.insert(partition, applied);
+            let (partition, next, counted, applied_lsn, watermark) = row?;
+            self.read.insert(partition, next);
+            self.counted.insert(partition, counted);
+            self.watermarks.insert(partition, watermark);
+            applied.insert(partition, applied_lsn);
         }
         self.staged =
             conn.query_row("SELECT count(*) FROM _pgfanout_staged WHERE topic = ?1", [topic], |r| r.get::<_, i64>(0))? as u64;
+        // Each partition's applied position is at most the cut of the last commit, and the
+        // least of them is that cut.
+        self.committed = self.least_over_partitions(&applied);
         self.loaded_for = Some(topic.to_string());
         Ok(())
     }
 
-    /// The cut: every transaction committed below it is complete on every partition.
+    /// The cut: every transaction committed below it is complete on every partition, and
+    /// every delta below it has been read since the store was opened or applied before.
     fn cut(&self) -> i64 {
-        let of = |p: &i32| self.watermarks.get(p).copied().unwrap_or(0);
+        let behind = self.counted.iter().any(|(p, counted)| self.read.get(p).copied().unwrap_or(0) < *counted);
+        if behind {
+            self.watermark_cut().min(self.committed)
+        } else {
+            self.watermark_cut()
+        }
+    }
+
+    /// The least watermark over the partitions.
+    fn watermark_cut(&self) -> i64 {
+        self.least_over_partitions(&self.watermarks)
+    }
+
+    /// The least value over the topic's partitions (0 for one without).
+    fn least_over_partitions(&self, values: &HashMap<i32, i64>) -> i64 {
+        let of = |p: &i32| values.get(p).copied().unwrap_or(0);
         match &self.partitions {
             Some(partitions) => partitions.iter().map(of).min().unwrap_or(0),
-            None => self.consumed.keys().map(of).min().unwrap_or(0),
+            None => self.read.keys().map(of).min().unwrap_or(0),
         }
     }
 
@@ -124,9 +169,8 @@ pub(super) fn apply_batch(
     records: &[Record<'_>],
 ) -> Result<BatchStats, StoreError> {
     state.load(conn, topic)?;
+    let committed_cut = state.committed;
     for record in records {
-        let next = state.consumed.entry(record.partition).or_insert(0);
-        *next = (*next).max(record.offset + 1);
         if let Ok(Some(delta)) = &record.delta {
             if delta.op == DeltaOp::Watermark && !record.tombstone {
                 let w = state.watermarks.entry(record.partition).or_insert(0);
@@ -134,12 +178,19 @@ pub(super) fn apply_batch(
             }
         }
     }
+    // Watermarks count only once the records before them are read: a batch that catches
+    // a partition up is judged as read.
+    for record in records {
+        let read = state.read.entry(record.partition).or_insert(0);
+        *read = (*read).max(record.offset + 1);
+    }
     let cut = state.cut();
     let tx = conn.transaction()?;
-    let result = apply_in(&tx, tables, subscribed, state, topic, records, cut);
+    let result = apply_in(&tx, tables, subscribed, state, topic, records, (committed_cut, cut));
     match result {
         Ok(stats) => {
             tx.commit()?;
+            state.committed = cut;
             Ok(stats)
         }
         Err(e) => {
@@ -157,7 +208,7 @@ fn apply_in(
     state: &mut CutState,
     topic: &str,
     records: &[Record<'_>],
-    cut: i64,
+    (committed_cut, cut): (i64, i64),
 ) -> Result<BatchStats, StoreError> {
     let mut applier = Applier::new(tx, tables, subscribed, topic);
     if state.staged > 0 {
@@ -173,7 +224,17 @@ fn apply_in(
         }
     }
     for record in records {
-        applier.stats.processed += 1;
+        let counted = state.counted.entry(record.partition).or_insert(0);
+        // Read again after a restart: handled before unless held then (at or above the cut
+        // of the last commit).
+        let again = record.offset < *counted;
+        *counted = (*counted).max(record.offset + 1);
+        match &record.delta {
+            _ if !again => applier.stats.processed += 1,
+            Ok(Some(delta))
+                if delta.op != DeltaOp::Watermark && delta.commit_lsn >= committed_cut && applier.keeps(delta.table) => {}
+            _ => continue,
+        }
         match &record.delta {
             Err(reason) => applier.reject(record.partition, record.offset, reason)?,
             Ok(None) => applier.stats.tombstones += 1,
@@ -189,16 +250,24 @@ fn apply_in(
         state.held.clear();
         state.held_bytes = 0;
     }
-    let mut positions: Vec<(i32, i64, i64)> =
-        state.consumed.iter().map(|(p, next)| (*p, *next, state.watermarks.get(p).copied().unwrap_or(0))).collect();
+    let watermark = |p: &i32| state.watermarks.get(p).copied().unwrap_or(0);
+    let mut positions: Vec<(i32, i64, i64)> = state.read.iter().map(|(p, next)| (*p, *next, watermark(p).min(cut))).collect();
     for h in &state.held {
         if let Some(entry) = positions.iter_mut().find(|(p, _, _)| *p == h.partition) {
             entry.1 = entry.1.min(h.offset);
         }
     }
     positions.sort_unstable();
+    let mut consumed = tx.prepare_cached(
+        "INSERT INTO _pgfanout_consumed (topic, partition, next_offset, watermark) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset, watermark = excluded.watermark",
+    )?;
+    for (partition, next) in &state.counted {
+        consumed.execute(params![topic, partition, next, watermark(partition)])?;
+    }
+    drop(consumed);
     let mut stats = applier.finish(&positions)?;
-    stats.consumed = state.consumed.clone();
+    stats.consumed = state.read.clone();
     stats.held = state.held.len() as u64 + state.staged;
     Ok(stats)
 }

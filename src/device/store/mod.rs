@@ -103,6 +103,8 @@ impl Store {
                  ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
                 params![topic, partition, offset],
             )?;
+            // Records from there on are new to the store: applied and counted again.
+            tx.execute("DELETE FROM _pgfanout_consumed WHERE topic = ?1 AND partition = ?2", params![topic, partition])?;
         }
         tx.commit()?;
         Ok(())
@@ -142,5 +144,7 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+mod ddl_tests;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,15 @@
 //! The store's own tables (its bookkeeping, and the layout version that guards it) and
-//! the shape of each replicated table: its columns and key as PostgreSQL last described
-//! them, its last truncate, and the statement texts that write it.
+//! the shape of each replicated table: its columns, their types and its key as PostgreSQL
+//! last described them, its last truncate or drop, and the statement texts that write it.
+//!
+//! Shapes follow PostgreSQL by versions, so that a delta older than a change of shape
+//! neither undoes it nor triggers it again: a column is added by the first delta that
+//! carries it, dropped by the first full row newer than its addition that lacks it, and
+//! takes a new type's SQLite affinity from the first `snapshot` row newer than its last
+//! change that carries the new type (capture copies a table again after DDL, so the copy's
+//! rows bring every change of columns; values are kept through a change of affinity). A
+//! `drop` removes the table's rows older than it, and the table itself when nothing newer
+//! is left; it is remembered like a truncate, so that older deltas do not create it again.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -11,6 +20,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::error::{ApplyError, StoreError};
 use crate::contract::value::ValueKind;
 use crate::contract::view::ColumnView;
+use crate::contract::DeltaOp;
 use crate::quote::quote_ident;
 
 /// Hidden columns of every replicated table.
@@ -57,6 +67,11 @@ pub(super) struct TableShape {
     /// Known columns, in order of first appearance.
     pub(super) columns: Vec<String>,
     pub(super) key: Vec<String>,
+    /// Each column's PostgreSQL type, as recorded.
+    pub(super) types: HashMap<String, String>,
+    /// The commit LSN of the last `snapshot` rows whose types were compared with `types`
+    /// (all rows of one copy share it: their types are compared once).
+    pub(super) types_checked_at: i64,
     pub(super) truncated_at: (i64, i64),
     /// The version of each column's last addition or drop (`true`), so that deltas older
     /// than a change neither undo it nor trigger it again.
@@ -98,7 +113,15 @@ impl ShapedSql {
 
 impl TableShape {
     pub(super) fn new(columns: Vec<String>, key: Vec<String>, truncated_at: (i64, i64)) -> Self {
-        TableShape { columns, key, truncated_at, changes: HashMap::new(), statements: Vec::new() }
+        TableShape {
+            columns,
+            key,
+            types: HashMap::new(),
+            types_checked_at: -1,
+            truncated_at,
+            changes: HashMap::new(),
+            statements: Vec::new(),
+        }
     }
 
     pub(super) fn has_column(&self, name: &str) -> bool {
@@ -139,19 +162,21 @@ pub fn sqlite_table(table: &str) -> String {
 pub(super) fn load_shapes(conn: &Connection) -> Result<HashMap<String, TableShape>, rusqlite::Error> {
     let mut tables = HashMap::new();
     let mut stmt = conn.prepare(
-        "SELECT c.table_name, c.column_name, c.is_key, coalesce(t.truncate_lsn, -1), coalesce(t.truncate_seq, -1)
+        "SELECT c.table_name, c.column_name, c.is_key, coalesce(t.truncate_lsn, -1), coalesce(t.truncate_seq, -1), c.pg_type
            FROM _pgfanout_columns c LEFT JOIN _pgfanout_tables t ON t.table_name = c.table_name
           ORDER BY c.table_name, c.ordinal",
     )?;
     let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?))
+        let head = (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?);
+        Ok((head, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?, r.get::<_, String>(5)?))
     })?;
     for row in rows {
-        let (table, column, is_key, tl, ts) = row?;
+        let ((table, column, is_key), tl, ts, pg_type) = row?;
         let shape = tables.entry(table).or_insert_with(|| TableShape::new(Vec::new(), Vec::new(), (tl, ts)));
         if is_key {
             shape.key.push(column.clone());
         }
+        shape.types.insert(column.clone(), pg_type);
         shape.columns.push(column);
     }
     drop(stmt);
@@ -172,8 +197,11 @@ pub(super) fn is_reserved(name: &str) -> bool {
     name.starts_with("_pgfanout_")
 }
 /// Creates the table, or follows PostgreSQL's column changes: adds the columns the delta
-/// brings, and drops those a full row newer than their addition no longer has. Returns the
-/// table's shape and the row without the columns dropped after this delta was written.
+/// brings, retypes those a copy brings with a new type, and drops those a full row newer
+/// than their addition no longer has. Returns the table's shape and the row without the
+/// columns dropped after this delta was written; nothing when the table is not here and
+/// the delta is older than its last truncate or drop.
+#[allow(clippy::type_complexity)]
 pub(super) fn ensure_shape<'t, 'r, 'd>(
     tx: &rusqlite::Transaction<'_>,
     tables: &'t mut HashMap<String, TableShape>,
@@ -181,14 +209,19 @@ pub(super) fn ensure_shape<'t, 'r, 'd>(
     key: &[ColumnView<'d>],
     row: &'r [ColumnView<'d>],
     version: (i64, i64),
-    full_row: bool,
-) -> Result<(&'t mut TableShape, Cow<'r, [ColumnView<'d>]>), ApplyError> {
+    op: DeltaOp,
+) -> Result<Option<(&'t mut TableShape, Cow<'r, [ColumnView<'d>]>)>, ApplyError> {
+    let full_row = op != DeltaOp::Delete;
     if let Some(c) = key.iter().chain(row).find(|c| is_reserved(c.name)) {
         return Err(ApplyError::Invalid(format!("column name {:?} is reserved on devices", c.name)));
     }
     // Formatted only for a change of the table's columns, not for every delta.
     let t = || sqlite_table(table);
     if !tables.contains_key(table) {
+        let truncated = truncated_at(tx, table)?;
+        if truncated >= version {
+            return Ok(None);
+        }
         let mut cols = Vec::new();
         let mut defs = Vec::new();
         for c in key.iter().chain(row.iter().filter(|c| !key.iter().any(|k| k.name == c.name))) {
@@ -204,10 +237,11 @@ pub(super) fn ensure_shape<'t, 'r, 'd>(
         let mut shape = TableShape::new(
             cols.iter().map(|c| c.name.to_string()).collect(),
             key.iter().map(|k| k.name.to_string()).collect(),
-            truncated_at(tx, table)?,
+            truncated,
         );
         for (i, c) in cols.iter().enumerate() {
             record_column(tx, table, c, key.iter().any(|k| k.name == c.name), i)?;
+            shape.types.insert(c.name.to_string(), c.type_name.to_string());
             record_change(tx, &mut shape, table, c.name, version, false)?;
         }
         tables.insert(table.to_string(), shape);
@@ -228,7 +262,12 @@ pub(super) fn ensure_shape<'t, 'r, 'd>(
         record_column(tx, table, c, false, shape.columns.len())?;
         record_change(tx, shape, table, c.name, version, false)?;
         shape.columns.push(c.name.to_string());
+        shape.types.insert(c.name.to_string(), c.type_name.to_string());
         shape.reshaped();
+    }
+    if op == DeltaOp::Snapshot && shape.types_checked_at != version.0 {
+        shape.types_checked_at = version.0;
+        retype_columns(tx, shape, table, row, version)?;
     }
     // Every column of the table is in the row unless one was dropped: the common case
     // costs a comparison of lengths.
@@ -245,6 +284,7 @@ pub(super) fn ensure_shape<'t, 'r, 'd>(
             tx.execute("DELETE FROM _pgfanout_columns WHERE table_name = ?1 AND column_name = ?2", params![table, c])?;
             record_change(tx, shape, table, &c, version, true)?;
             shape.columns.retain(|x| *x != c);
+            shape.types.remove(&c);
             shape.reshaped();
         }
     }
@@ -253,7 +293,87 @@ pub(super) fn ensure_shape<'t, 'r, 'd>(
     } else {
         Cow::Owned(row.iter().filter(|c| shape.has_column(c.name)).cloned().collect())
     };
-    Ok((shape, row))
+    Ok(Some((shape, row)))
+}
+
+/// Gives the columns of `row` whose PostgreSQL type changed since their last change the new
+/// type; a new SQLite affinity means a new column, into which the values are copied (and
+/// converted by the new affinity). Key columns keep their SQLite column.
+fn retype_columns(
+    tx: &rusqlite::Transaction<'_>,
+    shape: &mut TableShape,
+    table: &str,
+    row: &[ColumnView<'_>],
+    version: (i64, i64),
+) -> Result<(), ApplyError> {
+    for c in row {
+        let Some(old) = shape.types.get(c.name) else { continue };
+        if old == c.type_name || shape.changes.get(c.name).is_some_and(|(v, _)| *v >= version) {
+            continue;
+        }
+        let is_key = shape.key.iter().any(|k| k == c.name);
+        if sqlite_type(old) != sqlite_type(c.type_name) && !is_key {
+            let (t, name) = (sqlite_table(table), quote_ident(c.name));
+            tx.execute_batch(&format!(
+                "ALTER TABLE {t} RENAME COLUMN {name} TO {RETYPED};
+                 ALTER TABLE {t} ADD COLUMN {name} {};
+                 UPDATE {t} SET {name} = {RETYPED};
+                 ALTER TABLE {t} DROP COLUMN {RETYPED};",
+                sqlite_type(c.type_name)
+            ))?;
+            shape.reshaped();
+        }
+        let ordinal = shape.columns.iter().position(|x| x == c.name).unwrap_or(shape.columns.len());
+        record_column(tx, table, c, is_key, ordinal)?;
+        record_change(tx, shape, table, c.name, version, false)?;
+        shape.types.insert(c.name.to_string(), c.type_name.to_string());
+    }
+    Ok(())
+}
+
+/// A column's temporary name while it changes affinity.
+const RETYPED: &str = "_pgfanout_retyped";
+
+/// Applies a `drop` of `table` at `version`: rows older than it go, and the table with its
+/// recorded shape when no newer row is left; the version is kept as the table's truncate.
+/// `Ok(true)` if it changed anything.
+pub(super) fn drop_table(
+    tx: &rusqlite::Transaction<'_>,
+    tables: &mut HashMap<String, TableShape>,
+    table: &str,
+    version: (i64, i64),
+) -> Result<bool, rusqlite::Error> {
+    let last = match tables.get(table) {
+        Some(shape) => shape.truncated_at,
+        None => truncated_at(tx, table)?,
+    };
+    if last >= version {
+        return Ok(false);
+    }
+    record_truncate(tx, table, version)?;
+    let Some(shape) = tables.get_mut(table) else { return Ok(true) };
+    shape.truncated_at = version;
+    let t = sqlite_table(table);
+    let newer: bool = tx.query_row(
+        &format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE ({LSN}, {SEQ}) >= (?1, ?2))"),
+        params![version.0, version.1],
+        |r| r.get(0),
+    )?;
+    if newer {
+        // A later table of that name: only what is older goes, as with a truncate.
+        let nulls: String =
+            shape.columns.iter().filter(|c| !shape.key.contains(c)).map(|c| format!("{} = NULL, ", quote_ident(c))).collect();
+        tx.execute(
+            &format!("UPDATE {t} SET {nulls}{DELETED} = 1, {LSN} = ?1, {SEQ} = ?2 WHERE ({LSN}, {SEQ}) < (?1, ?2)"),
+            params![version.0, version.1],
+        )?;
+        return Ok(true);
+    }
+    tx.execute_batch(&format!("DROP TABLE IF EXISTS {t}"))?;
+    tx.execute("DELETE FROM _pgfanout_columns WHERE table_name = ?1", [table])?;
+    tx.execute("DELETE FROM _pgfanout_column_changes WHERE table_name = ?1", [table])?;
+    tables.remove(table);
+    Ok(true)
 }
 
 /// The version of the last truncate of `table` recorded in the store; `(-1, -1)` for none.

@@ -219,6 +219,12 @@ fn row_delta(lsn: i64, id: i64, columns: &[(&str, i64)]) -> Delta {
     }
 }
 
+/// An offset no record of these tests had before: each record is news to the store.
+fn fresh_offset() -> i64 {
+    static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1_000);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A watermark on partition 0 past every delta of these tests: their deltas apply at once,
 /// as deltas of complete transactions do.
 fn open_cut(store: &mut Store) {
@@ -244,10 +250,7 @@ fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
     // Written before the drop, delivered after it (another partition).
     let late = row_delta(200, 1, &[("v", 3), ("x", 3)]);
     fn batch<'a>(ds: &[&'a Delta]) -> Vec<Record<'a>> {
-        ds.iter()
-            .enumerate()
-            .map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())), tombstone: false })
-            .collect()
+        ds.iter().map(|d| Record { partition: 0, offset: fresh_offset(), delta: Ok(Some(d.view())), tombstone: false }).collect()
     }
     store.apply_batch("t", &batch(&[&added])).unwrap();
     assert_eq!(table_columns(&store), ["id", "v", "x"]);
@@ -274,10 +277,7 @@ fn columns_change_in_the_middle_of_a_batch_while_its_statements_are_prepared() {
     let mut store = Store::open(&path).unwrap();
     open_cut(&mut store);
     fn batch(ds: &[Delta]) -> Vec<Record<'_>> {
-        ds.iter()
-            .enumerate()
-            .map(|(i, d)| Record { partition: 0, offset: i as i64, delta: Ok(Some(d.view())), tombstone: false })
-            .collect()
+        ds.iter().map(|d| Record { partition: 0, offset: fresh_offset(), delta: Ok(Some(d.view())), tombstone: false }).collect()
     }
     let mut tombstone = row_delta(600, 2, &[]);
     tombstone.op = DeltaOp::Delete;
@@ -413,4 +413,45 @@ fn held_deltas_staged_in_the_store_survive_a_restart_and_apply_together() {
     assert_eq!(stats.held, 0);
     let staged: i64 = store.connection().query_row("SELECT count(*) FROM _pgfanout_staged", [], |r| r.get(0)).unwrap();
     assert_eq!(staged, 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// A device killed at random points and restarted from its stored offsets, reading each
+    /// partition as Kafka would (same offsets again): every state it shows is whole
+    /// transactions, it ends as PostgreSQL, and each record is counted once.
+    #[test]
+    fn restarts_from_the_stored_offsets_count_each_record_once(
+        changes in prop::collection::vec(change(), 1..40),
+        seed in any::<u64>(),
+    ) {
+        let all = deltas(&changes);
+        let per_partition = with_watermarks(&all);
+        let total: usize = per_partition.iter().map(Vec::len).sum();
+        let mut rng = seed | 1;
+        let mut next = move || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+        let path = temp_store(seed ^ 0x5eed);
+        let mut store = Store::open(&path).unwrap();
+        store.set_partitions((0..PARTITIONS).collect());
+        let mut cursor = vec![0i64; PARTITIONS as usize];
+        while cursor.iter().zip(&per_partition).any(|(c, p)| (*c as usize) < p.len()) {
+            if next() % 7 == 0 {
+                drop(store);
+                store = Store::open(&path).unwrap();
+                store.set_partitions((0..PARTITIONS).collect());
+                let stored = store.offsets("t").unwrap();
+                for (p, c) in cursor.iter_mut().enumerate() {
+                    *c = stored.get(&(p as i32)).copied().unwrap_or(0);
+                }
+            }
+            let p = (next() % PARTITIONS as u64) as usize;
+            let Some(d) = per_partition[p].get(cursor[p] as usize) else { continue };
+            let record = Record { partition: p as i32, offset: cursor[p], delta: Ok(Some(d.view())), tombstone: false };
+            store.apply_batch("t", &[record]).unwrap();
+            cursor[p] += 1;
+        }
+        prop_assert_eq!(live_rows(&store), expected(&changes));
+        prop_assert_eq!(store.counter("processed").unwrap(), total as i64);
+    }
 }

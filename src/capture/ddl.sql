@@ -1,0 +1,74 @@
+-- What the published tables look like, as of the last DDL statement: one row per
+-- (publication, table), with its name and published columns. The event trigger compares the
+-- catalog with it after every DDL statement and tells capture what changed.
+CREATE TABLE IF NOT EXISTS pgfanout.published_shapes (
+    pubname text NOT NULL,
+    relid oid NOT NULL,
+    table_name text NOT NULL,
+    shape text NOT NULL,
+    PRIMARY KEY (pubname, relid)
+);
+
+-- The publications' tables now, described as in pgfanout.published_shapes.
+CREATE OR REPLACE FUNCTION pgfanout.published_now() RETURNS TABLE (pubname text, relid oid, table_name text, shape text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT pt.pubname::text, c.oid, pt.schemaname || '.' || pt.tablename,
+           coalesce((SELECT string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum)
+                       FROM pg_attribute a
+                      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                        AND (pt.attnames IS NULL OR a.attname = ANY (pt.attnames))), '')
+      FROM pg_publication_tables pt
+      JOIN pg_namespace n ON n.nspname = pt.schemaname
+      JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+$fn$;
+
+-- Compares the publications' tables with pgfanout.published_shapes, brings it up to date and,
+-- when `emit`, writes a transactional logical message 'pgfanout.ddl' listing the changes:
+-- {"drop": [[publication, table], ...], "copy": [[publication, table], ...]}, where "drop"
+-- names tables that left a publication under that name (dropped, renamed, removed) and
+-- "copy" tables whose name or published columns changed, or that joined one. Returns them.
+CREATE OR REPLACE FUNCTION pgfanout.sync_published_shapes(emit boolean) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    changes jsonb;
+BEGIN
+    WITH now AS (SELECT * FROM pgfanout.published_now())
+    SELECT jsonb_build_object(
+               'drop', coalesce((SELECT jsonb_agg(jsonb_build_array(s.pubname, s.table_name) ORDER BY s.table_name)
+                                   FROM pgfanout.published_shapes s
+                                  WHERE NOT EXISTS (SELECT 1 FROM now p
+                                                     WHERE p.pubname = s.pubname AND p.relid = s.relid
+                                                       AND p.table_name = s.table_name)), '[]'),
+               'copy', coalesce((SELECT jsonb_agg(jsonb_build_array(p.pubname, p.table_name) ORDER BY p.table_name)
+                                   FROM now p
+                                  WHERE NOT EXISTS (SELECT 1 FROM pgfanout.published_shapes s
+                                                     WHERE p.pubname = s.pubname AND p.relid = s.relid
+                                                       AND p.table_name = s.table_name AND p.shape = s.shape)), '[]'))
+      INTO changes;
+    IF changes = '{"drop": [], "copy": []}'::jsonb THEN
+        RETURN changes;
+    END IF;
+    -- Row by row, so that concurrent statements on different tables do not conflict.
+    DELETE FROM pgfanout.published_shapes s
+     WHERE NOT EXISTS (SELECT 1 FROM pgfanout.published_now() p WHERE p.pubname = s.pubname AND p.relid = s.relid);
+    INSERT INTO pgfanout.published_shapes AS s (pubname, relid, table_name, shape)
+    SELECT p.pubname, p.relid, p.table_name, p.shape FROM pgfanout.published_now() p
+    ON CONFLICT (pubname, relid) DO UPDATE SET table_name = excluded.table_name, shape = excluded.shape
+     WHERE (s.table_name, s.shape) IS DISTINCT FROM (excluded.table_name, excluded.shape);
+    IF emit THEN
+        PERFORM pg_logical_emit_message(true, 'pgfanout.ddl', changes::text);
+    END IF;
+    RETURN changes;
+END
+$fn$;
+
+-- The event trigger's function: never makes a user's statement fail (a problem here is a
+-- warning, and the statement goes on as without pgfanout).
+CREATE OR REPLACE FUNCTION pgfanout.on_ddl_command_end() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM pgfanout.sync_published_shapes(true);
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'pgfanout: the change of the published tables was not recorded for devices: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+END
+$fn$;

@@ -1,0 +1,183 @@
+//! What capture does at the commit of a transaction that changed published tables (a
+//! `pgfanout.ddl` message, see [`super::ddl`]): a `drop` delta for each table that left
+//! the publication under a name, and an online copy of each table whose rows changed in a
+//! way the WAL does not show, while streaming goes on.
+//!
+//! Why no change is lost or undone — the initial snapshot's argument (`snapshot.rs`),
+//! placed at the statement instead of the slot's start:
+//! 1. The message is read at the commit of the statement's transaction, `D`. A temporary
+//!    slot created now exports a snapshot whose consistent point `C` (> `D`, the
+//!    transaction has committed) splits transactions exactly: those committed before `C`
+//!    are visible in it, those after are decoded by the capture slot, later in the stream.
+//! 2. Each copied table starts with a truncate at `(C − 1, 0)` and its rows follow at
+//!    `(C − 1, n)`: newer than every change committed before `C` — the statement itself,
+//!    what the stream sent of the table before, and what it will still send of the
+//!    transactions between `D` and `C`, whose effect the copy already holds — and older than
+//!    every change committed after `C`. Devices keep the newest version of each row and
+//!    ignore rows older than a truncate, so whatever they held of the table is replaced by
+//!    the copy, and the copy by later changes. The copy's rows are full rows with the
+//!    table's new columns: devices add the new columns, retype changed ones and drop those
+//!    the table no longer has (`device::store::schema`).
+//! 3. A `drop` at the same kind of version (`C − 1`, or `end − 1` of the commit record
+//!    when nothing is copied: above every change of the transaction, below every later
+//!    commit) removes the table's rows older than it on devices, and the table itself when
+//!    nothing newer is left: older deltas of it, replayed or late from another partition,
+//!    do not bring it back; a new table of that name, later, does.
+//! 4. The copy's deltas and the drops belong to the statement's transaction in the flush
+//!    tracker: the slot's flush position passes `D` only once Kafka has acknowledged them
+//!    all. A capture stopped before that reads the transaction again and copies again
+//!    (devices absorb rows sent twice).
+//!
+//! While a copy runs, the replication connection gets status updates (it is not read, the
+//! server buffers), so the server does not end it as unresponsive.
+
+use std::time::Duration;
+
+use super::ddl::{self, DdlChanges};
+use super::error::CaptureError;
+use super::flush::{Lsn, TxHandle};
+use super::publisher::Publisher;
+use super::replication::{self, ReplicationClient, ReplicationConfig, ReplicationStream};
+use super::snapshot::{published_tables, TableCopier};
+use crate::contract::{now_micros, Delta, DeltaOp};
+use crate::shutdown::Shutdown;
+use crate::{pg, quote};
+
+/// The DDL changes of the transaction being received, and how to act on them at its commit.
+pub(super) struct DdlFollower {
+    pub(super) conninfo: String,
+    pub(super) publication: String,
+    pub(super) slot: String,
+    /// Status updates to the replication connection while a copy runs.
+    pub(super) status_interval: Duration,
+    pending: DdlChanges,
+}
+
+impl DdlFollower {
+    pub(super) fn new(conninfo: &str, publication: &str, slot: &str, status_interval: Duration) -> Self {
+        DdlFollower {
+            conninfo: conninfo.into(),
+            publication: publication.into(),
+            slot: slot.into(),
+            status_interval,
+            pending: DdlChanges::default(),
+        }
+    }
+
+    /// A `pgfanout.ddl` message of the open transaction.
+    pub(super) fn on_message(&mut self, content: &[u8]) {
+        self.pending.extend(ddl::parse(content, &self.publication));
+    }
+
+    /// A transaction began: nothing is pending (a message of a transaction that never
+    /// committed is not one of this).
+    pub(super) fn on_begin(&mut self) {
+        self.pending = DdlChanges::default();
+    }
+
+    /// At the commit of the transaction `tx`, whose commit record ends at `end_lsn`: sends
+    /// the drops and copies its messages asked for, as part of it.
+    pub(super) async fn at_commit(
+        &mut self,
+        end_lsn: Lsn,
+        stream: &mut ReplicationStream,
+        publisher: &mut Publisher,
+        tx: TxHandle,
+    ) -> Result<(), CaptureError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let changes = std::mem::take(&mut self.pending);
+        let flushed = publisher.tracker().flushed();
+        let work = self.ddl_deltas(changes, end_lsn, publisher, tx);
+        tokio::pin!(work);
+        let mut status = tokio::time::interval(self.status_interval);
+        status.tick().await;
+        loop {
+            tokio::select! {
+                result = &mut work => return result,
+                _ = status.tick() => stream.send_status(flushed, flushed, flushed, false).await?,
+            }
+        }
+    }
+
+    async fn ddl_deltas(
+        &self,
+        changes: DdlChanges,
+        end_lsn: Lsn,
+        publisher: &mut Publisher,
+        tx: TxHandle,
+    ) -> Result<(), CaptureError> {
+        let copy = if changes.copy.is_empty() { None } else { Some(self.snapshot_now().await?) };
+        let version = copy.as_ref().map_or(end_lsn.saturating_sub(1), |c| c.version);
+        for table in &changes.drop {
+            tracing::info!(table = %table, at = %replication::format_lsn(version), "table left the publication; dropping it on devices");
+            let delta = drop_delta(table, version);
+            for partition in 0..publisher.partitions() {
+                publisher.send(&delta, Some(partition), tx).await?;
+            }
+            metrics::counter!("pgfanout_capture_ddl_tables_dropped_total").increment(1);
+        }
+        let Some(copy) = copy else { return Ok(()) };
+        let tables = published_tables(&copy.reader, &self.publication).await?;
+        let tables: Vec<_> = tables
+            .into_iter()
+            .filter(|t| changes.copy.contains(&format!("{}.{}", t.relation.namespace, t.relation.name)))
+            .collect();
+        // Stopping waits for the copy: the next session would only copy again.
+        let (_never_triggered, shutdown) = Shutdown::new();
+        let mut copier = TableCopier::new(&copy.reader, publisher, tx, copy.version);
+        for table in tables {
+            let name = format!("{}.{}", table.relation.namespace, table.relation.name);
+            tracing::info!(table = %name, at = %replication::format_lsn(copy.version + 1), "table changed by DDL; copying it again");
+            copier.copy(table, &shutdown).await?;
+            metrics::counter!("pgfanout_capture_ddl_tables_copied_total").increment(1);
+        }
+        copy.reader.batch_execute("COMMIT").await?;
+        drop(copy.holder);
+        Ok(())
+    }
+
+    /// A snapshot taken now, exported by a temporary slot: the version of the rows read
+    /// under it (point 1 of the module doc), a connection reading under it, and the
+    /// connection that keeps it alive.
+    async fn snapshot_now(&self) -> Result<NowSnapshot, CaptureError> {
+        let cfg = ReplicationConfig::from_conninfo(&self.conninfo)?;
+        let mut holder = ReplicationClient::connect(&cfg).await?;
+        let name = format!("{}_recopy_{}", self.slot.chars().take(40).collect::<String>(), std::process::id());
+        let created = holder.create_temporary_slot_with_snapshot(&name).await?;
+        let snapshot = created.snapshot_name.ok_or_else(|| CaptureError::Config("the server exported no snapshot".into()))?;
+        let reader = pg::connect(&self.conninfo).await?;
+        reader
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                quote::quote_literal(&snapshot)
+            ))
+            .await?;
+        Ok(NowSnapshot { version: created.consistent_point.saturating_sub(1), reader, holder })
+    }
+}
+
+struct NowSnapshot {
+    version: Lsn,
+    reader: tokio_postgres::Client,
+    holder: ReplicationClient,
+}
+
+/// The delta that removes `table` from devices, at `version`.
+fn drop_delta(table: &str, version: Lsn) -> Delta {
+    let lsn = i64::try_from(version).unwrap_or(i64::MAX);
+    Delta {
+        table: table.to_string(),
+        op: DeltaOp::Drop,
+        key: Vec::new(),
+        after: None,
+        old_key: None,
+        commit_lsn: lsn,
+        lsn,
+        xid: 0,
+        commit_ts: now_micros(),
+        seq: 0,
+        instruction_id: None,
+    }
+}

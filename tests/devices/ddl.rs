@@ -1,0 +1,230 @@
+//! DDL on published tables, written straight to PostgreSQL while rows change around it:
+//! devices end with PostgreSQL's tables, columns and rows. Device `a` runs throughout;
+//! device `b` starts afterwards and reads the deltas topic from its beginning.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgfanout::test_support::{wait_for, Pipeline};
+
+const ROWS: i32 = 300;
+
+/// A pipeline with `pgfanout setup` run, tables `public.<name>(id, n, note, amount)` of
+/// [`ROWS`] rows each in the publication, capture and device `a` running, and some
+/// streamed changes behind them.
+async fn pipeline_with_tables(test: &str, tables: &[&str]) -> Pipeline {
+    let mut p = Pipeline::new(test).await;
+    let client = p.client().await;
+    for t in tables {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE public.{t} (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, note text, amount int);
+                 INSERT INTO public.{t} SELECT g, g, 'note ' || g, g * 10 FROM generate_series(1, {ROWS}) g;
+                 ALTER PUBLICATION pgfanout ADD TABLE public.{t};"
+            ))
+            .await
+            .unwrap();
+    }
+    let out = p.run_cli(&["setup"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    p.start_capture().await;
+    p.start_device("a", &[]);
+    for t in tables {
+        client.batch_execute(&format!("UPDATE public.{t} SET n = n + 1000 WHERE id % 10 = 0")).await.unwrap();
+    }
+    p
+}
+
+/// Writes to `tables` (each by any of its names; statements on a name that does not exist
+/// fail and are skipped) in small transactions until stopped: updates, inserts, deletes.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Writer {
+    async fn start(p: &Pipeline, tables: &[&[&str]]) -> Writer {
+        let client = p.client().await;
+        let tables: Vec<Vec<String>> = tables.iter().map(|names| names.iter().map(|n| n.to_string()).collect()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut written = 0u64;
+            let mut i = 0i32;
+            while !flag.load(Ordering::Relaxed) {
+                i += 1;
+                for names in &tables {
+                    for t in names {
+                        let sql = match i % 5 {
+                            0 => format!("INSERT INTO public.{t} (id, n) VALUES ({}, {i}) ON CONFLICT DO NOTHING", 10_000 + i),
+                            1 => format!("DELETE FROM public.{t} WHERE id = {}", (i * 7) % ROWS + 1),
+                            _ => format!("UPDATE public.{t} SET n = n + 1 WHERE id = {}", (i * 13) % ROWS + 1),
+                        };
+                        if client.batch_execute(&sql).await.is_ok() {
+                            written += 1;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            written
+        });
+        Writer { stop, task }
+    }
+
+    async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// The non-bookkeeping tables of a device store and their columns.
+fn device_shape(p: &Pipeline, device: &str) -> Vec<(String, BTreeSet<String>)> {
+    let conn = pgfanout::verify::open_store_read_only(&p.store(device)).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_pgfanout\\_%' ESCAPE '\\' ORDER BY 1")
+        .unwrap();
+    let names: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let mut stmt = conn.prepare(&format!("SELECT name FROM pragma_table_info('{}')", name.replace('\'', "''"))).unwrap();
+            let columns = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .filter(|c| !c.starts_with("_pgfanout_"))
+                .collect();
+            (name, columns)
+        })
+        .collect()
+}
+
+/// PostgreSQL's published tables that hold rows, and their columns.
+async fn postgres_shape(p: &Pipeline) -> Vec<(String, BTreeSet<String>)> {
+    let client = p.client().await;
+    let mut out = Vec::new();
+    for t in p.tables().await {
+        let rows: i64 = client.query_one(&format!("SELECT count(*) FROM {}", t.name.quoted()), &[]).await.unwrap().get(0);
+        if rows > 0 {
+            out.push((t.name.to_string(), t.columns.iter().map(|c| c.name.clone()).collect()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Devices `a` and then a new device `b` hold exactly PostgreSQL's published tables, with
+/// its columns and rows.
+async fn assert_devices_equal_postgres(p: &mut Pipeline) {
+    for device in ["a", "b"] {
+        if device == "b" {
+            p.start_device("b", &[]);
+        }
+        let diverged = p.diverged_after(&[device], Duration::from_secs(40)).await;
+        assert!(diverged.is_empty(), "device {device}'s rows differ from PostgreSQL's: {}", rows_difference(p, device).await);
+        let expected = postgres_shape(p).await;
+        let got = wait_for("the device's tables and columns", Duration::from_secs(20), || async {
+            let got = device_shape(p, device);
+            let published: BTreeSet<String> = p.tables().await.iter().map(|t| t.name.to_string()).collect();
+            let extra_or_wrong =
+                got.iter().any(|(t, cols)| !published.contains(t) || expected.iter().any(|(e, c)| e == t && c != cols));
+            let missing = expected.iter().any(|(t, _)| !got.iter().any(|(g, _)| g == t));
+            (!extra_or_wrong && !missing).then_some(got)
+        });
+        let got = tokio::time::timeout(Duration::from_secs(25), got).await;
+        assert!(got.is_ok(), "device {device} has tables {:?}, PostgreSQL publishes {expected:?}", device_shape(p, device));
+    }
+}
+
+async fn rows_difference(p: &Pipeline, device: &str) -> String {
+    let expected = p.postgres_rows().await;
+    let got = p.device_rows(device).await;
+    for (table, rows) in &expected {
+        let theirs = got.get(table).cloned().unwrap_or_default();
+        for (key, row) in rows {
+            if theirs.get(key) != Some(row) {
+                return format!(
+                    "{table} {key}: postgres {row}, device {:?} ({} rows against {})",
+                    theirs.get(key),
+                    theirs.len(),
+                    rows.len()
+                );
+            }
+        }
+        if theirs.len() != rows.len() {
+            return format!("{table}: {} rows on the device against {}", theirs.len(), rows.len());
+        }
+    }
+    "none found on a second look".into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_columns_with_defaults_reach_rows_no_change_touched() {
+    let mut p = pipeline_with_tables("ddl_add", &["ddl_add"]).await;
+    let writer = Writer::start(&p, &[&["ddl_add"]]).await;
+    let client = p.client().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Constant defaults (kept in the catalog as the rows' missing value), a stable one
+    // (now(): evaluated once, also a missing value) and a volatile one (random(): the table
+    // is rewritten, outside the logical stream).
+    for ddl in [
+        "ALTER TABLE public.ddl_add ADD COLUMN seven int DEFAULT 7",
+        "ALTER TABLE public.ddl_add ADD COLUMN eight int NOT NULL DEFAULT 8",
+        "ALTER TABLE public.ddl_add ADD COLUMN added_at timestamptz DEFAULT now()",
+        "ALTER TABLE public.ddl_add ADD COLUMN dice float8 NOT NULL DEFAULT random()",
+        "BEGIN; ALTER TABLE public.ddl_add ADD COLUMN label text NOT NULL DEFAULT 'x'; UPDATE public.ddl_add SET label = 'y' WHERE id = 2; COMMIT",
+    ] {
+        client.batch_execute(ddl).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(writer.finish().await > 0);
+    client.batch_execute("UPDATE public.ddl_add SET seven = 70 WHERE id = 3").await.unwrap();
+    assert_devices_equal_postgres(&mut p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_and_retyped_columns_keep_every_value() {
+    let mut p = pipeline_with_tables("ddl_cols", &["ddl_cols"]).await;
+    let writer = Writer::start(&p, &[&["ddl_cols"]]).await;
+    let client = p.client().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for ddl in [
+        "ALTER TABLE public.ddl_cols RENAME COLUMN note TO remark",
+        "ALTER TABLE public.ddl_cols ALTER COLUMN amount TYPE text USING 'amount ' || amount",
+        "ALTER TABLE public.ddl_cols ALTER COLUMN n TYPE bigint USING n * 2",
+        "ALTER TABLE public.ddl_cols DROP COLUMN remark",
+    ] {
+        client.batch_execute(ddl).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(writer.finish().await > 0);
+    client.batch_execute("UPDATE public.ddl_cols SET amount = 'later' WHERE id = 4").await.unwrap();
+    assert_devices_equal_postgres(&mut p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_dropped_and_unpublished_tables_leave_devices() {
+    let tables = ["ddl_old", "ddl_gone", "ddl_unpub", "ddl_kept"];
+    let mut p = pipeline_with_tables("ddl_tables", &tables).await;
+    let writer = Writer::start(&p, &[&["ddl_old", "ddl_new"], &["ddl_gone"], &["ddl_unpub"], &["ddl_kept"]]).await;
+    let client = p.client().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for ddl in [
+        "ALTER TABLE public.ddl_old RENAME TO ddl_new",
+        "DROP TABLE public.ddl_gone",
+        "ALTER PUBLICATION pgfanout DROP TABLE public.ddl_unpub",
+    ] {
+        client.batch_execute(ddl).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(writer.finish().await > 0);
+    assert_devices_equal_postgres(&mut p).await;
+    let names: Vec<String> = device_shape(&p, "a").into_iter().map(|(t, _)| t).collect();
+    assert_eq!(names, ["public.ddl_kept", "public.ddl_new"], "device a's tables");
+}
