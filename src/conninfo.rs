@@ -51,6 +51,30 @@ impl Conninfo {
     }
 }
 
+/// The session settings that decide how PostgreSQL writes a value as text, pinned on every
+/// session whose text reaches a device or is compared with one: the replication session
+/// (startup parameters), the snapshot's reader and `verify` (`SET`). Without them the text
+/// would follow the server's, the database's or the role's settings: `ALTER DATABASE …
+/// SET TimeZone` would change every timestamptz on devices (`…17:30:00+05:30` instead of
+/// `…12:00:00+00`), `DateStyle` every date, `IntervalStyle` every interval, a low
+/// `extra_float_digits` would round floats, `bytea_output = escape` would break bytea, and
+/// `lc_monetary` would change money. The same instant always has the same text.
+pub const TEXT_OUTPUT_SETTINGS: [(&str, &str); 6] = [
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "1"),
+    ("bytea_output", "hex"),
+    ("lc_monetary", "C"),
+];
+
+/// [`TEXT_OUTPUT_SETTINGS`] as `SET` statements (`SET LOCAL` with `local`, for inside a
+/// transaction that should leave the session as it was), each ending in `; `.
+pub fn text_output_settings_sql(local: bool) -> String {
+    let scope = if local { "LOCAL " } else { "" };
+    TEXT_OUTPUT_SETTINGS.iter().map(|(name, value)| format!("SET {scope}{name} = '{value}'; ")).collect()
+}
+
 /// A libpq key=value value, quoted.
 fn quote_value(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))

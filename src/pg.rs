@@ -184,7 +184,7 @@ impl TableInfo {
 pub async fn table_info(client: &Client, table: &TableName) -> Result<Option<TableInfo>, tokio_postgres::Error> {
     let rows = client
         .query(
-            // A domain is carried as its base type (as pgoutput describes it). The cast type
+            // A domain is carried as its base type, a domain over a domain too (as pgoutput describes it). The cast type
             // has no modifier: a cast to varchar(5) truncates silently, while the assignment
             // to the column checks the modifier and refuses (22001), as a hand-written
             // INSERT does.
@@ -194,7 +194,11 @@ pub async fn table_info(client: &Client, table: &TableName) -> Result<Option<Tab
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                JOIN pg_type t ON t.oid = a.atttypid
-               LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
+               LEFT JOIN LATERAL (WITH RECURSIVE d(oid, typname, typtype, typbasetype) AS (
+                                        SELECT t.oid, t.typname, t.typtype, t.typbasetype
+                                        UNION ALL
+                                        SELECT b.oid, b.typname, b.typtype, b.typbasetype FROM d JOIN pg_type b ON b.oid = d.typbasetype WHERE d.typtype = 'd')
+                                      SELECT oid, typname FROM d WHERE typtype <> 'd') bt ON t.typtype = 'd'
                LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
               WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
               ORDER BY a.attnum",

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::Connection;
 use tokio_postgres::SimpleQueryMessage;
 
+use crate::capture::refused::publishes_generated_columns;
+use crate::conninfo::text_output_settings_sql;
 use crate::contract::Value;
 use crate::device::store::{open_read_only, value_from_sqlite, StoreReader};
 use crate::pg::{self, TableInfo};
@@ -62,7 +64,10 @@ fn canonical(columns: &[(String, Value)]) -> String {
 /// cast would differ, e.g. it trims `char(n)` padding).
 pub async fn postgres_rows(client: &tokio_postgres::Client, table: &TableInfo) -> Result<Rows, VerifyError> {
     let select = table.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-    let messages = client.simple_query(&format!("SELECT {select} FROM {}", table.name.quoted())).await?;
+    // In PostgreSQL's text as capture reads it, whatever the session's own settings; SET
+    // LOCAL leaves the caller's session as it was.
+    let sql = format!("BEGIN; {}SELECT {select} FROM {}; COMMIT", text_output_settings_sql(true), table.name.quoted());
+    let messages = client.simple_query(&sql).await?;
     let mut out = Rows::new();
     for message in messages {
         let SimpleQueryMessage::Row(row) = message else { continue };
@@ -118,6 +123,75 @@ pub fn open_store_read_only(path: &Path) -> Result<Connection, VerifyError> {
     open_read_only(path).map_err(|source| VerifyError::Store { path: path.to_path_buf(), source })
 }
 
+/// A published table as capture replicates it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replicated {
+    /// The columns capture sends, keyed as devices key the rows.
+    Table(TableInfo),
+    /// Capture refuses the table (no key); why.
+    Refused(String),
+    /// No such table.
+    Missing,
+}
+
+/// The table as capture replicates it: only the columns the publication sends (its column
+/// list; never generated columns before PostgreSQL 18, nor on 18 unless the publication has
+/// `publish_generated_columns = stored`), keyed by the primary key or else, as capture
+/// keys it, the replica identity index; refused when it has neither, as capture refuses it.
+pub async fn replicated_table(
+    client: &tokio_postgres::Client,
+    publication: &str,
+    name: &pg::TableName,
+) -> Result<Replicated, VerifyError> {
+    let Some(mut info) = pg::table_info(client, name).await? else { return Ok(Replicated::Missing) };
+    let published: Option<Vec<String>> = client
+        .query_opt(
+            "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &name.schema, &name.name],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+    if let Some(published) = published {
+        info.columns.retain(|c| published.contains(&c.name));
+    }
+    if !publishes_generated_columns(client, publication).await? {
+        // PostgreSQL 15 lists generated columns among a publication's columns, yet sends none.
+        let generated: Vec<String> = client
+            .query(
+                "SELECT a.attname::text FROM pg_attribute a
+                   JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2 AND a.attgenerated <> ''",
+                &[&name.schema, &name.name],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        info.columns.retain(|c| !generated.contains(&c.name));
+    }
+    if info.key_columns().next().is_none() {
+        let identity: Vec<String> = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i
+                   JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey)
+                  WHERE n.nspname = $1 AND c.relname = $2 AND i.indisreplident",
+                &[&name.schema, &name.name],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for c in &mut info.columns {
+            c.is_key = identity.contains(&c.name);
+        }
+    }
+    if info.key_columns().next().is_none() {
+        return Ok(Replicated::Refused(format!("{name} has no primary key and no replica identity index; capture refuses it")));
+    }
+    Ok(Replicated::Table(info))
+}
+
 /// How one table of one device compares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableComparison {
@@ -167,6 +241,8 @@ pub fn compare(table: &str, postgres: &Rows, device: &Rows) -> TableComparison {
 pub struct Report {
     pub postgres_rows: usize,
     pub devices: Vec<(PathBuf, Vec<TableComparison>)>,
+    /// Published tables not compared, each with why.
+    pub skipped: Vec<String>,
 }
 
 impl Report {
@@ -176,8 +252,9 @@ impl Report {
 
     /// The last line of `pgfanout verify`.
     pub fn summary_line(&self) -> String {
+        let skipped: String = self.skipped.iter().map(|s| format!("; not compared: {s}")).collect();
         format!(
-            "verified: {} of {} devices match postgres ({} rows)",
+            "verified: {} of {} devices match postgres ({} rows){skipped}",
             self.matching_devices(),
             self.devices.len(),
             self.postgres_rows
@@ -189,10 +266,15 @@ impl Report {
 pub async fn verify(conninfo: &str, publication: &str, stores: &[PathBuf]) -> Result<Report, VerifyError> {
     let client = pg::connect(conninfo).await?;
     let mut tables = Vec::new();
+    let mut skipped = Vec::new();
     for name in pg::publication_tables(&client, publication).await? {
-        if let Some(info) = pg::table_info(&client, &name).await? {
-            let rows = postgres_rows(&client, &info).await?;
-            tables.push((info, rows));
+        match replicated_table(&client, publication, &name).await? {
+            Replicated::Table(info) => {
+                let rows = postgres_rows(&client, &info).await?;
+                tables.push((info, rows));
+            }
+            Replicated::Refused(why) => skipped.push(why),
+            Replicated::Missing => {}
         }
     }
     let postgres_rows = tables.iter().map(|(_, r)| r.len()).sum();
@@ -206,7 +288,7 @@ pub async fn verify(conninfo: &str, publication: &str, stores: &[PathBuf]) -> Re
         }
         devices.push((path.clone(), comparisons));
     }
-    Ok(Report { postgres_rows, devices })
+    Ok(Report { postgres_rows, devices, skipped })
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ use rdkafka::consumer::BaseConsumer;
 
 #[path = "devices/ddl.rs"]
 mod ddl;
+#[path = "devices/fidelity.rs"]
+mod fidelity;
 
 async fn replay(p: &Pipeline, device: &str, from: &str) -> u64 {
     let store = p.store(device).to_string_lossy().into_owned();

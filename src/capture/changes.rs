@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 
 use super::pgoutput::{OldTuple, PgOutputMessage, Relation, TupleValue};
+use super::refused::RefusedTables;
 use crate::contract::value::type_name_for_oid;
 use crate::contract::{Column, Delta, DeltaOp, Value, CORRELATION_PREFIX, PG_EPOCH_OFFSET_MICROS};
 
@@ -128,6 +129,8 @@ pub struct ChangeDecoder {
     relations: HashMap<u32, Relation>,
     types: TypeNames,
     tx: Option<TxFrame>,
+    /// Tables without a key: their changes are skipped (see [`super::refused`]).
+    refused: RefusedTables,
 }
 
 impl ChangeDecoder {
@@ -155,6 +158,7 @@ impl ChangeDecoder {
                 Ok(Some(Change::Commit { end_lsn }))
             }
             PgOutputMessage::Relation(rel) => {
+                self.refused.on_relation(&rel);
                 self.relations.insert(rel.id, rel);
                 Ok(None)
             }
@@ -174,10 +178,20 @@ impl ChangeDecoder {
             PgOutputMessage::Truncate { relation_ids, .. } => {
                 self.truncate(lsn, &relation_ids).map(|d| Some(Change::Truncate(d)))
             }
+            PgOutputMessage::Insert { relation_id, .. }
+            | PgOutputMessage::Update { relation_id, .. }
+            | PgOutputMessage::Delete { relation_id, .. }
+                if self.refused.skips(relation_id) =>
+            {
+                Ok(None)
+            }
             PgOutputMessage::Insert { relation_id, new } => {
                 self.row_change(lsn, relation_id, DeltaOp::Insert, Some(&new), None).map(|d| Some(Change::Delta(d)))
             }
-            PgOutputMessage::Update { relation_id, old, new } => {
+            PgOutputMessage::Update { relation_id, old, mut new } => {
+                if let Some(OldTuple::Full(full)) = &old {
+                    fill_unchanged_from_old(&mut new, full);
+                }
                 let old = old.as_ref().map(|(OldTuple::Key(t) | OldTuple::Full(t))| t.as_slice());
                 self.row_change(lsn, relation_id, DeltaOp::Update, Some(&new), old).map(|d| Some(Change::Delta(d)))
             }
@@ -224,6 +238,17 @@ impl ChangeDecoder {
                 Ok(tx.delta(lsn, rel, DeltaOp::Truncate, RowImage::default()))
             })
             .collect()
+    }
+}
+
+/// With `REPLICA IDENTITY FULL` the old row comes whole, its TOASTed values inline: an
+/// unchanged value of the new row is that value, so the delta carries it and needs nothing
+/// from a device's earlier state (nor from records a compacted topic may have dropped).
+fn fill_unchanged_from_old(new: &mut [TupleValue], old: &[TupleValue]) {
+    for (n, o) in new.iter_mut().zip(old) {
+        if matches!(n, TupleValue::UnchangedToast) && !matches!(o, TupleValue::UnchangedToast) {
+            *n = o.clone();
+        }
     }
 }
 

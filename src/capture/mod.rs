@@ -29,6 +29,7 @@ pub mod flush;
 pub mod pgoutput;
 pub mod publisher;
 mod recopy;
+pub mod refused;
 pub mod replication;
 mod session;
 mod settings;

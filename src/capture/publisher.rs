@@ -465,6 +465,35 @@ impl ChangeCounters {
     }
 }
 
+impl Publisher {
+    /// After an update that changed its row's key: a Kafka tombstone under the old key, in
+    /// the old key's partition, so that a compacted deltas topic forgets the old key instead
+    /// of bringing the old row back on `rebuild`. Its header carries the move (the update's
+    /// version, new key and old key, no row; see `device::store::moved`): a device that reads
+    /// it before the update, or after compaction removed the old key's other records, still
+    /// learns that the old key is gone and loses no value the update needs. Sent after the
+    /// update, in the same transaction.
+    pub async fn send_old_key_tombstone(&mut self, update: &Delta, tx: TxHandle) -> Result<(), CaptureError> {
+        let Some(old_key) = &update.old_key else { return Ok(()) };
+        let moved = Delta {
+            table: update.table.clone(),
+            op: DeltaOp::Update,
+            key: update.key.clone(),
+            after: None,
+            old_key: Some(old_key.clone()),
+            commit_lsn: update.commit_lsn,
+            lsn: update.lsn,
+            xid: update.xid,
+            commit_ts: update.commit_ts,
+            seq: update.seq,
+            instruction_id: update.instruction_id.clone(),
+        };
+        let mut header = Vec::with_capacity(128);
+        crate::contract::codec::encode_delta_into(&moved, &mut header);
+        self.send_record(&delta_kafka_key(&update.table, old_key), None, Some((TOMBSTONE_DELTA_HEADER, &header)), None, tx).await
+    }
+}
+
 #[cfg(test)]
 #[path = "publisher_tests.rs"]
 mod tests;

@@ -87,6 +87,7 @@ impl Session<'_> {
                 pg::quote_ident(publication)
             )));
         }
+        super::refused::warn_unpublished_generated_columns(&client, publication).await?;
         let cfg = ReplicationConfig::from_conninfo(&self.pg_settings.conninfo)?;
         let confirmed = self.slot_position(&client, &cfg).await?;
         let snapshot = InitialSnapshot { slot: &self.settings.slot, conninfo: &self.pg_settings.conninfo, publication };
@@ -267,7 +268,13 @@ impl Streaming<'_> {
                 self.ddl.on_begin();
                 self.current_tx = Some(self.publisher.begin());
             }
-            Change::Delta(delta) => self.publisher.send(&delta, None, self.open_tx()?).await?,
+            Change::Delta(delta) => {
+                let tx = self.open_tx()?;
+                self.publisher.send(&delta, None, tx).await?;
+                if delta.old_key.is_some() {
+                    self.publisher.send_old_key_tombstone(&delta, tx).await?;
+                }
+            }
             Change::Truncate(deltas) => {
                 let tx = self.open_tx()?;
                 for delta in deltas {

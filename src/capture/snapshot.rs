@@ -115,7 +115,8 @@ impl InitialSnapshot<'_> {
         let reader = pg::connect(self.conninfo).await?;
         reader
             .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                "{}BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                crate::conninfo::text_output_settings_sql(false),
                 quote::quote_literal(&snapshot)
             ))
             .await?;
@@ -134,7 +135,9 @@ impl InitialSnapshot<'_> {
         let tx = publisher.begin();
         let started = Instant::now();
         let mut copier = TableCopier::new(&reader, &mut *publisher, tx, version);
-        for table in tables {
+        for table in
+            tables.into_iter().filter(|t| super::refused::refusal(&t.relation).inspect(|why| tracing::error!("{why}")).is_none())
+        {
             if !copier.copy(table, shutdown).await? {
                 metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
                 return Ok(false);
@@ -274,7 +277,7 @@ fn missing_schema(e: tokio_postgres::Error) -> CaptureError {
 
 /// The publication's tables as the snapshot transaction sees them, described the way
 /// pgoutput's Relation and Type messages describe them: published columns only (column
-/// lists), generated columns left out, key flags from the replica identity (the primary
+/// lists), generated columns only where pgoutput sends them, key flags from the replica identity (the primary
 /// key under `REPLICA IDENTITY FULL`, as streaming uses).
 pub(super) async fn published_tables(reader: &Client, publication: &str) -> Result<Vec<SnapshotTable>, CaptureError> {
     let tables = reader
@@ -289,13 +292,15 @@ pub(super) async fn published_tables(reader: &Client, publication: &str) -> Resu
             &[&publication],
         )
         .await?;
+    let generated = super::refused::publishes_generated_columns(reader, publication).await?;
     let mut out = Vec::with_capacity(tables.len());
     for t in tables {
         let oid: u32 = t.get(0);
         let published: Option<Vec<String>> = t.get(4);
         let columns = reader
             .query(
-                "SELECT a.attname::text, a.atttypid, a.atttypmod,
+                // A domain is described by its base type, as pgoutput's Type message does.
+                "SELECT a.attname::text, ty.oid, a.atttypmod,
                         CASE c.relreplident
                           WHEN 'f' THEN coalesce(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)::int2[]),
                                                  NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
@@ -305,11 +310,17 @@ pub(super) async fn published_tables(reader: &Client, publication: &str) -> Resu
                         tn.nspname::text, ty.typname::text
                    FROM pg_attribute a
                    JOIN pg_class c ON c.oid = a.attrelid
-                   JOIN pg_type ty ON ty.oid = a.atttypid
+                   JOIN LATERAL (WITH RECURSIVE b(oid, typtype, typbasetype) AS (
+                                   SELECT t.oid, t.typtype, t.typbasetype FROM pg_type t WHERE t.oid = a.atttypid
+                                   UNION ALL
+                                   SELECT t.oid, t.typtype, t.typbasetype FROM b JOIN pg_type t ON t.oid = b.typbasetype WHERE b.typtype = 'd')
+                                 SELECT oid FROM b WHERE typtype <> 'd') base ON true
+                   JOIN pg_type ty ON ty.oid = base.oid
                    JOIN pg_namespace tn ON tn.oid = ty.typnamespace
-                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+                    AND (a.attgenerated = '' OR $2)
                   ORDER BY a.attnum",
-                &[&oid],
+                &[&oid, &generated],
             )
             .await?;
         let mut relation = Relation {

@@ -240,6 +240,19 @@ mod tests {
     }
 
     #[test]
+    fn negative_zero_keeps_its_sign() {
+        for ty in ["float4", "float8"] {
+            let v = Value::from_pg_text(ty, "-0").unwrap();
+            assert!(matches!(v, Value::Double(f) if f == 0.0 && f.is_sign_negative()), "{ty}");
+            assert_eq!(v.to_pg_text(ValueKind::Double).unwrap().as_deref(), Some("-0"));
+            let (mut neg, mut pos) = (String::new(), String::new());
+            v.write_canonical(&mut neg);
+            Value::Double(0.0).write_canonical(&mut pos);
+            assert_ne!(neg, pos, "-0 and 0 are different values to verify");
+        }
+    }
+
+    #[test]
     fn malformed_pg_text_is_an_error_not_a_panic() {
         assert!(Value::from_pg_text("int4", "12a").is_err());
         assert!(Value::from_pg_text("bool", "yes").is_err());

@@ -18,7 +18,12 @@ impl Pipeline {
         let client = self.client().await;
         let mut out = Vec::new();
         for name in pg::publication_tables(&client, &self.postgres.publication).await.unwrap() {
-            out.push(pg::table_info(&client, &name).await.unwrap().unwrap());
+            // As capture replicates them: published columns, refused tables left out.
+            if let verify::Replicated::Table(t) =
+                verify::replicated_table(&client, &self.postgres.publication, &name).await.unwrap()
+            {
+                out.push(t);
+            }
         }
         out
     }

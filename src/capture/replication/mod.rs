@@ -19,6 +19,7 @@ use postgres_protocol::message::frontend;
 
 pub use super::pgoutput::Lsn;
 use crate::byte_reader::ByteReader;
+use crate::conninfo::TEXT_OUTPUT_SETTINGS;
 use crate::quote::{quote_ident, quote_literal};
 use crate::tls::SslMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -163,7 +164,9 @@ impl ReplicationClient {
             ("application_name", cfg.application_name.as_str()),
             ("client_encoding", "UTF8"),
         ];
-        frontend::startup_message(params, &mut client.conn.wbuf)?;
+        // pgoutput writes values in the walsender's settings; startup parameters win over
+        // the server's, the database's and the role's.
+        frontend::startup_message(params.into_iter().chain(TEXT_OUTPUT_SETTINGS), &mut client.conn.wbuf)?;
         client.conn.flush().await?;
         client.authenticate(cfg).await?;
         client.read_until_ready("startup").await?;

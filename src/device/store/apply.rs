@@ -9,6 +9,8 @@ use rusqlite::{params, CachedStatement, Connection, ToSql};
 
 use super::error::{ApplyError, StoreError};
 use super::fragments::Fragment;
+use super::moved;
+use super::read::NEGATIVE_ZERO;
 use super::schema::{
     drop_table, ensure_shape, record_truncate, sqlite_table, truncated_at, TableShape, WriteKind, DELETED, LSN, SEQ,
 };
@@ -142,8 +144,8 @@ impl<'t, 'c> Applier<'t, 'c> {
             // Usually the delete delta before it was applied already and this changes
             // nothing; after compaction it is the only news of the delete.
             self.stats.tombstones += 1;
-            if delta.op != DeltaOp::Delete {
-                self.reject(partition, offset, "a tombstone's header carries a delete, not another change")?;
+            if delta.op != DeltaOp::Delete && !moved::is_move(delta) {
+                self.reject(partition, offset, "a tombstone's header carries a delete or a move, not another change")?;
                 return Ok(());
             }
         }
@@ -151,7 +153,12 @@ impl<'t, 'c> Applier<'t, 'c> {
             self.stats.not_subscribed += u64::from(!tombstone);
             return Ok(());
         }
-        match apply_delta(self.tx, &mut self.statements, self.tables, delta) {
+        let applied = if tombstone && moved::is_move(delta) {
+            apply_move(self.tx, self.tables, delta)
+        } else {
+            apply_delta(self.tx, &mut self.statements, self.tables, delta)
+        };
+        match applied {
             Ok(true) if !tombstone => {
                 self.stats.applied += 1;
                 self.applied_by_op[delta.op as usize] += 1;
@@ -282,6 +289,9 @@ fn apply_delta(
             }
             if let Some(old_key) = &delta.old_key {
                 if !same_key(old_key, &delta.key) {
+                    if delta.op != DeltaOp::Delete {
+                        return apply_key_change(tx, statements, delta.table, shape, old_key, &row, version);
+                    }
                     write_tombstone(statements, delta.table, shape, old_key, version)?;
                 }
             }
@@ -292,6 +302,50 @@ fn apply_delta(
             }
         }
     }
+}
+
+/// Writes an insert, update or snapshot row whose key differs from its `old_key`: the old
+/// key's row becomes a tombstone, the new one gets the row, with the old row's values where
+/// the row says `unchanged` (see [`moved`]). `true` if the new key's row changed.
+fn apply_key_change(
+    tx: &rusqlite::Transaction<'_>,
+    statements: &mut BatchStatements<'_>,
+    table: &str,
+    shape: &mut TableShape,
+    old_key: &[ColumnView<'_>],
+    row: &[ColumnView<'_>],
+    version: (i64, i64),
+) -> Result<bool, ApplyError> {
+    let old = moved::old_values(tx, table, shape, old_key, row, version)?;
+    write_tombstone(statements, table, shape, old_key, version)?;
+    let Some(old) = old else { return write_row(statements, table, shape, row, version) };
+    old.taken(tx, table, shape, old_key, version)?;
+    write_row(statements, table, shape, &old.fill(row), version)
+}
+
+/// Applies the move a Kafka tombstone carries (an update with its old key and no row, see
+/// [`moved`]): the old key's row is marked deleted at the update's version, its values kept
+/// for the update.
+fn apply_move(
+    tx: &rusqlite::Transaction<'_>,
+    tables: &mut HashMap<String, TableShape>,
+    delta: &DeltaView<'_>,
+) -> Result<bool, ApplyError> {
+    let version = delta.version();
+    let old_key = match &delta.old_key {
+        Some(k) if !k.is_empty() => k,
+        _ => return Err(ApplyError::Invalid(format!("the move of a row of {} names no old key", delta.table))),
+    };
+    // Only the old key's columns: shaped as a delete is.
+    let Some((shape, _)) = ensure_shape(tx, tables, delta.table, old_key, old_key, version, DeltaOp::Delete)? else {
+        return Ok(false);
+    };
+    if shape.truncated_at >= version {
+        return Ok(false);
+    }
+    // Rare enough for rusqlite's own statement cache.
+    let mut stmt = tx.prepare_cached(&versioned_upsert_sql(delta.table, shape, old_key, "", true))?;
+    execute_versioned(&mut stmt, old_key, version)
 }
 
 fn same_key(a: &[ColumnView<'_>], b: &[ColumnView<'_>]) -> bool {
@@ -377,6 +431,9 @@ impl ToSql for ValueView<'_> {
             ValueView::Long(n) => ValueRef::Integer(n),
             // SQLite turns a NaN REAL into NULL; keep it as text so it survives.
             ValueView::Double(f) if f.is_nan() => ValueRef::Text(b"NaN"),
+            // SQLite writes an integral REAL as an integer, and turns any numeric text into
+            // one, so -0.0 would come back as 0.0: keep its bits as a blob.
+            ValueView::Double(f) if f == 0.0 && f.is_sign_negative() => ValueRef::Blob(&NEGATIVE_ZERO),
             ValueView::Double(f) => ValueRef::Real(f),
             ValueView::String(s) => ValueRef::Text(s.as_bytes()),
             ValueView::Bytes(b) => ValueRef::Blob(b),

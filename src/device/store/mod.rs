@@ -23,6 +23,7 @@ mod apply;
 mod consistent;
 mod error;
 mod fragments;
+mod moved;
 mod read;
 mod schema;
 

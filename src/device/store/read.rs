@@ -105,6 +105,10 @@ impl<'c> StoreReader<'c> {
     }
 }
 
+/// How a store keeps `-0.0` in a REAL column (big-endian IEEE 754 bits): SQLite would turn
+/// it into 0 as a number, and into a number again as text.
+pub const NEGATIVE_ZERO: [u8; 8] = [0x80, 0, 0, 0, 0, 0, 0, 0];
+
 /// Reads a stored value back into its typed form, by the column's PostgreSQL type.
 pub fn value_from_sqlite(pg_type: &str, v: ValueRef<'_>) -> Value {
     match (ValueKind::of_pg_type(pg_type), v) {
@@ -113,6 +117,7 @@ pub fn value_from_sqlite(pg_type: &str, v: ValueRef<'_>) -> Value {
         (ValueKind::Double, ValueRef::Real(f)) => Value::Double(f),
         (ValueKind::Double, ValueRef::Integer(i)) => Value::Double(i as f64),
         (ValueKind::Double, ValueRef::Text(b"NaN")) => Value::Double(f64::NAN),
+        (ValueKind::Double, ValueRef::Blob(b)) if b == NEGATIVE_ZERO => Value::Double(-0.0),
         (_, ValueRef::Integer(i)) => Value::Long(i),
         (_, ValueRef::Real(f)) => Value::Double(f),
         (_, ValueRef::Text(t)) => Value::String(String::from_utf8_lossy(t).into_owned()),
