@@ -64,6 +64,8 @@ pub async fn run(
     metrics::counter!("pgfanout_capture_reconnects_total").increment(0);
     metrics::counter!("pgfanout_capture_heartbeats_total").increment(0);
     metrics::counter!("pgfanout_capture_snapshot_rows_total").increment(0);
+    metrics::counter!("pgfanout_capture_ddl_tables_copied_total").increment(0);
+    metrics::counter!("pgfanout_capture_ddl_tables_dropped_total").increment(0);
     metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
     loop {
         let session = Session { settings, pg_settings, snapshot_taken: &snapshot_taken, received_bytes: received_bytes.clone() };

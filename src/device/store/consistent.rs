@@ -35,6 +35,7 @@ use super::apply::{Applier, BatchStats, Record};
 use super::error::StoreError;
 use super::fragments;
 use crate::contract::codec::{decode_delta_view, encode_delta_into};
+use crate::contract::view::DeltaView;
 use crate::contract::{Delta, DeltaOp, Value};
 
 /// Held deltas kept in memory before they are staged in the store.
@@ -43,9 +44,9 @@ pub(super) const HOLD_BYTES: usize = 32 << 20;
 pub(super) const STAGED_SQL: &str = "
 CREATE TABLE IF NOT EXISTS _pgfanout_staged (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, record_offset INTEGER NOT NULL,
-    commit_lsn INTEGER NOT NULL, tombstone INTEGER NOT NULL, delta BLOB NOT NULL,
+    commit_lsn INTEGER NOT NULL, seq INTEGER NOT NULL, tombstone INTEGER NOT NULL, delta BLOB NOT NULL,
     PRIMARY KEY (topic, partition, record_offset));
-CREATE INDEX IF NOT EXISTS _pgfanout_staged_by_commit ON _pgfanout_staged (topic, commit_lsn);
+CREATE INDEX IF NOT EXISTS _pgfanout_staged_by_version ON _pgfanout_staged (topic, commit_lsn, seq);
 CREATE TABLE IF NOT EXISTS _pgfanout_consumed (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, watermark INTEGER NOT NULL,
     PRIMARY KEY (topic, partition));
@@ -212,21 +213,29 @@ fn apply_in(
     (committed_cut, cut): (i64, i64),
 ) -> Result<BatchStats, StoreError> {
     let mut applier = Applier::new(tx, tables, subscribed, topic);
-    if state.staged > 0 {
-        state.staged -= apply_staged(tx, &mut applier, topic, cut)?;
-    }
+    // What applies now, applied in version order across partitions (below).
+    let mut ready: Vec<Ready<'_>> = Vec::new();
     let held = std::mem::take(&mut state.held);
     state.held_bytes = 0;
     for h in held {
         if h.delta.commit_lsn < cut {
-            applier.apply(h.partition, h.offset, h.tombstone, &h.delta.view())?;
+            ready.push(Ready {
+                at: Staged { partition: h.partition, offset: h.offset, tombstone: h.tombstone },
+                delta: Owned(h.delta),
+            });
         } else {
             state.hold(h.partition, h.offset, h.tombstone, h.delta);
         }
     }
     for record in records {
-        handle(tx, &mut applier, state, topic, record, (committed_cut, cut))?;
+        if let Some(r) = handle(tx, &mut applier, state, topic, record, (committed_cut, cut))? {
+            ready.push(r);
+        }
     }
+    ready.sort_by_key(Ready::version);
+    let staged =
+        if state.staged > 0 { apply_in_order(tx, &mut applier, topic, cut, ready)? } else { apply_ready(&mut applier, ready)? };
+    state.staged -= staged;
     let passed: Vec<(i32, i64, i64)> = state.watermarks.iter().map(|(p, w)| (*p, 0, *w)).collect();
     fragments::discard_passed(tx, topic, &passed)?;
     if state.held_bytes > state.hold_bytes.unwrap_or(HOLD_BYTES) {
@@ -257,14 +266,14 @@ fn apply_in(
 }
 
 /// One record: applied, held, or (read again after a restart and handled before) skipped.
-fn handle(
+fn handle<'r>(
     tx: &rusqlite::Transaction<'_>,
     applier: &mut Applier<'_, '_>,
     state: &mut CutState,
     topic: &str,
-    record: &Record<'_>,
+    record: &'r Record<'r>,
     (committed_cut, cut): (i64, i64),
-) -> Result<(), StoreError> {
+) -> Result<Option<Ready<'r>>, StoreError> {
     let counted = state.counted.entry(record.partition).or_insert(0);
     // Read again after a restart: handled before unless held then (at or above the cut of
     // the last commit).
@@ -283,53 +292,120 @@ fn handle(
         }
     }
     if record.fragment.is_some() && whole.is_none() {
-        return Ok(());
+        return Ok(None);
     }
+    let original = record;
     let assembled = whole.as_deref().map(|bytes| Record { delta: fragments::decoded(bytes), fragment: None, ..*record });
     let record = assembled.as_ref().unwrap_or(record);
     if again {
         match &record.delta {
             Ok(Some(delta))
                 if delta.op != DeltaOp::Watermark && delta.commit_lsn >= committed_cut && applier.keeps(delta.table) => {}
-            _ => return Ok(()),
+            _ => return Ok(None),
         }
     }
+    let at = Staged { partition: record.partition, offset: record.offset, tombstone: record.tombstone };
     match &record.delta {
         Err(reason) => applier.reject(record.partition, record.offset, reason)?,
         Ok(None) => applier.stats.tombstones += 1,
         Ok(Some(delta)) if delta.op == DeltaOp::Watermark && !record.tombstone => applier.stats.watermarks += 1,
-        Ok(Some(delta)) if delta.commit_lsn < cut || !applier.keeps(delta.table) => {
-            applier.apply(record.partition, record.offset, record.tombstone, delta)?;
+        Ok(Some(delta)) if !applier.keeps(delta.table) => applier.apply(at.partition, at.offset, at.tombstone, delta)?,
+        Ok(Some(delta)) if delta.commit_lsn < cut => {
+            let delta = match (&whole, &original.delta) {
+                (None, Ok(Some(borrowed))) => Borrowed(borrowed),
+                _ => Owned(delta.to_delta()),
+            };
+            return Ok(Some(Ready { at, delta }));
         }
         // Its fragments are gone from their stage: the whole delta is staged at once, so
         // that the offset may pass it.
         Ok(Some(delta)) => match &whole {
-            Some(bytes) => {
-                let held = Staged { partition: record.partition, offset: record.offset, tombstone: record.tombstone };
-                state.staged += stage_encoded(tx, topic, &held, delta.commit_lsn, bytes)?;
-            }
+            Some(bytes) => state.staged += stage_encoded(tx, topic, &at, delta.version(), bytes)?,
             None => state.hold(record.partition, record.offset, record.tombstone, delta.to_delta()),
         },
     }
-    Ok(())
+    Ok(None)
 }
 
-/// Applies the staged deltas of transactions below `cut` and removes them; returns how many.
-fn apply_staged(tx: &rusqlite::Transaction<'_>, applier: &mut Applier<'_, '_>, topic: &str, cut: i64) -> Result<u64, StoreError> {
+/// A delta that applies in this batch, and where it was read.
+struct Ready<'r> {
+    at: Staged,
+    delta: ReadyDelta<'r>,
+}
+
+enum ReadyDelta<'r> {
+    Borrowed(&'r DeltaView<'r>),
+    Owned(Delta),
+}
+use ReadyDelta::{Borrowed, Owned};
+
+impl Ready<'_> {
+    fn version(&self) -> (i64, i64) {
+        match &self.delta {
+            Borrowed(d) => d.version(),
+            Owned(d) => (d.commit_lsn, d.seq),
+        }
+    }
+
+    fn apply(&self, applier: &mut Applier<'_, '_>) -> Result<(), StoreError> {
+        let (partition, offset, tombstone) = (self.at.partition, self.at.offset, self.at.tombstone);
+        match &self.delta {
+            Borrowed(d) => applier.apply(partition, offset, tombstone, d),
+            Owned(d) => applier.apply(partition, offset, tombstone, &d.view()),
+        }
+    }
+}
+
+/// Applies `ready` (sorted by version); no delta is staged below the cut.
+fn apply_ready(applier: &mut Applier<'_, '_>, ready: Vec<Ready<'_>>) -> Result<u64, StoreError> {
+    for r in &ready {
+        r.apply(applier)?;
+    }
+    Ok(0)
+}
+
+/// Applies the staged deltas of transactions below `cut` and `ready` (sorted), merged in
+/// version order, and removes those staged; returns how many were staged.
+fn apply_in_order(
+    tx: &rusqlite::Transaction<'_>,
+    applier: &mut Applier<'_, '_>,
+    topic: &str,
+    cut: i64,
+    ready: Vec<Ready<'_>>,
+) -> Result<u64, StoreError> {
     let mut stmt = tx.prepare_cached(
-        "SELECT partition, record_offset, tombstone, delta FROM _pgfanout_staged WHERE topic = ?1 AND commit_lsn < ?2",
+        "SELECT commit_lsn, seq, partition, record_offset, tombstone, delta FROM _pgfanout_staged
+          WHERE topic = ?1 AND commit_lsn < ?2 ORDER BY commit_lsn, seq",
     )?;
     let mut rows = stmt.query(params![topic, cut])?;
+    let mut ready = ready.into_iter().peekable();
     let mut applied = 0;
-    while let Some(row) = rows.next()? {
-        let (partition, offset, tombstone): (i32, i64, bool) = (row.get(0)?, row.get(1)?, row.get(2)?);
-        let bytes: Vec<u8> = row.get(3)?;
-        match decode_delta_view(&bytes) {
-            Ok(delta) => applier.apply(partition, offset, tombstone, &delta)?,
-            // Staged by this store from a delta that decoded: the file was damaged.
-            Err(e) => applier.reject(partition, offset, &format!("staged delta no longer decodes: {e}"))?,
+    let mut next_staged = rows.next()?;
+    loop {
+        let staged_first = match (next_staged, ready.peek()) {
+            (Some(row), r) => {
+                let version = (row.get::<_, i64>(0)?, row.get::<_, i64>(1)?);
+                r.is_none_or(|r| version <= r.version())
+            }
+            (None, _) => false,
+        };
+        match next_staged {
+            Some(row) if staged_first => {
+                let at = Staged { partition: row.get(2)?, offset: row.get(3)?, tombstone: row.get(4)? };
+                let bytes = row.get_ref(5)?.as_blob().map_err(rusqlite::Error::from)?;
+                match decode_delta_view(bytes) {
+                    Ok(delta) => applier.apply(at.partition, at.offset, at.tombstone, &delta)?,
+                    // Staged by this store from a delta that decoded: the file was damaged.
+                    Err(e) => applier.reject(at.partition, at.offset, &format!("staged delta no longer decodes: {e}"))?,
+                }
+                applied += 1;
+                next_staged = rows.next()?;
+            }
+            _ => match ready.next() {
+                Some(r) => r.apply(applier)?,
+                None => break,
+            },
         }
-        applied += 1;
     }
     drop(rows);
     if applied > 0 {
@@ -352,7 +428,7 @@ fn stage(tx: &rusqlite::Transaction<'_>, topic: &str, held: &[Held]) -> Result<u
         bytes.clear();
         encode_delta_into(&h.delta, &mut bytes);
         let at = Staged { partition: h.partition, offset: h.offset, tombstone: h.tombstone };
-        stage_encoded(tx, topic, &at, h.delta.commit_lsn, &bytes)?;
+        stage_encoded(tx, topic, &at, (h.delta.commit_lsn, h.delta.seq), &bytes)?;
     }
     tracing::debug!(deltas = held.len(), "held deltas staged in the store");
     Ok(held.len() as u64)
@@ -363,14 +439,14 @@ fn stage_encoded(
     tx: &rusqlite::Transaction<'_>,
     topic: &str,
     at: &Staged,
-    commit_lsn: i64,
+    (commit_lsn, seq): (i64, i64),
     bytes: &[u8],
 ) -> Result<u64, rusqlite::Error> {
     tx.prepare_cached(
-        "INSERT OR REPLACE INTO _pgfanout_staged (topic, partition, record_offset, commit_lsn, tombstone, delta)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT OR REPLACE INTO _pgfanout_staged (topic, partition, record_offset, commit_lsn, seq, tombstone, delta)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
-    .execute(params![topic, at.partition, at.offset, commit_lsn, at.tombstone, bytes])?;
+    .execute(params![topic, at.partition, at.offset, commit_lsn, seq, at.tombstone, bytes])?;
     Ok(1)
 }
 
