@@ -9,6 +9,8 @@ use pgfanout::verify;
 use pgfanout::workload::Workload;
 use rdkafka::consumer::BaseConsumer;
 
+#[path = "devices/consistent.rs"]
+mod consistent;
 #[path = "devices/ddl.rs"]
 mod ddl;
 #[path = "devices/fidelity.rs"]
