@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use pgfanout::config::KafkaSettings;
 use pgfanout::kafka::{self, ClientRole, TopicSpec};
+use pgfanout::test_support::process::peak_rss_mb;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -212,16 +213,6 @@ fn cpu_secs(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks / per_sec
-}
-
-fn peak_rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/<pid>/status");
-    kb / 1024.0
 }
 
 /// What the streaming phase measured, in seconds from the workload's start.

@@ -64,6 +64,10 @@ pub fn client_config(settings: &KafkaSettings, role: ClientRole<'_>) -> ClientCo
                 .set("auto.offset.reset", "earliest");
             if commits {
                 cfg.set("partition.assignment.strategy", "cooperative-sticky");
+            } else {
+                // A device reads every partition: librdkafka's default prefetch (64 MB a
+                // partition) would be most of its memory, and a few MB keep it busy.
+                cfg.set("queued.max.messages.kbytes", "8192");
             }
         }
         ClientRole::Admin => {}

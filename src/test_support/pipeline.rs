@@ -165,6 +165,11 @@ impl Pipeline {
         self.start(&format!("device-{id}"), &args);
     }
 
+    /// The process id of the component started as `label`.
+    pub fn pid(&self, label: &str) -> u32 {
+        self.children.get(label).unwrap_or_else(|| panic!("{label} is not running")).id()
+    }
+
     /// SIGKILL: no chance to flush, commit or say goodbye.
     pub fn kill(&mut self, label: &str) {
         let mut child = self.children.remove(label).unwrap_or_else(|| panic!("{label} is not running"));

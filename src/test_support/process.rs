@@ -66,3 +66,14 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     }
     out
 }
+
+/// The peak resident memory of process `pid` (`VmHWM`), in MB.
+pub fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kb / 1024.0
+}

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgfanout::device::store::open_read_only;
-use pgfanout::test_support::Pipeline;
+use pgfanout::test_support::process::peak_rss_mb;
+use pgfanout::test_support::{wait_for, Pipeline, TIMEOUT};
 use pgfanout::workload::Rng;
 
 const ACCOUNTS: i64 = 200;
@@ -122,5 +123,75 @@ async fn readers_of_device_stores_only_ever_see_totals_postgres_had() {
     assert!(transfers > 100, "transfers ran: {transfers}");
     p.stop("device-a");
     p.stop("device-b");
+    p.stop("capture");
+}
+
+const MILLION: i64 = 1_000_000;
+
+/// Rows of `public.million` on the store, and how many of them hold `v = 1`.
+fn million_counts(store: &std::path::Path) -> Option<(i64, i64)> {
+    let conn = open_read_only(store).ok()?;
+    conn.query_row(
+        "SELECT count(*), count(*) FILTER (WHERE v = 1) FROM \"public.million\" WHERE _pgfanout_deleted = 0",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .ok()
+}
+
+/// One UPDATE of a million rows: a reader of the store sees none or all of them changed,
+/// never a mix, and the device's memory stays bounded (held deltas go to the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_row_update_appears_all_at_once_in_bounded_memory() {
+    let mut p = Pipeline::new("million").await;
+    let client = p.client().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE public.million (id int8 PRIMARY KEY, v int8 NOT NULL);
+             INSERT INTO public.million SELECT g, 0 FROM generate_series(1, {MILLION}) g;
+             ALTER PUBLICATION pgfanout ADD TABLE public.million"
+        ))
+        .await
+        .unwrap();
+    p.start_capture().await;
+    p.start_device("a", &[]);
+    let store = p.store("a");
+    wait_for("the snapshot's million rows on the device", TIMEOUT * 3, || {
+        let counts = million_counts(&store);
+        async move { (counts == Some((MILLION, 0))).then_some(()) }
+    })
+    .await;
+    eprintln!("after the snapshot: device peak RSS {:.0} MB", peak_rss_mb(p.pid("device-a")));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut reads, mut mixed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                if let Some((rows, changed)) = million_counts(&store) {
+                    reads += 1;
+                    if rows != MILLION || (changed != 0 && changed != MILLION) {
+                        mixed.push((rows, changed));
+                    }
+                }
+            }
+            (reads, mixed)
+        })
+    };
+    client.batch_execute("UPDATE public.million SET v = 1").await.unwrap();
+    wait_for("the update on the device", TIMEOUT * 3, || {
+        let counts = million_counts(&store);
+        async move { (counts == Some((MILLION, MILLION))).then_some(()) }
+    })
+    .await;
+    let rss = peak_rss_mb(p.pid("device-a"));
+    stop.store(true, Ordering::Relaxed);
+    let (reads, mixed) = reader.join().unwrap();
+    eprintln!("{reads} reads while the update arrived; device peak RSS {rss:.0} MB");
+    assert!(mixed.is_empty(), "{} of {reads} reads saw part of the update: {:?}", mixed.len(), &mixed[..mixed.len().min(5)]);
+    assert!(reads > 10, "the reader read while the update arrived ({reads} reads)");
+    assert!(rss < 200.0, "the device's peak RSS was {rss:.0} MB");
+    p.stop("device-a");
     p.stop("capture");
 }

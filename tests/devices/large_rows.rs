@@ -118,7 +118,10 @@ async fn a_refused_delivery_is_never_passed_by_a_watermark_or_the_slot() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(later_rows_on(&p, "a"), 0, "rows committed after the refused transaction are not shown before it");
     let watermark = device_watermark(&p, "a");
-    assert!(watermark > 0 && watermark < after_refused, "the device's watermark {watermark} passed the refused transaction (before {before}, ends by {after_refused})");
+    assert!(
+        watermark > 0 && watermark < after_refused,
+        "the device's watermark {watermark} passed the refused transaction (before {before}, ends by {after_refused})"
+    );
     let flushed = p.slot_flushed().await;
     assert!(
         flushed < after_refused,

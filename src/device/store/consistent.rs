@@ -39,7 +39,7 @@ use crate::contract::view::DeltaView;
 use crate::contract::{Delta, DeltaOp, Value};
 
 /// Held deltas kept in memory before they are staged in the store.
-pub(super) const HOLD_BYTES: usize = 32 << 20;
+pub(super) const HOLD_BYTES: usize = 4 << 20;
 
 pub(super) const STAGED_SQL: &str = "
 CREATE TABLE IF NOT EXISTS _pgfanout_staged (
@@ -453,9 +453,9 @@ fn stage_encoded(
 /// About what a held delta takes in memory.
 fn approximate_size(delta: &Delta) -> usize {
     let columns = |cs: &[crate::contract::Column]| -> usize {
-        cs.iter().map(|c| 96 + c.name.len() + c.type_name.len() + value_size(&c.value)).sum()
+        cs.iter().map(|c| 160 + c.name.len() + c.type_name.len() + value_size(&c.value)).sum()
     };
-    160 + delta.table.len()
+    320 + delta.table.len()
         + columns(&delta.key)
         + delta.after.as_deref().map_or(0, columns)
         + delta.old_key.as_deref().map_or(0, columns)

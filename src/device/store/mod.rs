@@ -90,7 +90,8 @@ impl Store {
         self.cut.set_partitions(partitions);
     }
 
-    /// Held deltas kept in memory before they are staged in the store (default 32 MiB).
+    /// Held deltas kept in memory (by an estimate of their size) before they are staged in
+    /// the store (default 4 MiB).
     pub fn set_hold_bytes(&mut self, bytes: usize) {
         self.cut.set_hold_bytes(bytes);
     }
