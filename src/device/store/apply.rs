@@ -99,6 +99,9 @@ pub(super) struct Applier<'t, 'c> {
     topic: &'t str,
     pub(super) stats: BatchStats,
     applied_by_op: [u64; 7],
+    /// (commit LSN, commit time) of the newest transaction whose delta to a kept table was
+    /// applied.
+    pub(super) newest: (i64, i64),
 }
 
 impl<'t, 'c> Applier<'t, 'c> {
@@ -116,6 +119,7 @@ impl<'t, 'c> Applier<'t, 'c> {
             topic,
             stats: BatchStats::default(),
             applied_by_op: [0; 7],
+            newest: (0, 0),
         }
     }
 
@@ -152,6 +156,10 @@ impl<'t, 'c> Applier<'t, 'c> {
         if !self.keeps(delta.table) {
             self.stats.not_subscribed += u64::from(!tombstone);
             return Ok(());
+        }
+        // Held until the cut passed it, so below the cut.
+        if delta.commit_lsn > self.newest.0 {
+            self.newest = (delta.commit_lsn, delta.commit_ts);
         }
         let applied = if tombstone && moved::is_move(delta) {
             apply_move(self.tx, self.tables, delta)

@@ -23,7 +23,8 @@
 //! (`_pgfanout_consumed`, same transaction) and that cut, and neither applied nor counted
 //! again: each record is counted once. A partition's applied position
 //! (`_pgfanout_offsets.applied_lsn`, what the device acknowledges) is its watermark, but
-//! never above the cut. Many source
+//! never above the cut; `_pgfanout_state` (same transaction) gives the cut and the newest
+//! transaction applied, so a reader knows which state it sees. Many source
 //! transactions still go into one SQLite transaction: one commit per batch, not per source
 //! transaction.
 
@@ -50,6 +51,8 @@ CREATE INDEX IF NOT EXISTS _pgfanout_staged_by_version ON _pgfanout_staged (topi
 CREATE TABLE IF NOT EXISTS _pgfanout_consumed (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, watermark INTEGER NOT NULL,
     PRIMARY KEY (topic, partition));
+CREATE TABLE IF NOT EXISTS _pgfanout_state (
+    topic TEXT PRIMARY KEY, lsn INTEGER NOT NULL, commit_lsn INTEGER NOT NULL, commit_time INTEGER NOT NULL);
 ";
 
 /// A delta waiting for the cut to pass its transaction.
@@ -259,6 +262,7 @@ fn apply_in(
         consumed.execute(params![topic, partition, next, watermark(partition)])?;
     }
     drop(consumed);
+    record_state(tx, topic, cut, applier.newest)?;
     let mut stats = applier.finish(&positions)?;
     stats.consumed = state.read.clone();
     stats.held = state.held.len() as u64 + state.staged;
@@ -412,6 +416,22 @@ fn apply_in_order(
         tx.execute("DELETE FROM _pgfanout_staged WHERE topic = ?1 AND commit_lsn < ?2", params![topic, cut])?;
     }
     Ok(applied)
+}
+
+/// Writes where the state a reader sees stands (`_pgfanout_state`, see the README): every
+/// transaction committed below `cut` is in it and none after; `newest` is the
+/// (commit LSN, commit time) of the newest transaction applied. Neither goes back: a replay
+/// re-applies older deltas, which change nothing.
+fn record_state(tx: &rusqlite::Transaction<'_>, topic: &str, cut: i64, newest: (i64, i64)) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
+        "INSERT INTO _pgfanout_state (topic, lsn, commit_lsn, commit_time) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (topic) DO UPDATE SET
+             lsn = max(lsn, excluded.lsn),
+             commit_time = CASE WHEN excluded.commit_lsn > commit_lsn THEN excluded.commit_time ELSE commit_time END,
+             commit_lsn = max(commit_lsn, excluded.commit_lsn)",
+    )?
+    .execute(params![topic, cut, newest.0, newest.1])?;
+    Ok(())
 }
 
 /// Where a staged delta was read.

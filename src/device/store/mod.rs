@@ -30,7 +30,7 @@ mod schema;
 pub use apply::{BatchStats, Record};
 pub use error::StoreError;
 pub use fragments::Fragment;
-pub use read::{open_read_only, value_from_sqlite, Position, Rejected, StoreReader};
+pub use read::{open_read_only, value_from_sqlite, Position, Rejected, StoreReader, StoreState};
 use schema::{check_layout, load_shapes, TableShape, LAYOUT_VERSION, META_SQL};
 pub use schema::{sqlite_table, sqlite_type};
 

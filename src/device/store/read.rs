@@ -27,6 +27,18 @@ pub struct Position {
     pub applied_lsn: i64,
 }
 
+/// Where the state a reader of the store sees stands (`_pgfanout_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreState {
+    /// Every transaction that committed in PostgreSQL below this LSN is in the store, and
+    /// none at or after it.
+    pub lsn: i64,
+    /// The newest transaction in the store: its commit LSN and commit time (Unix
+    /// microseconds); 0 before the first.
+    pub commit_lsn: i64,
+    pub commit_time: i64,
+}
+
 /// A record the store could not apply, at its position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
@@ -63,6 +75,16 @@ impl<'c> StoreReader<'c> {
             .query_row("SELECT value FROM _pgfanout_counters WHERE name = ?1", [name], |r| r.get(0))
             .optional()?
             .unwrap_or(0))
+    }
+
+    /// Where the state of `topic`'s tables in the store stands; `None` before the first
+    /// batch.
+    pub fn state(&self, topic: &str) -> Result<Option<StoreState>, rusqlite::Error> {
+        self.conn
+            .query_row("SELECT lsn, commit_lsn, commit_time FROM _pgfanout_state WHERE topic = ?1", [topic], |r| {
+                Ok(StoreState { lsn: r.get(0)?, commit_lsn: r.get(1)?, commit_time: r.get(2)? })
+            })
+            .optional()
     }
 
     /// Every counter, by name.

@@ -397,7 +397,8 @@ fn held_deltas_staged_in_the_store_survive_a_restart_and_apply_together() {
         Record { partition, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None }
     }
     // One transaction at 300 writing rows in two partitions.
-    let (a, b) = (row_delta(300, 1, &[("v", 1)]), row_delta(300, 2, &[("v", 2)]));
+    let commit_ts = 1_700_000_000_000_000;
+    let (a, b) = (Delta { commit_ts, ..row_delta(300, 1, &[("v", 1)]) }, Delta { commit_ts, ..row_delta(300, 2, &[("v", 2)]) });
     let (w200, w400) = (watermark(200), watermark(400));
     {
         let mut store = Store::open(&path).unwrap();
@@ -408,6 +409,8 @@ fn held_deltas_staged_in_the_store_survive_a_restart_and_apply_together() {
         assert_eq!(stats.held, 1, "staged: partition 1 has not passed 300");
         assert_eq!(stats.next_offset.get(&0).copied(), Some(3), "a staged delta lets the offset pass it");
         assert_eq!(live_rows(&store), BTreeMap::new());
+        let state = StoreState { lsn: 200, commit_lsn: 0, commit_time: 0 };
+        assert_eq!(store.reader().state("t").unwrap(), Some(state), "below 200, before the transaction at 300");
     }
     // Killed here; on restart the staged delta is still there and partition 0 is not read again.
     let mut store = Store::open(&path).unwrap();
@@ -417,6 +420,8 @@ fn held_deltas_staged_in_the_store_survive_a_restart_and_apply_together() {
     let stats = store.apply_batch("t", &[record(&w400, 1, 2)]).unwrap();
     assert_eq!(live_rows(&store), BTreeMap::from([(1, 1), (2, 2)]), "both rows of the transaction at once");
     assert_eq!(stats.held, 0);
+    let state = StoreState { lsn: 400, commit_lsn: 300, commit_time: commit_ts };
+    assert_eq!(store.reader().state("t").unwrap(), Some(state), "the store says it shows the transaction at 300");
     let staged: i64 = store.connection().query_row("SELECT count(*) FROM _pgfanout_staged", [], |r| r.get(0)).unwrap();
     assert_eq!(staged, 0);
 }
