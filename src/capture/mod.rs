@@ -23,6 +23,7 @@
 //! and `slot` send watermarks and watch the slot.
 
 pub mod changes;
+mod copy_snapshot;
 pub mod ddl;
 mod error;
 pub mod flush;

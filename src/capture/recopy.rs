@@ -33,15 +33,15 @@
 
 use std::time::Duration;
 
+use super::copy_snapshot::CopySnapshot;
 use super::ddl::{self, DdlChanges};
 use super::error::CaptureError;
 use super::flush::{Lsn, TxHandle};
 use super::publisher::Publisher;
-use super::replication::{self, ReplicationClient, ReplicationConfig, ReplicationStream};
-use super::snapshot::{published_tables, TableCopier};
+use super::replication::{self, ReplicationConfig, ReplicationStream};
+use super::snapshot::{SnapshotTable, TableCopier};
 use crate::contract::{now_micros, Delta, DeltaOp};
 use crate::shutdown::Shutdown;
-use crate::{pg, quote};
 
 /// The DDL changes of the transaction being received, and how to act on them at its commit.
 pub(super) struct DdlFollower {
@@ -108,8 +108,16 @@ impl DdlFollower {
         publisher: &mut Publisher,
         tx: TxHandle,
     ) -> Result<(), CaptureError> {
-        let copy = if changes.copy.is_empty() { None } else { Some(self.snapshot_now().await?) };
-        let version = copy.as_ref().map_or(end_lsn.saturating_sub(1), |c| c.version);
+        let copy = if changes.copy.is_empty() {
+            None
+        } else {
+            let cfg = ReplicationConfig::from_conninfo(&self.conninfo)?;
+            let name = format!("{}_recopy", self.slot.chars().take(40).collect::<String>());
+            let wanted = |t: &SnapshotTable| changes.copy.contains(&format!("{}.{}", t.relation.namespace, t.relation.name));
+            Some(CopySnapshot::take(&cfg, &self.conninfo, &self.publication, &name, wanted).await?)
+        };
+        // Point 1 of the module doc.
+        let version = copy.as_ref().map_or(end_lsn, |c| c.consistent_point).saturating_sub(1);
         for table in &changes.drop {
             tracing::info!(table = %table, at = %replication::format_lsn(version), "table left the publication; dropping it on devices");
             let delta = drop_delta(table, version);
@@ -119,49 +127,17 @@ impl DdlFollower {
             metrics::counter!("pgfanout_capture_ddl_tables_dropped_total").increment(1);
         }
         let Some(copy) = copy else { return Ok(()) };
-        let tables = published_tables(&copy.reader, &self.publication).await?;
-        let tables: Vec<_> = tables
-            .into_iter()
-            .filter(|t| changes.copy.contains(&format!("{}.{}", t.relation.namespace, t.relation.name)))
-            .collect();
         // Stopping waits for the copy: the next session would only copy again.
         let (_never_triggered, shutdown) = Shutdown::new();
-        let mut copier = TableCopier::new(&copy.reader, publisher, tx, copy.version);
-        for table in tables {
+        let mut copier = TableCopier::new(&copy.reader, publisher, tx, version);
+        for (i, table) in copy.tables.iter().enumerate() {
             let name = format!("{}.{}", table.relation.namespace, table.relation.name);
-            tracing::info!(table = %name, at = %replication::format_lsn(copy.version + 1), "table changed by DDL; copying it again");
-            copier.copy(table, &shutdown).await?;
+            tracing::info!(table = %name, at = %replication::format_lsn(copy.consistent_point), "table changed by DDL; copying it again");
+            copier.copy(i, table, &shutdown).await?;
             metrics::counter!("pgfanout_capture_ddl_tables_copied_total").increment(1);
         }
-        copy.reader.batch_execute("COMMIT").await?;
-        drop(copy.holder);
-        Ok(())
+        copy.finish().await
     }
-
-    /// A snapshot taken now, exported by a temporary slot: the version of the rows read
-    /// under it (point 1 of the module doc), a connection reading under it, and the
-    /// connection that keeps it alive.
-    async fn snapshot_now(&self) -> Result<NowSnapshot, CaptureError> {
-        let cfg = ReplicationConfig::from_conninfo(&self.conninfo)?;
-        let mut holder = ReplicationClient::connect(&cfg).await?;
-        let name = format!("{}_recopy_{}", self.slot.chars().take(40).collect::<String>(), std::process::id());
-        let created = holder.create_temporary_slot_with_snapshot(&name).await?;
-        let snapshot = created.snapshot_name.ok_or_else(|| CaptureError::Config("the server exported no snapshot".into()))?;
-        let reader = pg::connect(&self.conninfo).await?;
-        reader
-            .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                quote::quote_literal(&snapshot)
-            ))
-            .await?;
-        Ok(NowSnapshot { version: created.consistent_point.saturating_sub(1), reader, holder })
-    }
-}
-
-struct NowSnapshot {
-    version: Lsn,
-    reader: tokio_postgres::Client,
-    holder: ReplicationClient,
 }
 
 /// The delta that removes `table` from devices, at `version`.

@@ -28,14 +28,15 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::changes::RowDeltas;
+use super::copy_snapshot::{self, CopySnapshot};
 use super::error::CaptureError;
 use super::flush::TxHandle;
 use super::pgoutput::{Relation, RelationColumn, TupleValue};
 use super::publisher::Publisher;
-use super::replication::{self, ReplicationClient, ReplicationConfig};
+use super::replication::{self, ReplicationConfig};
 use crate::contract::now_micros;
+use crate::pg;
 use crate::shutdown::Shutdown;
-use crate::{pg, quote};
 
 /// When capture copies the published tables before streaming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -58,8 +59,8 @@ pub(super) struct SnapshotTable {
     /// Non-built-in column types: (oid, namespace, name), as pgoutput's Type messages.
     types: Vec<(u32, String, String)>,
     /// The publication's row filter, if any.
-    filter: Option<String>,
-    partitioned: bool,
+    pub(super) filter: Option<String>,
+    pub(super) partitioned: bool,
 }
 
 /// The initial snapshot of one slot's publication.
@@ -105,26 +106,19 @@ impl InitialSnapshot<'_> {
             )
             .await
             .map_err(missing_schema)?;
-        // The temporary slot lives as long as this connection, which must stay idle while
-        // the snapshot is in use.
-        let mut holder = ReplicationClient::connect(cfg).await?;
-        let temporary: String = format!("{}_snapshot_{}", slot.chars().take(40).collect::<String>(), std::process::id());
-        let created = holder.create_temporary_slot_with_snapshot(&temporary).await?;
-        let snapshot = created.snapshot_name.ok_or_else(|| CaptureError::Config("the server exported no snapshot".into()))?;
-        let version = created.consistent_point - 1;
-        let reader = pg::connect(self.conninfo).await?;
-        reader
-            .batch_execute(&format!(
-                "{}BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                crate::conninfo::text_output_settings_sql(false),
-                quote::quote_literal(&snapshot)
-            ))
-            .await?;
-        let tables = published_tables(&reader, self.publication).await?;
+        let snapshot = CopySnapshot::take(
+            cfg,
+            self.conninfo,
+            self.publication,
+            &format!("{}_snapshot", slot.chars().take(40).collect::<String>()),
+            |t| super::refused::refusal(&t.relation).inspect(|why| tracing::error!("{why}")).is_none(),
+        )
+        .await?;
+        let version = snapshot.consistent_point - 1;
         tracing::info!(
             slot = %slot,
-            at = %replication::format_lsn(created.consistent_point),
-            tables = tables.len(),
+            at = %replication::format_lsn(snapshot.consistent_point),
+            tables = snapshot.tables.len(),
             "initial snapshot started"
         );
         metrics::gauge!("pgfanout_capture_snapshot_running").set(1.0);
@@ -134,24 +128,22 @@ impl InitialSnapshot<'_> {
         publisher.restart(0);
         let tx = publisher.begin();
         let started = Instant::now();
-        let mut copier = TableCopier::new(&reader, &mut *publisher, tx, version);
-        for table in
-            tables.into_iter().filter(|t| super::refused::refusal(&t.relation).inspect(|why| tracing::error!("{why}")).is_none())
-        {
-            if !copier.copy(table, shutdown).await? {
+        let mut copier = TableCopier::new(&snapshot.reader, &mut *publisher, tx, version);
+        for (i, table) in snapshot.tables.iter().enumerate() {
+            if !copier.copy(i, table, shutdown).await? {
                 metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
                 return Ok(false);
             }
         }
         let copied = copier.progress.rows;
-        reader.batch_execute("COMMIT").await?;
-        drop(holder);
+        let consistent_point = snapshot.consistent_point;
+        snapshot.finish().await?;
         publisher.committed(tx, 0);
         publisher.all_acknowledged().await?;
         client
             .execute(
                 "UPDATE pgfanout.capture_snapshots SET finished_at = now(), snapshot_lsn = $2::text::pg_lsn, rows = $3 WHERE slot = $1",
-                &[&slot, &replication::format_lsn(created.consistent_point), &(copied as i64)],
+                &[&slot, &replication::format_lsn(consistent_point), &(copied as i64)],
             )
             .await?;
         metrics::gauge!("pgfanout_capture_snapshot_running").set(0.0);
@@ -191,13 +183,11 @@ impl<'a> TableCopier<'a> {
         }
     }
 
-    /// Copies `table`; false when `shutdown` interrupted it.
-    pub(super) async fn copy(&mut self, table: SnapshotTable, shutdown: &Shutdown) -> Result<bool, CaptureError> {
+    /// Copies table `i` of the snapshot, `table`; false when `shutdown` interrupted it.
+    pub(super) async fn copy(&mut self, i: usize, table: &SnapshotTable, shutdown: &Shutdown) -> Result<bool, CaptureError> {
         let relation = &table.relation;
         let name = format!("{}.{}", relation.namespace, relation.name);
-        let columns: Vec<String> = relation.columns.iter().map(|c| quote::quote_ident(&c.name)).collect();
-        let filter = table.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
-        let source = format!("{}.{}", quote::quote_ident(&relation.namespace), quote::quote_ident(&relation.name));
+        let cursor = copy_snapshot::cursor(i);
         for (oid, namespace, type_name) in &table.types {
             self.deltas.add_type(*oid, namespace, type_name.clone());
         }
@@ -207,32 +197,23 @@ impl<'a> TableCopier<'a> {
         for partition in 0..self.publisher.partitions() {
             self.publisher.send(&truncate, Some(partition), self.tx).await?;
         }
-        self.reader
-            .batch_execute(&format!(
-                "DECLARE pgfanout_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}{source}{filter}",
-                columns.join(", "),
-                // A partitioned table published through its root holds its rows in its
-                // partitions; any other table's own rows only.
-                if table.partitioned { "" } else { "ONLY " }
-            ))
-            .await?;
         loop {
             if shutdown.is_triggered() {
                 return Ok(false);
             }
-            let rows = self.copy_rows(relation).await?;
+            let rows = self.copy_rows(relation, &cursor).await?;
             self.progress.add(rows, &name, self.started);
             if rows < FETCH_ROWS {
                 break;
             }
         }
-        self.reader.batch_execute("CLOSE pgfanout_snapshot").await?;
+        self.reader.batch_execute(&format!("CLOSE {cursor}")).await?;
         Ok(true)
     }
 
     /// Fetches the cursor's next rows and hands them to the publisher; returns how many.
-    async fn copy_rows(&mut self, relation: &Relation) -> Result<usize, CaptureError> {
-        let fetched = self.reader.simple_query(&format!("FETCH {FETCH_ROWS} FROM pgfanout_snapshot")).await?;
+    async fn copy_rows(&mut self, relation: &Relation, cursor: &str) -> Result<usize, CaptureError> {
+        let fetched = self.reader.simple_query(&format!("FETCH {FETCH_ROWS} FROM {cursor}")).await?;
         let mut rows = 0;
         let mut values = Vec::with_capacity(relation.columns.len());
         for message in fetched {

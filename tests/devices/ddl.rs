@@ -228,3 +228,46 @@ async fn renamed_dropped_and_unpublished_tables_leave_devices() {
     let names: Vec<String> = device_shape(&p, "a").into_iter().map(|(t, _)| t).collect();
     assert_eq!(names, ["public.ddl_kept", "public.ddl_new"], "device a's tables");
 }
+
+/// Published tables besides the one the race test copies: capture reads every published
+/// table's columns under a copy's snapshot before it opens the copy's cursor, so they make
+/// that window long enough to commit a statement in.
+const PADDING_TABLES: usize = 1000;
+
+/// A column renamed after capture took the snapshot for a copy and before the copy's
+/// cursor opened: capture takes another snapshot instead of failing on the column the
+/// first one saw, and devices end with PostgreSQL's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_renamed_while_a_copy_begins_is_copied_under_a_new_snapshot() {
+    let mut p = Pipeline::new("ddl_race").await;
+    let client = p.client().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE public.ddl_race (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, note text, amount int);
+             INSERT INTO public.ddl_race SELECT g, g, 'note ' || g, g * 10 FROM generate_series(1, {ROWS}) g;
+             ALTER PUBLICATION pgfanout ADD TABLE public.ddl_race;
+             DO $$ BEGIN FOR i IN 1..{PADDING_TABLES} LOOP
+                 EXECUTE format('CREATE TABLE public.pad_%s (id int PRIMARY KEY); ALTER PUBLICATION pgfanout ADD TABLE public.pad_%s', i, i);
+             END LOOP; END $$;"
+        ))
+        .await
+        .unwrap();
+    let out = p.run_cli(&["setup"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    p.start_capture().await;
+    p.start_device("a", &[]);
+    client.batch_execute("ALTER TABLE public.ddl_race ADD COLUMN extra int DEFAULT 3").await.unwrap();
+    // The copy's temporary slot exists: its snapshot is taken, the cursor not yet open.
+    let copying = "SELECT count(*) FROM pg_replication_slots WHERE temporary AND slot_name LIKE '%recopy%'";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while client.query_one(copying, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "capture never began the copy");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    client.batch_execute("ALTER TABLE public.ddl_race RENAME COLUMN note TO remark").await.unwrap();
+    client.batch_execute("UPDATE public.ddl_race SET remark = 'later' WHERE id = 5").await.unwrap();
+    assert_devices_equal_postgres(&mut p).await;
+    p.assert_running("capture");
+    let log = std::fs::read_to_string(p.log("capture")).unwrap();
+    assert!(log.contains("taking another"), "the rename did not land between the snapshot and the cursor:\n{log}");
+}

@@ -1,0 +1,142 @@
+//! The snapshot a copy reads under (the initial snapshot, and the online copy after DDL):
+//! exported by a temporary slot, read by a connection that has a cursor open over every
+//! table to copy, and checked to show each of those tables as it still is.
+//!
+//! Why the check. The tables' columns are read under the snapshot, but a cursor's query is
+//! parsed against a table's current definition, and a table rewritten (`ALTER COLUMN …
+//! TYPE`, a volatile default) or truncated after the snapshot looks empty under it (neither
+//! is MVCC-safe). DDL committed on a table between the snapshot and its cursor would make
+//! the copy fail, or copy nothing and so empty the table on devices until a later copy. An
+//! open cursor keeps its table locked (`ACCESS SHARE`) until the copy ends, so no DDL
+//! commits on it after that; what committed before is found by comparing each table's
+//! storage and columns under the snapshot with the catalog as it is now. When they differ,
+//! or a cursor cannot be opened, the snapshot is given up before anything was sent and a
+//! new one is taken: its consistent point is later, which every argument about the copy's
+//! version allows (`snapshot`, `recopy`).
+
+use tokio_postgres::Client;
+
+use super::error::CaptureError;
+use super::flush::Lsn;
+use super::replication::{ReplicationClient, ReplicationConfig};
+use super::snapshot::{published_tables, SnapshotTable};
+use crate::{pg, quote};
+
+/// Snapshots given up, one after another, before capture gives up the copy.
+const ATTEMPTS: u32 = 20;
+
+/// Each table's relation OID, storage and columns (dropped ones included): what a rewrite,
+/// a truncate or a change of columns changes.
+const SHAPE_SQL: &str = "
+SELECT c.oid::text || ' ' || c.relfilenode::text || ' '
+       || coalesce(string_agg(a.attnum || ':' || a.attname || ':' || a.atttypid || ':' || a.atttypmod || ':' || a.attisdropped,
+                              ',' ORDER BY a.attnum), '')
+  FROM pg_class c
+  LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+ WHERE c.oid IN (SELECT t.oid FROM unnest($1::oid[]) t(oid)
+                 UNION SELECT p.relid FROM unnest($1::oid[]) t(oid), pg_partition_tree(t.oid) p)
+ GROUP BY c.oid, c.relfilenode
+ ORDER BY c.oid";
+
+/// A snapshot with the cursors of its tables open.
+pub(super) struct CopySnapshot {
+    /// The temporary slot's consistent point: transactions committed before it are in the
+    /// snapshot, those after are not.
+    pub(super) consistent_point: Lsn,
+    /// The connection reading under the snapshot; table `i`'s cursor is [`cursor`]`(i)`.
+    pub(super) reader: Client,
+    /// The tables to copy, as the snapshot sees them.
+    pub(super) tables: Vec<SnapshotTable>,
+    /// Keeps the snapshot alive; idle while it is in use.
+    holder: ReplicationClient,
+}
+
+/// The name of the cursor over table `i` of a [`CopySnapshot`].
+pub(super) fn cursor(i: usize) -> String {
+    format!("pgfanout_copy_{i}")
+}
+
+impl CopySnapshot {
+    /// Takes a snapshot of the publication's tables that `wanted` keeps (temporary slots
+    /// named after `name`, at most 50 characters), with their cursors open and nothing
+    /// changed under it.
+    pub(super) async fn take(
+        cfg: &ReplicationConfig,
+        conninfo: &str,
+        publication: &str,
+        name: &str,
+        wanted: impl Fn(&SnapshotTable) -> bool,
+    ) -> Result<CopySnapshot, CaptureError> {
+        for attempt in 1..=ATTEMPTS {
+            // A slot ends with its session, which the server may not have finished when the
+            // next is created: each attempt has its own name.
+            let slot = format!("{name}_{}_{attempt}", std::process::id());
+            let mut holder = ReplicationClient::connect(cfg).await?;
+            let created = holder.create_temporary_slot_with_snapshot(&slot).await?;
+            let snapshot = created.snapshot_name.ok_or_else(|| CaptureError::Config("the server exported no snapshot".into()))?;
+            let reader = pg::connect(conninfo).await?;
+            reader
+                .batch_execute(&format!(
+                    "{}BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                    crate::conninfo::text_output_settings_sql(false),
+                    quote::quote_literal(&snapshot)
+                ))
+                .await?;
+            let tables: Vec<SnapshotTable> = published_tables(&reader, publication).await?.into_iter().filter(&wanted).collect();
+            match open_cursors(&reader, conninfo, &tables).await {
+                Ok(true) => return Ok(CopySnapshot { consistent_point: created.consistent_point, reader, tables, holder }),
+                Ok(false) => tracing::info!(attempt, "a table to copy changed after the snapshot was taken; taking another"),
+                Err(e) if changed_meanwhile(&e) => {
+                    let error = e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().to_string());
+                    tracing::info!(attempt, error, "a table to copy changed after the snapshot was taken; taking another");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CaptureError::Config(format!(
+            "{ATTEMPTS} snapshots in a row saw a table to copy change before its copy could begin; \
+             is DDL running on the published tables without pause?"
+        )))
+    }
+
+    /// Ends the snapshot.
+    pub(super) async fn finish(self) -> Result<(), CaptureError> {
+        self.reader.batch_execute("COMMIT").await?;
+        drop(self.holder);
+        Ok(())
+    }
+}
+
+/// Opens a cursor over each of `tables` in `reader`'s snapshot; true when each table is, now
+/// that the cursors lock them, what the snapshot sees (module doc).
+async fn open_cursors(reader: &Client, conninfo: &str, tables: &[SnapshotTable]) -> Result<bool, tokio_postgres::Error> {
+    for (i, table) in tables.iter().enumerate() {
+        let relation = &table.relation;
+        let columns: Vec<String> = relation.columns.iter().map(|c| quote::quote_ident(&c.name)).collect();
+        let filter = table.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
+        let source = format!("{}.{}", quote::quote_ident(&relation.namespace), quote::quote_ident(&relation.name));
+        reader
+            .batch_execute(&format!(
+                "DECLARE {} NO SCROLL CURSOR FOR SELECT {} FROM {}{source}{filter}",
+                cursor(i),
+                columns.join(", "),
+                // A partitioned table published through its root holds its rows in its
+                // partitions; any other table's own rows only.
+                if table.partitioned { "" } else { "ONLY " }
+            ))
+            .await?;
+    }
+    if tables.is_empty() {
+        return Ok(true);
+    }
+    let oids: Vec<u32> = tables.iter().map(|t| t.relation.id).collect();
+    let shapes = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>();
+    let seen = shapes(reader.query(SHAPE_SQL, &[&oids]).await?);
+    let now = shapes(pg::connect(conninfo).await?.query(SHAPE_SQL, &[&oids]).await?);
+    Ok(seen == now)
+}
+
+/// An error opening a cursor because a table or column the snapshot sees is gone.
+fn changed_meanwhile(e: &tokio_postgres::Error) -> bool {
+    matches!(pg::sqlstate(e), Some("42P01" | "42703"))
+}
