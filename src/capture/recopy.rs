@@ -10,7 +10,7 @@
 //!    transaction has committed) splits transactions exactly: those committed before `C`
 //!    are visible in it, those after are decoded by the capture slot, later in the stream.
 //!    (A snapshot under which a later statement changed a table to copy before its cursor
-//!    opened is given up for a newer one, [`super::copy_snapshot`]: any `C` > `D` will do.)
+//!    opened is given up for a newer one, `copy_snapshot`: any `C` > `D` will do.)
 //! 2. Each copied table starts with a truncate at `(C − 1, 0)` and its rows follow at
 //!    `(C − 1, n)`: newer than every change committed before `C` — the statement itself,
 //!    what the stream sent of the table before, and what it will still send of the

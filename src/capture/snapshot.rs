@@ -9,7 +9,7 @@
 //!    the snapshot; those that commit after are decoded by every slot, the capture slot
 //!    included. Every table's cursor opens before anything is sent, and a snapshot under
 //!    which DDL changed a table before its cursor opened is given up for a newer one
-//!    ([`super::copy_snapshot`]).
+//!    (`copy_snapshot`).
 //! 3. Each table's copy starts with a truncate at the version `(C − 1, n)`, and every row
 //!    of the snapshot follows with a higher `n`: newer than any change committed before `C`
 //!    (whose commit record starts below it), older than any change committed after. Devices
