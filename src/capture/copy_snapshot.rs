@@ -19,7 +19,7 @@ use tokio_postgres::Client;
 use super::error::CaptureError;
 use super::flush::Lsn;
 use super::replication::{ReplicationClient, ReplicationConfig};
-use super::snapshot::{published_tables, SnapshotTable};
+use super::pgoutput::{Relation, RelationColumn};
 use crate::{pg, quote};
 
 /// Snapshots given up, one after another, before capture gives up the copy.
@@ -140,3 +140,89 @@ async fn open_cursors(reader: &Client, conninfo: &str, tables: &[SnapshotTable])
 fn changed_meanwhile(e: &tokio_postgres::Error) -> bool {
     matches!(pg::sqlstate(e), Some("42P01" | "42703"))
 }
+
+/// A published table as the snapshot sees it.
+pub(super) struct SnapshotTable {
+    pub(super) relation: Relation,
+    /// Non-built-in column types: (oid, namespace, name), as pgoutput's Type messages.
+    pub(super) types: Vec<(u32, String, String)>,
+    /// The publication's row filter, if any.
+    pub(super) filter: Option<String>,
+    pub(super) partitioned: bool,
+}
+
+/// The publication's tables as the snapshot transaction sees them, described the way
+/// pgoutput's Relation and Type messages describe them: published columns only (column
+/// lists), generated columns only where pgoutput sends them, key flags from the replica identity (the primary
+/// key under `REPLICA IDENTITY FULL`, as streaming uses).
+pub(super) async fn published_tables(reader: &Client, publication: &str) -> Result<Vec<SnapshotTable>, CaptureError> {
+    let tables = reader
+        .query(
+            "SELECT c.oid, pt.schemaname::text, pt.tablename::text, c.relreplident::text, pt.attnames::text[], pt.rowfilter,
+                    c.relkind = 'p'
+               FROM pg_publication_tables pt
+               JOIN pg_namespace n ON n.nspname = pt.schemaname
+               JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+              WHERE pt.pubname = $1
+              ORDER BY 2, 3",
+            &[&publication],
+        )
+        .await?;
+    let generated = super::refused::publishes_generated_columns(reader, publication).await?;
+    let mut out = Vec::with_capacity(tables.len());
+    for t in tables {
+        let oid: u32 = t.get(0);
+        let published: Option<Vec<String>> = t.get(4);
+        let columns = reader
+            .query(
+                // A domain is described by its base type, as pgoutput's Type message does.
+                "SELECT a.attname::text, ty.oid, a.atttypmod,
+                        CASE c.relreplident
+                          WHEN 'f' THEN coalesce(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)::int2[]),
+                                                 NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+                          WHEN 'd' THEN coalesce(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)::int2[]), false)
+                          WHEN 'i' THEN coalesce(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)::int2[]), false)
+                          ELSE false END,
+                        tn.nspname::text, ty.typname::text
+                   FROM pg_attribute a
+                   JOIN pg_class c ON c.oid = a.attrelid
+                   JOIN LATERAL (WITH RECURSIVE b(oid, typtype, typbasetype) AS (
+                                   SELECT t.oid, t.typtype, t.typbasetype FROM pg_type t WHERE t.oid = a.atttypid
+                                   UNION ALL
+                                   SELECT t.oid, t.typtype, t.typbasetype FROM b JOIN pg_type t ON t.oid = b.typbasetype WHERE b.typtype = 'd')
+                                 SELECT oid FROM b WHERE typtype <> 'd') base ON true
+                   JOIN pg_type ty ON ty.oid = base.oid
+                   JOIN pg_namespace tn ON tn.oid = ty.typnamespace
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+                    AND (a.attgenerated = '' OR $2)
+                  ORDER BY a.attnum",
+                &[&oid, &generated],
+            )
+            .await?;
+        let mut relation = Relation {
+            id: oid,
+            namespace: t.get(1),
+            name: t.get(2),
+            replica_identity: t.get::<_, String>(3).bytes().next().unwrap_or(b'd'),
+            columns: Vec::with_capacity(columns.len()),
+        };
+        let mut types = Vec::new();
+        for c in columns {
+            let name: String = c.get(0);
+            if published.as_ref().is_some_and(|p| !p.contains(&name)) {
+                continue;
+            }
+            let type_oid: u32 = c.get(1);
+            // pgoutput describes only types outside the built-in range with a Type message.
+            if type_oid >= FIRST_NON_BUILTIN_OID {
+                types.push((type_oid, c.get(4), c.get(5)));
+            }
+            relation.columns.push(RelationColumn { is_key: c.get(3), name, type_oid, type_modifier: c.get(2) });
+        }
+        out.push(SnapshotTable { relation, types, filter: t.get(5), partitioned: t.get(6) });
+    }
+    Ok(out)
+}
+
+/// PostgreSQL's `FirstGenbkiObjectId`: OIDs below it are built in.
+const FIRST_NON_BUILTIN_OID: u32 = 10_000;

@@ -35,13 +35,13 @@
 
 use std::time::Duration;
 
-use super::copy_snapshot::CopySnapshot;
+use super::copy_snapshot::{CopySnapshot, SnapshotTable};
 use super::ddl::{self, DdlChanges};
 use super::error::CaptureError;
 use super::flush::{Lsn, TxHandle};
 use super::publisher::Publisher;
 use super::replication::{self, ReplicationConfig, ReplicationStream};
-use super::snapshot::{SnapshotTable, TableCopier};
+use super::snapshot::TableCopier;
 use crate::contract::{now_micros, Delta, DeltaOp};
 use crate::shutdown::Shutdown;
 
