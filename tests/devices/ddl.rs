@@ -257,8 +257,11 @@ async fn a_column_renamed_while_a_copy_begins_is_copied_under_a_new_snapshot() {
     p.start_capture().await;
     p.start_device("a", &[]);
     client.batch_execute("ALTER TABLE public.ddl_race ADD COLUMN extra int DEFAULT 3").await.unwrap();
-    // The copy's temporary slot exists: its snapshot is taken, the cursor not yet open.
-    let copying = "SELECT count(*) FROM pg_replication_slots WHERE temporary AND slot_name LIKE '%recopy%'";
+    // The copy's temporary slot is made and its snapshot exported (the slot's session waits,
+    // idle in its transaction), the cursor not yet open. Other tests' captures copy too.
+    let copying = "SELECT count(*) FROM pg_stat_activity
+                    WHERE backend_type = 'walsender' AND datname = current_database() AND state = 'idle in transaction'
+                      AND query LIKE 'CREATE_REPLICATION_SLOT %recopy%'";
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while client.query_one(copying, &[]).await.unwrap().get::<_, i64>(0) == 0 {
         assert!(std::time::Instant::now() < deadline, "capture never began the copy");
