@@ -88,6 +88,12 @@ pub fn encode_delta_into(v: &Delta, out: &mut Vec<u8>) {
     out.clear();
     delta_writer::write_delta(v, out);
 }
+/// Encodes a delta read in place ([`decode_delta_view`]) into `out`, replacing what it
+/// held: the bytes it was read from, without making an owned [`Delta`] first.
+pub fn encode_delta_view_into(v: &DeltaView<'_>, out: &mut Vec<u8>) {
+    out.clear();
+    delta_writer::write_delta_view(v, out);
+}
 pub fn decode_delta(bytes: &[u8]) -> Result<Delta, CodecError> {
     decode(bytes, &SCHEMAS.delta, "delta")
 }

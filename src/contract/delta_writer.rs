@@ -10,7 +10,8 @@
 //! generated deltas, and the reader's tests pin the schema's fields, so a change of the
 //! schema fails them until this writer follows it.
 
-use super::{Column, Delta, DeltaOp, Value};
+use super::view::{ColumnView, DeltaView, ValueView};
+use super::{Column, Delta, DeltaOp};
 
 /// Where the encoding goes: a buffer, or a sink that keeps only part of it (capture's
 /// fragments, [`super::fragment`]) without ever holding the whole.
@@ -27,17 +28,73 @@ impl Out for Vec<u8> {
 
 /// Appends the encoding of `delta` to `out`.
 pub(super) fn write_delta<O: Out>(delta: &Delta, out: &mut O) {
-    string(out, &delta.table);
-    long(out, op_symbol(delta.op));
-    columns(out, &delta.key);
-    nullable(out, delta.after.as_deref(), columns);
-    nullable(out, delta.old_key.as_deref(), columns);
-    long(out, delta.commit_lsn);
-    long(out, delta.lsn);
-    long(out, delta.xid);
-    long(out, delta.commit_ts);
-    long(out, delta.seq);
-    nullable(out, delta.instruction_id.as_deref(), string);
+    fn columns(cs: &[Column]) -> impl ExactSizeIterator<Item = ColumnView<'_>> {
+        cs.iter().map(Column::view)
+    }
+    let (key, after, old_key) = (columns(&delta.key), delta.after.as_deref().map(columns), delta.old_key.as_deref().map(columns));
+    let fields = Fields {
+        table: &delta.table,
+        op: delta.op,
+        commit_lsn: delta.commit_lsn,
+        lsn: delta.lsn,
+        xid: delta.xid,
+        commit_ts: delta.commit_ts,
+        seq: delta.seq,
+        instruction_id: delta.instruction_id.as_deref(),
+    };
+    write(out, &fields, key, after, old_key);
+}
+
+/// Appends the encoding of a delta read in place to `out`: the bytes it was read from.
+pub(super) fn write_delta_view<O: Out>(delta: &DeltaView<'_>, out: &mut O) {
+    fn columns<'a, 'c>(cs: &'a [ColumnView<'c>]) -> impl ExactSizeIterator<Item = ColumnView<'c>> + 'a {
+        cs.iter().cloned()
+    }
+    let (key, after, old_key) = (columns(&delta.key), delta.after.as_deref().map(columns), delta.old_key.as_deref().map(columns));
+    let fields = Fields {
+        table: delta.table,
+        op: delta.op,
+        commit_lsn: delta.commit_lsn,
+        lsn: delta.lsn,
+        xid: delta.xid,
+        commit_ts: delta.commit_ts,
+        seq: delta.seq,
+        instruction_id: delta.instruction_id,
+    };
+    write(out, &fields, key, after, old_key);
+}
+
+/// A delta's fields other than its column arrays.
+struct Fields<'a> {
+    table: &'a str,
+    op: DeltaOp,
+    commit_lsn: i64,
+    lsn: i64,
+    xid: i64,
+    commit_ts: i64,
+    seq: i64,
+    instruction_id: Option<&'a str>,
+}
+
+/// The schema's fields in their order, the column arrays given apart.
+fn write<'c, O: Out, C: ExactSizeIterator<Item = ColumnView<'c>>>(
+    out: &mut O,
+    f: &Fields<'_>,
+    key: C,
+    after: Option<C>,
+    old_key: Option<C>,
+) {
+    string(out, f.table);
+    long(out, op_symbol(f.op));
+    columns(out, key);
+    nullable(out, after, columns);
+    nullable(out, old_key, columns);
+    long(out, f.commit_lsn);
+    long(out, f.lsn);
+    long(out, f.xid);
+    long(out, f.commit_ts);
+    long(out, f.seq);
+    nullable(out, f.instruction_id, string);
 }
 
 /// The position of the op's symbol in the enum `DeltaOp`.
@@ -55,13 +112,13 @@ fn op_symbol(op: DeltaOp) -> i64 {
 
 /// An array of `Column`: one block led by its count, then a count of zero (an empty array
 /// is the zero alone).
-fn columns<O: Out>(out: &mut O, columns: &[Column]) {
-    if !columns.is_empty() {
+fn columns<'c, O: Out>(out: &mut O, columns: impl ExactSizeIterator<Item = ColumnView<'c>>) {
+    if columns.len() > 0 {
         long(out, i64::try_from(columns.len()).unwrap_or(i64::MAX));
         for c in columns {
-            string(out, &c.name);
-            string(out, &c.type_name);
-            value(out, &c.value);
+            string(out, c.name);
+            string(out, c.type_name);
+            value(out, c.value);
             out.put(&[u8::from(c.unchanged)]);
         }
     }
@@ -69,26 +126,26 @@ fn columns<O: Out>(out: &mut O, columns: &[Column]) {
 }
 
 /// The union `null | boolean | long | double | string | bytes`: the branch, then its value.
-fn value<O: Out>(out: &mut O, value: &Value) {
+fn value<O: Out>(out: &mut O, value: ValueView<'_>) {
     match value {
-        Value::Null => long(out, 0),
-        Value::Boolean(b) => {
+        ValueView::Null => long(out, 0),
+        ValueView::Boolean(b) => {
             long(out, 1);
-            out.put(&[u8::from(*b)]);
+            out.put(&[u8::from(b)]);
         }
-        Value::Long(n) => {
+        ValueView::Long(n) => {
             long(out, 2);
-            long(out, *n);
+            long(out, n);
         }
-        Value::Double(f) => {
+        ValueView::Double(f) => {
             long(out, 3);
             out.put(&f.to_le_bytes());
         }
-        Value::String(s) => {
+        ValueView::String(s) => {
             long(out, 4);
             string(out, s);
         }
-        Value::Bytes(b) => {
+        ValueView::Bytes(b) => {
             long(out, 5);
             bytes(out, b);
         }
@@ -96,7 +153,7 @@ fn value<O: Out>(out: &mut O, value: &Value) {
 }
 
 /// A union of `null` (branch 0) and one other type (branch 1).
-fn nullable<O: Out, T: ?Sized>(out: &mut O, value: Option<&T>, write: impl FnOnce(&mut O, &T)) {
+fn nullable<O: Out, T>(out: &mut O, value: Option<T>, write: impl FnOnce(&mut O, T)) {
     match value {
         None => long(out, 0),
         Some(v) => {
@@ -136,6 +193,7 @@ mod tests {
     use super::*;
     use crate::contract::codec::SCHEMAS;
     use crate::contract::delta_reader::tests::delta;
+    use crate::contract::Value;
 
     /// The encoding through serde, which this writer replaces.
     fn serde_bytes(d: &Delta) -> Vec<u8> {
@@ -150,6 +208,14 @@ mod tests {
             let mut out = vec![7]; // appends to what the buffer holds
             write_delta(&d, &mut out);
             prop_assert_eq!(&out[1..], &serde_bytes(&d)[..]);
+        }
+
+        #[test]
+        fn writes_a_view_back_into_the_bytes_it_was_read_from(d in delta()) {
+            let bytes = serde_bytes(&d);
+            let mut out = Vec::new();
+            write_delta_view(&crate::contract::codec::decode_delta_view(&bytes).unwrap(), &mut out);
+            prop_assert_eq!(out, bytes);
         }
     }
 

@@ -35,9 +35,9 @@ use rusqlite::{params, Connection};
 use super::apply::{Applier, BatchStats, Record};
 use super::error::StoreError;
 use super::fragments;
-use crate::contract::codec::{decode_delta_view, encode_delta_into};
+use crate::contract::codec::{decode_delta_view, encode_delta_view_into};
 use crate::contract::view::DeltaView;
-use crate::contract::{Delta, DeltaOp, Value};
+use crate::contract::DeltaOp;
 
 /// Held deltas kept in memory before they are staged in the store.
 pub(super) const HOLD_BYTES: usize = 4 << 20;
@@ -55,12 +55,13 @@ CREATE TABLE IF NOT EXISTS _pgfanout_state (
     topic TEXT PRIMARY KEY, lsn INTEGER NOT NULL, commit_lsn INTEGER NOT NULL, commit_time INTEGER NOT NULL);
 ";
 
-/// A delta waiting for the cut to pass its transaction.
+/// A delta waiting for the cut to pass its transaction: its encoding, as read, and where
+/// it was read. Held as bytes, it takes what its record took, with nothing to allocate per
+/// column.
 struct Held {
-    partition: i32,
-    offset: i64,
-    tombstone: bool,
-    delta: Delta,
+    at: Staged,
+    version: (i64, i64),
+    bytes: Vec<u8>,
 }
 
 /// What the store knows about the cut between batches.
@@ -158,9 +159,15 @@ impl CutState {
         }
     }
 
-    fn hold(&mut self, partition: i32, offset: i64, tombstone: bool, delta: Delta) {
-        self.held_bytes += approximate_size(&delta);
-        self.held.push(Held { partition, offset, tombstone, delta });
+    fn hold(&mut self, at: Staged, delta: &DeltaView<'_>) {
+        let mut bytes = Vec::new();
+        encode_delta_view_into(delta, &mut bytes);
+        self.keep(Held { at, version: delta.version(), bytes });
+    }
+
+    fn keep(&mut self, held: Held) {
+        self.held_bytes += held.bytes.len() + std::mem::size_of::<Held>();
+        self.held.push(held);
     }
 }
 
@@ -221,13 +228,10 @@ fn apply_in(
     let held = std::mem::take(&mut state.held);
     state.held_bytes = 0;
     for h in held {
-        if h.delta.commit_lsn < cut {
-            ready.push(Ready {
-                at: Staged { partition: h.partition, offset: h.offset, tombstone: h.tombstone },
-                delta: Owned(h.delta),
-            });
+        if h.version.0 < cut {
+            ready.push(Ready::Held(h));
         } else {
-            state.hold(h.partition, h.offset, h.tombstone, h.delta);
+            state.keep(h);
         }
     }
     for record in records {
@@ -249,8 +253,8 @@ fn apply_in(
     let watermark = |p: &i32| state.watermarks.get(p).copied().unwrap_or(0);
     let mut positions: Vec<(i32, i64, i64)> = state.read.iter().map(|(p, next)| (*p, *next, watermark(p).min(cut))).collect();
     for h in &state.held {
-        if let Some(entry) = positions.iter_mut().find(|(p, _, _)| *p == h.partition) {
-            entry.1 = entry.1.min(h.offset);
+        if let Some(entry) = positions.iter_mut().find(|(p, _, _)| *p == h.at.partition) {
+            entry.1 = entry.1.min(h.at.offset);
         }
     }
     positions.sort_unstable();
@@ -286,77 +290,91 @@ fn handle<'r>(
     if !again {
         applier.stats.processed += 1;
     }
+    let handled_before = |applier: &Applier<'_, '_>, delta: &Result<Option<DeltaView<'_>>, String>| {
+        again
+            && !matches!(delta, Ok(Some(d))
+                if d.op != DeltaOp::Watermark && d.commit_lsn >= committed_cut && applier.keeps(d.table))
+    };
+    let at = Staged { partition: record.partition, offset: record.offset, tombstone: record.tombstone };
     // A fragment is staged; the last one of a complete set goes on as the delta it completes.
-    let mut whole = None;
     if let Some(fragment) = &record.fragment {
         let mut staged = 0;
-        whole = fragments::stage(tx, topic, record.partition, fragment, &mut staged)?;
+        let whole = fragments::stage(tx, topic, record.partition, fragment, &mut staged)?;
         if !again {
             applier.stats.fragments += staged;
         }
-    }
-    if record.fragment.is_some() && whole.is_none() {
-        return Ok(None);
-    }
-    let original = record;
-    let assembled = whole.as_deref().map(|bytes| Record { delta: fragments::decoded(bytes), fragment: None, ..*record });
-    let record = assembled.as_ref().unwrap_or(record);
-    if again {
-        match &record.delta {
-            Ok(Some(delta))
-                if delta.op != DeltaOp::Watermark && delta.commit_lsn >= committed_cut && applier.keeps(delta.table) => {}
-            _ => return Ok(None),
+        let Some(bytes) = whole else { return Ok(None) };
+        let delta = fragments::decoded(&bytes);
+        if handled_before(applier, &delta) {
+            return Ok(None);
         }
-    }
-    let at = Staged { partition: record.partition, offset: record.offset, tombstone: record.tombstone };
-    match &record.delta {
-        Err(reason) => applier.reject(record.partition, record.offset, reason)?,
-        Ok(None) => applier.stats.tombstones += 1,
-        Ok(Some(delta)) if delta.op == DeltaOp::Watermark && !record.tombstone => applier.stats.watermarks += 1,
-        Ok(Some(delta)) if !applier.keeps(delta.table) => applier.apply(at.partition, at.offset, at.tombstone, delta)?,
-        Ok(Some(delta)) if delta.commit_lsn < cut => {
-            let delta = match (&whole, &original.delta) {
-                (None, Ok(Some(borrowed))) => Borrowed(borrowed),
-                _ => Owned(delta.to_delta()),
-            };
-            return Ok(Some(Ready { at, delta }));
+        let Some(version) = route(applier, &delta, at)?.map(DeltaView::version) else { return Ok(None) };
+        drop(delta);
+        if version.0 < cut {
+            return Ok(Some(Ready::Held(Held { at, version, bytes })));
         }
         // Its fragments are gone from their stage: the whole delta is staged at once, so
         // that the offset may pass it.
-        Ok(Some(delta)) => match &whole {
-            Some(bytes) => state.staged += stage_encoded(tx, topic, &at, delta.version(), bytes)?,
-            None => state.hold(record.partition, record.offset, record.tombstone, delta.to_delta()),
-        },
+        state.staged += stage_encoded(tx, topic, &at, version, &bytes)?;
+        return Ok(None);
+    }
+    if handled_before(applier, &record.delta) {
+        return Ok(None);
+    }
+    match route(applier, &record.delta, at)? {
+        Some(delta) if delta.commit_lsn < cut => return Ok(Some(Ready::Read { at, delta })),
+        Some(delta) => state.hold(at, delta),
+        None => {}
     }
     Ok(None)
 }
 
-/// A delta that applies in this batch, and where it was read.
-struct Ready<'r> {
+/// Applies or counts what does not wait for the cut (a record that did not decode, a
+/// tombstone without a delta, a watermark, a delta to a table not kept); returns a delta
+/// that applies in version order.
+fn route<'d, 'v>(
+    applier: &mut Applier<'_, '_>,
+    delta: &'d Result<Option<DeltaView<'v>>, String>,
     at: Staged,
-    delta: ReadyDelta<'r>,
+) -> Result<Option<&'d DeltaView<'v>>, StoreError> {
+    match delta {
+        Err(reason) => applier.reject(at.partition, at.offset, reason)?,
+        Ok(None) => applier.stats.tombstones += 1,
+        Ok(Some(delta)) if delta.op == DeltaOp::Watermark && !at.tombstone => applier.stats.watermarks += 1,
+        Ok(Some(delta)) if !applier.keeps(delta.table) => applier.apply(at.partition, at.offset, at.tombstone, delta)?,
+        Ok(Some(delta)) => return Ok(Some(delta)),
+    }
+    Ok(None)
 }
 
-enum ReadyDelta<'r> {
-    Borrowed(&'r DeltaView<'r>),
-    Owned(Delta),
+/// A delta that applies in this batch: read in this batch, or held from an earlier one.
+enum Ready<'r> {
+    Read { at: Staged, delta: &'r DeltaView<'r> },
+    Held(Held),
 }
-use ReadyDelta::{Borrowed, Owned};
 
 impl Ready<'_> {
     fn version(&self) -> (i64, i64) {
-        match &self.delta {
-            Borrowed(d) => d.version(),
-            Owned(d) => (d.commit_lsn, d.seq),
+        match self {
+            Ready::Read { delta, .. } => delta.version(),
+            Ready::Held(h) => h.version,
         }
     }
 
     fn apply(&self, applier: &mut Applier<'_, '_>) -> Result<(), StoreError> {
-        let (partition, offset, tombstone) = (self.at.partition, self.at.offset, self.at.tombstone);
-        match &self.delta {
-            Borrowed(d) => applier.apply(partition, offset, tombstone, d),
-            Owned(d) => applier.apply(partition, offset, tombstone, &d.view()),
+        match self {
+            Ready::Read { at, delta } => applier.apply(at.partition, at.offset, at.tombstone, delta),
+            Ready::Held(h) => apply_encoded(applier, &h.at, &h.bytes),
         }
+    }
+}
+
+/// Applies a delta held or staged by this store from one that decoded.
+fn apply_encoded(applier: &mut Applier<'_, '_>, at: &Staged, bytes: &[u8]) -> Result<(), StoreError> {
+    match decode_delta_view(bytes) {
+        Ok(delta) => applier.apply(at.partition, at.offset, at.tombstone, &delta),
+        // It decoded when it was read: the store file was damaged.
+        Err(e) => Ok(applier.reject(at.partition, at.offset, &format!("held delta no longer decodes: {e}"))?),
     }
 }
 
@@ -396,12 +414,7 @@ fn apply_in_order(
         match next_staged {
             Some(row) if staged_first => {
                 let at = Staged { partition: row.get(2)?, offset: row.get(3)?, tombstone: row.get(4)? };
-                let bytes = row.get_ref(5)?.as_blob().map_err(rusqlite::Error::from)?;
-                match decode_delta_view(bytes) {
-                    Ok(delta) => applier.apply(at.partition, at.offset, at.tombstone, &delta)?,
-                    // Staged by this store from a delta that decoded: the file was damaged.
-                    Err(e) => applier.reject(at.partition, at.offset, &format!("staged delta no longer decodes: {e}"))?,
-                }
+                apply_encoded(applier, &at, row.get_ref(5)?.as_blob().map_err(rusqlite::Error::from)?)?;
                 applied += 1;
                 next_staged = rows.next()?;
             }
@@ -434,7 +447,8 @@ fn record_state(tx: &rusqlite::Transaction<'_>, topic: &str, cut: i64, newest: (
     Ok(())
 }
 
-/// Where a staged delta was read.
+/// Where a held or staged delta was read.
+#[derive(Clone, Copy)]
 struct Staged {
     partition: i32,
     offset: i64,
@@ -443,12 +457,8 @@ struct Staged {
 
 /// Writes held deltas to the staging table; returns how many.
 fn stage(tx: &rusqlite::Transaction<'_>, topic: &str, held: &[Held]) -> Result<u64, rusqlite::Error> {
-    let mut bytes = Vec::new();
     for h in held {
-        bytes.clear();
-        encode_delta_into(&h.delta, &mut bytes);
-        let at = Staged { partition: h.partition, offset: h.offset, tombstone: h.tombstone };
-        stage_encoded(tx, topic, &at, (h.delta.commit_lsn, h.delta.seq), &bytes)?;
+        stage_encoded(tx, topic, &h.at, h.version, &h.bytes)?;
     }
     tracing::debug!(deltas = held.len(), "held deltas staged in the store");
     Ok(held.len() as u64)
@@ -468,24 +478,4 @@ fn stage_encoded(
     )?
     .execute(params![topic, at.partition, at.offset, commit_lsn, seq, at.tombstone, bytes])?;
     Ok(1)
-}
-
-/// About what a held delta takes in memory.
-fn approximate_size(delta: &Delta) -> usize {
-    let columns = |cs: &[crate::contract::Column]| -> usize {
-        cs.iter().map(|c| 160 + c.name.len() + c.type_name.len() + value_size(&c.value)).sum()
-    };
-    320 + delta.table.len()
-        + columns(&delta.key)
-        + delta.after.as_deref().map_or(0, columns)
-        + delta.old_key.as_deref().map_or(0, columns)
-        + delta.instruction_id.as_ref().map_or(0, String::len)
-}
-
-fn value_size(value: &Value) -> usize {
-    match value {
-        Value::String(s) => s.len(),
-        Value::Bytes(b) => b.len(),
-        Value::Null | Value::Boolean(_) | Value::Long(_) | Value::Double(_) => 0,
-    }
 }
