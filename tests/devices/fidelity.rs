@@ -189,15 +189,15 @@ async fn a_key_change_keeps_unchanged_toasted_values_on_every_replica_identity()
 }
 
 /// One record of the deltas topic.
-struct TopicRecord {
-    partition: i32,
-    key: Vec<u8>,
-    payload: Option<Vec<u8>>,
-    header: Option<Vec<u8>>,
+pub(crate) struct TopicRecord {
+    pub(crate) partition: i32,
+    pub(crate) key: Vec<u8>,
+    pub(crate) payload: Option<Vec<u8>>,
+    pub(crate) header: Option<Vec<u8>>,
 }
 
 /// Every record of the deltas topic, in each partition's order.
-fn delta_topic_records(p: &Pipeline) -> Vec<TopicRecord> {
+pub(crate) fn delta_topic_records(p: &Pipeline) -> Vec<TopicRecord> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
     let topic = p.kafka.topics().deltas;
