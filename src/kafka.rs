@@ -65,9 +65,12 @@ pub fn client_config(settings: &KafkaSettings, role: ClientRole<'_>) -> ClientCo
             if commits {
                 cfg.set("partition.assignment.strategy", "cooperative-sticky");
             } else {
-                // A device reads every partition: librdkafka's default prefetch (64 MB a
-                // partition) would be most of its memory, and a few MB keep it busy.
-                cfg.set("queued.max.messages.kbytes", "8192");
+                // A device reads every partition: librdkafka's default prefetch (64 MB of
+                // records, several times that in memory) would be most of its memory. 2 MB
+                // keep it busy as long as a full queue pauses fetching for a few ms, not
+                // for librdkafka's default second (which held a replay to 170k records/s
+                // however fast the device applied).
+                cfg.set("queued.max.messages.kbytes", "2048").set("fetch.queue.backoff.ms", "5");
             }
         }
         ClientRole::Admin => {}

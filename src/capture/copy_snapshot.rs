@@ -18,8 +18,8 @@ use tokio_postgres::Client;
 
 use super::error::CaptureError;
 use super::flush::Lsn;
-use super::replication::{ReplicationClient, ReplicationConfig};
 use super::pgoutput::{Relation, RelationColumn};
+use super::replication::{ReplicationClient, ReplicationConfig};
 use crate::{pg, quote};
 
 /// Snapshots given up, one after another, before capture gives up the copy.

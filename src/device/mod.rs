@@ -59,6 +59,11 @@ pub struct DeviceSettings {
     /// record per interval per device.
     #[arg(long = "ack-interval-ms", env = "PGFANOUT_ACK_INTERVAL_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub ack_interval_ms: u64,
+    /// MiB of deltas held in memory while their transactions are incomplete on some
+    /// partition; beyond that they are staged in the store (slower: written, read back and
+    /// deleted). A transaction that fits applies without touching the stage.
+    #[arg(long = "hold-mib", env = "PGFANOUT_DEVICE_HOLD_MIB", default_value_t = store::DEFAULT_HOLD_MIB, value_parser = clap::value_parser!(u32).range(0..=65_536))]
+    pub hold_mib: u32,
     /// Tables this device keeps (schema.table, comma separated); default: all. Deltas of
     /// other tables are skipped but still move the offsets and the watermark.
     #[arg(long = "tables", env = "PGFANOUT_DEVICE_TABLES", value_delimiter = ',')]
@@ -169,6 +174,7 @@ impl Device {
         let consumer = new_consumer(kafka_settings, &settings.id)?;
         let partitions = assign_from_store(&consumer, &store, &topic, shutdown)?;
         store.set_partitions(partitions.clone());
+        store.set_hold_bytes((settings.hold_mib as usize) << 20);
         let watermark = AppliedPositions::new(partitions, store.applied_lsns(&topic)?);
         let acks = AckPublisher::new(kafka_settings, settings.id.clone(), Duration::from_millis(settings.ack_interval_ms))?;
         let positions = store.offsets(&topic)?;

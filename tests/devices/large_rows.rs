@@ -51,7 +51,8 @@ fn later_rows_on(p: &Pipeline, device: &str) -> i64 {
 /// Deltas of rows with id 100 or more in the deltas topic.
 fn later_deltas_in_topic(p: &Pipeline) -> usize {
     let later = |d: &pgfanout::contract::Delta| {
-        d.table == "public.blobs" && matches!(d.key.first().map(|c| &c.value), Some(pgfanout::contract::Value::Long(id)) if *id >= 100)
+        d.table == "public.blobs"
+            && matches!(d.key.first().map(|c| &c.value), Some(pgfanout::contract::Value::Long(id)) if *id >= 100)
     };
     super::fidelity::delta_topic_records(p)
         .iter()

@@ -39,15 +39,15 @@ use crate::contract::codec::{decode_delta_view, encode_delta_view_into};
 use crate::contract::view::DeltaView;
 use crate::contract::DeltaOp;
 
-/// Held deltas kept in memory before they are staged in the store.
-pub(super) const HOLD_BYTES: usize = 4 << 20;
+/// MiB of held deltas a store keeps in memory before it stages them, unless set.
+pub const DEFAULT_HOLD_MIB: u32 = 32;
+const HOLD_BYTES: usize = (DEFAULT_HOLD_MIB as usize) << 20;
 
 pub(super) const STAGED_SQL: &str = "
 CREATE TABLE IF NOT EXISTS _pgfanout_staged (
-    topic TEXT NOT NULL, partition INTEGER NOT NULL, record_offset INTEGER NOT NULL,
-    commit_lsn INTEGER NOT NULL, seq INTEGER NOT NULL, tombstone INTEGER NOT NULL, delta BLOB NOT NULL,
-    PRIMARY KEY (topic, partition, record_offset));
-CREATE INDEX IF NOT EXISTS _pgfanout_staged_by_version ON _pgfanout_staged (topic, commit_lsn, seq);
+    topic TEXT NOT NULL, commit_lsn INTEGER NOT NULL, seq INTEGER NOT NULL,
+    partition INTEGER NOT NULL, record_offset INTEGER NOT NULL, tombstone INTEGER NOT NULL, delta BLOB NOT NULL,
+    PRIMARY KEY (topic, commit_lsn, seq, partition, record_offset)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _pgfanout_consumed (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, watermark INTEGER NOT NULL,
     PRIMARY KEY (topic, partition));
@@ -61,7 +61,14 @@ CREATE TABLE IF NOT EXISTS _pgfanout_state (
 struct Held {
     at: Staged,
     version: (i64, i64),
-    bytes: Vec<u8>,
+    bytes: Box<[u8]>,
+}
+
+impl Held {
+    /// What it takes in memory.
+    fn size(&self) -> usize {
+        self.bytes.len() + std::mem::size_of::<Held>()
+    }
 }
 
 /// What the store knows about the cut between batches.
@@ -87,6 +94,8 @@ pub(super) struct CutState {
     committed: i64,
     /// Held bytes beyond which held deltas are staged ([`HOLD_BYTES`] unless set).
     hold_bytes: Option<usize>,
+    /// Where a delta to hold is encoded first.
+    scratch: Vec<u8>,
 }
 
 impl CutState {
@@ -160,13 +169,13 @@ impl CutState {
     }
 
     fn hold(&mut self, at: Staged, delta: &DeltaView<'_>) {
-        let mut bytes = Vec::new();
-        encode_delta_view_into(delta, &mut bytes);
+        encode_delta_view_into(delta, &mut self.scratch);
+        let bytes = self.scratch.as_slice().into(); // no spare capacity
         self.keep(Held { at, version: delta.version(), bytes });
     }
 
     fn keep(&mut self, held: Held) {
-        self.held_bytes += held.bytes.len() + std::mem::size_of::<Held>();
+        self.held_bytes += held.size();
         self.held.push(held);
     }
 }
@@ -224,16 +233,11 @@ fn apply_in(
 ) -> Result<BatchStats, StoreError> {
     let mut applier = Applier::new(tx, tables, subscribed, topic);
     // What applies now, applied in version order across partitions (below).
-    let mut ready: Vec<Ready<'_>> = Vec::new();
-    let held = std::mem::take(&mut state.held);
-    state.held_bytes = 0;
-    for h in held {
-        if h.version.0 < cut {
-            ready.push(Ready::Held(h));
-        } else {
-            state.keep(h);
-        }
-    }
+    // Held deltas the cut passed leave the others in place: a large transaction held over
+    // many batches is not moved again with each of them.
+    let released: Vec<Held> = state.held.extract_if(.., |h| h.version.0 < cut).collect();
+    state.held_bytes -= released.iter().map(Held::size).sum::<usize>();
+    let mut ready: Vec<Ready<'_>> = released.into_iter().map(Ready::Held).collect();
     for record in records {
         if let Some(r) = handle(tx, &mut applier, state, topic, record, (committed_cut, cut))? {
             ready.push(r);
@@ -311,7 +315,7 @@ fn handle<'r>(
         let Some(version) = route(applier, &delta, at)?.map(DeltaView::version) else { return Ok(None) };
         drop(delta);
         if version.0 < cut {
-            return Ok(Some(Ready::Held(Held { at, version, bytes })));
+            return Ok(Some(Ready::Held(Held { at, version, bytes: bytes.into() })));
         }
         // Its fragments are gone from their stage: the whole delta is staged at once, so
         // that the offset may pass it.

@@ -28,6 +28,7 @@ mod read;
 mod schema;
 
 pub use apply::{BatchStats, Record};
+pub use consistent::DEFAULT_HOLD_MIB;
 pub use error::StoreError;
 pub use fragments::Fragment;
 pub use read::{open_read_only, value_from_sqlite, Position, Rejected, StoreReader, StoreState};
