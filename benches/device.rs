@@ -89,6 +89,32 @@ fn sqlite_raw(rows: &[(i64, String, i64, String, String)], path: &Path) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// (d): decodes the records and applies them to a new store from memory, as the device
+/// does; returns the seconds it took.
+fn apply_core(records: &[RawRecord], core_path: &Path) -> f64 {
+    remove_store(core_path);
+    let mut store = Store::open(core_path).unwrap();
+    let started = Instant::now();
+    for chunk in records.chunks(BATCH) {
+        let batch: Vec<Record> = chunk
+            .iter()
+            .map(|(p, o, payload)| Record {
+                partition: *p,
+                offset: *o,
+                delta: match payload {
+                    Some(b) => decode_delta_view(b).map(Some).map_err(|e| e.to_string()),
+                    None => Ok(None),
+                },
+                tombstone: payload.is_none(),
+                fragment: None,
+                encoded: payload.as_deref(),
+            })
+            .collect();
+        store.apply_batch("bench", &batch).unwrap();
+    }
+    started.elapsed().as_secs_f64()
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -128,28 +154,7 @@ fn main() {
     let sqlite_secs = sqlite_raw(&rows, &dir.join("raw.sqlite"));
 
     // (d): decode and apply from memory, as the device does.
-    let core_path = dir.join("core.sqlite");
-    remove_store(&core_path);
-    let mut store = Store::open(&core_path).unwrap();
-    let started = Instant::now();
-    for chunk in records.chunks(BATCH) {
-        let batch: Vec<Record> = chunk
-            .iter()
-            .map(|(p, o, payload)| Record {
-                partition: *p,
-                offset: *o,
-                delta: match payload {
-                    Some(b) => decode_delta_view(b).map(Some).map_err(|e| e.to_string()),
-                    None => Ok(None),
-                },
-                tombstone: payload.is_none(),
-                fragment: None,
-            })
-            .collect();
-        store.apply_batch("bench", &batch).unwrap();
-    }
-    let core_secs = started.elapsed().as_secs_f64();
-    drop(store);
+    let core_secs = apply_core(&records, &dir.join("core.sqlite"));
 
     // (a): a device applying the whole topic into an empty store.
     let device = DeviceSettings {

@@ -322,13 +322,14 @@ pub(crate) fn record_of(m: &rdkafka::message::OwnedMessage) -> Record<'_> {
             Ok(header) => (Ok(None), Some(Fragment { header, bytes: m.payload().unwrap_or_default() })),
             Err(e) => (Err(e.to_string()), None),
         };
-        return Record { partition, offset, delta, tombstone: false, fragment };
+        return Record { partition, offset, delta, tombstone: false, fragment, encoded: None };
     }
-    let delta = match m.payload().or_else(|| header(m, TOMBSTONE_DELTA_HEADER)) {
+    let encoded = m.payload().or_else(|| header(m, TOMBSTONE_DELTA_HEADER));
+    let delta = match encoded {
         Some(p) => decode_delta_view(p).map(Some).map_err(|e| e.to_string()),
         None => Ok(None),
     };
-    Record { partition, offset, delta, tombstone: m.payload().is_none(), fragment: None }
+    Record { partition, offset, delta, tombstone: m.payload().is_none(), fragment: None, encoded }
 }
 
 /// The value of the record's header `name`, if it has one.

@@ -21,4 +21,5 @@ pub mod wait;
 pub use env::{required_env, unique_name};
 pub use pipeline::Pipeline;
 pub use sql::{logged_count, logged_ids, slot_streaming, sql_client};
+pub use topics::TopicRecord;
 pub use wait::{wait_for, Deadline, TIMEOUT};

@@ -3,12 +3,52 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
 
 use super::pipeline::Pipeline;
 use super::wait::{Deadline, TIMEOUT};
+use crate::contract::TOMBSTONE_DELTA_HEADER;
 use crate::kafka::{self, ClientRole};
 
+/// One record of the deltas topic.
+pub struct TopicRecord {
+    pub partition: i32,
+    pub key: Vec<u8>,
+    pub payload: Option<Vec<u8>>,
+    /// The delta a tombstone carries in its header.
+    pub header: Option<Vec<u8>>,
+}
+
 impl Pipeline {
+    /// Every record of the deltas topic as it stands now, in each partition's order.
+    pub fn delta_topic_records(&self) -> Vec<TopicRecord> {
+        let topic = self.kafka.topics().deltas;
+        let mut ends = Vec::new();
+        let consumer: BaseConsumer = kafka::reader_at(&self.kafka, &topic, |c: &BaseConsumer, part| {
+            ends.push(c.fetch_watermarks(&topic, part, Duration::from_secs(10))?.1);
+            Ok(rdkafka::Offset::Beginning)
+        })
+        .unwrap()
+        .unwrap();
+        let total: i64 = ends.iter().sum();
+        let mut out = Vec::new();
+        let deadline = Deadline::after(TIMEOUT, "the deltas to be read");
+        while (out.len() as i64) < total {
+            assert!(!deadline.passed(), "read {} of {total} records", out.len());
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) else { continue };
+            let header = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == TOMBSTONE_DELTA_HEADER).and_then(|h| h.value.map(<[u8]>::to_vec)));
+            out.push(TopicRecord {
+                partition: m.partition(),
+                key: m.key().unwrap_or_default().to_vec(),
+                payload: m.payload().map(<[u8]>::to_vec),
+                header,
+            });
+        }
+        out
+    }
+
     /// Number of records in the deltas topic (sum over partitions).
     pub fn delta_records(&self) -> i64 {
         let topic = self.kafka.topics().deltas;

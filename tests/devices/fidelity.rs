@@ -2,7 +2,7 @@
 //! a row changes: values in a text that does not depend on the session's settings, TOASTed
 //! values kept across a key change, and the old key forgotten by a compacted topic.
 
-use pgfanout::test_support::Pipeline;
+use pgfanout::test_support::{Pipeline, TopicRecord};
 
 /// The text of one device column, as the device stores it.
 fn device_text(p: &Pipeline, device: &str, sql: &str) -> String {
@@ -188,45 +188,6 @@ async fn a_key_change_keeps_unchanged_toasted_values_on_every_replica_identity()
     p.stop("capture");
 }
 
-/// One record of the deltas topic.
-pub(crate) struct TopicRecord {
-    pub(crate) partition: i32,
-    pub(crate) key: Vec<u8>,
-    pub(crate) payload: Option<Vec<u8>>,
-    pub(crate) header: Option<Vec<u8>>,
-}
-
-/// Every record of the deltas topic, in each partition's order.
-pub(crate) fn delta_topic_records(p: &Pipeline) -> Vec<TopicRecord> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::{Headers, Message};
-    let topic = p.kafka.topics().deltas;
-    let mut ends = Vec::new();
-    let consumer: BaseConsumer = pgfanout::kafka::reader_at(&p.kafka, &topic, |c: &BaseConsumer, part| {
-        ends.push(c.fetch_watermarks(&topic, part, std::time::Duration::from_secs(10))?.1);
-        Ok(rdkafka::Offset::Beginning)
-    })
-    .unwrap()
-    .unwrap();
-    let total: i64 = ends.iter().sum();
-    let mut out = Vec::new();
-    let deadline = pgfanout::test_support::Deadline::after(pgfanout::test_support::TIMEOUT, "the deltas to be read");
-    while (out.len() as i64) < total {
-        assert!(!deadline.passed(), "read {} of {total} records", out.len());
-        let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(500)) else { continue };
-        let header = m.headers().and_then(|h| {
-            h.iter().find(|h| h.key == pgfanout::contract::TOMBSTONE_DELTA_HEADER).and_then(|h| h.value.map(<[u8]>::to_vec))
-        });
-        out.push(TopicRecord {
-            partition: m.partition(),
-            key: m.key().unwrap_or_default().to_vec(),
-            payload: m.payload().map(<[u8]>::to_vec),
-            header,
-        });
-    }
-    out
-}
-
 /// What compaction leaves of `records`: the newest record of each key in each partition,
 /// without the tombstones once `drop_tombstones` (after `delete.retention.ms`), written to a
 /// deltas topic of its own; returns that topic's prefix.
@@ -294,7 +255,7 @@ async fn a_key_change_leaves_a_tombstone_so_a_compacted_topic_never_brings_the_o
     p.wait_converged(&["a"]).await;
     p.wait_deltas_settled().await;
 
-    let records = delta_topic_records(&p);
+    let records = p.delta_topic_records();
     let old_key = |id| vec![Column { name: "id".into(), type_name: "int4".into(), value: Value::Long(id), unchanged: false }];
     let tombstone = records.iter().find(|r| r.key == delta_kafka_key("public.moved_default", &old_key(1)) && r.payload.is_none());
     let tombstone = tombstone.expect("a Kafka tombstone under the old key of the moved row");

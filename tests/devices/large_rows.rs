@@ -54,7 +54,7 @@ fn later_deltas_in_topic(p: &Pipeline) -> usize {
         d.table == "public.blobs"
             && matches!(d.key.first().map(|c| &c.value), Some(pgfanout::contract::Value::Long(id)) if *id >= 100)
     };
-    super::fidelity::delta_topic_records(p)
+    p.delta_topic_records()
         .iter()
         .filter_map(|r| r.payload.as_deref().and_then(|b| pgfanout::contract::codec::decode_delta(b).ok()))
         .filter(later)

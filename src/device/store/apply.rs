@@ -31,6 +31,9 @@ pub struct Record<'a> {
     /// A fragment of a delta too large for one record ([`fragments`]); `delta` is then
     /// `Ok(None)`.
     pub fragment: Option<Fragment<'a>>,
+    /// The bytes `delta` was decoded from, when the caller has them: a delta held for a
+    /// later batch keeps a copy of them instead of being encoded again.
+    pub encoded: Option<&'a [u8]>,
 }
 
 /// What one batch did.

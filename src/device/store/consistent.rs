@@ -87,6 +87,9 @@ pub(super) struct CutState {
     /// In consumption order.
     held: Vec<Held>,
     held_bytes: usize,
+    /// The least commit LSN held (none when nothing is): while the cut is at or below it,
+    /// nothing held is released and the held list is not scanned.
+    held_least: Option<i64>,
     /// Deltas staged in the store.
     staged: u64,
     loaded_for: Option<String>,
@@ -168,15 +171,39 @@ impl CutState {
         }
     }
 
-    fn hold(&mut self, at: Staged, delta: &DeltaView<'_>) {
-        encode_delta_view_into(delta, &mut self.scratch);
-        let bytes = self.scratch.as_slice().into(); // no spare capacity
-        self.keep(Held { at, version: delta.version(), bytes });
+    /// Holds `delta`: a copy of the bytes it was read from, or its encoding.
+    fn hold(&mut self, at: Staged, delta: &DeltaView<'_>, encoded: Option<&[u8]>) {
+        let bytes = match encoded {
+            Some(bytes) => bytes.into(),
+            None => {
+                encode_delta_view_into(delta, &mut self.scratch);
+                self.scratch.as_slice().into() // no spare capacity
+            }
+        };
+        let held = Held { at, version: delta.version(), bytes };
+        self.held_bytes += held.size();
+        self.held_least = Some(self.held_least.map_or(held.version.0, |least| least.min(held.version.0)));
+        self.held.push(held);
     }
 
-    fn keep(&mut self, held: Held) {
-        self.held_bytes += held.size();
-        self.held.push(held);
+    /// Takes out the held deltas of transactions below `cut`, in consumption order.
+    fn release(&mut self, cut: i64) -> Vec<Held> {
+        if self.held_least.is_none_or(|least| least >= cut) {
+            return Vec::new();
+        }
+        // The others stay in place: a large transaction held over many batches is not
+        // moved again with each of them.
+        let released: Vec<Held> = self.held.extract_if(.., |h| h.version.0 < cut).collect();
+        self.held_bytes -= released.iter().map(Held::size).sum::<usize>();
+        self.held_least = self.held.iter().map(|h| h.version.0).min();
+        released
+    }
+
+    /// Empties the held list once its deltas are staged.
+    fn clear_held(&mut self) {
+        self.held.clear();
+        self.held_bytes = 0;
+        self.held_least = None;
     }
 }
 
@@ -233,11 +260,7 @@ fn apply_in(
 ) -> Result<BatchStats, StoreError> {
     let mut applier = Applier::new(tx, tables, subscribed, topic);
     // What applies now, applied in version order across partitions (below).
-    // Held deltas the cut passed leave the others in place: a large transaction held over
-    // many batches is not moved again with each of them.
-    let released: Vec<Held> = state.held.extract_if(.., |h| h.version.0 < cut).collect();
-    state.held_bytes -= released.iter().map(Held::size).sum::<usize>();
-    let mut ready: Vec<Ready<'_>> = released.into_iter().map(Ready::Held).collect();
+    let mut ready: Vec<Ready<'_>> = state.release(cut).into_iter().map(Ready::Held).collect();
     for record in records {
         if let Some(r) = handle(tx, &mut applier, state, topic, record, (committed_cut, cut))? {
             ready.push(r);
@@ -251,8 +274,7 @@ fn apply_in(
     fragments::discard_passed(tx, topic, &passed)?;
     if state.held_bytes > state.hold_bytes.unwrap_or(HOLD_BYTES) {
         state.staged += stage(tx, topic, &state.held)?;
-        state.held.clear();
-        state.held_bytes = 0;
+        state.clear_held();
     }
     let watermark = |p: &i32| state.watermarks.get(p).copied().unwrap_or(0);
     let mut positions: Vec<(i32, i64, i64)> = state.read.iter().map(|(p, next)| (*p, *next, watermark(p).min(cut))).collect();
@@ -327,7 +349,7 @@ fn handle<'r>(
     }
     match route(applier, &record.delta, at)? {
         Some(delta) if delta.commit_lsn < cut => return Ok(Some(Ready::Read { at, delta })),
-        Some(delta) => state.hold(at, delta),
+        Some(delta) => state.hold(at, delta, record.encoded),
         None => {}
     }
     Ok(None)
@@ -459,13 +481,38 @@ struct Staged {
     tombstone: bool,
 }
 
-/// Writes held deltas to the staging table; returns how many.
+/// Held deltas written to the staging table by one statement.
+const STAGE_ROWS: usize = 64;
+
+/// Writes held deltas to the staging table, [`STAGE_ROWS`] a statement; returns how many.
 fn stage(tx: &rusqlite::Transaction<'_>, topic: &str, held: &[Held]) -> Result<u64, rusqlite::Error> {
-    for h in held {
+    let mut chunks = held.chunks_exact(STAGE_ROWS);
+    if held.len() >= STAGE_ROWS {
+        let mut stmt = tx.prepare_cached(&stage_sql(STAGE_ROWS))?;
+        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(STAGE_ROWS * 7);
+        for chunk in chunks.by_ref() {
+            values.clear();
+            for h in chunk {
+                values.extend([&topic as &dyn rusqlite::ToSql, &h.at.partition, &h.at.offset, &h.version.0, &h.version.1]);
+                values.extend([&h.at.tombstone as &dyn rusqlite::ToSql, &h.bytes]);
+            }
+            stmt.execute(values.as_slice())?;
+        }
+    }
+    for h in chunks.remainder() {
         stage_encoded(tx, topic, &h.at, h.version, &h.bytes)?;
     }
     tracing::debug!(deltas = held.len(), "held deltas staged in the store");
     Ok(held.len() as u64)
+}
+
+/// The statement that stages `rows` deltas.
+fn stage_sql(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; rows].join(", ");
+    format!(
+        "INSERT OR REPLACE INTO _pgfanout_staged (topic, partition, record_offset, commit_lsn, seq, tombstone, delta)
+         VALUES {values}"
+    )
 }
 
 /// Writes one encoded delta to the staging table.
@@ -476,10 +523,6 @@ fn stage_encoded(
     (commit_lsn, seq): (i64, i64),
     bytes: &[u8],
 ) -> Result<u64, rusqlite::Error> {
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO _pgfanout_staged (topic, partition, record_offset, commit_lsn, seq, tombstone, delta)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![topic, at.partition, at.offset, commit_lsn, seq, at.tombstone, bytes])?;
+    tx.prepare_cached(&stage_sql(1))?.execute(params![topic, at.partition, at.offset, commit_lsn, seq, at.tombstone, bytes])?;
     Ok(1)
 }

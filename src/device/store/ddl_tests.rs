@@ -37,14 +37,21 @@ fn apply(store: &mut Store, deltas: &[Delta]) {
     // Offsets no earlier batch had: each record is news to the store.
     static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
     let offset = || NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut records =
-        vec![Record { partition: 0, offset: offset(), delta: Ok(Some(w.view())), tombstone: false, fragment: None }];
+    let mut records = vec![Record {
+        partition: 0,
+        offset: offset(),
+        delta: Ok(Some(w.view())),
+        tombstone: false,
+        fragment: None,
+        encoded: None,
+    }];
     records.extend(deltas.iter().map(|d| Record {
         partition: 0,
         offset: offset(),
         delta: Ok(Some(d.view())),
         tombstone: false,
         fragment: None,
+        encoded: None,
     }));
     store.apply_batch("t", &records).unwrap();
 }

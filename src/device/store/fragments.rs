@@ -201,6 +201,7 @@ mod tests {
                 delta: Ok(None),
                 tombstone: false,
                 fragment: Some(Fragment { header: *header, bytes }),
+                encoded: None,
             })
             .collect()
     }
@@ -241,7 +242,14 @@ mod tests {
         store.apply_batch("t", &all[next..7]).unwrap();
         assert_eq!(body(&store), None);
         let mut last = records(&pieces[7..], 7);
-        last.push(Record { partition: 0, offset: 10, delta: Ok(Some(w.view())), tombstone: false, fragment: None });
+        last.push(Record {
+            partition: 0,
+            offset: 10,
+            delta: Ok(Some(w.view())),
+            tombstone: false,
+            fragment: None,
+            encoded: None,
+        });
         let stats = store.apply_batch("t", &last).unwrap();
         assert_eq!(stats.applied, 1, "{stats:?}");
         assert_eq!(body(&store), Some(vec![0xab; 10_000]));
@@ -273,7 +281,7 @@ mod tests {
         };
         let (w1, w2) = (w(1000), w(1001));
         fn at(d: &Delta, offset: i64) -> Record<'_> {
-            Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None }
+            Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None, encoded: None }
         }
         store.apply_batch("t", &[at(&w1, 8)]).unwrap();
         assert_eq!(staged(&store), 3, "a watermark at the commit itself does not pass it");

@@ -92,7 +92,7 @@ impl Store {
     }
 
     /// Held deltas kept in memory (by an estimate of their size) before they are staged in
-    /// the store (default 4 MiB).
+    /// the store (default [`DEFAULT_HOLD_MIB`] MiB).
     pub fn set_hold_bytes(&mut self, bytes: usize) {
         self.cut.set_hold_bytes(bytes);
     }

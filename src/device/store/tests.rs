@@ -159,7 +159,7 @@ proptest! {
         for chunk in stream.chunks(batch) {
             let records: Vec<Record> = chunk
                 .iter()
-                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None } })
+                .map(|(p, d)| { offset += 1; Record { partition: *p, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None, encoded: None } })
                 .collect();
             for (p, d) in chunk {
                 if d.op == DeltaOp::Watermark {
@@ -230,7 +230,10 @@ fn fresh_offset() -> i64 {
 fn open_cut(store: &mut Store) {
     let w = Delta { table: String::new(), op: DeltaOp::Watermark, key: vec![], after: None, ..row_delta(i64::MAX, 0, &[]) };
     store
-        .apply_batch("t", &[Record { partition: 0, offset: -1, delta: Ok(Some(w.view())), tombstone: false, fragment: None }])
+        .apply_batch(
+            "t",
+            &[Record { partition: 0, offset: -1, delta: Ok(Some(w.view())), tombstone: false, fragment: None, encoded: None }],
+        )
         .unwrap();
 }
 
@@ -253,7 +256,14 @@ fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
     let late = row_delta(200, 1, &[("v", 3), ("x", 3)]);
     fn batch<'a>(ds: &[&'a Delta]) -> Vec<Record<'a>> {
         ds.iter()
-            .map(|d| Record { partition: 0, offset: fresh_offset(), delta: Ok(Some(d.view())), tombstone: false, fragment: None })
+            .map(|d| Record {
+                partition: 0,
+                offset: fresh_offset(),
+                delta: Ok(Some(d.view())),
+                tombstone: false,
+                fragment: None,
+                encoded: None,
+            })
             .collect()
     }
     store.apply_batch("t", &batch(&[&added])).unwrap();
@@ -282,7 +292,14 @@ fn columns_change_in_the_middle_of_a_batch_while_its_statements_are_prepared() {
     open_cut(&mut store);
     fn batch(ds: &[Delta]) -> Vec<Record<'_>> {
         ds.iter()
-            .map(|d| Record { partition: 0, offset: fresh_offset(), delta: Ok(Some(d.view())), tombstone: false, fragment: None })
+            .map(|d| Record {
+                partition: 0,
+                offset: fresh_offset(),
+                delta: Ok(Some(d.view())),
+                tombstone: false,
+                fragment: None,
+                encoded: None,
+            })
             .collect()
     }
     let mut tombstone = row_delta(600, 2, &[]);
@@ -323,7 +340,7 @@ fn a_truncate_that_arrives_before_its_table_still_hides_older_rows() {
     let older = row_delta(100, 1, &[("v", 1)]);
     let newer = row_delta(300, 2, &[("v", 2)]);
     fn record(d: &Delta, offset: i64) -> Record<'_> {
-        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None }
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None, encoded: None }
     }
     // The truncate's partition is read first, before any row of the table exists here.
     let stats = store.apply_batch("t", &[record(&truncate, 0)]).unwrap();
@@ -346,10 +363,10 @@ fn a_tombstone_carrying_its_delete_deletes_when_compaction_removed_the_delete_de
     let delete = Delta { op: DeltaOp::Delete, after: None, ..row_delta(200, 1, &[]) };
     let reinsert = row_delta(300, 1, &[("v", 3)]);
     fn tombstone(d: &Delta, offset: i64) -> Record<'_> {
-        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: true, fragment: None }
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: true, fragment: None, encoded: None }
     }
     fn row(d: &Delta, offset: i64) -> Record<'_> {
-        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None }
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None, encoded: None }
     }
     store.apply_batch("t", &[row(&insert, 0)]).unwrap();
     // The delete delta was compacted away; only the tombstone, with the delete in a header, is left.
@@ -369,7 +386,7 @@ fn only_a_watermark_moves_a_partitions_applied_position_and_releases_what_it_pas
     let watermark =
         |lsn: i64| Delta { table: String::new(), op: DeltaOp::Watermark, key: vec![], after: None, ..row_delta(lsn, 0, &[]) };
     fn record(d: &Delta, offset: i64) -> Record<'_> {
-        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None }
+        Record { partition: 0, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None, encoded: None }
     }
     // A transaction at 300 got through while one at 200 (a delta in this partition) did not:
     // its delta says nothing about 200, and waits for a watermark past it.
@@ -394,7 +411,7 @@ fn held_deltas_staged_in_the_store_survive_a_restart_and_apply_together() {
     let watermark =
         |lsn: i64| Delta { table: String::new(), op: DeltaOp::Watermark, key: vec![], after: None, ..row_delta(lsn, 0, &[]) };
     fn record(d: &Delta, partition: i32, offset: i64) -> Record<'_> {
-        Record { partition, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None }
+        Record { partition, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None, encoded: None }
     }
     // One transaction at 300 writing rows in two partitions.
     let commit_ts = 1_700_000_000_000_000;
@@ -424,6 +441,55 @@ fn held_deltas_staged_in_the_store_survive_a_restart_and_apply_together() {
     assert_eq!(store.reader().state("t").unwrap(), Some(state), "the store says it shows the transaction at 300");
     let staged: i64 = store.connection().query_row("SELECT count(*) FROM _pgfanout_staged", [], |r| r.get(0)).unwrap();
     assert_eq!(staged, 0);
+}
+
+/// A transaction of 200 rows over two partitions, held from the bytes of its records and
+/// staged many rows a statement, later rows of the same key overwriting earlier ones: it
+/// appears whole, with each row's last version, once both partitions' watermarks passed it.
+#[test]
+fn a_large_transaction_staged_from_its_records_bytes_applies_whole_and_in_order() {
+    let watermark =
+        |lsn: i64| Delta { table: String::new(), op: DeltaOp::Watermark, key: vec![], after: None, ..row_delta(lsn, 0, &[]) };
+    // Ids 0..100, each written twice (seq 2i and 2i + 1): the second write wins.
+    let writes: Vec<Delta> = (0..200).map(|seq| Delta { seq, ..row_delta(300, seq / 2, &[("v", seq)]) }).collect();
+    let encoded: Vec<Vec<u8>> = writes.iter().map(|d| crate::contract::codec::encode_delta(d).unwrap()).collect();
+    let decoded: Vec<_> = encoded.iter().map(|b| crate::contract::codec::decode_delta_view(b).unwrap()).collect();
+    let records: Vec<Record> = decoded
+        .into_iter()
+        .zip(&encoded)
+        .enumerate()
+        .map(|(i, (d, b))| Record {
+            partition: (i % 2) as i32,
+            offset: i as i64,
+            delta: Ok(Some(d)),
+            tombstone: false,
+            fragment: None,
+            encoded: Some(b),
+        })
+        .collect();
+    let path = temp_store(13);
+    let mut store = Store::open(&path).unwrap();
+    store.set_partitions(vec![0, 1]);
+    store.set_hold_bytes(0);
+    let stats = store.apply_batch("t", &records).unwrap();
+    assert_eq!(stats.held, 200);
+    let staged: i64 = store.connection().query_row("SELECT count(*) FROM _pgfanout_staged", [], |r| r.get(0)).unwrap();
+    assert_eq!(staged, 200, "every held delta staged");
+    let w = watermark(400);
+    let wm = |partition, offset| Record {
+        partition,
+        offset,
+        delta: Ok(Some(w.view())),
+        tombstone: false,
+        fragment: None,
+        encoded: None,
+    };
+    store.apply_batch("t", &[wm(0, 200)]).unwrap();
+    assert_eq!(live_rows(&store), BTreeMap::new(), "partition 1 has not passed 300");
+    let stats = store.apply_batch("t", &[wm(1, 201)]).unwrap();
+    let expected: BTreeMap<i64, i64> = (0..100).map(|id| (id, 2 * id + 1)).collect();
+    assert_eq!(live_rows(&store), expected);
+    assert_eq!(stats.held, 0);
 }
 
 proptest! {
@@ -461,7 +527,7 @@ proptest! {
             }
             let p = (next() % PARTITIONS as u64) as usize;
             let Some(d) = per_partition[p].get(cursor[p] as usize) else { continue };
-            let record = Record { partition: p as i32, offset: cursor[p], delta: Ok(Some(d.view())), tombstone: false, fragment: None };
+            let record = Record { partition: p as i32, offset: cursor[p], delta: Ok(Some(d.view())), tombstone: false, fragment: None, encoded: None };
             store.apply_batch("t", &[record]).unwrap();
             cursor[p] += 1;
         }
