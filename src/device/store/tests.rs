@@ -225,6 +225,11 @@ fn fresh_offset() -> i64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// `d` in a record of partition 0 at an offset no record had before.
+fn fresh_record(d: &Delta) -> Record<'_> {
+    Record { partition: 0, offset: fresh_offset(), delta: Ok(Some(d.view())), tombstone: false, fragment: None, encoded: None }
+}
+
 /// A watermark on partition 0 past every delta of these tests: their deltas apply at once,
 /// as deltas of complete transactions do.
 fn open_cut(store: &mut Store) {
@@ -255,16 +260,7 @@ fn a_dropped_column_leaves_the_table_and_older_deltas_do_not_bring_it_back() {
     // Written before the drop, delivered after it (another partition).
     let late = row_delta(200, 1, &[("v", 3), ("x", 3)]);
     fn batch<'a>(ds: &[&'a Delta]) -> Vec<Record<'a>> {
-        ds.iter()
-            .map(|d| Record {
-                partition: 0,
-                offset: fresh_offset(),
-                delta: Ok(Some(d.view())),
-                tombstone: false,
-                fragment: None,
-                encoded: None,
-            })
-            .collect()
+        ds.iter().map(|d| fresh_record(d)).collect()
     }
     store.apply_batch("t", &batch(&[&added])).unwrap();
     assert_eq!(table_columns(&store), ["id", "v", "x"]);
@@ -291,16 +287,7 @@ fn columns_change_in_the_middle_of_a_batch_while_its_statements_are_prepared() {
     let mut store = Store::open(&path).unwrap();
     open_cut(&mut store);
     fn batch(ds: &[Delta]) -> Vec<Record<'_>> {
-        ds.iter()
-            .map(|d| Record {
-                partition: 0,
-                offset: fresh_offset(),
-                delta: Ok(Some(d.view())),
-                tombstone: false,
-                fragment: None,
-                encoded: None,
-            })
-            .collect()
+        ds.iter().map(fresh_record).collect()
     }
     let mut tombstone = row_delta(600, 2, &[]);
     tombstone.op = DeltaOp::Delete;
