@@ -163,6 +163,7 @@ fn main() {
         batch_size: BATCH as u32,
         tables: None,
         ack_interval_ms: 100,
+        key: None,
         hold_mib: pgfanout::device::store::DEFAULT_HOLD_MIB,
     };
     remove_store(&device.store);

@@ -39,7 +39,7 @@ use pgfanout::config::KafkaSettings;
 use pgfanout::contract::codec::{decode_delta, decode_device_ack, decode_result, encode_instruction};
 use pgfanout::contract::{now_micros, Delta, Field, Instruction, Operation, OperationKind, Value};
 use pgfanout::kafka::{self, ClientRole, TopicSpec};
-use pgfanout::test_support::bench::{env, kafka_settings, start, Process};
+use pgfanout::test_support::bench::{env, kafka_settings, start, start_device, Process};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -394,11 +394,7 @@ fn start_pipeline(dir: &std::path::Path, settings: &KafkaSettings) -> Pipeline {
     let mut processes = vec![start(dir, "executor", &["executor"]), start(dir, "capture", &["capture"])];
     for d in DEVICES {
         let store = dir.join(format!("device-{d}.sqlite"));
-        processes.push(start(
-            dir,
-            &format!("device-{d}"),
-            &["device", "--id", d, "--store", store.to_str().unwrap(), "--ack-interval-ms", "1"],
-        ));
+        processes.push(start_device(dir, d, &["--store", store.to_str().unwrap(), "--ack-interval-ms", "1"]));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, events) = mpsc::channel();

@@ -10,7 +10,7 @@ use crate::config::{KafkaSettings, MetricsSettings, PostgresSettings};
 use crate::kafka;
 use crate::submit;
 use crate::telemetry::{self, LogFormat};
-use crate::{capture, demo, device, executor, pg, shutdown, verify};
+use crate::{capture, confirm, demo, device, executor, fleet, pg, shutdown, verify};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,6 +56,27 @@ pub enum Command {
         metrics: MetricsSettings,
         #[command(flatten)]
         settings: capture::CaptureSettings,
+    },
+    /// Confirm every committed instruction once it is applied on every active device of
+    /// the registered fleet.
+    Confirm {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        postgres: PostgresSettings,
+        #[command(flatten)]
+        metrics: MetricsSettings,
+        #[command(flatten)]
+        settings: confirm::ConfirmSettings,
+    },
+    /// Manage the fleet registry: the devices confirmations wait for.
+    Fleet {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        postgres: PostgresSettings,
+        #[command(subcommand)]
+        command: fleet::cli::FleetCommand,
     },
     /// Apply deltas to this device's SQLite store.
     Device {
@@ -136,28 +157,35 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// Creates the pgfanout schema (with the fleet registry) and the pipeline's topics.
+async fn setup(kafka: &KafkaSettings, postgres: &PostgresSettings) -> anyhow::Result<()> {
+    let client = pg::connect(&postgres.conninfo).await?;
+    pg::ensure_schema(&client).await?;
+    fleet::registry::ensure(&client).await?;
+    if let capture::ddl::DdlTrigger::NotPermitted(why) = capture::ddl::install_trigger(&client).await? {
+        println!("warning: {why}");
+    }
+    kafka::ensure_pipeline_topics(kafka).await?;
+    println!("schema pgfanout and topics {:?} are in place", kafka.topics().all());
+    if let Some(problem) = pg::publication_problem(&client, &postgres.publication).await? {
+        println!("warning: {problem}; until then capture sends no changes and the executor may write no table");
+    }
+    Ok(())
+}
+
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     if let Command::Setup { postgres, .. }
     | Command::Executor { postgres, .. }
     | Command::Capture { postgres, .. }
+    | Command::Confirm { postgres, .. }
+    | Command::Fleet { postgres, .. }
     | Command::Verify { postgres, .. }
     | Command::Demo { postgres, .. } = &command
     {
         pg::check_conninfo(&postgres.conninfo).map_err(|e| anyhow::anyhow!("--postgres: {e}"))?;
     }
     match command {
-        Command::Setup { kafka, postgres } => {
-            let client = pg::connect(&postgres.conninfo).await?;
-            pg::ensure_schema(&client).await?;
-            if let capture::ddl::DdlTrigger::NotPermitted(why) = capture::ddl::install_trigger(&client).await? {
-                println!("warning: {why}");
-            }
-            kafka::ensure_pipeline_topics(&kafka).await?;
-            println!("schema pgfanout and topics {:?} are in place", kafka.topics().all());
-            if let Some(problem) = pg::publication_problem(&client, &postgres.publication).await? {
-                println!("warning: {problem}; until then capture sends no changes and the executor may write no table");
-            }
-        }
+        Command::Setup { kafka, postgres } => setup(&kafka, &postgres).await?,
         Command::Executor { kafka, postgres, metrics, settings } => {
             telemetry::install_metrics(metrics.listen)?;
             executor::run(&kafka, &postgres, &settings, shutdown::on_signals()).await?;
@@ -166,6 +194,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             telemetry::install_metrics(metrics.listen)?;
             capture::run(&kafka, &postgres, &settings, shutdown::on_signals()).await?;
         }
+        Command::Confirm { kafka, postgres, metrics, settings } => {
+            telemetry::install_metrics(metrics.listen)?;
+            confirm::run(&kafka, &postgres, &settings, shutdown::on_signals()).await?;
+        }
+        Command::Fleet { kafka, postgres, command } => fleet::cli::run(&kafka, &postgres, command).await?,
         Command::Device { kafka, metrics, settings } => {
             telemetry::install_metrics(metrics.listen)?;
             let shutdown = shutdown::on_signals();

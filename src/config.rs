@@ -54,6 +54,8 @@ impl KafkaSettings {
             deltas: format!("{p}deltas"),
             device_acks: format!("{p}device-acks"),
             dlq: format!("{p}dlq"),
+            fleet: format!("{p}fleet"),
+            confirmations: format!("{p}confirmations"),
         }
     }
 }
@@ -66,11 +68,14 @@ pub struct Topics {
     pub deltas: String,
     pub device_acks: String,
     pub dlq: String,
+    /// The fleet registry as devices read it, compacted, keyed by device id.
+    pub fleet: String,
+    pub confirmations: String,
 }
 
 impl Topics {
-    pub fn all(&self) -> [&str; 5] {
-        [&self.instructions, &self.results, &self.deltas, &self.device_acks, &self.dlq]
+    pub fn all(&self) -> [&str; 7] {
+        [&self.instructions, &self.results, &self.deltas, &self.device_acks, &self.dlq, &self.fleet, &self.confirmations]
     }
 }
 

@@ -16,6 +16,7 @@ use crate::kafka::{self, ClientRole};
 use crate::shutdown::Shutdown;
 use crate::submit::{produce_instructions, ResultWatcher};
 use crate::workload::{self, Workload};
+use crate::fleet::{self, signature::DeviceKey};
 use crate::{pg, verify};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -72,19 +73,14 @@ pub async fn run(
 
     let mut children = Vec::new();
     let port = |i: u16| (settings.metrics_base_port != 0).then(|| settings.metrics_base_port.saturating_add(i));
-    children.push(spawn("executor", &["executor"], port(0), kafka_settings, pg_settings, &logs)?);
-    children.push(spawn("capture", &["capture"], port(1), kafka_settings, pg_settings, &logs)?);
+    children.push(spawn("executor", &["executor"], None, port(0), kafka_settings, pg_settings, &logs)?);
+    children.push(spawn("capture", &["capture"], None, port(1), kafka_settings, pg_settings, &logs)?);
     for (i, store) in stores.iter().enumerate() {
         let id = device_name(i as u16);
+        let key = fleet::register_for_local_run(&client, kafka_settings, &id).await.map_err(other)?;
         let store = store.to_string_lossy().into_owned();
-        children.push(spawn(
-            &format!("device-{id}"),
-            &["device", "--id", &id, "--store", &store],
-            port(2 + i as u16),
-            kafka_settings,
-            pg_settings,
-            &logs,
-        )?);
+        let args = ["device", "--id", &id, "--store", &store];
+        children.push(spawn(&format!("device-{id}"), &args, Some(&key), port(2 + i as u16), kafka_settings, pg_settings, &logs)?);
     }
     println!("started executor, capture and {} devices (logs in {})", settings.devices, logs.display());
     if settings.metrics_base_port != 0 {
@@ -192,9 +188,11 @@ fn device_name(i: u16) -> String {
     ((b'a' + (i % 26) as u8) as char).to_string() + &if i >= 26 { (i / 26).to_string() } else { String::new() }
 }
 
+/// Starts `pgfanout args…` (a device with its `key`), its output in `<logs>/<name>.log`.
 fn spawn(
     name: &str,
     args: &[&str],
+    key: Option<&DeviceKey>,
     metrics_port: Option<u16>,
     kafka_settings: &KafkaSettings,
     pg_settings: &PostgresSettings,
@@ -206,6 +204,9 @@ fn spawn(
     cmd.stdout(log.try_clone().map_err(other)?).stderr(log).kill_on_drop(true);
     if let Some(port) = metrics_port {
         cmd.env("PGFANOUT_METRICS_ADDR", format!("127.0.0.1:{port}"));
+    }
+    if let Some(key) = key {
+        cmd.env("PGFANOUT_DEVICE_KEY", key.to_hex());
     }
     let child = cmd.spawn().map_err(other)?;
     Ok((name.to_string(), child))

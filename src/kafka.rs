@@ -15,7 +15,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryResult, FutureProducer, FutureRecord, ProducerContext};
 use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
@@ -262,14 +262,18 @@ pub async fn ensure_topics(settings: &KafkaSettings, topics: &[TopicSpec<'_>]) -
 /// The pipeline's own topics. The deltas topic is compacted: its records are keyed by row
 /// and every delete is followed by a tombstone, so it keeps the newest change of every
 /// live row for ever — what `pgfanout rebuild` needs — while its size follows the tables'.
+/// The fleet topic is compacted too: the newest record of every device.
 pub async fn ensure_pipeline_topics(settings: &KafkaSettings) -> Result<(), KafkaError> {
     let topics = settings.topics();
     let specs: Vec<TopicSpec<'_>> = topics
         .all()
         .into_iter()
         .map(|name| {
-            let config = if name == topics.deltas { vec![("cleanup.policy", "compact")] } else { vec![] };
-            TopicSpec { name, partitions: settings.partitions, config }
+            let compacted = name == topics.deltas || name == topics.fleet;
+            let config = if compacted { vec![("cleanup.policy", "compact")] } else { vec![] };
+            // The registry is small and read whole by every starting device: one partition.
+            let partitions = if name == topics.fleet { 1 } else { settings.partitions };
+            TopicSpec { name, partitions, config }
         })
         .collect();
     ensure_topics(settings, &specs).await
@@ -372,6 +376,59 @@ pub fn reader_at(
     }
     consumer.assign(&tpl)?;
     Ok(Some(consumer))
+}
+
+/// The first offset of `partition` with a record at or after `since_ms` (Unix
+/// milliseconds); `None` when there is none that recent. Blocking.
+pub fn offset_for_time<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+    since_ms: i64,
+) -> Result<Option<i64>, KafkaError> {
+    let mut query = TopicPartitionList::new();
+    query.add_partition_offset(topic, partition, Offset::Offset(since_ms))?;
+    let found = consumer.offsets_for_times(query, Duration::from_secs(10))?;
+    Ok(match found.elements().first().map(|e| e.offset()) {
+        Some(Offset::Offset(o)) if o >= 0 => Some(o),
+        _ => None,
+    })
+}
+
+/// Reads every partition of `topic` from the offsets `start` chooses up to its end as of
+/// now, handing each record to `each`; `None` when the topic does not exist. Blocking;
+/// gives up after `timeout` without a record while records are still due.
+pub fn read_to_end(
+    settings: &KafkaSettings,
+    topic: &str,
+    mut start: impl FnMut(&BaseConsumer, i32) -> Result<Offset, KafkaError>,
+    timeout: Duration,
+    mut each: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<Option<()>, KafkaError> {
+    // Per partition, the first offset still to read and the end to read to.
+    let mut due: HashMap<i32, (i64, i64)> = HashMap::new();
+    let consumer = reader_at(settings, topic, |c, p| {
+        let offset = start(c, p)?;
+        let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        let first = match offset {
+            Offset::Offset(o) => o.max(low),
+            Offset::End => high,
+            _ => low,
+        };
+        due.insert(p, (first, high));
+        Ok(offset)
+    })?;
+    let Some(consumer) = consumer else { return Ok(None) };
+    due.retain(|_, (first, high)| first < high);
+    while !due.is_empty() {
+        let m = consumer.poll(timeout).ok_or(KafkaError::MessageConsumption(RDKafkaErrorCode::RequestTimedOut))??;
+        each(&m);
+        if due.get(&m.partition()).is_some_and(|(_, high)| m.offset() + 1 >= *high) {
+            due.remove(&m.partition());
+        }
+    }
+    consumer.unsubscribe();
+    Ok(Some(()))
 }
 
 /// Sends an undecodable or unusable record to the dead-letter topic, with the reason and

@@ -18,7 +18,7 @@ use serde_avro_fast::Schema;
 pub use super::codec_error::CodecError;
 use super::codec_error::MAX_ARRAY_LEN;
 use super::view::DeltaView;
-use super::{delta_reader, delta_writer, Delta, DeviceAck, Instruction, InstructionResult};
+use super::{delta_reader, delta_writer, Confirmation, Delta, DeviceAck, FleetDevice, Instruction, InstructionResult};
 
 /// The Avro schemas, as shipped in `schemas/`.
 pub struct Schemas {
@@ -26,18 +26,24 @@ pub struct Schemas {
     pub result: Schema,
     pub delta: Schema,
     pub device_ack: Schema,
+    pub fleet_device: Schema,
+    pub confirmation: Schema,
 }
 
 pub const INSTRUCTION_AVSC: &str = include_str!("../../schemas/instruction.avsc");
 pub const RESULT_AVSC: &str = include_str!("../../schemas/result.avsc");
 pub const DELTA_AVSC: &str = include_str!("../../schemas/delta.avsc");
 pub const DEVICE_ACK_AVSC: &str = include_str!("../../schemas/device_ack.avsc");
+pub const FLEET_DEVICE_AVSC: &str = include_str!("../../schemas/fleet_device.avsc");
+pub const CONFIRMATION_AVSC: &str = include_str!("../../schemas/confirmation.avsc");
 
 pub static SCHEMAS: LazyLock<Schemas> = LazyLock::new(|| Schemas {
     instruction: parse(INSTRUCTION_AVSC, "instruction"),
     result: parse(RESULT_AVSC, "result"),
     delta: parse(DELTA_AVSC, "delta"),
     device_ack: parse(DEVICE_ACK_AVSC, "device_ack"),
+    fleet_device: parse(FLEET_DEVICE_AVSC, "fleet_device"),
+    confirmation: parse(CONFIRMATION_AVSC, "confirmation"),
 });
 
 fn parse(json: &str, name: &str) -> Schema {
@@ -108,11 +114,25 @@ pub fn encode_device_ack(v: &DeviceAck) -> Result<Vec<u8>, CodecError> {
 pub fn decode_device_ack(bytes: &[u8]) -> Result<DeviceAck, CodecError> {
     decode(bytes, &SCHEMAS.device_ack, "device ack")
 }
+pub fn encode_fleet_device(v: &FleetDevice) -> Result<Vec<u8>, CodecError> {
+    encode(v, &SCHEMAS.fleet_device, "fleet device")
+}
+pub fn decode_fleet_device(bytes: &[u8]) -> Result<FleetDevice, CodecError> {
+    decode(bytes, &SCHEMAS.fleet_device, "fleet device")
+}
+pub fn encode_confirmation(v: &Confirmation) -> Result<Vec<u8>, CodecError> {
+    encode(v, &SCHEMAS.confirmation, "confirmation")
+}
+pub fn decode_confirmation(bytes: &[u8]) -> Result<Confirmation, CodecError> {
+    decode(bytes, &SCHEMAS.confirmation, "confirmation")
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{Column, DeltaOp, Field, Operation, OperationKind, ResultStatus, Value};
+    use crate::contract::{
+        Column, ConfirmationStatus, DeltaOp, Field, MissingDevice, Operation, OperationKind, ResultStatus, Value,
+    };
 
     fn sample_values() -> Vec<Value> {
         vec![
@@ -174,8 +194,48 @@ mod tests {
             executed_at: 1,
         };
         assert_eq!(decode_result(&encode_result(&result).unwrap()).unwrap(), result);
-        let ack = DeviceAck { device_id: "d".into(), applied_lsn: 77, at: 3 };
+        let ack = DeviceAck { device_id: "d".into(), applied_lsn: 77, at: 3, signature: Some(vec![1, 2, 3].into()) };
         assert_eq!(decode_device_ack(&encode_device_ack(&ack).unwrap()).unwrap(), ack);
+        let device = FleetDevice {
+            id: "d".into(),
+            labels: [("site".to_string(), "berlin".to_string())].into(),
+            subscription: None,
+            registered_at: 4,
+            retired_at: Some(5),
+            key_fingerprint: "00ff".into(),
+        };
+        assert_eq!(decode_fleet_device(&encode_fleet_device(&device).unwrap()).unwrap(), device);
+        let confirmation = Confirmation {
+            instruction_id: "x".into(),
+            status: ConfirmationStatus::Pending,
+            commit_lsn: 9,
+            devices: 2,
+            missing: vec![MissingDevice { device_id: "d".into(), applied_lsn: 3, lag_bytes: 6, last_seen: None }],
+            slowest_device: None,
+            last_applied_at: None,
+            committed_at: 1,
+            confirmed_at: 2,
+        };
+        assert_eq!(decode_confirmation(&encode_confirmation(&confirmation).unwrap()).unwrap(), confirmation);
+    }
+
+    #[test]
+    fn an_acknowledgement_without_a_signature_still_decodes() {
+        let old_schema: Schema = r#"{"type": "record", "name": "DeviceAck", "namespace": "pgfanout", "fields": [
+            {"name": "device_id", "type": "string"}, {"name": "applied_lsn", "type": "long"},
+            {"name": "at", "type": {"type": "long", "logicalType": "timestamp-micros"}}]}"#
+            .parse()
+            .unwrap();
+        #[derive(Serialize)]
+        struct OldAck<'a> {
+            device_id: &'a str,
+            applied_lsn: i64,
+            at: i64,
+        }
+        let bytes = encode(&OldAck { device_id: "d", applied_lsn: 7, at: 1 }, &old_schema, "old ack").unwrap();
+        assert!(decode_device_ack(&bytes).is_err(), "the writer's schema decides: an old record is read with the old schema");
+        let ack: DeviceAck = decode(&bytes, &old_schema, "old ack").unwrap();
+        assert_eq!((ack.applied_lsn, ack.signature), (7, None));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The data contracts that travel on Kafka: instructions, results, deltas and device
-//! acknowledgements, as Rust types matching the Avro schemas in `schemas/`.
+//! The data contracts that travel on Kafka: instructions, results, deltas, device
+//! acknowledgements, the fleet registry and confirmations, as Rust types matching the Avro
+//! schemas in `schemas/`.
 //!
 //! The Avro encoding lives in [`codec`]; typed column values and their conversion from
 //! PostgreSQL's text output live in [`value`]; deltas borrowed from their encoded bytes, for
@@ -10,6 +11,7 @@ pub mod codec;
 mod codec_error;
 mod delta_reader;
 mod delta_writer;
+mod fleet;
 pub mod fragment;
 pub mod lsn;
 pub mod value;
@@ -17,6 +19,7 @@ pub mod view;
 
 use serde::{Deserialize, Serialize};
 
+pub use fleet::{Confirmation, ConfirmationStatus, FleetDevice, MissingDevice};
 pub use lsn::Lsn;
 pub use value::Value;
 
@@ -188,8 +191,11 @@ impl Delta {
 pub struct DeviceAck {
     pub device_id: String,
     pub applied_lsn: i64,
-    /// Microseconds since the Unix epoch.
+    /// Microseconds since the Unix epoch, by the device's clock: shown, never trusted.
     pub at: i64,
+    /// HMAC-SHA256 with the device's key ([`crate::fleet::signature`]).
+    #[serde(default)]
+    pub signature: Option<serde_bytes::ByteBuf>,
 }
 
 /// Microseconds since the Unix epoch, now.

@@ -17,6 +17,7 @@ use rdkafka::producer::{BaseRecord, ThreadedProducer};
 use crate::config::KafkaSettings;
 use crate::contract::codec::encode_device_ack;
 use crate::contract::{now_micros, DeviceAck};
+use crate::fleet::signature::DeviceKey;
 use crate::kafka::{self, ClientRole, MetricsContext};
 
 /// Applied positions per partition and their minimum.
@@ -55,6 +56,7 @@ pub struct AckPublisher {
     producer: ThreadedProducer<MetricsContext>,
     topic: String,
     device_id: String,
+    key: Option<DeviceKey>,
     min_gap: Duration,
     last: Option<(i64, Instant)>,
 }
@@ -62,10 +64,17 @@ pub struct AckPublisher {
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl AckPublisher {
-    pub fn new(kafka_settings: &KafkaSettings, device_id: String, min_gap: Duration) -> Result<Self, KafkaError> {
+    /// Acknowledgements are signed with `key` when there is one; unsigned ones count for
+    /// nothing with the confirmation service.
+    pub fn new(
+        kafka_settings: &KafkaSettings,
+        device_id: String,
+        key: Option<DeviceKey>,
+        min_gap: Duration,
+    ) -> Result<Self, KafkaError> {
         let producer = Self::producer(kafka_settings, &device_id)?;
         let topic = kafka_settings.topics().device_acks;
-        Ok(AckPublisher { kafka_settings: kafka_settings.clone(), producer, topic, device_id, min_gap, last: None })
+        Ok(AckPublisher { kafka_settings: kafka_settings.clone(), producer, topic, device_id, key, min_gap, last: None })
     }
 
     fn producer(kafka_settings: &KafkaSettings, device_id: &str) -> Result<ThreadedProducer<MetricsContext>, KafkaError> {
@@ -90,7 +99,13 @@ impl AckPublisher {
         if !due {
             return;
         }
-        let ack = DeviceAck { device_id: self.device_id.clone(), applied_lsn: watermark, at: now_micros() };
+        let mut ack = DeviceAck { device_id: self.device_id.clone(), applied_lsn: watermark, at: now_micros(), signature: None };
+        if let Some(key) = &self.key {
+            if let Err(e) = key.sign(&mut ack) {
+                tracing::warn!(error = %e, "cannot sign the acknowledgement");
+                return;
+            }
+        }
         let Ok(payload) = encode_device_ack(&ack) else { return };
         // Fire and forget: a lost ack is replaced by the next one.
         match self.producer.send(BaseRecord::to(&self.topic).key(self.device_id.as_bytes()).payload(&payload)) {

@@ -38,6 +38,8 @@ use crate::contract::codec::decode_delta_view;
 use crate::contract::fragment::{FragmentHeader, FRAGMENT_HEADER};
 use crate::contract::{now_micros, DeltaOp, TOMBSTONE_DELTA_HEADER};
 use crate::error_kind::ErrorKind;
+use crate::fleet::signature::DeviceKey;
+use crate::fleet::{topic as fleet_topic, FleetError};
 use crate::kafka::{self, ClientRole, MetricsContext};
 use crate::shutdown::Shutdown;
 use ack::{AckPublisher, AppliedPositions};
@@ -68,6 +70,11 @@ pub struct DeviceSettings {
     /// other tables are skipped but still move the offsets and the watermark.
     #[arg(long = "tables", env = "PGFANOUT_DEVICE_TABLES", value_delimiter = ',')]
     pub tables: Option<Vec<String>>,
+    /// This device's key, as `pgfanout fleet add` printed it (hex): it signs the device's
+    /// acknowledgements. A running device needs it; a replay or rebuild without it
+    /// publishes acknowledgements that count for nothing.
+    #[arg(long = "key", env = "PGFANOUT_DEVICE_KEY", value_parser = DeviceKey::parse, hide_env_values = true)]
+    pub key: Option<DeviceKey>,
 }
 
 /// Why the device, a replay, a rebuild or a status read stopped: one variant per cause.
@@ -99,6 +106,10 @@ pub enum DeviceError {
     OpenStore { path: PathBuf, source: rusqlite::Error },
     #[error("{} is not a device store: {source}", path.display())]
     NotAStore { path: PathBuf, source: rusqlite::Error },
+    #[error("{0}")]
+    Fleet(#[from] FleetError),
+    #[error("device {0:?} has no key: start it with PGFANOUT_DEVICE_KEY (or --key) set to what `pgfanout fleet add {0}` printed")]
+    NoKey(String),
 }
 
 impl DeviceError {
@@ -108,6 +119,7 @@ impl DeviceError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             DeviceError::Kafka(e) => ErrorKind::of_kafka(e),
+            DeviceError::Fleet(e) => e.kind(),
             DeviceError::Store(store::StoreError::InUse(_)) | DeviceError::NoPartitions(_) | DeviceError::RebuildInterrupted => {
                 ErrorKind::Transient
             }
@@ -118,7 +130,8 @@ impl DeviceError {
             | DeviceError::RemoveFile { .. }
             | DeviceError::SwapStore(_)
             | DeviceError::OpenStore { .. }
-            | DeviceError::NotAStore { .. } => ErrorKind::Definite,
+            | DeviceError::NotAStore { .. }
+            | DeviceError::NoKey(_) => ErrorKind::Definite,
         }
     }
 }
@@ -176,7 +189,8 @@ impl Device {
         store.set_partitions(partitions.clone());
         store.set_hold_bytes((settings.hold_mib as usize) << 20);
         let watermark = AppliedPositions::new(partitions, store.applied_lsns(&topic)?);
-        let acks = AckPublisher::new(kafka_settings, settings.id.clone(), Duration::from_millis(settings.ack_interval_ms))?;
+        let ack_gap = Duration::from_millis(settings.ack_interval_ms);
+        let acks = AckPublisher::new(kafka_settings, settings.id.clone(), settings.key.clone(), ack_gap)?;
         let positions = store.offsets(&topic)?;
         metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => settings.id.clone()).increment(0);
         metrics::counter!("pgfanout_device_deltas_rejected_total", "device" => settings.id.clone()).increment(0);
@@ -339,10 +353,13 @@ fn header<'m>(m: &'m rdkafka::message::OwnedMessage, name: &str) -> Option<&'m [
 }
 
 /// Runs the device on the current thread until `shutdown`. Blocking: call it from a
-/// dedicated thread or `spawn_blocking`.
+/// dedicated thread or `spawn_blocking`. A device that is not registered, retired, or
+/// holds another key than its registered one refuses to start ([`fleet_topic`]).
 pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, shutdown: Shutdown) -> Result<(), DeviceError> {
+    let key = settings.key.as_ref().ok_or_else(|| DeviceError::NoKey(settings.id.clone()))?;
+    let registered = fleet_topic::check_registration_blocking(kafka_settings, &settings.id, key)?;
     let mut device = Device::open(kafka_settings, settings, &shutdown)?;
-    tracing::info!(device = %settings.id, store = %settings.store.display(), "device started");
+    tracing::info!(device = %settings.id, store = %settings.store.display(), labels = ?registered.labels, "device started");
     while !shutdown.is_triggered() {
         device.step(&shutdown)?;
     }

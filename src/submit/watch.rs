@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 
 use super::error::SubmitError;
 use crate::config::KafkaSettings;
@@ -112,14 +112,8 @@ impl AckWatcher {
         let topic = settings.topics().device_acks;
         let since_ms = (now_micros() / 1000).saturating_sub(history.as_millis() as i64);
         let consumer = kafka::reader_at(settings, &topic, |c, p| {
-            let mut query = TopicPartitionList::new();
-            query.add_partition_offset(&topic, p, Offset::Offset(since_ms))?;
-            let found = c.offsets_for_times(query, Duration::from_secs(10))?;
             // Nothing that recent in this partition: start at its end.
-            Ok(match found.elements().first().map(|e| e.offset()) {
-                Some(Offset::Offset(o)) if o >= 0 => Offset::Offset(o),
-                _ => Offset::End,
-            })
+            Ok(kafka::offset_for_time(c, &topic, p, since_ms)?.map_or(Offset::End, Offset::Offset))
         })?
         .ok_or_else(|| SubmitError::Other(format!("topic {topic} does not exist")))?;
         Ok(AckWatcher { consumer, latest: HashMap::new() })

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Child;
 
-use super::process::{append_log, pgfanout_bin, terminate};
+use super::process::{append_log, pgfanout_bin, register_device, terminate};
 use crate::component::component_command;
 use crate::config::{parse_properties, KafkaSettings, PostgresSettings};
 
@@ -48,8 +48,22 @@ impl Drop for Process {
 /// Starts `pgfanout <args>` (`PGFANOUT_BIN`, the release build `bench/run` made) with the
 /// benchmark's settings, its output appended to `<dir>/<label>.log`.
 pub fn start(dir: &Path, label: &str, args: &[&str]) -> Process {
+    start_with(dir, label, args, &[])
+}
+
+/// Registers device `id` in the fleet and starts `pgfanout device --id <id> <args>` with
+/// its key.
+pub fn start_device(dir: &Path, id: &str, args: &[&str]) -> Process {
+    let key = register_device(&kafka_settings(), &postgres_settings(), id);
+    let mut all = vec!["device", "--id", id];
+    all.extend_from_slice(args);
+    start_with(dir, &format!("device-{id}"), &all, &[("PGFANOUT_DEVICE_KEY", &key)])
+}
+
+fn start_with(dir: &Path, label: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
     let (out, err) = append_log(&dir.join(format!("{label}.log")));
     let child = component_command(pgfanout_bin(), args, &kafka_settings(), &postgres_settings())
+        .envs(env.iter().copied())
         .stdout(out)
         .stderr(err)
         .spawn()

@@ -9,6 +9,7 @@
 
 pub mod bench;
 mod convergence;
+pub mod fleet;
 pub mod env;
 mod pipeline;
 pub mod process;

@@ -6,13 +6,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::env::{self, unique_name, with_dbname};
-use super::process::{append_log, pgfanout_bin, terminate_and_wait};
+use super::process::{append_log, pgfanout_bin, register_device, terminate_and_wait};
 use super::services::{OwnBroker, OwnPostgres};
 use super::sql::slot_streaming;
 use super::wait::{Deadline, TIMEOUT};
 use crate::component::component_command;
 use crate::config::{KafkaSettings, PostgresSettings};
-use crate::{kafka, pg, workload};
+use crate::{fleet, kafka, pg, workload};
 
 /// A pipeline under test: its own database, topics, stores and processes. Dropping it
 /// kills what it started.
@@ -28,6 +28,8 @@ pub struct Pipeline {
     /// Where the device stores and the components' logs are.
     pub dir: PathBuf,
     pub(super) children: HashMap<String, Child>,
+    /// The keys of the devices registered so far, by id.
+    keys: HashMap<String, String>,
 }
 
 impl Pipeline {
@@ -72,6 +74,7 @@ impl Pipeline {
         let postgres = PostgresSettings { conninfo: with_dbname(admin_conninfo, &name), publication: "pgfanout".into() };
         let client = pg::connect(&postgres.conninfo).await.unwrap();
         pg::ensure_schema(&client).await.unwrap();
+        fleet::registry::ensure(&client).await.unwrap();
         client.batch_execute(&workload::schema_sql(&postgres.publication)).await.unwrap();
         let kafka = env::kafka_settings(brokers, &format!("{name}."));
         if create_topics {
@@ -79,7 +82,16 @@ impl Pipeline {
         }
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
-        Pipeline { name, broker: None, postgres_server: None, kafka, postgres, dir, children: HashMap::new() }
+        Pipeline {
+            name,
+            broker: None,
+            postgres_server: None,
+            kafka,
+            postgres,
+            dir,
+            children: HashMap::new(),
+            keys: HashMap::new(),
+        }
     }
 
     /// Stops this pipeline's own PostgreSQL: `fast` (a clean shutdown) or `immediate` (a
@@ -123,15 +135,29 @@ impl Pipeline {
 
     /// Runs a `pgfanout` command to completion (with a deadline) and returns its output.
     pub async fn run_cli(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = tokio::process::Command::from(self.command(args));
+        self.run_cli_with(args, &[]).await
+    }
+
+    /// [`Pipeline::run_cli`] with extra environment variables.
+    pub async fn run_cli_with(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut cmd = self.command(args);
+        cmd.envs(env.iter().copied());
+        let mut cmd = tokio::process::Command::from(cmd);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         tokio::time::timeout(TIMEOUT, cmd.output()).await.expect("command finished in time").expect("command ran")
     }
 
     /// Starts a component; its output goes to `<dir>/<label>.log` (appended across restarts).
     pub fn start(&mut self, label: &str, args: &[&str]) {
+        self.start_with(label, args, &[]);
+    }
+
+    /// [`Pipeline::start`] with extra environment variables.
+    pub fn start_with(&mut self, label: &str, args: &[&str], env: &[(&str, &str)]) {
         let (out, err) = append_log(&self.log(label));
-        let child = self.command(args).stdout(out).stderr(err).spawn().expect("spawn pgfanout");
+        let mut cmd = self.command(args);
+        cmd.envs(env.iter().copied()).stdout(out).stderr(err);
+        let child = cmd.spawn().expect("spawn pgfanout");
         assert!(self.children.insert(label.to_string(), child).is_none(), "{label} already running");
     }
 
@@ -158,11 +184,22 @@ impl Pipeline {
         }
     }
 
+    /// Starts device `id`, registering it in the fleet first if this pipeline has not.
     pub fn start_device(&mut self, id: &str, extra: &[&str]) {
+        let key = self.device_key(id);
         let store = self.store(id).to_string_lossy().into_owned();
         let mut args = vec!["device", "--id", id, "--store", &store];
         args.extend_from_slice(extra);
-        self.start(&format!("device-{id}"), &args);
+        self.start_with(&format!("device-{id}"), &args, &[("PGFANOUT_DEVICE_KEY", &key)]);
+    }
+
+    /// The key of device `id`, registering it on first use.
+    pub fn device_key(&mut self, id: &str) -> String {
+        if !self.keys.contains_key(id) {
+            let key = register_device(&self.kafka, &self.postgres, id);
+            self.keys.insert(id.to_string(), key);
+        }
+        self.keys[id].clone()
     }
 
     /// The process id of the component started as `label`.

@@ -8,6 +8,8 @@ use std::process::{Child, ExitStatus};
 use std::time::Duration;
 
 use super::wait::Deadline;
+use crate::component::component_command;
+use crate::config::{KafkaSettings, PostgresSettings};
 
 /// The `pgfanout` binary the tests and benchmarks run: `PGFANOUT_BIN` when set (to run the
 /// tests against another build, or the benchmarks against a release build), otherwise the
@@ -20,6 +22,23 @@ pub fn pgfanout_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("the path of the running test");
     let profile_dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
     profile_dir.join(OsString::from(format!("pgfanout{}", std::env::consts::EXE_SUFFIX)))
+}
+
+/// Registers device `id` in the fleet through `pgfanout fleet` (`add`, or `rotate-key` when
+/// it is registered already) and returns its key in hex, as a device takes it in
+/// `PGFANOUT_DEVICE_KEY`.
+pub fn register_device(kafka: &KafkaSettings, postgres: &PostgresSettings, id: &str) -> String {
+    let run = |verb: &str| {
+        component_command(pgfanout_bin(), &["fleet", verb, id, "--key-only"], kafka, postgres)
+            .output()
+            .unwrap_or_else(|e| panic!("run pgfanout fleet {verb}: {e}"))
+    };
+    let mut out = run("add");
+    if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already registered") {
+        out = run("rotate-key");
+    }
+    assert!(out.status.success(), "register device {id}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A log file opened for appending (output of several runs of one component follows on),

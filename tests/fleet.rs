@@ -1,0 +1,175 @@
+//! The fleet: registration, one confirmation per instruction on the confirmations topic,
+//! acknowledgements no device can forge. On real parts: PostgreSQL, the broker, SQLite
+//! stores, every component a process of its own.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use pgfanout::contract::{Confirmation, ConfirmationStatus, InstructionResult, ResultStatus};
+use pgfanout::test_support::fleet::Confirmations;
+use pgfanout::test_support::Pipeline;
+use pgfanout::workload::Workload;
+
+/// What the confirmations topic said of each instruction so far.
+#[derive(Default)]
+struct Seen {
+    finals: HashMap<String, Vec<Confirmation>>,
+    pending: HashMap<String, Vec<Confirmation>>,
+}
+
+impl Seen {
+    /// Reads confirmations until `done` holds or `timeout` passes; `check` sees each batch
+    /// as soon as it is read.
+    fn read_until(
+        &mut self,
+        from: &Confirmations,
+        timeout: Duration,
+        mut check: impl FnMut(&[Confirmation]),
+        done: impl Fn(&Seen) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !done(self) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            let batch = from.poll(Duration::from_millis(200));
+            check(&batch);
+            for c in batch {
+                let into = if c.status == ConfirmationStatus::Applied { &mut self.finals } else { &mut self.pending };
+                into.entry(c.instruction_id.clone()).or_default().push(c);
+            }
+        }
+        true
+    }
+
+    fn all_final(&self, ids: &HashSet<String>) -> bool {
+        ids.iter().all(|id| self.finals.contains_key(id))
+    }
+}
+
+fn committed(results: &HashMap<String, InstructionResult>) -> HashSet<String> {
+    results.values().filter(|r| r.status == ResultStatus::Committed).map(|r| r.instruction_id.clone()).collect()
+}
+
+/// Every final names exactly one confirmation per committed instruction, and none for
+/// anything else.
+fn assert_exactly_one_final(seen: &Seen, committed: &HashSet<String>) {
+    for id in committed {
+        let n = seen.finals.get(id).map_or(0, Vec::len);
+        assert_eq!(n, 1, "instruction {id} has {n} final confirmations");
+    }
+    let strays: Vec<&String> = seen.finals.keys().filter(|id| !committed.contains(*id)).collect();
+    assert!(strays.is_empty(), "finals for instructions not committed: {strays:?}");
+}
+
+/// Submits `n` instructions, waits for their results, returns the committed ids.
+async fn round(p: &mut Pipeline, workload: &mut Workload, n: usize) -> HashSet<String> {
+    let instructions = workload.instructions(n);
+    committed(&p.submit_and_wait(&instructions).await)
+}
+
+async fn fleet_of(name: &str, devices: &[&str], confirm: &[&str]) -> Pipeline {
+    let mut p = Pipeline::new(name).await;
+    p.start_executor();
+    p.start_capture().await;
+    for d in devices {
+        p.start_device(d, &["--ack-interval-ms", "10"]);
+    }
+    p.start_confirm(confirm).await;
+    p
+}
+
+/// Five registered devices, 2,000 instructions: each committed one gets exactly one final
+/// `applied`, and when it is read every device's store already holds the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_committed_instruction_is_confirmed_once_and_only_after_every_store_applied_it() {
+    const DEVICES: [&str; 5] = ["d1", "d2", "d3", "d4", "d5"];
+    let mut p = fleet_of("fleet_once", &DEVICES, &[]).await;
+    let confirmations = p.confirmations();
+    let instructions = Workload::new(19, "fleet").instructions(2_000);
+    let results = p.submit_and_wait(&instructions).await;
+    let committed = committed(&results);
+    assert!(committed.len() > 1_500, "only {} of 2,000 committed", committed.len());
+    let mut early = Vec::new();
+    let mut seen = Seen::default();
+    let finished = seen.read_until(
+        &confirmations,
+        Duration::from_secs(120),
+        |batch| {
+            let finals: Vec<&Confirmation> = batch.iter().filter(|c| c.status == ConfirmationStatus::Applied).collect();
+            if finals.is_empty() {
+                return;
+            }
+            let stores: Vec<(&str, i64)> = DEVICES.iter().map(|d| (*d, p.store_watermark(d))).collect();
+            for c in finals {
+                for (d, applied) in &stores {
+                    if *applied < c.commit_lsn {
+                        early.push(format!("{} at {} confirmed while {d} had applied {applied}", c.instruction_id, c.commit_lsn));
+                    }
+                }
+                assert_eq!(c.devices, 5, "{c:?}");
+            }
+        },
+        |seen| seen.all_final(&committed),
+    );
+    assert!(finished, "{} of {} committed instructions confirmed", seen.finals.len(), committed.len());
+    // Anything repeated would follow soon.
+    seen.read_until(&confirmations, Duration::from_secs(3), |_| {}, |_| false);
+    assert!(early.is_empty(), "{} confirmations came early, first: {}", early.len(), early[0]);
+    assert_exactly_one_final(&seen, &committed);
+    p.assert_all_running();
+}
+
+/// A stopped device holds confirmations back: `pending` names it after the deadline, the
+/// final `applied` follows once it runs again. A retired device holds nothing back, and
+/// neither a retired nor an unregistered id, nor a wrong key, can start a device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_device_is_named_pending_until_it_catches_up_or_is_retired() {
+    let mut p = fleet_of("fleet_pending", &["a", "b"], &["--deadline-secs", "2"]).await;
+    let confirmations = p.confirmations();
+    let mut seen = Seen::default();
+    let mut workload = Workload::new(23, "pending");
+
+    let first = round(&mut p, &mut workload, 20).await;
+    assert!(seen.read_until(&confirmations, Duration::from_secs(60), |_| {}, |s| s.all_final(&first)));
+
+    p.stop("device-b");
+    let second = round(&mut p, &mut workload, 10).await;
+    let named = |s: &Seen, ids: &HashSet<String>| {
+        ids.iter().all(|id| {
+            s.pending.get(id).is_some_and(|c| c[0].missing.iter().map(|m| m.device_id.as_str()).collect::<Vec<_>>() == ["b"])
+        })
+    };
+    assert!(
+        seen.read_until(&confirmations, Duration::from_secs(60), |_| {}, |s| named(s, &second)),
+        "no pending naming only b for every instruction"
+    );
+    assert!(second.iter().all(|id| !seen.finals.contains_key(id)), "applied while b was stopped");
+    p.start_device("b", &["--ack-interval-ms", "10"]);
+    assert!(seen.read_until(&confirmations, Duration::from_secs(60), |_| {}, |s| s.all_final(&second)));
+    assert!(second.iter().all(|id| seen.finals[id][0].slowest_device.as_deref() == Some("b")));
+
+    p.stop("device-b");
+    let third = round(&mut p, &mut workload, 10).await;
+    assert!(seen.read_until(&confirmations, Duration::from_secs(60), |_| {}, |s| named(s, &third)));
+    let out = p.run_cli(&["fleet", "retire", "b"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(seen.read_until(&confirmations, Duration::from_secs(30), |_| {}, |s| s.all_final(&third)));
+    assert!(third.iter().all(|id| seen.finals[id][0].devices == 1));
+    let all: HashSet<String> = first.iter().chain(&second).chain(&third).cloned().collect();
+    seen.read_until(&confirmations, Duration::from_secs(2), |_| {}, |_| false);
+    assert_exactly_one_final(&seen, &all);
+
+    // Refused at start: retired, unregistered, a wrong key.
+    let key_a = p.device_key("a");
+    let other_key = pgfanout::fleet::signature::DeviceKey::generate().unwrap().to_hex();
+    for (id, key, says) in
+        [("b", key_a.as_str(), "retired"), ("ghost", key_a.as_str(), "not registered"), ("a", other_key.as_str(), "other than its registered")]
+    {
+        let store = p.dir.join(format!("refused-{id}.sqlite")).to_string_lossy().into_owned();
+        let out = p.run_cli_with(&["device", "--id", id, "--store", &store], &[("PGFANOUT_DEVICE_KEY", key)]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "device {id} with that key: {stderr}");
+    }
+    p.assert_all_running();
+}
