@@ -5,10 +5,15 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use pgfanout::contract::{Confirmation, ConfirmationStatus, InstructionResult, ResultStatus};
+use pgfanout::contract::codec::encode_device_ack;
+use pgfanout::contract::{now_micros, Confirmation, ConfirmationStatus, DeviceAck, InstructionResult, ResultStatus};
+use pgfanout::fleet::signature::DeviceKey;
 use pgfanout::test_support::fleet::Confirmations;
+use pgfanout::test_support::http::{free_addr, metric_value};
 use pgfanout::test_support::Pipeline;
 use pgfanout::workload::Workload;
+use rdkafka::producer::FutureRecord;
+use rdkafka::util::Timeout;
 
 /// What the confirmations topic said of each instruction so far.
 #[derive(Default)]
@@ -162,7 +167,7 @@ async fn a_stopped_device_is_named_pending_until_it_catches_up_or_is_retired() {
 
     // Refused at start: retired, unregistered, a wrong key.
     let key_a = p.device_key("a");
-    let other_key = pgfanout::fleet::signature::DeviceKey::generate().unwrap().to_hex();
+    let other_key = DeviceKey::generate().unwrap().to_hex();
     for (id, key, says) in
         [("b", key_a.as_str(), "retired"), ("ghost", key_a.as_str(), "not registered"), ("a", other_key.as_str(), "other than its registered")]
     {
@@ -172,4 +177,59 @@ async fn a_stopped_device_is_named_pending_until_it_catches_up_or_is_retired() {
         assert!(!out.status.success() && stderr.contains(says), "device {id} with that key: {stderr}");
     }
     p.assert_all_running();
+}
+
+/// Acknowledgements in another device's name with the wrong key or none, and for an id not
+/// registered, are not counted and show in the metric; the device's own signed one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_acknowledgements_move_no_confirmation() {
+    let mut p = Pipeline::new("fleet_forged").await;
+    p.start_executor();
+    p.start_capture().await;
+    p.start_device("a", &["--ack-interval-ms", "10"]);
+    let key_b = DeviceKey::parse(&p.device_key("b")).unwrap();
+    let metrics = free_addr();
+    p.start_confirm(&["--metrics-addr", &metrics]).await;
+    let confirmations = p.confirmations();
+    let results = p.submit_and_wait(&Workload::new(29, "forged").instructions(5)).await;
+    let ids = committed(&results);
+    let top = results.values().filter_map(|r| r.commit_lsn).max().unwrap();
+
+    let stranger = DeviceKey::generate().unwrap();
+    let mut forged = vec![ack("b", top + 1_000_000, None), ack("b", top + 1_000_000, Some(&stranger))];
+    forged.push(ack("ghost", top, Some(&stranger)));
+    publish_acks(&p, &forged).await;
+    let mut seen = Seen::default();
+    seen.read_until(&confirmations, Duration::from_secs(4), |_| {}, |_| false);
+    assert!(ids.iter().all(|id| !seen.finals.contains_key(id)), "a forged acknowledgement confirmed something");
+    let refused = |reason: &str| metric_value(&metrics, &format!("pgfanout_confirm_acks_refused_total{{reason=\"{reason}\"}}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (refused("signature"), refused("unregistered")) != (2.0, 1.0) {
+        assert!(Instant::now() < deadline, "refused: signature {}, unregistered {}", refused("signature"), refused("unregistered"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = std::fs::read_to_string(p.log("confirm")).unwrap();
+    assert!(log.contains("claimed_device=b") && log.contains("claimed_device=ghost"), "{log}");
+
+    publish_acks(&p, &[ack("b", top, Some(&key_b))]).await;
+    assert!(seen.read_until(&confirmations, Duration::from_secs(30), |_| {}, |s| s.all_final(&ids)), "b's own ack");
+    p.assert_all_running();
+}
+
+fn ack(device: &str, applied_lsn: i64, key: Option<&DeviceKey>) -> DeviceAck {
+    let mut ack = DeviceAck { device_id: device.into(), applied_lsn, at: now_micros(), signature: None };
+    if let Some(key) = key {
+        key.sign(&mut ack).unwrap();
+    }
+    ack
+}
+
+async fn publish_acks(p: &Pipeline, acks: &[DeviceAck]) {
+    let producer = p.producer().await;
+    let topic = p.kafka.topics().device_acks;
+    for a in acks {
+        let payload = encode_device_ack(a).unwrap();
+        let record = FutureRecord::to(&topic).key(a.device_id.as_bytes()).payload(payload.as_slice());
+        producer.send(record, Timeout::After(Duration::from_secs(10))).await.unwrap();
+    }
 }

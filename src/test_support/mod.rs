@@ -10,6 +10,7 @@
 pub mod bench;
 mod convergence;
 pub mod fleet;
+pub mod http;
 pub mod env;
 mod pipeline;
 pub mod process;
