@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use pgfanout::contract::codec::encode_device_ack;
 use pgfanout::contract::{now_micros, Confirmation, ConfirmationStatus, DeviceAck, InstructionResult, ResultStatus};
 use pgfanout::fleet::signature::DeviceKey;
+use pgfanout::submit::produce_instructions;
 use pgfanout::test_support::fleet::Confirmations;
 use pgfanout::test_support::http::{free_addr, metric_value};
 use pgfanout::test_support::Pipeline;
@@ -232,4 +233,40 @@ async fn publish_acks(p: &Pipeline, acks: &[DeviceAck]) {
         let record = FutureRecord::to(&topic).key(a.device_id.as_bytes()).payload(payload.as_slice());
         producer.send(record, Timeout::After(Duration::from_secs(10))).await.unwrap();
     }
+}
+
+/// The confirmation service killed (SIGKILL) again and again while instructions flow: each
+/// committed instruction still ends with exactly one final confirmation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_service_killed_under_load_confirms_each_instruction_once() {
+    let mut p = fleet_of("fleet_kill", &["a", "b"], &[]).await;
+    let confirmations = p.confirmations();
+    let instructions = Workload::new(31, "kill").instructions(3_000);
+    let watcher = p.watch_results().await;
+    let (producer, topic) = (p.producer().await, p.kafka.topics().instructions);
+    let load = {
+        let instructions = instructions.clone();
+        tokio::spawn(async move {
+            for batch in instructions.chunks(100) {
+                produce_instructions(&producer, &topic, batch).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut seen = Seen::default();
+    for round in 0..6u64 {
+        // Some confirmations published, the checkpoint at a different point each time.
+        seen.read_until(&confirmations, Duration::from_millis(400 + 250 * round), |_| {}, |_| false);
+        p.kill("confirm");
+        p.start_confirm(&[]).await;
+    }
+    load.await.unwrap();
+    let results = p.await_results(watcher, &instructions).await;
+    let committed = committed(&results);
+    assert!(seen.read_until(&confirmations, Duration::from_secs(120), |_| {}, |s| s.all_final(&committed)));
+    seen.read_until(&confirmations, Duration::from_secs(3), |_| {}, |_| false);
+    assert_exactly_one_final(&seen, &committed);
+    let log = std::fs::read_to_string(p.log("confirm")).unwrap();
+    assert_eq!(log.matches("confirmation service started").count(), 7, "every restart came up");
+    p.assert_all_running();
 }

@@ -107,6 +107,9 @@ impl Service {
             shutdown,
         };
         service.set_fleet(devices);
+        // At once: a first start's positions (the topics' ends now) must hold for the next
+        // start too, however soon this one stops.
+        service.checkpoint().await?;
         tracing::info!(devices = service.keys.len(), already_confirmed = service.finalized.len(), "confirmation service started");
         Ok(service)
     }
@@ -286,6 +289,14 @@ impl Service {
         let devices: Vec<(String, i64, Option<i64>)> =
             self.tracker.devices().map(|(id, w, seen)| (id.to_string(), w, seen)).collect();
         positions::save(&mut self.pg, &checkpoint, &devices).await?;
+        tracing::debug!(
+            waiting = self.tracker.waiting(),
+            open = self.window.open_results(),
+            fleet_watermark = ?self.tracker.fleet_watermark(),
+            ?checkpoint,
+            ?devices,
+            "checkpoint"
+        );
         let now = now_micros();
         for (id, watermark, seen) in &devices {
             metrics::gauge!("pgfanout_fleet_device_watermark_lsn", "device" => id.clone()).set(*watermark as f64);
