@@ -164,6 +164,7 @@ fn main() {
         tables: None,
         ack_interval_ms: 100,
         key: None,
+        key_file: None,
         hold_mib: pgfanout::device::store::DEFAULT_HOLD_MIB,
     };
     remove_store(&device.store);

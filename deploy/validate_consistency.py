@@ -28,7 +28,7 @@ DEPLOY = ROOT / "deploy"
 VERBOSE = "--verbose" in sys.argv[1:]
 # Subcommands that run for good and serve metrics; their Prometheus job has their name
 # (the dashboards and alert rules select on job="executor", "capture" and "device").
-LONG_RUNNING = ("executor", "capture", "device")
+LONG_RUNNING = ("executor", "capture", "confirm", "device")
 
 passed = 0
 failed = 0
@@ -181,6 +181,11 @@ def check_compose() -> None:
             (DEPLOY / service["build"]["context"]).resolve() == ROOT,
             f"{where}: built from the repository root",
         )
+        if service.get("entrypoint"):  # a script: every `pgfanout <command>` in it exists
+            script = " ".join(service.get("command") or [])
+            for sub in re.findall(r"\bpgfanout (\S+)", script):
+                check(sub in REF, f"{where}: its script runs `pgfanout {sub}`", "no such subcommand")
+            continue
         if command[name] is None:  # the `run --rm cli <command>` service
             check(service.get("profiles") is not None, f"{where}: without a command, only in a profile")
             continue

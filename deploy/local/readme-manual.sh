@@ -24,6 +24,8 @@ sed -n '/<!-- manual path: begin -->/,/<!-- manual path: end -->/p' "$PGFANOUT_R
 [ -s "$COPY/manual.sh" ] || die "README.md has no manual path section"
 log "running the README's manual path ($(wc -l <"$COPY/manual.sh") lines) in $COPY"
 (cd "$COPY" && bash -euo pipefail manual.sh) 2>&1 | tee "$COPY/manual.out"
+grep -q '^applied on the fleet (2 devices)' "$COPY/manual.out" \
+    || die "the README's manual path did not end with the instruction confirmed on both devices"
 grep -q '^verified: 2 of 2 devices match postgres (1 rows)' "$COPY/manual.out" \
     || die "the README's manual path did not end with both devices equal to PostgreSQL"
 log "the README's manual path works as written"

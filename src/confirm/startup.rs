@@ -53,7 +53,8 @@ pub(super) fn read_back(
 pub(super) type Starts = HashMap<i32, i64>;
 
 /// The consumer, assigned to every results partition at the checkpoint (a first start: the
-/// end) and every device-acks partition at the checkpoint (a first start: the last
+/// beginning, so that no committed instruction goes unconfirmed because the service started
+/// after it) and every device-acks partition at the checkpoint (a first start: the last
 /// [`FIRST_ACKS`]), with those offsets. Blocking.
 pub(super) fn assign(
     settings: &KafkaSettings,
@@ -77,10 +78,10 @@ pub(super) fn assign(
             let offset = match stored.get(&p) {
                 Some(o) => *o,
                 None => {
-                    let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+                    let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
                     match since_ms {
                         Some(ms) => kafka::offset_for_time(&consumer, topic, p, ms)?.unwrap_or(high),
-                        None => high,
+                        None => low,
                     }
                 }
             };

@@ -75,6 +75,21 @@ pub struct DeviceSettings {
     /// publishes acknowledgements that count for nothing.
     #[arg(long = "key", env = "PGFANOUT_DEVICE_KEY", value_parser = DeviceKey::parse, hide_env_values = true)]
     pub key: Option<DeviceKey>,
+    /// A file holding the device's key (instead of `--key`): a mounted secret.
+    #[arg(long = "key-file", env = "PGFANOUT_DEVICE_KEY_FILE", conflicts_with = "key", value_parser = key_from_file)]
+    pub key_file: Option<DeviceKey>,
+}
+
+fn key_from_file(path: &str) -> Result<DeviceKey, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the device key from {path}: {e}"))?;
+    DeviceKey::parse(&text).map_err(|e| format!("{path}: {e}"))
+}
+
+impl DeviceSettings {
+    /// The key given by `--key` or `--key-file`.
+    pub fn key(&self) -> Option<&DeviceKey> {
+        self.key.as_ref().or(self.key_file.as_ref())
+    }
 }
 
 /// Why the device, a replay, a rebuild or a status read stopped: one variant per cause.
@@ -108,7 +123,7 @@ pub enum DeviceError {
     NotAStore { path: PathBuf, source: rusqlite::Error },
     #[error("{0}")]
     Fleet(#[from] FleetError),
-    #[error("device {0:?} has no key: start it with PGFANOUT_DEVICE_KEY (or --key) set to what `pgfanout fleet add {0}` printed")]
+    #[error("device {0:?} has no key: start it with PGFANOUT_DEVICE_KEY (or --key, or --key-file) set to what `pgfanout fleet add {0}` printed")]
     NoKey(String),
 }
 
@@ -190,7 +205,7 @@ impl Device {
         store.set_hold_bytes((settings.hold_mib as usize) << 20);
         let watermark = AppliedPositions::new(partitions, store.applied_lsns(&topic)?);
         let ack_gap = Duration::from_millis(settings.ack_interval_ms);
-        let acks = AckPublisher::new(kafka_settings, settings.id.clone(), settings.key.clone(), ack_gap)?;
+        let acks = AckPublisher::new(kafka_settings, settings.id.clone(), settings.key().cloned(), ack_gap)?;
         let positions = store.offsets(&topic)?;
         metrics::counter!("pgfanout_device_deltas_skipped_total", "device" => settings.id.clone()).increment(0);
         metrics::counter!("pgfanout_device_deltas_rejected_total", "device" => settings.id.clone()).increment(0);
@@ -356,7 +371,7 @@ fn header<'m>(m: &'m rdkafka::message::OwnedMessage, name: &str) -> Option<&'m [
 /// dedicated thread or `spawn_blocking`. A device that is not registered, retired, or
 /// holds another key than its registered one refuses to start ([`fleet_topic`]).
 pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, shutdown: Shutdown) -> Result<(), DeviceError> {
-    let key = settings.key.as_ref().ok_or_else(|| DeviceError::NoKey(settings.id.clone()))?;
+    let key = settings.key().ok_or_else(|| DeviceError::NoKey(settings.id.clone()))?;
     let registered = fleet_topic::check_registration_blocking(kafka_settings, &settings.id, key)?;
     let mut device = Device::open(kafka_settings, settings, &shutdown)?;
     tracing::info!(device = %settings.id, store = %settings.store.display(), labels = ?registered.labels, "device started");

@@ -14,6 +14,7 @@ mod error;
 mod json;
 mod watch;
 
+use std::collections::HashSet;
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,11 +24,11 @@ use rdkafka::util::Timeout;
 
 pub use error::SubmitError;
 pub use json::{instruction_from_json, parse_json_lines, value_from_json};
-pub use watch::{AckWatcher, ResultWatcher};
+pub use watch::{AckWatcher, ConfirmationWatcher, ResultWatcher};
 
 use crate::config::KafkaSettings;
 use crate::contract::codec::encode_instruction;
-use crate::contract::{Instruction, Lsn, ResultStatus};
+use crate::contract::{Confirmation, Instruction, Lsn, ResultStatus};
 use crate::kafka::{self, ClientRole};
 
 /// Produces instructions keyed by `issued_by` (one issuer's instructions keep their order)
@@ -80,9 +81,10 @@ pub struct SubmitArgs {
     /// Issuing device id.
     #[arg(long = "issued-by", env = "PGFANOUT_DEVICE_ID", default_value = "cli")]
     pub issued_by: String,
-    /// Wait for every instruction's result and print it (`committed`, the default), and
-    /// with `all-devices` also until every live device has applied it. Exit status: 0
-    /// done, 1 an instruction was rejected or failed, 2 timed out.
+    /// Wait for every instruction's result and print it (`committed`, the default); with
+    /// `fleet` also for the confirmation service's final `applied` on the registered
+    /// fleet; with `all-devices` until every device that acknowledged lately has applied
+    /// it. Exit status: 0 done, 1 an instruction was rejected or failed, 2 timed out.
     #[arg(long = "wait", value_enum, num_args = 0..=1, default_missing_value = "committed")]
     pub wait: Option<WaitFor>,
     /// Devices that must acknowledge (with `--wait all-devices`), besides every device
@@ -101,7 +103,11 @@ pub struct SubmitArgs {
 pub enum WaitFor {
     /// The instruction's result.
     Committed,
-    /// The result, then every live device's applied watermark.
+    /// The result, then the confirmation that every active registered device applied it
+    /// (`pgfanout confirm` must run).
+    Fleet,
+    /// The result, then every live device's applied watermark (read from the
+    /// acknowledgements directly, without the registry).
     AllDevices,
 }
 
@@ -168,6 +174,13 @@ pub async fn submit_and_wait(kafka_settings: &KafkaSettings, args: &SubmitArgs) 
         }
         None => None,
     };
+    let confirmations = match args.wait {
+        Some(WaitFor::Fleet) => {
+            let ks = kafka_settings.clone();
+            Some(joined(tokio::task::spawn_blocking(move || ConfirmationWatcher::start(&ks)).await)??)
+        }
+        _ => None,
+    };
     let producer: FutureProducer = kafka::client_config(kafka_settings, ClientRole::Producer).create()?;
     produce_instructions(&producer, &kafka_settings.topics().instructions, &instructions).await?;
     for i in &instructions {
@@ -194,12 +207,62 @@ pub async fn submit_and_wait(kafka_settings: &KafkaSettings, args: &SubmitArgs) 
     if results.iter().any(|r| r.status != ResultStatus::Committed) {
         return Ok(SubmitOutcome::NotCommitted);
     }
+    let left = timeout.saturating_sub(started.elapsed());
+    if let Some(confirmations) = confirmations {
+        let ids = results.iter().map(|r| r.instruction_id.clone()).collect();
+        return wait_fleet(confirmations, ids, left, started).await;
+    }
     if args.wait != Some(WaitFor::AllDevices) {
         return Ok(SubmitOutcome::Done);
     }
     let target = results.iter().filter_map(|r| r.commit_lsn).max().unwrap_or(0);
-    let left = timeout.saturating_sub(started.elapsed());
     wait_all_devices(kafka_settings, args, target, left, started).await
+}
+
+/// Waits for the final confirmation of every id, printing each confirmation as it comes.
+async fn wait_fleet(
+    mut confirmations: ConfirmationWatcher,
+    ids: HashSet<String>,
+    left: Duration,
+    started: std::time::Instant,
+) -> Result<SubmitOutcome, SubmitError> {
+    let waited = joined(
+        tokio::task::spawn_blocking(move || {
+            let r = confirmations.wait_final(&ids, left, |c| {
+                println!("{}", serde_json::to_string(&confirmation_json(c)).unwrap_or_default());
+            });
+            confirmations.close();
+            r
+        })
+        .await,
+    )?;
+    match waited {
+        Ok(finals) => {
+            let devices = finals.values().map(|c| c.devices).max().unwrap_or(0);
+            println!("applied on the fleet ({devices} devices) in {:.2}s", started.elapsed().as_secs_f64());
+            Ok(SubmitOutcome::Done)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(SubmitOutcome::TimedOut)
+        }
+    }
+}
+
+fn confirmation_json(c: &Confirmation) -> serde_json::Value {
+    let missing: Vec<serde_json::Value> = c
+        .missing
+        .iter()
+        .map(|m| serde_json::json!({"device": m.device_id, "applied_lsn": lsn_text(m.applied_lsn), "lag_bytes": m.lag_bytes}))
+        .collect();
+    serde_json::json!({
+        "instruction_id": c.instruction_id,
+        "confirmation": c.status,
+        "commit_lsn": lsn_text(c.commit_lsn),
+        "devices": c.devices,
+        "missing": missing,
+        "slowest_device": c.slowest_device,
+    })
 }
 
 /// Waits until every live device (and every one `args` requires) has applied `target`.

@@ -9,8 +9,8 @@ use rdkafka::Offset;
 
 use super::error::SubmitError;
 use crate::config::KafkaSettings;
-use crate::contract::codec::{decode_device_ack, decode_result};
-use crate::contract::{now_micros, DeviceAck, InstructionResult};
+use crate::contract::codec::{decode_confirmation, decode_device_ack, decode_result};
+use crate::contract::{now_micros, Confirmation, ConfirmationStatus, DeviceAck, InstructionResult};
 use crate::kafka;
 
 /// Polls a topic follower; a broker that is away yields nothing this time, not an error.
@@ -22,6 +22,61 @@ fn poll_follower(consumer: &BaseConsumer, wait: Duration) -> Result<Vec<rdkafka:
             Ok(Vec::new())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// A reader of every partition of `topic` from its end now. Blocking.
+fn follower_at_end(settings: &KafkaSettings, topic: &str) -> Result<BaseConsumer, SubmitError> {
+    kafka::reader_at(settings, topic, |c, p| {
+        let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        Ok(Offset::Offset(high))
+    })?
+    .ok_or_else(|| SubmitError::Other(format!("topic {topic} does not exist")))
+}
+
+/// Follows the confirmations topic from its end at creation time.
+pub struct ConfirmationWatcher {
+    consumer: BaseConsumer,
+}
+
+impl ConfirmationWatcher {
+    /// Positions at the current end of every confirmations partition. Blocking.
+    pub fn start(settings: &KafkaSettings) -> Result<Self, SubmitError> {
+        Ok(ConfirmationWatcher { consumer: follower_at_end(settings, &settings.topics().confirmations)? })
+    }
+
+    /// Polls until every id in `ids` has its final confirmation or `timeout` passes,
+    /// handing every confirmation of those ids to `each`; returns the finals by id.
+    /// Blocking.
+    pub fn wait_final(
+        &mut self,
+        ids: &HashSet<String>,
+        timeout: Duration,
+        mut each: impl FnMut(&Confirmation),
+    ) -> Result<HashMap<String, Confirmation>, SubmitError> {
+        let deadline = Instant::now() + timeout;
+        let mut finals = HashMap::new();
+        while finals.len() < ids.len() {
+            if Instant::now() > deadline {
+                let missing = ids.len() - finals.len();
+                return Err(SubmitError::Timeout(format!("{missing} instructions not confirmed on the fleet after {timeout:?}")));
+            }
+            for m in poll_follower(&self.consumer, Duration::from_millis(200))? {
+                let Some(Ok(c)) = m.payload().map(decode_confirmation) else { continue };
+                if !ids.contains(&c.instruction_id) {
+                    continue;
+                }
+                each(&c);
+                if c.status == ConfirmationStatus::Applied {
+                    finals.insert(c.instruction_id.clone(), c);
+                }
+            }
+        }
+        Ok(finals)
+    }
+
+    pub fn close(self) {
+        kafka::close_consumer(self.consumer);
     }
 }
 
@@ -37,12 +92,7 @@ impl ResultWatcher {
     /// Positions at the current end of every results partition: results of instructions
     /// submitted after this call cannot be missed. Blocking.
     pub fn start(settings: &KafkaSettings) -> Result<Self, SubmitError> {
-        let topic = settings.topics().results;
-        let consumer = kafka::reader_at(settings, &topic, |c, p| {
-            let (_, high) = c.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-            Ok(Offset::Offset(high))
-        })?
-        .ok_or_else(|| SubmitError::Other(format!("topic {topic} does not exist")))?;
+        let consumer = follower_at_end(settings, &settings.topics().results)?;
         Ok(ResultWatcher { consumer, results: HashMap::new(), deliveries: 0, differing: Vec::new() })
     }
 
