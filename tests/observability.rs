@@ -197,15 +197,22 @@ async fn metrics_match_the_documentation_and_every_dashboard_panel_has_data() {
     for (d, addr) in DEVICES.iter().zip(&devices) {
         p.start_device(d, &["--metrics-addr", addr]);
     }
+    let confirm = free_addr();
+    p.start_confirm(&["--metrics-addr", &confirm]).await;
     let prometheus = Prometheus::start(
         &p.dir,
-        &[("executor", vec![executor.clone()]), ("capture", vec![capture.clone()]), ("device", devices.clone())],
+        &[
+            ("executor", vec![executor.clone()]),
+            ("capture", vec![capture.clone()]),
+            ("confirm", vec![confirm.clone()]),
+            ("device", devices.clone()),
+        ],
     );
 
     load_with_every_outcome(&mut p).await;
     p.wait_converged(&DEVICES).await;
 
-    let endpoints: Vec<&String> = [&executor, &capture].into_iter().chain(&devices).collect();
+    let endpoints: Vec<&String> = [&executor, &capture, &confirm].into_iter().chain(&devices).collect();
     wait_metrics_documented(&endpoints).await;
     wait_panels_have_data(&prometheus).await;
 
@@ -226,6 +233,7 @@ async fn metrics_match_the_documentation_and_every_dashboard_panel_has_data() {
     for d in DEVICES {
         p.stop(&format!("device-{d}"));
     }
+    p.stop("confirm");
     p.stop("capture");
     p.stop("executor");
 }
