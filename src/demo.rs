@@ -12,11 +12,11 @@ use tokio::process::{Child, Command};
 
 use crate::component::component_command;
 use crate::config::{KafkaSettings, PostgresSettings};
+use crate::fleet::{self, signature::DeviceKey};
 use crate::kafka::{self, ClientRole};
 use crate::shutdown::Shutdown;
 use crate::submit::{produce_instructions, ResultWatcher};
 use crate::workload::{self, Workload};
-use crate::fleet::{self, signature::DeviceKey};
 use crate::{pg, verify};
 
 #[derive(Debug, Clone, clap::Args)]

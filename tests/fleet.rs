@@ -169,9 +169,11 @@ async fn a_stopped_device_is_named_pending_until_it_catches_up_or_is_retired() {
     // Refused at start: retired, unregistered, a wrong key.
     let key_a = p.device_key("a");
     let other_key = DeviceKey::generate().unwrap().to_hex();
-    for (id, key, says) in
-        [("b", key_a.as_str(), "retired"), ("ghost", key_a.as_str(), "not registered"), ("a", other_key.as_str(), "other than its registered")]
-    {
+    for (id, key, says) in [
+        ("b", key_a.as_str(), "retired"),
+        ("ghost", key_a.as_str(), "not registered"),
+        ("a", other_key.as_str(), "other than its registered"),
+    ] {
         let store = p.dir.join(format!("refused-{id}.sqlite")).to_string_lossy().into_owned();
         let out = p.run_cli_with(&["device", "--id", id, "--store", &store], &[("PGFANOUT_DEVICE_KEY", key)]).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -206,7 +208,12 @@ async fn forged_acknowledgements_move_no_confirmation() {
     let refused = |reason: &str| metric_value(&metrics, &format!("pgfanout_confirm_acks_refused_total{{reason=\"{reason}\"}}"));
     let deadline = Instant::now() + Duration::from_secs(20);
     while (refused("signature"), refused("unregistered")) != (2.0, 1.0) {
-        assert!(Instant::now() < deadline, "refused: signature {}, unregistered {}", refused("signature"), refused("unregistered"));
+        assert!(
+            Instant::now() < deadline,
+            "refused: signature {}, unregistered {}",
+            refused("signature"),
+            refused("unregistered")
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let log = std::fs::read_to_string(p.log("confirm")).unwrap();

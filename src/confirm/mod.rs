@@ -23,58 +23,18 @@
 //! which the executor's hot path should not wait on, and it can stop or restart without
 //! delaying any write.
 
+mod error;
 pub mod positions;
 mod service;
+mod settings;
 mod startup;
 pub mod tracker;
-
-use std::time::Duration;
 
 use crate::config::{KafkaSettings, PostgresSettings};
 use crate::error_kind::ErrorKind;
 use crate::shutdown::Shutdown;
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct ConfirmSettings {
-    /// Seconds a committed instruction may wait for the fleet before a `pending`
-    /// confirmation names the devices still missing.
-    #[arg(long = "deadline-secs", env = "PGFANOUT_CONFIRM_DEADLINE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub deadline_secs: u64,
-    /// Seconds during which a result read again for an id already confirmed is not
-    /// confirmed again (the executor re-publishes the stored result when an id is
-    /// resubmitted).
-    #[arg(long = "dedupe-window-secs", env = "PGFANOUT_CONFIRM_DEDUPE_WINDOW_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
-    pub dedupe_window_secs: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfirmError {
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("postgres: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
-    #[error("{0}")]
-    Fleet(#[from] crate::fleet::FleetError),
-    #[error("{0}")]
-    Codec(#[from] crate::contract::codec::CodecError),
-    #[error("topic {0} does not exist; run `pgfanout setup`")]
-    NoTopic(String),
-    #[error("a blocking task failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
-    #[error("stopped while waiting for another confirmation service to stop")]
-    Stopped,
-}
-
-impl ConfirmError {
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            ConfirmError::Kafka(e) => ErrorKind::of_kafka(e),
-            ConfirmError::Fleet(e) => e.kind(),
-            ConfirmError::Postgres(_) | ConfirmError::NoTopic(_) => ErrorKind::Transient,
-            ConfirmError::Codec(_) | ConfirmError::Join(_) | ConfirmError::Stopped => ErrorKind::Definite,
-        }
-    }
-}
+pub use error::ConfirmError;
+pub use settings::ConfirmSettings;
 
 /// Runs until `shutdown`; starts over (from its last checkpoint) after a connection to
 /// PostgreSQL or Kafka is lost.
@@ -100,6 +60,3 @@ pub async fn run(
         }
     }
 }
-
-/// How often the registry is read again and a checkpoint written.
-const REFRESH: Duration = Duration::from_secs(1);

@@ -123,12 +123,18 @@ pub async fn load(client: &Client) -> Result<Checkpoint, tokio_postgres::Error> 
     Ok(out)
 }
 
-/// Writes a checkpoint and the devices' watermarks and last-seen times in one transaction.
-pub async fn save(
-    client: &mut Client,
-    checkpoint: &Checkpoint,
-    devices: &[(String, i64, Option<i64>)],
-) -> Result<(), tokio_postgres::Error> {
+/// What the service records of an active device at a checkpoint.
+#[derive(Debug, Clone)]
+pub struct Reading {
+    pub id: String,
+    pub watermark: i64,
+    /// Unix microseconds, by the service's clock.
+    pub last_seen: Option<i64>,
+    pub lag_seconds: f64,
+}
+
+/// Writes a checkpoint and the devices' readings in one transaction.
+pub async fn save(client: &mut Client, checkpoint: &Checkpoint, devices: &[Reading]) -> Result<(), tokio_postgres::Error> {
     let (mut topics, mut partitions, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
     for (topic, map) in [(RESULTS, &checkpoint.results), (ACKS, &checkpoint.acks), (CONFIRMATIONS, &checkpoint.confirmations)] {
         for (p, o) in map {
@@ -137,9 +143,10 @@ pub async fn save(
             offsets.push(*o);
         }
     }
-    let ids: Vec<&str> = devices.iter().map(|d| d.0.as_str()).collect();
-    let watermarks: Vec<i64> = devices.iter().map(|d| d.1).collect();
-    let seen: Vec<Option<i64>> = devices.iter().map(|d| d.2).collect();
+    let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
+    let watermarks: Vec<i64> = devices.iter().map(|d| d.watermark).collect();
+    let seen: Vec<Option<i64>> = devices.iter().map(|d| d.last_seen).collect();
+    let lags: Vec<f64> = devices.iter().map(|d| d.lag_seconds).collect();
     let tx = client.transaction().await?;
     tx.execute(
         "INSERT INTO pgfanout.confirm_positions (topic, partition, next_offset)
@@ -149,9 +156,10 @@ pub async fn save(
     )
     .await?;
     tx.execute(
-        "UPDATE pgfanout.devices d SET watermark_lsn = v.w, last_seen_at = to_timestamp(v.s / 1e6)
-         FROM unnest($1::text[], $2::int8[], $3::int8[]) AS v(id, w, s) WHERE d.id = v.id",
-        &[&ids, &watermarks, &seen],
+        "UPDATE pgfanout.devices d
+            SET watermark_lsn = v.w, last_seen_at = to_timestamp(v.s / 1e6), lag_seconds = v.l, observed_at = now()
+         FROM unnest($1::text[], $2::int8[], $3::int8[], $4::float8[]) AS v(id, w, s, l) WHERE d.id = v.id",
+        &[&ids, &watermarks, &seen, &lags],
     )
     .await?;
     tx.commit().await

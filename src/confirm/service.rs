@@ -14,10 +14,11 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_postgres::Client;
 
-use super::positions::{self, Window};
+use super::error::ConfirmError;
+use super::positions::{self, Reading, Window};
+use super::settings::{ConfirmSettings, REFRESH};
 use super::startup::{assign, read_back};
 use super::tracker::{Due, Finalized, ResultPosition, Tracker};
-use super::{ConfirmError, ConfirmSettings, REFRESH};
 use crate::config::{KafkaSettings, PostgresSettings, Topics};
 use crate::contract::codec::{decode_device_ack, decode_result, encode_confirmation};
 use crate::contract::{now_micros, ConfirmationStatus, ResultStatus};
@@ -229,9 +230,7 @@ impl Service {
             self.finalized.insert(c.instruction_id.clone(), c.confirmed_at);
         }
         match encode_confirmation(c) {
-            Ok(payload) => {
-                self.unsent.push_back(Outgoing { id: c.instruction_id.clone(), payload, position: due.position })
-            }
+            Ok(payload) => self.unsent.push_back(Outgoing { id: c.instruction_id.clone(), payload, position: due.position }),
             Err(e) => tracing::error!(error = %e, "confirmation not encodable"),
         }
     }
@@ -286,22 +285,30 @@ impl Service {
 
     async fn checkpoint(&mut self) -> Result<(), ConfirmError> {
         let checkpoint = self.window.checkpoint(self.acks_next.clone());
-        let devices: Vec<(String, i64, Option<i64>)> =
-            self.tracker.devices().map(|(id, w, seen)| (id.to_string(), w, seen)).collect();
-        positions::save(&mut self.pg, &checkpoint, &devices).await?;
+        let now = now_micros();
+        let readings: Vec<Reading> = self
+            .tracker
+            .devices()
+            .map(|(id, watermark, last_seen)| Reading {
+                id: id.to_string(),
+                watermark,
+                last_seen,
+                lag_seconds: self.tracker.lag_micros(watermark, now) as f64 / 1e6,
+            })
+            .collect();
+        positions::save(&mut self.pg, &checkpoint, &readings).await?;
         tracing::debug!(
             waiting = self.tracker.waiting(),
             open = self.window.open_results(),
             fleet_watermark = ?self.tracker.fleet_watermark(),
             ?checkpoint,
-            ?devices,
             "checkpoint"
         );
-        let now = now_micros();
-        for (id, watermark, seen) in &devices {
-            metrics::gauge!("pgfanout_fleet_device_watermark_lsn", "device" => id.clone()).set(*watermark as f64);
-            let age = seen.map_or(f64::INFINITY, |s| (now - s).max(0) as f64 / 1e6);
-            metrics::gauge!("pgfanout_fleet_device_last_seen_age_seconds", "device" => id.clone()).set(age);
+        for r in &readings {
+            metrics::gauge!("pgfanout_fleet_device_watermark_lsn", "device" => r.id.clone()).set(r.watermark as f64);
+            let age = r.last_seen.map_or(f64::INFINITY, |s| (now - s).max(0) as f64 / 1e6);
+            metrics::gauge!("pgfanout_fleet_device_last_seen_age_seconds", "device" => r.id.clone()).set(age);
+            metrics::gauge!("pgfanout_fleet_device_lag_seconds", "device" => r.id.clone()).set(r.lag_seconds);
         }
         metrics::gauge!("pgfanout_confirm_waiting_instructions").set(self.tracker.waiting() as f64);
         metrics::gauge!("pgfanout_confirm_open_results").set(self.window.open_results() as f64);

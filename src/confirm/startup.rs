@@ -8,9 +8,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::error::ConfirmError;
 use super::positions::Checkpoint;
 use super::tracker::Finalized;
-use super::ConfirmError;
 use crate::config::KafkaSettings;
 use crate::contract::codec::decode_confirmation;
 use crate::contract::{now_micros, ConfirmationStatus};

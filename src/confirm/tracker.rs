@@ -117,6 +117,13 @@ impl Tracker {
         self.devices.iter().map(|(id, d)| (id.as_str(), d.watermark, d.last_seen))
     }
 
+    /// How long, at `now`, the first instruction (in commit order) that a device at
+    /// `watermark` still misses has waited for it (0 when it misses none): its lag in time.
+    pub fn lag_micros(&self, watermark: i64, now: i64) -> i64 {
+        let missed = self.waiting.range((watermark + 1, String::new())..).next();
+        missed.map_or(0, |(_, w)| (now - w.received).max(0))
+    }
+
     /// The confirmations due at `now`: the final `applied` of every waiting instruction the
     /// whole fleet has reached, and a `pending` for each that passed its deadline without.
     pub fn due(&mut self, now: i64) -> Vec<Due> {
@@ -161,11 +168,8 @@ impl Tracker {
 
     fn applied(&self, id: String, commit_lsn: i64, w: &Waiting, now: i64) -> Confirmation {
         // The last device to reach the commit: the latest first acknowledgement at or past it.
-        let last = self
-            .devices
-            .iter()
-            .map(|(device, d)| (d.reached(commit_lsn).unwrap_or(w.received).max(w.received), device))
-            .max();
+        let last =
+            self.devices.iter().map(|(device, d)| (d.reached(commit_lsn).unwrap_or(w.received).max(w.received), device)).max();
         Confirmation {
             instruction_id: id,
             status: ConfirmationStatus::Applied,
@@ -277,6 +281,8 @@ mod tests {
         assert_eq!(due[0].confirmation.last_applied_at, Some(9));
         assert_eq!(due[0].position, Some((1, 0)));
         assert!(t.due(11).is_empty(), "each instruction once");
+        t.add("i3", 400, 0, (0, 1), 20);
+        assert_eq!((t.lag_micros(300, 25), t.lag_micros(400, 25)), (5, 0), "c at 300 misses i3, received at 20");
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! Kafka.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, UNIX_EPOCH};
 
+use super::error::FleetError;
 use super::registry::{self, RegisteredDevice};
-use super::{topic, FleetError};
+use super::status::rfc3339;
+use super::topic;
 use crate::config::{KafkaSettings, PostgresSettings};
 use crate::pg;
 
@@ -41,6 +42,13 @@ pub enum FleetCommand {
         #[arg(long = "json")]
         json: bool,
     },
+    /// Each device's watermark, lag, last contact and state, as the confirmation service
+    /// last recorded them.
+    Status {
+        /// One JSON object per device instead of a table.
+        #[arg(long = "json")]
+        json: bool,
+    },
 }
 
 pub async fn run(kafka: &KafkaSettings, postgres: &PostgresSettings, command: FleetCommand) -> Result<(), FleetError> {
@@ -65,6 +73,10 @@ pub async fn run(kafka: &KafkaSettings, postgres: &PostgresSettings, command: Fl
         }
         FleetCommand::List { json } => {
             print!("{}", render_list(&registry::list(&client).await?, json));
+            return Ok(());
+        }
+        FleetCommand::Status { json } => {
+            print!("{}", super::status::read(&client).await?.render(json));
             return Ok(());
         }
     };
@@ -99,7 +111,10 @@ fn render_list(devices: &[RegisteredDevice], json: bool) -> String {
         }
         return out;
     }
-    out.push_str(&format!("{:<24} {:<8} {:<30} {:<12} {:<20} {}\n", "DEVICE", "STATE", "LABELS", "SUBSCRIPTION", "REGISTERED", "KEY"));
+    out.push_str(&format!(
+        "{:<24} {:<8} {:<30} {:<12} {:<20} {}\n",
+        "DEVICE", "STATE", "LABELS", "SUBSCRIPTION", "REGISTERED", "KEY"
+    ));
     for d in devices {
         let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push_str(&format!(
@@ -113,10 +128,4 @@ fn render_list(devices: &[RegisteredDevice], json: bool) -> String {
         ));
     }
     out
-}
-
-/// Unix microseconds as an RFC 3339 time to the second.
-pub fn rfc3339(micros: i64) -> String {
-    let at = UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64);
-    humantime::format_rfc3339_seconds(at).to_string()
 }

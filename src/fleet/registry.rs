@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use tokio_postgres::{Client, Row};
 
+use super::error::FleetError;
 use super::signature::DeviceKey;
-use super::FleetError;
 use crate::contract::FleetDevice;
 
 pub const REGISTRY_SQL: &str = "
@@ -26,6 +26,10 @@ CREATE TABLE IF NOT EXISTS pgfanout.devices (
     watermark_lsn bigint,
     last_seen_at timestamptz
 );
+-- How long the first instruction the device misses has waited, and when the service last
+-- wrote these readings.
+ALTER TABLE pgfanout.devices ADD COLUMN IF NOT EXISTS lag_seconds double precision;
+ALTER TABLE pgfanout.devices ADD COLUMN IF NOT EXISTS observed_at timestamptz;
 -- The confirmation service's positions: where it resumes reading results and acknowledgements,
 -- and from where it reads back the confirmations it already published.
 CREATE TABLE IF NOT EXISTS pgfanout.confirm_positions (

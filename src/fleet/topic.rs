@@ -12,9 +12,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::Offset;
 
+use super::error::FleetError;
 use super::registry::RegisteredDevice;
 use super::signature::DeviceKey;
-use super::FleetError;
 use crate::config::KafkaSettings;
 use crate::contract::codec::{decode_fleet_device, encode_fleet_device};
 use crate::contract::FleetDevice;
@@ -39,13 +39,19 @@ pub async fn publish(settings: &KafkaSettings, devices: &[RegisteredDevice]) -> 
 pub fn read_blocking(settings: &KafkaSettings) -> Result<HashMap<String, FleetDevice>, FleetError> {
     let topic = settings.topics().fleet;
     let mut out = HashMap::new();
-    let read = kafka::read_to_end(settings, &topic, |_, _| Ok(Offset::Beginning), Duration::from_secs(10), |m| {
-        // A record that does not decode is skipped: the registry in PostgreSQL is the
-        // truth, and the confirmation service republishes it.
-        if let Some(Ok(device)) = m.payload().map(decode_fleet_device) {
-            out.insert(device.id.clone(), device);
-        }
-    })?;
+    let read = kafka::read_to_end(
+        settings,
+        &topic,
+        |_, _| Ok(Offset::Beginning),
+        Duration::from_secs(10),
+        |m| {
+            // A record that does not decode is skipped: the registry in PostgreSQL is the
+            // truth, and the confirmation service republishes it.
+            if let Some(Ok(device)) = m.payload().map(decode_fleet_device) {
+                out.insert(device.id.clone(), device);
+            }
+        },
+    )?;
     read.ok_or(FleetError::NoTopic(topic))?;
     Ok(out)
 }

@@ -33,10 +33,13 @@ impl Pipeline {
     pub async fn start_confirm(&mut self, extra: &[&str]) {
         let mut args = vec!["confirm"];
         args.extend_from_slice(extra);
-        let before = std::fs::read_to_string(self.log("confirm")).map_or(0, |l| l.matches("confirmation service started").count());
+        let before =
+            std::fs::read_to_string(self.log("confirm")).map_or(0, |l| l.matches("confirmation service started").count());
         self.start("confirm", &args);
         let deadline = Deadline::after(TIMEOUT, "the confirmation service to start");
-        while std::fs::read_to_string(self.log("confirm")).map_or(0, |l| l.matches("confirmation service started").count()) == before {
+        while std::fs::read_to_string(self.log("confirm")).map_or(0, |l| l.matches("confirmation service started").count())
+            == before
+        {
             self.assert_running("confirm");
             deadline.pause().await;
         }

@@ -9,9 +9,9 @@
 
 pub mod bench;
 mod convergence;
+pub mod env;
 pub mod fleet;
 pub mod http;
-pub mod env;
 mod pipeline;
 pub mod process;
 mod results;

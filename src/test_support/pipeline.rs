@@ -149,15 +149,13 @@ impl Pipeline {
 
     /// Starts a component; its output goes to `<dir>/<label>.log` (appended across restarts).
     pub fn start(&mut self, label: &str, args: &[&str]) {
-        self.start_with(label, args, &[]);
+        self.spawn(label, self.command(args));
     }
 
-    /// [`Pipeline::start`] with extra environment variables.
-    pub fn start_with(&mut self, label: &str, args: &[&str], env: &[(&str, &str)]) {
+    /// Spawns `cmd` as the component `label`, its output appended to its log.
+    fn spawn(&mut self, label: &str, mut cmd: Command) {
         let (out, err) = append_log(&self.log(label));
-        let mut cmd = self.command(args);
-        cmd.envs(env.iter().copied()).stdout(out).stderr(err);
-        let child = cmd.spawn().expect("spawn pgfanout");
+        let child = cmd.stdout(out).stderr(err).spawn().expect("spawn pgfanout");
         assert!(self.children.insert(label.to_string(), child).is_none(), "{label} already running");
     }
 
@@ -190,7 +188,9 @@ impl Pipeline {
         let store = self.store(id).to_string_lossy().into_owned();
         let mut args = vec!["device", "--id", id, "--store", &store];
         args.extend_from_slice(extra);
-        self.start_with(&format!("device-{id}"), &args, &[("PGFANOUT_DEVICE_KEY", &key)]);
+        let mut cmd = self.command(&args);
+        cmd.env("PGFANOUT_DEVICE_KEY", &key);
+        self.spawn(&format!("device-{id}"), cmd);
     }
 
     /// The key of device `id`, registering it on first use.
