@@ -28,11 +28,16 @@ async fn python3(args: &[&str], kafka_properties: &str) -> Output {
 /// Runs the Python example against the pipeline with `--wait`; returns its exit code, its
 /// output, and a report of both for assertion messages.
 async fn submit_with_python(p: &Pipeline, op_args: &[&str], timeout_secs: u32) -> (i32, String, String) {
+    submit_with_python_waiting(p, "committed", op_args, timeout_secs).await
+}
+
+/// [`submit_with_python`] with `--wait <wait>`.
+async fn submit_with_python_waiting(p: &Pipeline, wait: &str, op_args: &[&str], timeout_secs: u32) -> (i32, String, String) {
     let script = python_example().to_string_lossy().into_owned();
     let timeout = timeout_secs.to_string();
     let mut args = vec![script.as_str(), "--brokers", &p.kafka.brokers, "--topic-prefix", &p.kafka.topic_prefix];
     args.extend_from_slice(op_args);
-    args.extend_from_slice(&["--wait", "--timeout", &timeout]);
+    args.extend_from_slice(&["--wait", wait, "--timeout", &timeout]);
     let out = python3(&args, &p.kafka.properties.to_string()).await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let report = format!("{}\nstdout:\n{stdout}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
@@ -117,5 +122,22 @@ async fn the_python_producer_submits_and_reads_its_result() {
     let late: i64 =
         client.query_one("SELECT count(*) FROM public.items WHERE id = 8 AND name = 'late'", &[]).await.unwrap().get(0);
     assert_eq!(late, 1);
+
+    // With the fleet running, `--wait fleet` ends on the final confirmation.
+    p.start_capture().await;
+    p.start_device("a", &[]);
+    p.start_confirm(&[]).await;
+    let (code, stdout, report) = submit_with_python_waiting(
+        &p,
+        "fleet",
+        &["--op", "upsert", "--table", "public.items", "--key", "id=9", "--value", "name=\"everywhere\"", "--value", "qty=2"],
+        90,
+    )
+    .await;
+    assert_eq!(code, 0, "{report}");
+    let confirmation = printed_result(&stdout, &report);
+    assert_eq!((confirmation["status"].as_str(), confirmation["devices"].as_i64()), (Some("applied"), Some(1)), "{report}");
+    assert_eq!(confirmation["slowest_device"], "a", "{report}");
+    p.stop("confirm");
     p.stop("executor");
 }

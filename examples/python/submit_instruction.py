@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Submit one pgfanout instruction from Python, and optionally wait for its result.
+"""Submit one pgfanout instruction from Python, and optionally wait for its result, or
+for its confirmation on the whole fleet.
 
 Wire format (the same as `pgfanout submit`):
   * topic `<prefix>instructions`; record value = a plain Avro binary datum of
@@ -7,6 +8,10 @@ Wire format (the same as `pgfanout submit`):
     record key = issued_by (UTF-8), so one issuer's instructions keep their order.
   * The executor answers on `<prefix>results` with a plain Avro datum of
     schemas/result.avsc, keyed by instruction_id; status is committed, rejected or failed.
+  * With `pgfanout confirm` running, `<prefix>confirmations` carries plain Avro datums of
+    schemas/confirmation.avsc keyed by instruction_id: `pending` (devices still missing
+    after the deadline) and exactly one final `applied` once every registered device has
+    applied the instruction (`--wait fleet`).
   * instruction_id (a UUID) is the idempotency key: sending the same instruction again
     never applies it twice, and yields the same result.
   * Field values are a union [null, boolean, long, double, string, bytes]; PostgreSQL
@@ -18,8 +23,9 @@ Example:
 Values are JSON when they parse (3 is a long, 1.5 a double, "x" a string, null,
 {"$hex": "00ff"} bytes, other arrays and objects JSON text), else plain strings.
 Several --op groups make one instruction, applied atomically.
-Exit status: 0 submitted (and committed with --wait), 1 rejected or failed, 2 no result
-within --timeout, 3 bad input or a Kafka error.
+Exit status: 0 submitted (and committed with --wait, and applied on the fleet with
+--wait fleet), 1 rejected or failed, 2 no result or confirmation within --timeout, 3 bad
+input or a Kafka error.
 """
 import argparse, io, json, os, re, sys, time, uuid
 from datetime import datetime, timedelta, timezone
@@ -30,6 +36,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 SCHEMAS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "schemas")
 INSTRUCTION = fastavro.schema.load_schema(os.path.join(SCHEMAS, "instruction.avsc"))
 RESULT = fastavro.schema.load_schema(os.path.join(SCHEMAS, "result.avsc"))
+CONFIRMATION = fastavro.schema.load_schema(os.path.join(SCHEMAS, "confirmation.avsc"))
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 CONSUMER_ONLY = ("fetch.", "session.", "heartbeat.", "group.", "auto.offset", "max.poll")
 
@@ -93,7 +100,9 @@ def parse_args():
     p.add_argument("--kafka-properties", default=env("PGFANOUT_KAFKA_PROPERTIES", ""),
                    help="librdkafka key=value pairs, comma separated")
     p.add_argument("--issued-by", default=env("PGFANOUT_DEVICE_ID", "python-example"))
-    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--wait", nargs="?", const="committed", choices=["committed", "fleet"],
+                   help="wait for the result and print it (committed, the default), and with fleet "
+                        "also for the final confirmation that every registered device applied it")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     p.add_argument("--op", action=OpAction, choices=["insert", "update", "upsert", "delete"])
     p.add_argument("--table", action=OpAction, help="schema.table")
@@ -104,6 +113,15 @@ def parse_args():
     if not args.ops or any(op["table"] is None for op in args.ops):
         p.error("give at least one --op, each with a --table")
     return args
+
+
+def at_end(consumer, name):
+    """Every partition of topic `name`, at its end now."""
+    topic = consumer.list_topics(name, timeout=10).topics[name]
+    if topic.error is not None or not topic.partitions:
+        fail(f"topic {name} does not exist")
+    return [TopicPartition(name, p, consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1])
+            for p in topic.partitions]
 
 
 def main():
@@ -117,14 +135,10 @@ def main():
         "operations": args.ops,
     }
     if args.wait:  # positioned BEFORE producing, so the result cannot be missed
-        results_topic = args.topic_prefix + "results"
         consumer = Consumer({**conf, "group.id": f"pgfanout-example-{uuid.uuid4()}",
                              "enable.auto.commit": False, "enable.auto.offset.store": False})
-        topic = consumer.list_topics(results_topic, timeout=10).topics[results_topic]
-        if topic.error is not None or not topic.partitions:
-            fail(f"topic {results_topic} does not exist")
-        consumer.assign([TopicPartition(results_topic, p, consumer.get_watermark_offsets(
-            TopicPartition(results_topic, p), timeout=10)[1]) for p in topic.partitions])
+        followed = ["results"] + (["confirmations"] if args.wait == "fleet" else [])
+        consumer.assign([tp for name in followed for tp in at_end(consumer, args.topic_prefix + name)])
 
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, INSTRUCTION, instruction)
@@ -141,23 +155,36 @@ def main():
         return 0
 
     deadline = time.monotonic() + args.timeout
+    committed = False
     try:
         while time.monotonic() < deadline:
             msg = consumer.poll(0.2)
             if msg is None or msg.error() is not None:
                 continue
+            is_result = msg.topic() == args.topic_prefix + "results"
             try:
-                result = fastavro.schemaless_reader(io.BytesIO(msg.value()), RESULT)
-            except Exception:  # not a result record: not ours either
+                record = fastavro.schemaless_reader(io.BytesIO(msg.value()), RESULT if is_result else CONFIRMATION)
+            except Exception:  # not a record of that schema: not ours either
                 continue
-            if result["instruction_id"] == instruction["instruction_id"]:
-                # fastavro reads timestamp-micros as a datetime: back to microseconds
-                result["executed_at"] = (result["executed_at"] - EPOCH) // timedelta(microseconds=1)
-                print(json.dumps(result))
-                return 0 if result["status"] == "committed" else 1
+            if record["instruction_id"] != instruction["instruction_id"]:
+                continue
+            # fastavro reads timestamp-micros as a datetime: back to microseconds
+            for field in ("executed_at", "committed_at", "confirmed_at", "last_applied_at"):
+                if isinstance(record.get(field), datetime):
+                    record[field] = (record[field] - EPOCH) // timedelta(microseconds=1)
+            for missing in record.get("missing", []):
+                if isinstance(missing.get("last_seen"), datetime):
+                    missing["last_seen"] = (missing["last_seen"] - EPOCH) // timedelta(microseconds=1)
+            print(json.dumps(record), flush=True)
+            if is_result and record["status"] != "committed":
+                return 1
+            committed |= is_result
+            if (is_result and args.wait == "committed") or (not is_result and record["status"] == "applied"):
+                return 0
     finally:
         consumer.close()
-    print(f"error: no result for {instruction['instruction_id']} within {args.timeout} s", file=sys.stderr)
+    waited = "confirmation on the fleet" if committed else "result"
+    print(f"error: no {waited} for {instruction['instruction_id']} within {args.timeout} s", file=sys.stderr)
     return 2
 
 
