@@ -396,15 +396,16 @@ pub fn offset_for_time<C: ConsumerContext>(
 }
 
 /// Reads every partition of `topic` from the offsets `start` chooses up to its end as of
-/// now, handing each record to `each`; `None` when the topic does not exist. Blocking;
-/// gives up after `timeout` without a record while records are still due.
+/// now, handing each record to `each`; returns those ends per partition, `None` when the
+/// topic does not exist. Blocking; gives up after `timeout` without a record while records
+/// are still due.
 pub fn read_to_end(
     settings: &KafkaSettings,
     topic: &str,
     mut start: impl FnMut(&BaseConsumer, i32) -> Result<Offset, KafkaError>,
     timeout: Duration,
     mut each: impl FnMut(&BorrowedMessage<'_>),
-) -> Result<Option<()>, KafkaError> {
+) -> Result<Option<HashMap<i32, i64>>, KafkaError> {
     // Per partition, the first offset still to read and the end to read to.
     let mut due: HashMap<i32, (i64, i64)> = HashMap::new();
     let consumer = reader_at(settings, topic, |c, p| {
@@ -419,6 +420,7 @@ pub fn read_to_end(
         Ok(offset)
     })?;
     let Some(consumer) = consumer else { return Ok(None) };
+    let ends = due.iter().map(|(p, (_, high))| (*p, *high)).collect();
     due.retain(|_, (first, high)| first < high);
     while !due.is_empty() {
         let m = consumer.poll(timeout).ok_or(KafkaError::MessageConsumption(RDKafkaErrorCode::RequestTimedOut))??;
@@ -428,7 +430,7 @@ pub fn read_to_end(
         }
     }
     consumer.unsubscribe();
-    Ok(Some(()))
+    Ok(Some(ends))
 }
 
 /// Sends an undecodable or unusable record to the dead-letter topic, with the reason and

@@ -154,25 +154,19 @@ impl Service {
 
     fn on_result(&mut self, m: &OwnedMessage, now: i64) {
         let position = (m.partition(), m.offset());
-        let result = match m.payload().map(decode_result) {
-            Some(Ok(r)) => r,
-            _ => {
-                tracing::warn!(partition = position.0, offset = position.1, "undecodable result skipped");
-                self.window.read(position);
-                self.window.close(position);
-                return;
-            }
-        };
         self.window.read(position);
-        let waits = match (result.status, result.commit_lsn) {
-            (ResultStatus::Committed, Some(lsn)) => {
-                !self.finalized.contains(&result.instruction_id) && !self.tracker.is_waiting(&result.instruction_id, lsn)
-            }
-            _ => false,
+        let Some(Ok(result)) = m.payload().map(decode_result) else {
+            tracing::warn!(partition = position.0, offset = position.1, "undecodable result skipped");
+            self.window.close(position);
+            return;
         };
-        match result.commit_lsn.filter(|_| waits) {
-            Some(lsn) => self.tracker.add(&result.instruction_id, lsn, result.executed_at, position, now),
-            None => self.window.close(position),
+        // Only a committed instruction not confirmed yet, nor waiting already, waits.
+        let id = &result.instruction_id;
+        match (result.status, result.commit_lsn) {
+            (ResultStatus::Committed, Some(lsn)) if !self.finalized.contains(id) && !self.tracker.is_waiting(id, lsn) => {
+                self.tracker.add(id, lsn, result.executed_at, position, now)
+            }
+            _ => self.window.close(position),
         }
     }
 

@@ -30,23 +30,25 @@ pub(super) fn read_back(
 ) -> Result<(Finalized, HashMap<i32, i64>), ConfirmError> {
     let topic = settings.topics().confirmations;
     let since_ms = (now_micros() - window_micros) / 1000;
-    let mut ends = HashMap::new();
     let mut finalized = Finalized::default();
+    // The earlier of the checkpoint's position and the window's start; the end when
+    // neither has one.
     let start = |c: &BaseConsumer, p: i32| {
-        let (_, high) = c.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-        ends.insert(p, high);
-        let by_time = kafka::offset_for_time(c, &topic, p, since_ms)?.unwrap_or(high);
-        Ok(Offset::Offset(checkpoint.confirmations.get(&p).map_or(by_time, |o| (*o).min(by_time))))
+        let by_time = kafka::offset_for_time(c, &topic, p, since_ms)?;
+        Ok(match (checkpoint.confirmations.get(&p).copied(), by_time) {
+            (Some(o), Some(t)) => Offset::Offset(o.min(t)),
+            (Some(o), None) | (None, Some(o)) => Offset::Offset(o),
+            (None, None) => Offset::End,
+        })
     };
-    let read = kafka::read_to_end(settings, &topic, start, Duration::from_secs(10), |m| {
+    let ends = kafka::read_to_end(settings, &topic, start, Duration::from_secs(10), |m| {
         if let Some(Ok(c)) = m.payload().map(decode_confirmation) {
             if c.status == ConfirmationStatus::Applied {
                 finalized.insert(c.instruction_id, c.confirmed_at);
             }
         }
     })?;
-    read.ok_or_else(|| ConfirmError::NoTopic(topic.clone()))?;
-    Ok((finalized, ends))
+    Ok((finalized, ends.ok_or_else(|| ConfirmError::NoTopic(topic.clone()))?))
 }
 
 /// Per partition, where the consumer starts.
