@@ -139,25 +139,28 @@ impl Tracker {
                 break;
             }
             let (_, key) = self.arrivals.pop_front().unwrap_or_default();
-            let devices = self.devices.len() as i32;
+            // Most instructions are confirmed before their deadline: nothing to say of them.
+            let Some(committed_at) = self.waiting.get(&key).filter(|w| !w.pending_sent).map(|w| w.committed_at) else {
+                continue;
+            };
             let missing = self.missing(key.0);
-            if let Some(w) = self.waiting.get_mut(&key).filter(|w| !w.pending_sent) {
+            if let Some(w) = self.waiting.get_mut(&key) {
                 w.pending_sent = true;
-                out.push(Due {
-                    confirmation: Confirmation {
-                        instruction_id: key.1.clone(),
-                        status: ConfirmationStatus::Pending,
-                        commit_lsn: key.0,
-                        devices,
-                        missing,
-                        slowest_device: None,
-                        last_applied_at: None,
-                        committed_at: w.committed_at,
-                        confirmed_at: now,
-                    },
-                    position: None,
-                });
             }
+            out.push(Due {
+                confirmation: Confirmation {
+                    instruction_id: key.1,
+                    status: ConfirmationStatus::Pending,
+                    commit_lsn: key.0,
+                    devices: self.devices.len() as i32,
+                    missing,
+                    slowest_device: None,
+                    last_applied_at: None,
+                    committed_at,
+                    confirmed_at: now,
+                },
+                position: None,
+            });
         }
         out
     }
