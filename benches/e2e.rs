@@ -32,26 +32,19 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use pgfanout::config::KafkaSettings;
 use pgfanout::contract::codec::{decode_delta, decode_device_ack, decode_result, encode_instruction};
 use pgfanout::contract::{now_micros, Delta, Field, Instruction, Operation, OperationKind, Value};
 use pgfanout::kafka::{self, ClientRole, TopicSpec};
+use pgfanout::test_support::bench::flow::{block_on, follow, passed, produce, trim, Positions, Producer_, Reader};
+use pgfanout::test_support::bench::measure::{broker_hop, open_loop, percentile, settle, sorted_ms, sustained, Chain};
 use pgfanout::test_support::bench::{env, kafka_settings, start, start_device, Process};
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{Offset, TopicPartitionList};
-
-#[path = "e2e/measure.rs"]
-mod measure;
-
-use measure::{broker_hop, open_loop, percentile, settle, sorted_ms, sustained, Chain};
+use rdkafka::producer::Producer;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -64,114 +57,6 @@ fn seconds() -> u64 {
 
 fn phase(name: &str) -> bool {
     std::env::var("BENCH_E2E_PHASES").map_or(true, |p| p.split(',').any(|p| p.trim() == name))
-}
-
-type Producer_ = ThreadedProducer<DefaultProducerContext>;
-
-/// Enqueues a record, waiting while the producer's queue is full.
-fn produce(producer: &Producer_, topic: &str, key: &[u8], payload: &[u8]) {
-    let mut record = BaseRecord::to(topic).key(key).payload(payload);
-    loop {
-        match producer.send(record) {
-            Ok(()) => return,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                record = r;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => panic!("produce: {e}"),
-        }
-    }
-}
-
-/// Next offset per partition of a reader in this process.
-type Positions = Arc<Mutex<HashMap<i32, i64>>>;
-
-/// Records that the reader behind `positions` has passed `m`.
-fn passed(positions: &Positions, m: &impl Message) {
-    positions.lock().unwrap().insert(m.partition(), m.offset() + 1);
-}
-
-/// Follows a topic from its end on a thread, handing each record's payload and timestamp
-/// (ms) to `on_record` until `stop`; `positions` follows what it has read.
-fn follow(
-    settings: &KafkaSettings,
-    topic: &str,
-    stop: Arc<AtomicBool>,
-    positions: Positions,
-    mut on_record: impl FnMut(&[u8], i64) + Send + 'static,
-) -> std::thread::JoinHandle<()> {
-    let consumer: BaseConsumer = kafka::reader_at(settings, topic, |_, _| Ok(Offset::End)).unwrap().expect("topic exists");
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
-                passed(&positions, &m);
-                if let Some(p) = m.payload() {
-                    on_record(p, m.timestamp().to_millis().unwrap_or(0));
-                }
-            }
-        }
-    })
-}
-
-/// One reader of a topic, as the trimmer sees it.
-enum Reader {
-    /// A consumer group's committed offsets.
-    Group(String),
-    /// A reader in this process.
-    Local(Positions),
-}
-
-/// Twice a second, deletes from each topic the records every one of its readers has passed
-/// (see the module documentation); a partition with a reader whose position is unknown is
-/// left alone. Runs until `stop` unless `BENCH_TRIM=0`.
-fn trim(
-    settings: &KafkaSettings,
-    topics: Vec<(String, Vec<Reader>)>,
-    stop: Arc<AtomicBool>,
-) -> Option<std::thread::JoinHandle<()>> {
-    if std::env::var("BENCH_TRIM").is_ok_and(|v| v == "0") {
-        return None;
-    }
-    let admin: AdminClient<DefaultClientContext> = kafka::client_config(settings, ClientRole::Admin).create().unwrap();
-    let settings = settings.clone();
-    let mut groups: HashMap<String, BaseConsumer> = HashMap::new();
-    let mut committed = move |group_id: &str, topic: &str| -> HashMap<i32, i64> {
-        let consumer = groups
-            .entry(group_id.to_string())
-            .or_insert_with(|| kafka::client_config(&settings, ClientRole::UncommittedConsumer { group_id }).create().unwrap());
-        kafka::committed_offsets(consumer, topic, settings.partitions, Duration::from_secs(2)).unwrap_or_default()
-    };
-    Some(std::thread::spawn(move || {
-        let mut trimmed: HashMap<(String, i32), i64> = HashMap::new();
-        while !stop.load(Ordering::Relaxed) {
-            let mut cuts = TopicPartitionList::new();
-            for (topic, readers) in &topics {
-                let known: Vec<HashMap<i32, i64>> = readers
-                    .iter()
-                    .map(|r| match r {
-                        Reader::Group(g) => committed(g, topic),
-                        Reader::Local(positions) => positions.lock().unwrap().clone(),
-                    })
-                    .collect();
-                for p in known[0].keys() {
-                    // Every reader's position, or none when one of them has none yet.
-                    let positions: Option<Vec<i64>> = known.iter().map(|k| k.get(p).copied()).collect();
-                    let Some(cut) = positions.and_then(|v| v.into_iter().min()) else { continue };
-                    let done = trimmed.entry((topic.clone(), *p)).or_insert(0);
-                    if cut > *done {
-                        cuts.add_partition_offset(topic, *p, Offset::Offset(cut)).unwrap();
-                        *done = cut;
-                    }
-                }
-            }
-            if cuts.count() > 0 {
-                if let Err(e) = block_on(admin.delete_records(&cuts, &AdminOptions::new())) {
-                    eprintln!("trimming consumed records: {e}");
-                }
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }))
 }
 
 fn upsert(n: u64) -> (String, Vec<u8>) {
@@ -191,6 +76,7 @@ fn upsert(n: u64) -> (String, Vec<u8>) {
             ],
             expect: vec![],
         }],
+        target: None,
     };
     (id, encode_instruction(&instruction).unwrap())
 }
@@ -564,8 +450,4 @@ fn main() {
     for (name, value, decimals) in results {
         println!("RESULT {name} {value:.decimals$}");
     }
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
 }

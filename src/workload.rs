@@ -84,7 +84,13 @@ impl Workload {
             b
         })
         .into_uuid();
-        Instruction { instruction_id: id.to_string(), issued_by: self.issued_by.clone(), issued_at: now_micros(), operations }
+        Instruction {
+            instruction_id: id.to_string(),
+            issued_by: self.issued_by.clone(),
+            issued_at: now_micros(),
+            operations,
+            target: None,
+        }
     }
 
     fn operation(&mut self) -> Operation {

@@ -31,6 +31,7 @@ fn instruction(issued_by: &str, operations: Vec<Operation>) -> Instruction {
         issued_by: issued_by.into(),
         issued_at: now_micros(),
         operations,
+        target: None,
     }
 }
 

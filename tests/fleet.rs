@@ -6,12 +6,12 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use pgfanout::contract::codec::encode_device_ack;
-use pgfanout::contract::{now_micros, Confirmation, ConfirmationStatus, DeviceAck, InstructionResult, ResultStatus};
+use pgfanout::contract::{now_micros, Confirmation, ConfirmationStatus, DeviceAck, InstructionResult, ResultStatus, Target};
 use pgfanout::fleet::signature::DeviceKey;
 use pgfanout::submit::produce_instructions;
 use pgfanout::test_support::fleet::Confirmations;
 use pgfanout::test_support::http::{free_addr, metric_value};
-use pgfanout::test_support::Pipeline;
+use pgfanout::test_support::{wait_for, Pipeline};
 use pgfanout::workload::Workload;
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
@@ -179,6 +179,115 @@ async fn a_stopped_device_is_named_pending_until_it_catches_up_or_is_retired() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(says), "device {id} with that key: {stderr}");
     }
+    p.assert_all_running();
+}
+
+/// Devices whose clocks are an hour ahead and an hour behind (`faketime`) are judged by the
+/// service's and the server's time, not their own: confirmed like the device on time, each
+/// confirmation stamped by the service's clock, and all three shown `current`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_with_clocks_an_hour_off_are_confirmed_and_current() {
+    let mut p = fleet_of("fleet_clocks", &["on_time"], &[]).await;
+    p.start_device_shifted("ahead", "+1h", &["--ack-interval-ms", "10"]);
+    p.start_device_shifted("behind", "-1h", &["--ack-interval-ms", "10"]);
+    let confirmations = p.confirmations();
+    let ids = round(&mut p, &mut Workload::new(29, "clocks"), 300).await;
+    let mut seen = Seen::default();
+    assert!(
+        seen.read_until(&confirmations, Duration::from_secs(60), |_| {}, |s| s.all_final(&ids)),
+        "{} of {} committed instructions confirmed",
+        seen.finals.len(),
+        ids.len()
+    );
+    seen.read_until(&confirmations, Duration::from_secs(2), |_| {}, |_| false);
+    assert_exactly_one_final(&seen, &ids);
+    assert!(seen.pending.is_empty(), "pending while every device ran: {:?}", seen.pending.keys().next());
+    let now = now_micros();
+    for c in seen.finals.values().flatten() {
+        assert_eq!(c.devices, 3, "{c:?}");
+        let off = [c.confirmed_at, c.last_applied_at.expect("the last device's time")].map(|t| (now - t).abs());
+        assert!(off.iter().all(|us| *us < 120_000_000), "a time from a device's clock: {c:?}");
+    }
+    let states = wait_for("every device current in fleet status", Duration::from_secs(30), || async {
+        let out = p.run_cli(&["fleet", "status", "--json"]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let devices: Vec<serde_json::Value> =
+            String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let fresh = |d: &serde_json::Value| d["last_seen"].as_i64().is_some_and(|t| (now_micros() - t).abs() < 10_000_000);
+        let ok = devices.len() == 3 && devices.iter().all(|d| d["state"] == "current" && fresh(d));
+        ok.then_some(devices)
+    })
+    .await;
+    assert!(states.iter().all(|d| d["lag_seconds"].as_f64().is_some_and(|l| l < 5.0)), "{states:?}");
+    p.assert_all_running();
+}
+
+/// Submits `n` instructions for `target`, waits for their results, returns the committed ids.
+async fn targeted_round(p: &mut Pipeline, workload: &mut Workload, n: usize, target: Option<Target>) -> HashSet<String> {
+    let mut instructions = workload.instructions(n);
+    instructions.iter_mut().for_each(|i| i.target.clone_from(&target));
+    committed(&p.submit_and_wait(&instructions).await)
+}
+
+/// An instruction for `site=berlin` waits for the devices in Berlin only, one for
+/// `at_least=k` for any k devices; what the fleet cannot meet yet is `pending`, naming the
+/// targeted devices missing, until it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_by_label_or_quorum_waits_for_those_devices_only() {
+    let mut p = Pipeline::new("fleet_targets").await;
+    p.start_executor();
+    p.start_capture().await;
+    for (id, site) in [("a", "site=berlin"), ("b", "site=berlin"), ("c", "site=paris")] {
+        p.register(id, &[site]);
+        p.start_device(id, &["--ack-interval-ms", "10"]);
+    }
+    p.start_confirm(&["--deadline-secs", "2"]).await;
+    let confirmations = p.confirmations();
+    let mut seen = Seen::default();
+    let mut workload = Workload::new(31, "targets");
+    let target = |site: Option<&str>, at_least: Option<i32>| {
+        Some(Target { labels: site.map(|s| ("site".to_string(), s.to_string())).into_iter().collect(), at_least })
+    };
+    let missing = |s: &Seen, id: &String| -> Option<Vec<String>> {
+        s.pending.get(id).map(|c| c[0].missing.iter().map(|m| m.device_id.clone()).collect())
+    };
+
+    p.stop("device-c");
+    let berlin = targeted_round(&mut p, &mut workload, 10, target(Some("berlin"), None)).await;
+    let everyone = targeted_round(&mut p, &mut workload, 10, None).await;
+    let all_pending =
+        |s: &Seen, ids: &HashSet<String>, names: &[&str]| ids.iter().all(|id| missing(s, id).is_some_and(|m| m == names));
+    assert!(seen.read_until(
+        &confirmations,
+        Duration::from_secs(60),
+        |_| {},
+        |s| s.all_final(&berlin) && all_pending(s, &everyone, &["c"])
+    ));
+    assert!(berlin.iter().all(|id| seen.finals[id][0].devices == 2), "berlin: a and b");
+    assert!(everyone.iter().all(|id| !seen.finals.contains_key(id)), "everyone waits for c");
+
+    p.stop("device-b");
+    let any_one = targeted_round(&mut p, &mut workload, 10, target(None, Some(1))).await;
+    let two_in_berlin = targeted_round(&mut p, &mut workload, 10, target(Some("berlin"), Some(2))).await;
+    let rome = targeted_round(&mut p, &mut workload, 5, target(Some("rome"), None)).await;
+    assert!(seen.read_until(
+        &confirmations,
+        Duration::from_secs(60),
+        |_| {},
+        |s| s.all_final(&any_one) && all_pending(s, &two_in_berlin, &["b"]) && all_pending(s, &rome, &[])
+    ));
+    assert!(any_one.iter().all(|id| seen.finals[id][0].slowest_device.as_deref() == Some("a")));
+    assert!(two_in_berlin.iter().chain(&rome).all(|id| !seen.finals.contains_key(id)));
+
+    p.start_device("b", &["--ack-interval-ms", "10"]);
+    p.start_device("c", &["--ack-interval-ms", "10"]);
+    let met: HashSet<String> = everyone.iter().chain(&two_in_berlin).cloned().collect();
+    assert!(seen.read_until(&confirmations, Duration::from_secs(60), |_| {}, |s| s.all_final(&met)));
+    assert!(everyone.iter().all(|id| seen.finals[id][0].devices == 3));
+    seen.read_until(&confirmations, Duration::from_secs(3), |_| {}, |_| false);
+    assert!(rome.iter().all(|id| !seen.finals.contains_key(id)), "no device is in rome");
+    let all: HashSet<String> = berlin.iter().chain(&met).chain(&any_one).cloned().collect();
+    assert_exactly_one_final(&seen, &all);
     p.assert_all_running();
 }
 

@@ -162,6 +162,7 @@ fn insert_item(id: i64) -> Instruction {
             values: vec![Field { name: "name".into(), value: Value::String("x".into()) }],
             expect: vec![],
         }],
+        target: None,
     }
 }
 

@@ -64,6 +64,7 @@ fn insert_item(id: i64, qty: i64) -> Instruction {
             ],
             expect: vec![],
         }],
+        target: None,
     }
 }
 

@@ -9,6 +9,8 @@ source "$(dirname "$0")/lib.sh"
 install_prerequisites
 # The observability test runs a real Prometheus and promtool.
 command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_install prometheus
+# The fleet test runs devices with shifted clocks.
+command -v faketime >/dev/null || apt_install faketime
 WORK=$(mktemp -d /tmp/pgfanout-test.XXXXXX)
 # deploy/validate.sh installs its validators into a virtual environment, which Debian's
 # python3 can make only with python3-venv.

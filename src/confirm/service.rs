@@ -18,7 +18,7 @@ use super::error::ConfirmError;
 use super::positions::{self, Reading, Window};
 use super::settings::{ConfirmSettings, REFRESH};
 use super::startup::{assign, read_back};
-use super::tracker::{Due, Finalized, ResultPosition, Tracker};
+use super::tracker::{ActiveDevice, Due, Finalized, ResultPosition, Tracker};
 use crate::config::{KafkaSettings, PostgresSettings, Topics};
 use crate::contract::codec::{decode_device_ack, decode_result, encode_confirmation};
 use crate::contract::{now_micros, ConfirmationStatus, ResultStatus};
@@ -164,7 +164,7 @@ impl Service {
         let id = &result.instruction_id;
         match (result.status, result.commit_lsn) {
             (ResultStatus::Committed, Some(lsn)) if !self.finalized.contains(id) && !self.tracker.is_waiting(id, lsn) => {
-                self.tracker.add(id, lsn, result.executed_at, position, now)
+                self.tracker.add(id, lsn, result.executed_at, result.target.clone(), position, now)
             }
             _ => self.window.close(position),
         }
@@ -201,7 +201,12 @@ impl Service {
         let mut active = Vec::new();
         for d in devices {
             if d.active() {
-                active.push((d.id.clone(), d.watermark.unwrap_or(0), d.last_seen_at));
+                active.push(ActiveDevice {
+                    id: d.id.clone(),
+                    labels: d.labels,
+                    watermark: d.watermark.unwrap_or(0),
+                    last_seen: d.last_seen_at,
+                });
                 self.keys.insert(d.id, d.key);
             } else {
                 self.retired.insert(d.id);
@@ -287,7 +292,7 @@ impl Service {
                 id: id.to_string(),
                 watermark,
                 last_seen,
-                lag_seconds: self.tracker.lag_micros(watermark, now) as f64 / 1e6,
+                lag_seconds: self.tracker.lag_micros(id, now) as f64 / 1e6,
             })
             .collect();
         positions::save(&mut self.pg, &checkpoint, &readings).await?;

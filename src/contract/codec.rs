@@ -1,8 +1,12 @@
 //! Avro binary encoding of the contracts, with the schemas in `schemas/` compiled in.
 //!
-//! `serde_avro_fast` decodes with the writer's schema only, so the schemas evolve by
-//! adding fields with defaults on the Rust side (`#[serde(default)]`). Decoding never
-//! panics: any byte string gives either a value or a [`CodecError`].
+//! `serde_avro_fast` decodes with the writer's schema only. The schemas evolve by appending
+//! fields with defaults (`#[serde(default)]` on the Rust side), and a record written with an
+//! earlier version of its schema (kept in `schemas/history/`) still decodes: what the
+//! current schema cannot read is read with the earlier ones, newest first, and the fields
+//! they lack take their defaults. Readers with an earlier schema read current records too,
+//! since the fields they do not know come last. Decoding never panics: any byte string
+//! gives either a value or a [`CodecError`].
 
 use std::sync::LazyLock;
 
@@ -23,7 +27,10 @@ use super::{delta_reader, delta_writer, Confirmation, Delta, DeviceAck, FleetDev
 /// The Avro schemas, as shipped in `schemas/`.
 pub struct Schemas {
     pub instruction: Schema,
+    /// Earlier versions of the instruction schema, newest first.
+    pub earlier_instruction: Vec<Schema>,
     pub result: Schema,
+    pub earlier_result: Vec<Schema>,
     pub delta: Schema,
     pub device_ack: Schema,
     pub fleet_device: Schema,
@@ -32,6 +39,9 @@ pub struct Schemas {
 
 pub const INSTRUCTION_AVSC: &str = include_str!("../../schemas/instruction.avsc");
 pub const RESULT_AVSC: &str = include_str!("../../schemas/result.avsc");
+/// Version 1 of the instruction and result schemas: before `target`.
+pub const INSTRUCTION_V1_AVSC: &str = include_str!("../../schemas/history/instruction.v1.avsc");
+pub const RESULT_V1_AVSC: &str = include_str!("../../schemas/history/result.v1.avsc");
 pub const DELTA_AVSC: &str = include_str!("../../schemas/delta.avsc");
 pub const DEVICE_ACK_AVSC: &str = include_str!("../../schemas/device_ack.avsc");
 pub const FLEET_DEVICE_AVSC: &str = include_str!("../../schemas/fleet_device.avsc");
@@ -39,7 +49,9 @@ pub const CONFIRMATION_AVSC: &str = include_str!("../../schemas/confirmation.avs
 
 pub static SCHEMAS: LazyLock<Schemas> = LazyLock::new(|| Schemas {
     instruction: parse(INSTRUCTION_AVSC, "instruction"),
+    earlier_instruction: vec![parse(INSTRUCTION_V1_AVSC, "history/instruction.v1")],
     result: parse(RESULT_AVSC, "result"),
+    earlier_result: vec![parse(RESULT_V1_AVSC, "history/result.v1")],
     delta: parse(DELTA_AVSC, "delta"),
     device_ack: parse(DEVICE_ACK_AVSC, "device_ack"),
     fleet_device: parse(FLEET_DEVICE_AVSC, "fleet_device"),
@@ -69,17 +81,28 @@ fn decode<T: DeserializeOwned>(bytes: &[u8], schema: &Schema, what: &'static str
     Ok(value)
 }
 
+/// [`decode`] with `current`, else with the first of `earlier` that reads the bytes; the
+/// error is the current schema's.
+fn decode_any<T: DeserializeOwned>(
+    bytes: &[u8],
+    current: &Schema,
+    earlier: &[Schema],
+    what: &'static str,
+) -> Result<T, CodecError> {
+    decode(bytes, current, what).or_else(|e| earlier.iter().find_map(|s| decode(bytes, s, what).ok()).ok_or(e))
+}
+
 pub fn encode_instruction(v: &Instruction) -> Result<Vec<u8>, CodecError> {
     encode(v, &SCHEMAS.instruction, "instruction")
 }
 pub fn decode_instruction(bytes: &[u8]) -> Result<Instruction, CodecError> {
-    decode(bytes, &SCHEMAS.instruction, "instruction")
+    decode_any(bytes, &SCHEMAS.instruction, &SCHEMAS.earlier_instruction, "instruction")
 }
 pub fn encode_result(v: &InstructionResult) -> Result<Vec<u8>, CodecError> {
     encode(v, &SCHEMAS.result, "result")
 }
 pub fn decode_result(bytes: &[u8]) -> Result<InstructionResult, CodecError> {
-    decode(bytes, &SCHEMAS.result, "result")
+    decode_any(bytes, &SCHEMAS.result, &SCHEMAS.earlier_result, "result")
 }
 /// Encodes a delta (see [`delta_writer`]: the same bytes as through serde, written field by
 /// field). Never fails; the `Result` keeps the shape of the other encoders.
@@ -131,7 +154,7 @@ pub fn decode_confirmation(bytes: &[u8]) -> Result<Confirmation, CodecError> {
 mod tests {
     use super::*;
     use crate::contract::{
-        Column, ConfirmationStatus, DeltaOp, Field, MissingDevice, Operation, OperationKind, ResultStatus, Value,
+        Column, ConfirmationStatus, DeltaOp, Field, MissingDevice, Operation, OperationKind, ResultStatus, Target, Value,
     };
 
     fn sample_values() -> Vec<Value> {
@@ -162,6 +185,7 @@ mod tests {
                     .collect(),
                 expect: vec![Field { name: "c2".into(), value: Value::Long(1) }],
             }],
+            target: None,
         };
         let bytes = encode_instruction(&ins).unwrap();
         assert_eq!(decode_instruction(&bytes).unwrap(), ins);
@@ -192,6 +216,7 @@ mod tests {
             rows_affected: 0,
             commit_lsn: None,
             executed_at: 1,
+            target: None,
         };
         assert_eq!(decode_result(&encode_result(&result).unwrap()).unwrap(), result);
         let ack = DeviceAck { device_id: "d".into(), applied_lsn: 77, at: 3, signature: Some(vec![1, 2, 3].into()) };
@@ -239,12 +264,75 @@ mod tests {
     }
 
     #[test]
+    fn instructions_and_results_of_version_1_decode_without_a_target_and_readers_of_it_read_current_ones() {
+        let v1 = |avsc: &str| avsc.parse::<Schema>().unwrap();
+        let (ins_v1, result_v1) = (v1(INSTRUCTION_V1_AVSC), v1(RESULT_V1_AVSC));
+        let target = Target { labels: [("site".to_string(), "berlin".to_string())].into(), at_least: Some(2) };
+        let ins = Instruction {
+            instruction_id: "id".into(),
+            issued_by: "d".into(),
+            issued_at: 5,
+            operations: vec![],
+            target: Some(target.clone()),
+        };
+        #[derive(Serialize)]
+        struct InstructionV1<'a> {
+            instruction_id: &'a str,
+            issued_by: &'a str,
+            issued_at: i64,
+            operations: &'a [Operation],
+        }
+        let written = InstructionV1 { instruction_id: "id", issued_by: "d", issued_at: 5, operations: &[] };
+        let old = encode(&written, &ins_v1, "v1").unwrap();
+        assert_eq!(decode_instruction(&old).unwrap(), Instruction { target: None, ..ins.clone() });
+        let current = encode_instruction(&ins).unwrap();
+        assert_eq!(decode_instruction(&current).unwrap(), ins);
+        assert!(current.starts_with(&old), "a reader of version 1 reads the fields it knows, first");
+        let result = InstructionResult {
+            instruction_id: "id".into(),
+            status: ResultStatus::Committed,
+            error_code: None,
+            error_message: None,
+            rows_affected: 1,
+            commit_lsn: Some(9),
+            executed_at: 3,
+            target: Some(target),
+        };
+        #[derive(Serialize)]
+        struct ResultV1<'a> {
+            instruction_id: &'a str,
+            status: ResultStatus,
+            error_code: Option<&'a str>,
+            error_message: Option<&'a str>,
+            rows_affected: i64,
+            commit_lsn: Option<i64>,
+            executed_at: i64,
+        }
+        let written = ResultV1 {
+            instruction_id: "id",
+            status: ResultStatus::Committed,
+            error_code: None,
+            error_message: None,
+            rows_affected: 1,
+            commit_lsn: Some(9),
+            executed_at: 3,
+        };
+        let old = encode(&written, &result_v1, "v1").unwrap();
+        assert_eq!(decode_result(&old).unwrap().target, None);
+        assert_eq!(decode_result(&encode_result(&result).unwrap()).unwrap(), result);
+    }
+
+    #[test]
     fn garbage_and_truncations_are_errors() {
-        let ins = Instruction { instruction_id: "id".into(), issued_by: "d".into(), issued_at: 0, operations: vec![] };
+        let ins =
+            Instruction { instruction_id: "id".into(), issued_by: "d".into(), issued_at: 0, operations: vec![], target: None };
         let bytes = encode_instruction(&ins).unwrap();
-        for n in 0..bytes.len() {
+        // Without its last byte (no target) it is the same instruction in version 1.
+        let v1 = bytes.len() - 1;
+        for n in 0..v1 {
             assert!(decode_instruction(&bytes[..n]).is_err(), "prefix {n}");
         }
+        assert_eq!(decode_instruction(&bytes[..v1]).unwrap(), ins);
         assert!(decode_delta(&[0xff; 40]).is_err());
         let mut longer = bytes.clone();
         longer.push(0);

@@ -17,6 +17,8 @@ pub mod lsn;
 pub mod value;
 pub mod view;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 pub use fleet::{Confirmation, ConfirmationStatus, FleetDevice, MissingDevice};
@@ -77,6 +79,38 @@ pub struct Instruction {
     /// Microseconds since the Unix epoch.
     pub issued_at: i64,
     pub operations: Vec<Operation>,
+    /// Which devices the instruction's confirmation waits for; `None`: the whole active
+    /// fleet.
+    #[serde(default)]
+    pub target: Option<Target>,
+}
+
+/// A part of the fleet: the active devices whose labels include every one of `labels` (all
+/// active devices when it is empty), and of those all, or `at_least` of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Target {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub at_least: Option<i32>,
+}
+
+impl Target {
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+impl std::fmt::Display for Target {
+    /// `site=berlin,at_least=2`; `all` for the whole fleet.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        parts.extend(self.at_least.map(|k| format!("at_least={k}")));
+        if parts.is_empty() {
+            return f.write_str("all");
+        }
+        f.write_str(&parts.join(","))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -119,6 +153,9 @@ pub struct InstructionResult {
     pub commit_lsn: Option<i64>,
     /// Microseconds since the Unix epoch.
     pub executed_at: i64,
+    /// The instruction's [`Instruction::target`].
+    #[serde(default)]
+    pub target: Option<Target>,
 }
 
 /// A column of a delta: name, PostgreSQL type name and typed value.

@@ -14,13 +14,17 @@
 //!   may stamp anew). It is logged with the outcome; a later instruction with the same id
 //!   and another digest is rejected (`PGF09`) and changes nothing.
 //!
+//! - *A target that can be met*: labels with names, a quorum (`at_least`) of one device or
+//!   more. The target is not part of the digest: it says whom the confirmation waits for,
+//!   not what the instruction does.
+//!
 //! An instruction refused here never reaches PostgreSQL and is not logged: refusing it
 //! again on redelivery gives the same result.
 
 use sha2::{Digest, Sha256};
 
 use super::plan::{printable, Rejection, BAD_ID, BAD_SHAPE};
-use crate::contract::{Field, Instruction, OperationKind, Value};
+use crate::contract::{Field, Instruction, OperationKind, Target, Value};
 
 /// A string field holds U+0000.
 pub const NUL_CHARACTER: &str = "PGF10";
@@ -40,6 +44,9 @@ pub fn admit(raw: &Instruction) -> Result<Admitted, Rejection> {
         return Err(Rejection::new(BAD_SHAPE, "an instruction needs at least one operation"));
     }
     refuse_nul("issued_by", &raw.issued_by)?;
+    if let Some(target) = &raw.target {
+        check_target(target)?;
+    }
     for (i, op) in raw.operations.iter().enumerate() {
         let at = |what: &str| format!("operation {}: {what}", i + 1);
         refuse_nul(&at("table"), &op.table)?;
@@ -55,6 +62,17 @@ pub fn admit(raw: &Instruction) -> Result<Admitted, Rejection> {
     let instruction = Instruction { instruction_id: id.hyphenated().to_string(), ..raw.clone() };
     let digest = content_digest(&instruction);
     Ok(Admitted { instruction, digest })
+}
+
+/// A target names labels by non-empty keys, and a quorum of at least one device.
+fn check_target(target: &Target) -> Result<(), Rejection> {
+    if target.labels.keys().any(String::is_empty) {
+        return Err(Rejection::new(BAD_SHAPE, "target: a label needs a name"));
+    }
+    match target.at_least {
+        Some(k) if k < 1 => Err(Rejection::new(BAD_SHAPE, format!("target: at_least must be 1 or more, not {k}"))),
+        _ => Ok(()),
+    }
 }
 
 fn refuse_nul(what: &str, s: &str) -> Result<(), Rejection> {
@@ -115,6 +133,7 @@ mod tests {
                 values: vec![Field { name: "name".into(), value: Value::String(name.into()) }],
                 expect: vec![],
             }],
+            target: None,
         }
     }
 
@@ -151,6 +170,23 @@ mod tests {
         let mut moved = instruction(id, "bc");
         moved.issued_by = "a".into();
         assert_ne!(admit(&split).unwrap().digest, admit(&moved).unwrap().digest);
+    }
+
+    #[test]
+    fn a_target_needs_named_labels_and_a_quorum_of_one_or_more_and_leaves_the_digest_alone() {
+        let id = "8c1c7a2e-4f0b-4c39-9a52-2b7f6f1d0e11";
+        let with = |labels: &[(&str, &str)], at_least| Instruction {
+            target: Some(Target { labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), at_least }),
+            ..instruction(id, "a")
+        };
+        let plain = admit(&instruction(id, "a")).unwrap();
+        let targeted = admit(&with(&[("site", "berlin")], Some(2))).unwrap();
+        assert_eq!(targeted.digest, plain.digest);
+        assert_eq!(targeted.instruction.target.unwrap().to_string(), "site=berlin,at_least=2");
+        for (bad, says) in [(with(&[("", "x")], None), "a name"), (with(&[], Some(0)), "1 or more")] {
+            let r = admit(&bad).unwrap_err();
+            assert!(r.code == BAD_SHAPE && r.message.contains(says), "{}", r.message);
+        }
     }
 
     #[test]

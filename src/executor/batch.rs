@@ -62,6 +62,7 @@ fn refused(instruction: &Instruction, code: &str, message: String, status: Resul
         rows_affected: 0,
         commit_lsn: None,
         executed_at: now_micros(),
+        target: None,
     }
 }
 
@@ -74,6 +75,7 @@ fn committed(instruction: &Instruction, rows: i64) -> InstructionResult {
         rows_affected: rows,
         commit_lsn: None,
         executed_at: now_micros(),
+        target: None,
     }
 }
 
@@ -87,18 +89,25 @@ pub async fn execute_batch(
     statements: &mut Statements,
     batch: &[Instruction],
 ) -> Result<Vec<InstructionResult>, tokio_postgres::Error> {
-    let checked: Vec<Result<Admitted, InstructionResult>> =
-        batch.iter().map(|raw| admit(raw).map_err(|r| refused(raw, r.code, r.message, ResultStatus::Rejected))).collect();
+    let checked: Vec<Result<Admitted, Box<InstructionResult>>> = batch
+        .iter()
+        .map(|raw| admit(raw).map_err(|r| Box::new(refused(raw, r.code, r.message, ResultStatus::Rejected))))
+        .collect();
     let admitted: Vec<&Admitted> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
     let mut results = execute_admitted(client, catalog, statements, &admitted).await?.into_iter();
     Ok(checked
         .into_iter()
         .zip(batch)
-        .map(|(c, raw)| match c {
-            Ok(_) => results.next().unwrap_or_else(|| {
-                refused(raw, "PGF07", "the outcome of this instruction could not be read back".into(), ResultStatus::Failed)
-            }),
-            Err(refusal) => refusal,
+        .map(|(c, raw)| {
+            let mut result = match c {
+                Ok(_) => results.next().unwrap_or_else(|| {
+                    refused(raw, "PGF07", "the outcome of this instruction could not be read back".into(), ResultStatus::Failed)
+                }),
+                Err(refusal) => *refusal,
+            };
+            // The confirmation service reads whom to wait for from the result.
+            result.target.clone_from(&raw.target);
+            result
         })
         .collect())
 }
@@ -494,6 +503,7 @@ fn result_from_row(r: &tokio_postgres::Row) -> InstructionResult {
         rows_affected: r.get(4),
         commit_lsn: r.get(5),
         executed_at: r.get(6),
+        target: None,
     }
 }
 

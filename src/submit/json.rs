@@ -3,7 +3,7 @@
 use serde_json::Value as Json;
 
 use super::error::SubmitError;
-use crate::contract::{now_micros, Field, Instruction, Operation, OperationKind, Value};
+use crate::contract::{now_micros, Field, Instruction, Operation, OperationKind, Target, Value};
 
 /// Parses one JSON instruction. Missing ids are generated; `issued_by` defaults to `default_issuer`.
 pub fn instruction_from_json(json: &Json, default_issuer: &str) -> Result<Instruction, String> {
@@ -21,7 +21,14 @@ pub fn instruction_from_json(json: &Json, default_issuer: &str) -> Result<Instru
     };
     let ops = obj.get("operations").and_then(Json::as_array).ok_or("operations must be an array")?;
     let operations = ops.iter().map(operation_from_json).collect::<Result<_, _>>()?;
-    Ok(Instruction { instruction_id, issued_by, issued_at: now_micros(), operations })
+    let target = match obj.get("target") {
+        None | Some(Json::Null) => None,
+        Some(t) => Some(
+            serde_json::from_value::<Target>(t.clone())
+                .map_err(|e| format!("target must be {{\"labels\": {{name: value}}, \"at_least\": k}}: {e}"))?,
+        ),
+    };
+    Ok(Instruction { instruction_id, issued_by, issued_at: now_micros(), operations, target })
 }
 
 fn operation_from_json(json: &Json) -> Result<Operation, String> {

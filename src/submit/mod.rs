@@ -28,7 +28,7 @@ pub use watch::{AckWatcher, ConfirmationWatcher, ResultWatcher};
 
 use crate::config::KafkaSettings;
 use crate::contract::codec::encode_instruction;
-use crate::contract::{Confirmation, Instruction, Lsn, ResultStatus};
+use crate::contract::{Confirmation, Instruction, Lsn, ResultStatus, Target};
 use crate::kafka::{self, ClientRole};
 
 /// Produces instructions keyed by `issued_by` (one issuer's instructions keep their order)
@@ -78,6 +78,14 @@ pub struct SubmitArgs {
     /// hold, as name=value.
     #[arg(long = "expect")]
     pub expect: Vec<String>,
+    /// Confirm on the devices with this label only, as name=value (repeatable: all of
+    /// them), for every instruction submitted (with `--wait fleet`, the confirmation waits
+    /// for those devices).
+    #[arg(long = "target")]
+    pub target: Vec<String>,
+    /// Confirm once this many of the targeted devices applied it (a quorum), instead of all.
+    #[arg(long = "at-least", value_parser = clap::value_parser!(i32).range(1..))]
+    pub at_least: Option<i32>,
     /// Issuing device id.
     #[arg(long = "issued-by", env = "PGFANOUT_DEVICE_ID", default_value = "cli")]
     pub issued_by: String,
@@ -126,6 +134,24 @@ impl SubmitArgs {
     /// The instructions to submit: the file's (`-` for standard input), or the one
     /// operation given by flags.
     pub fn instructions(&self) -> Result<Vec<Instruction>, SubmitError> {
+        let mut instructions = self.read_instructions()?;
+        if !self.target.is_empty() || self.at_least.is_some() {
+            let labels = self
+                .target
+                .iter()
+                .map(|kv| {
+                    let (k, v) =
+                        kv.split_once('=').ok_or_else(|| SubmitError::Other(format!("--target {kv:?} is not name=value")))?;
+                    Ok((k.to_string(), v.to_string()))
+                })
+                .collect::<Result<_, SubmitError>>()?;
+            let target = Target { labels, at_least: self.at_least };
+            instructions.iter_mut().for_each(|i| i.target = Some(target.clone()));
+        }
+        Ok(instructions)
+    }
+
+    fn read_instructions(&self) -> Result<Vec<Instruction>, SubmitError> {
         match (&self.file, &self.op, &self.table) {
             (Some(path), _, _) => {
                 let mut text = String::new();

@@ -8,6 +8,7 @@
 //! ([`services`]). Every wait polls with a deadline ([`wait`]), never a bare sleep.
 
 pub mod bench;
+pub mod clock;
 mod convergence;
 pub mod env;
 pub mod fleet;

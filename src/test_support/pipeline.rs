@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::clock;
 use super::env::{self, unique_name, with_dbname};
 use super::process::{append_log, pgfanout_bin, register_device, terminate_and_wait};
 use super::services::{OwnBroker, OwnPostgres};
@@ -184,19 +185,37 @@ impl Pipeline {
 
     /// Starts device `id`, registering it in the fleet first if this pipeline has not.
     pub fn start_device(&mut self, id: &str, extra: &[&str]) {
+        let cmd = self.device_command(id, extra);
+        self.spawn(&format!("device-{id}"), cmd);
+    }
+
+    /// [`Pipeline::start_device`] with the device's clock shifted by `shift` (`faketime`'s
+    /// offset, for example `+1h`).
+    pub fn start_device_shifted(&mut self, id: &str, shift: &str, extra: &[&str]) {
+        let cmd = clock::shifted(&self.device_command(id, extra), shift, &self.dir);
+        self.spawn(&format!("device-{id}"), cmd);
+    }
+
+    fn device_command(&mut self, id: &str, extra: &[&str]) -> Command {
         let key = self.device_key(id);
         let store = self.store(id).to_string_lossy().into_owned();
         let mut args = vec!["device", "--id", id, "--store", &store];
         args.extend_from_slice(extra);
         let mut cmd = self.command(&args);
         cmd.env("PGFANOUT_DEVICE_KEY", &key);
-        self.spawn(&format!("device-{id}"), cmd);
+        cmd
     }
 
     /// The key of device `id`, registering it on first use.
     pub fn device_key(&mut self, id: &str) -> String {
+        self.register(id, &[])
+    }
+
+    /// Registers device `id` with `labels` (`site=berlin`) unless it is registered
+    /// already; returns its key.
+    pub fn register(&mut self, id: &str, labels: &[&str]) -> String {
         if !self.keys.contains_key(id) {
-            let key = register_device(&self.kafka, &self.postgres, id);
+            let key = register_device(&self.kafka, &self.postgres, id, labels);
             self.keys.insert(id.to_string(), key);
         }
         self.keys[id].clone()

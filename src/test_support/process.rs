@@ -24,12 +24,16 @@ pub fn pgfanout_bin() -> PathBuf {
     profile_dir.join(OsString::from(format!("pgfanout{}", std::env::consts::EXE_SUFFIX)))
 }
 
-/// Registers device `id` in the fleet through `pgfanout fleet` (`add`, or `rotate-key` when
-/// it is registered already) and returns its key in hex, as a device takes it in
+/// Registers device `id` in the fleet through `pgfanout fleet` (`add` with `labels`, or
+/// `rotate-key` when it is registered already) and returns its key in hex, as a device takes it in
 /// `PGFANOUT_DEVICE_KEY`.
-pub fn register_device(kafka: &KafkaSettings, postgres: &PostgresSettings, id: &str) -> String {
+pub fn register_device(kafka: &KafkaSettings, postgres: &PostgresSettings, id: &str, labels: &[&str]) -> String {
     let run = |verb: &str| {
-        component_command(pgfanout_bin(), &["fleet", verb, id, "--key-only"], kafka, postgres)
+        let mut args = vec!["fleet", verb, id, "--key-only"];
+        if verb == "add" {
+            args.extend(labels.iter().flat_map(|l| ["--label", l]));
+        }
+        component_command(pgfanout_bin(), &args, kafka, postgres)
             .output()
             .unwrap_or_else(|e| panic!("run pgfanout fleet {verb}: {e}"))
     };

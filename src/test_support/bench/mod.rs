@@ -1,7 +1,11 @@
 //! What the benchmark programs share: settings from the environment `bench/run` prepares
 //! (it starts PostgreSQL and the broker and exports their addresses as the components'
-//! own `PGFANOUT_*` variables), and components run as child processes that stop with the
-//! benchmark.
+//! own `PGFANOUT_*` variables), components run as child processes that stop with the
+//! benchmark, records through Kafka ([`flow`]) and how loads are driven and timed
+//! ([`measure`]).
+
+pub mod flow;
+pub mod measure;
 
 use std::path::Path;
 use std::process::Child;
@@ -54,10 +58,18 @@ pub fn start(dir: &Path, label: &str, args: &[&str]) -> Process {
 /// Registers device `id` in the fleet and starts `pgfanout device --id <id> <args>` with
 /// its key.
 pub fn start_device(dir: &Path, id: &str, args: &[&str]) -> Process {
-    let key = register_device(&kafka_settings(), &postgres_settings(), id);
+    let key = register_device(&kafka_settings(), &postgres_settings(), id, &[]);
     let mut all = vec!["device", "--id", id];
     all.extend_from_slice(args);
     start_with(dir, &format!("device-{id}"), &all, &[("PGFANOUT_DEVICE_KEY", &key)])
+}
+
+/// Retires device `id` from the fleet (`pgfanout fleet retire`).
+pub fn retire_device(id: &str) {
+    let out = component_command(pgfanout_bin(), &["fleet", "retire", id], &kafka_settings(), &postgres_settings())
+        .output()
+        .unwrap_or_else(|e| panic!("run pgfanout fleet retire: {e}"));
+    assert!(out.status.success(), "retire device {id}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn start_with(dir: &Path, label: &str, args: &[&str], env: &[(&str, &str)]) -> Process {

@@ -6,23 +6,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use pgfanout::config::KafkaSettings;
-use pgfanout::contract::now_micros;
-use pgfanout::kafka::{self, ClientRole, TopicSpec};
+use crate::config::KafkaSettings;
+use crate::contract::now_micros;
+use crate::kafka::{self, ClientRole, TopicSpec};
 use rdkafka::producer::Producer;
 
-use super::{block_on, follow, produce, trim, Positions, Producer_, Reader};
+use super::flow::{block_on, follow, produce, trim, Positions, Producer_, Reader};
 
 /// Something records go into at one end and come out of at the other; the throughput
 /// search drives it.
-pub(super) trait Chain {
+pub trait Chain {
     fn submit(&mut self);
     /// How many submitted records have not come out at the far end yet.
     fn pending(&mut self) -> usize;
 }
 
 /// Submits at `rate` per second for `duration`; returns the backlog sampled every second.
-pub(super) fn open_loop(chain: &mut impl Chain, rate: f64, duration: Duration) -> Vec<usize> {
+pub fn open_loop(chain: &mut impl Chain, rate: f64, duration: Duration) -> Vec<usize> {
     let started = Instant::now();
     let mut submitted = 0usize;
     let mut backlog = Vec::new();
@@ -43,7 +43,7 @@ pub(super) fn open_loop(chain: &mut impl Chain, rate: f64, duration: Duration) -
 }
 
 /// Waits until nothing is pending.
-pub(super) fn settle(chain: &mut impl Chain, timeout: Duration) {
+pub fn settle(chain: &mut impl Chain, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let pending = chain.pending();
@@ -58,7 +58,7 @@ pub(super) fn settle(chain: &mut impl Chain, timeout: Duration) {
 /// Whether the backlog grew over the second half of an open loop: the mean of its last five
 /// samples against the five before the half, with a quarter of a second's submissions of
 /// slack for the records in flight.
-pub(super) fn grew(backlog: &[usize], rate: f64) -> bool {
+pub fn grew(backlog: &[usize], rate: f64) -> bool {
     let n = backlog.len();
     let w = 5.min(n / 4).max(1);
     let mean = |s: &[usize]| s.iter().sum::<usize>() as f64 / s.len() as f64;
@@ -67,7 +67,7 @@ pub(super) fn grew(backlog: &[usize], rate: f64) -> bool {
 
 /// The chain's capacity (a burst of `burst` records) and the highest rate from 90% of it,
 /// down by 10% a step, that it sustains for `duration`.
-pub(super) fn sustained(label: &str, chain: &mut impl Chain, burst: usize, duration: Duration) -> (f64, f64) {
+pub fn sustained(label: &str, chain: &mut impl Chain, burst: usize, duration: Duration) -> (f64, f64) {
     let started = Instant::now();
     for _ in 0..burst {
         chain.submit();
@@ -93,19 +93,19 @@ pub(super) fn sustained(label: &str, chain: &mut impl Chain, burst: usize, durat
 }
 
 /// Microsecond differences as milliseconds, sorted for [`percentile`].
-pub(super) fn sorted_ms(us: impl Iterator<Item = i64>) -> Vec<f64> {
+pub fn sorted_ms(us: impl Iterator<Item = i64>) -> Vec<f64> {
     let mut ms: Vec<f64> = us.map(|us| us as f64 / 1e3).collect();
     ms.sort_by(f64::total_cmp);
     ms
 }
 
-pub(super) fn percentile(sorted: &[f64], q: f64) -> f64 {
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
 /// The broker's hop: records at 1,000/s, each carrying its send time; p99 of produce to
 /// receipt, in milliseconds.
-pub(super) fn broker_hop(settings: &KafkaSettings, duration: Duration) -> f64 {
+pub fn broker_hop(settings: &KafkaSettings, duration: Duration) -> f64 {
     let topic = format!("{}hop", settings.topic_prefix);
     block_on(kafka::ensure_topics(settings, &[TopicSpec { name: &topic, partitions: 3, config: vec![] }])).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
