@@ -138,6 +138,18 @@ async fn the_python_producer_submits_and_reads_its_result() {
     let confirmation = printed_result(&stdout, &report);
     assert_eq!((confirmation["status"].as_str(), confirmation["devices"].as_i64()), (Some("applied"), Some(1)), "{report}");
     assert_eq!(confirmation["slowest_device"], "a", "{report}");
+    // A registered device that does not run holds back the whole fleet, not a quorum of one.
+    p.register("b", &[]);
+    let (code, stdout, report) = submit_with_python_waiting(
+        &p,
+        "fleet",
+        &["--op", "upsert", "--table", "public.items", "--key", "id=10", "--value", "name=\"one\"", "--at-least", "1"],
+        90,
+    )
+    .await;
+    assert_eq!(code, 0, "{report}");
+    let confirmation = printed_result(&stdout, &report);
+    assert_eq!((confirmation["status"].as_str(), confirmation["devices"].as_i64()), (Some("applied"), Some(1)), "{report}");
     p.stop("confirm");
     p.stop("executor");
 }

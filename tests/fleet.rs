@@ -131,7 +131,8 @@ async fn every_committed_instruction_is_confirmed_once_and_only_after_every_stor
 /// neither a retired nor an unregistered id, nor a wrong key, can start a device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_device_is_named_pending_until_it_catches_up_or_is_retired() {
-    let mut p = fleet_of("fleet_pending", &["a", "b"], &["--deadline-secs", "2"]).await;
+    let metrics = free_addr();
+    let mut p = fleet_of("fleet_pending", &["a", "b"], &["--deadline-secs", "2", "--metrics-addr", &metrics]).await;
     let confirmations = p.confirmations();
     let mut seen = Seen::default();
     let mut workload = Workload::new(23, "pending");
@@ -162,6 +163,10 @@ async fn a_stopped_device_is_named_pending_until_it_catches_up_or_is_retired() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(seen.read_until(&confirmations, Duration::from_secs(30), |_| {}, |s| s.all_final(&third)));
     assert!(third.iter().all(|id| seen.finals[id][0].devices == 1));
+    // A retired device's gauges go blank; the active one's stay.
+    let age = |d: &str| metric_value(&metrics, &format!("pgfanout_fleet_device_last_seen_age_seconds{{device=\"{d}\"}}"));
+    wait_for("b's gauges blank once retired", Duration::from_secs(10), || async { age("b").is_nan().then_some(()) }).await;
+    assert!(age("a") < 10.0, "a last seen {} s ago", age("a"));
     let all: HashSet<String> = first.iter().chain(&second).chain(&third).cloned().collect();
     seen.read_until(&confirmations, Duration::from_secs(2), |_| {}, |_| false);
     assert_exactly_one_final(&seen, &all);

@@ -11,7 +11,8 @@ Wire format (the same as `pgfanout submit`):
   * With `pgfanout confirm` running, `<prefix>confirmations` carries plain Avro datums of
     schemas/confirmation.avsc keyed by instruction_id: `pending` (devices still missing
     after the deadline) and exactly one final `applied` once every registered device has
-    applied the instruction (`--wait fleet`).
+    applied the instruction (`--wait fleet`), or those its `target` names (`--target
+    site=berlin`, `--at-least 2`).
   * instruction_id (a UUID) is the idempotency key: sending the same instruction again
     never applies it twice, and yields the same result.
   * Field values are a union [null, boolean, long, double, string, bytes]; PostgreSQL
@@ -104,6 +105,9 @@ def parse_args():
                    help="wait for the result and print it (committed, the default), and with fleet "
                         "also for the final confirmation that every registered device applied it")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    p.add_argument("--target", action="append", default=[], metavar="LABEL=VALUE",
+                   help="confirm on the devices with this label only (repeatable: all of them)")
+    p.add_argument("--at-least", type=int, help="confirm once this many of the targeted devices applied it")
     p.add_argument("--op", action=OpAction, choices=["insert", "update", "upsert", "delete"])
     p.add_argument("--table", action=OpAction, help="schema.table")
     p.add_argument("--key", action=OpAction, dest="key", metavar="NAME=VALUE")
@@ -133,7 +137,13 @@ def main():
         "issued_by": args.issued_by,
         "issued_at": time.time_ns() // 1000,  # timestamp-micros
         "operations": args.ops,
+        "target": None,
     }
+    if args.target or args.at_least is not None:
+        if any("=" not in t for t in args.target):
+            fail("--target takes LABEL=VALUE")
+        labels = dict(t.split("=", 1) for t in args.target)
+        instruction["target"] = {"labels": labels, "at_least": args.at_least}
     if args.wait:  # positioned BEFORE producing, so the result cannot be missed
         consumer = Consumer({**conf, "group.id": f"pgfanout-example-{uuid.uuid4()}",
                              "enable.auto.commit": False, "enable.auto.offset.store": False})

@@ -49,6 +49,8 @@ pub(super) struct Service {
     dedupe_window_micros: i64,
     keys: HashMap<String, DeviceKey>,
     retired: HashSet<String>,
+    /// Devices whose gauges this service has exported.
+    exported: HashSet<String>,
     acks_next: HashMap<i32, i64>,
     in_flight: FuturesUnordered<BoxFuture<'static, Sent>>,
     unsent: VecDeque<Outgoing>,
@@ -100,6 +102,7 @@ impl Service {
             dedupe_window_micros,
             keys: HashMap::new(),
             retired: HashSet::new(),
+            exported: HashSet::new(),
             acks_next,
             in_flight: FuturesUnordered::new(),
             unsent: VecDeque::new(),
@@ -209,6 +212,11 @@ impl Service {
                 });
                 self.keys.insert(d.id, d.key);
             } else {
+                if self.exported.remove(&d.id) {
+                    // No reading any more: a retired device's gauges go blank (NaN), so
+                    // that neither a dashboard nor an alert takes its last value as current.
+                    set_device_gauges(&d.id, f64::NAN, f64::NAN, f64::NAN);
+                }
                 self.retired.insert(d.id);
             }
         }
@@ -304,10 +312,11 @@ impl Service {
             "checkpoint"
         );
         for r in &readings {
-            metrics::gauge!("pgfanout_fleet_device_watermark_lsn", "device" => r.id.clone()).set(r.watermark as f64);
             let age = r.last_seen.map_or(f64::INFINITY, |s| (now - s).max(0) as f64 / 1e6);
-            metrics::gauge!("pgfanout_fleet_device_last_seen_age_seconds", "device" => r.id.clone()).set(age);
-            metrics::gauge!("pgfanout_fleet_device_lag_seconds", "device" => r.id.clone()).set(r.lag_seconds);
+            set_device_gauges(&r.id, r.watermark as f64, age, r.lag_seconds);
+            if !self.exported.contains(&r.id) {
+                self.exported.insert(r.id.clone());
+            }
         }
         metrics::gauge!("pgfanout_confirm_waiting_instructions").set(self.tracker.waiting() as f64);
         metrics::gauge!("pgfanout_confirm_open_results").set(self.window.open_results() as f64);
@@ -350,4 +359,10 @@ async fn take_lock(pg: &Client, shutdown: &Shutdown) -> Result<(), ConfirmError>
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+fn set_device_gauges(id: &str, watermark: f64, last_seen_age: f64, lag_seconds: f64) {
+    metrics::gauge!("pgfanout_fleet_device_watermark_lsn", "device" => id.to_string()).set(watermark);
+    metrics::gauge!("pgfanout_fleet_device_last_seen_age_seconds", "device" => id.to_string()).set(last_seen_age);
+    metrics::gauge!("pgfanout_fleet_device_lag_seconds", "device" => id.to_string()).set(lag_seconds);
 }
