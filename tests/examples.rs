@@ -143,7 +143,20 @@ async fn the_python_producer_submits_and_reads_its_result() {
     let (code, stdout, report) = submit_with_python_waiting(
         &p,
         "fleet",
-        &["--op", "upsert", "--table", "public.items", "--key", "id=10", "--value", "name=\"one\"", "--at-least", "1"],
+        &[
+            "--op",
+            "upsert",
+            "--table",
+            "public.items",
+            "--key",
+            "id=10",
+            "--value",
+            "name=\"one\"",
+            "--value",
+            "qty=1",
+            "--at-least",
+            "1",
+        ],
         90,
     )
     .await;
