@@ -123,12 +123,19 @@ async fn the_python_producer_submits_and_reads_its_result() {
         client.query_one("SELECT count(*) FROM public.items WHERE id = 8 AND name = 'late'", &[]).await.unwrap().get(0);
     assert_eq!(late, 1);
 
-    // With the fleet running, `--wait fleet` ends on the final confirmation.
+    waits_for_the_fleet(&mut p).await;
+    p.stop("confirm");
+    p.stop("executor");
+}
+
+/// With the fleet running, `--wait fleet` ends on the final confirmation: of the whole
+/// fleet, or of the quorum `--at-least` asks for.
+async fn waits_for_the_fleet(p: &mut Pipeline) {
     p.start_capture().await;
     p.start_device("a", &[]);
     p.start_confirm(&[]).await;
     let (code, stdout, report) = submit_with_python_waiting(
-        &p,
+        p,
         "fleet",
         &["--op", "upsert", "--table", "public.items", "--key", "id=9", "--value", "name=\"everywhere\"", "--value", "qty=2"],
         90,
@@ -141,7 +148,7 @@ async fn the_python_producer_submits_and_reads_its_result() {
     // A registered device that does not run holds back the whole fleet, not a quorum of one.
     p.register("b", &[]);
     let (code, stdout, report) = submit_with_python_waiting(
-        &p,
+        p,
         "fleet",
         &[
             "--op",
@@ -163,6 +170,4 @@ async fn the_python_producer_submits_and_reads_its_result() {
     assert_eq!(code, 0, "{report}");
     let confirmation = printed_result(&stdout, &report);
     assert_eq!((confirmation["status"].as_str(), confirmation["devices"].as_i64()), (Some("applied"), Some(1)), "{report}");
-    p.stop("confirm");
-    p.stop("executor");
 }
