@@ -36,12 +36,12 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use pgfanout::config::KafkaSettings;
-use pgfanout::contract::codec::{decode_delta, decode_device_ack, decode_result, encode_instruction};
-use pgfanout::contract::{now_micros, Delta, Field, Instruction, Operation, OperationKind, Value};
+use pgfanout::contract::codec::{decode_delta, decode_device_ack, decode_result};
+use pgfanout::contract::{now_micros, Delta};
 use pgfanout::kafka::{self, ClientRole, TopicSpec};
 use pgfanout::test_support::bench::flow::{block_on, follow, passed, produce, trim, Positions, Producer_, Reader};
 use pgfanout::test_support::bench::measure::{broker_hop, open_loop, percentile, settle, sorted_ms, sustained, Chain};
-use pgfanout::test_support::bench::{env, kafka_settings, start, start_device, Process};
+use pgfanout::test_support::bench::{env, kafka_settings, start, start_device, upsert_item, Process};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::Producer;
@@ -57,28 +57,6 @@ fn seconds() -> u64 {
 
 fn phase(name: &str) -> bool {
     std::env::var("BENCH_E2E_PHASES").map_or(true, |p| p.split(',').any(|p| p.trim() == name))
-}
-
-fn upsert(n: u64) -> (String, Vec<u8>) {
-    let id = uuid::Uuid::new_v4().to_string();
-    let instruction = Instruction {
-        instruction_id: id.clone(),
-        issued_by: "bench".into(),
-        issued_at: now_micros(),
-        operations: vec![Operation {
-            op: OperationKind::Upsert,
-            table: "public.items".into(),
-            key: vec![Field { name: "id".into(), value: Value::Long((n % 100_000) as i64) }],
-            values: vec![
-                Field { name: "name".into(), value: Value::String("item".into()) },
-                Field { name: "qty".into(), value: Value::Long((n % 1000) as i64) },
-                Field { name: "price".into(), value: Value::String("12.50".into()) },
-            ],
-            expect: vec![],
-        }],
-        target: None,
-    };
-    (id, encode_instruction(&instruction).unwrap())
 }
 
 enum Event {
@@ -162,7 +140,7 @@ impl Pipeline {
     }
 
     fn submit_one(&mut self) -> String {
-        let (id, payload) = upsert(self.counter);
+        let (id, payload) = upsert_item(self.counter);
         self.counter += 1;
         let topic = self.settings.topics().instructions;
         self.submitted.insert(id.clone(), now_micros());
@@ -418,7 +396,7 @@ fn main() {
     }
     if phase("relay") {
         // (3) The relay chain.
-        let mut relay = Relay::start(&settings, upsert(0).1);
+        let mut relay = Relay::start(&settings, upsert_item(0).1);
         // Every group has its partitions before the clock starts.
         for _ in 0..1000 {
             relay.submit();

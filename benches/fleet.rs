@@ -28,14 +28,12 @@ use std::time::Duration;
 
 use pgfanout::config::KafkaSettings;
 use pgfanout::confirm::positions::{ACKS, RESULTS};
-use pgfanout::contract::codec::{decode_confirmation, decode_device_ack, decode_result, encode_instruction};
-use pgfanout::contract::{
-    now_micros, Confirmation, ConfirmationStatus, Field, Instruction, Operation, OperationKind, ResultStatus, Value,
-};
+use pgfanout::contract::codec::{decode_confirmation, decode_device_ack, decode_result};
+use pgfanout::contract::{now_micros, Confirmation, ConfirmationStatus, ResultStatus};
 use pgfanout::kafka::{self, ClientRole};
 use pgfanout::test_support::bench::flow::{follow, produce, trim, Positions, Producer_, Reader};
 use pgfanout::test_support::bench::measure::{broker_hop, open_loop, percentile, settle, sorted_ms, Chain};
-use pgfanout::test_support::bench::{env, kafka_settings, retire_device, start, start_device, Process};
+use pgfanout::test_support::bench::{env, kafka_settings, retire_device, start, start_device, upsert_item, Process};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -121,7 +119,7 @@ impl Fleet {
 
 impl Chain for Fleet {
     fn submit(&mut self) {
-        let (id, payload) = upsert(self.counter);
+        let (id, payload) = upsert_item(self.counter);
         self.counter += 1;
         self.submitted.insert(id.clone(), now_micros());
         produce(&self.producer, &self.topic, b"bench", &payload);
@@ -134,27 +132,6 @@ impl Chain for Fleet {
         self.outstanding.retain(|id| !confirmed.contains_key(id) && !rejected.contains(id));
         self.outstanding.len()
     }
-}
-
-fn upsert(n: u64) -> (String, Vec<u8>) {
-    let id = uuid::Uuid::new_v4().to_string();
-    let instruction = Instruction {
-        instruction_id: id.clone(),
-        issued_by: "bench".into(),
-        issued_at: now_micros(),
-        operations: vec![Operation {
-            op: OperationKind::Upsert,
-            table: "public.items".into(),
-            key: vec![Field { name: "id".into(), value: Value::Long((n % 100_000) as i64) }],
-            values: vec![
-                Field { name: "name".into(), value: Value::String("item".into()) },
-                Field { name: "qty".into(), value: Value::Long((n % 1000) as i64) },
-            ],
-            expect: vec![],
-        }],
-        target: None,
-    };
-    (id, encode_instruction(&instruction).unwrap())
 }
 
 /// Starts `n` devices and follows results, acknowledgements and confirmations until every

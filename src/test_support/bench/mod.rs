@@ -13,6 +13,8 @@ use std::process::Child;
 use super::process::{append_log, pgfanout_bin, register_device, terminate};
 use crate::component::component_command;
 use crate::config::{parse_properties, KafkaSettings, PostgresSettings};
+use crate::contract::codec::encode_instruction;
+use crate::contract::{now_micros, Field, Instruction, Operation, OperationKind, Value};
 
 /// A variable `bench/run` sets.
 pub fn env(name: &str) -> String {
@@ -81,4 +83,28 @@ fn start_with(dir: &Path, label: &str, args: &[&str], env: &[(&str, &str)]) -> P
         .spawn()
         .unwrap_or_else(|e| panic!("start {label}: {e}"));
     Process(child)
+}
+
+/// Instruction `n` of a benchmark's load: a single-row upsert of `items` (ids cycle through
+/// 100,000), with a new id; returns the id and the encoded instruction.
+pub fn upsert_item(n: u64) -> (String, Vec<u8>) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let instruction = Instruction {
+        instruction_id: id.clone(),
+        issued_by: "bench".into(),
+        issued_at: now_micros(),
+        operations: vec![Operation {
+            op: OperationKind::Upsert,
+            table: "public.items".into(),
+            key: vec![Field { name: "id".into(), value: Value::Long((n % 100_000) as i64) }],
+            values: vec![
+                Field { name: "name".into(), value: Value::String("item".into()) },
+                Field { name: "qty".into(), value: Value::Long((n % 1000) as i64) },
+                Field { name: "price".into(), value: Value::String("12.50".into()) },
+            ],
+            expect: vec![],
+        }],
+        target: None,
+    };
+    (id, encode_instruction(&instruction).unwrap())
 }
