@@ -40,7 +40,9 @@ use pgfanout::contract::codec::{decode_delta, decode_device_ack, decode_result};
 use pgfanout::contract::{now_micros, Delta};
 use pgfanout::kafka::{self, ClientRole, TopicSpec};
 use pgfanout::test_support::bench::flow::{block_on, follow, passed, produce, trim, Positions, Producer_, Reader};
-use pgfanout::test_support::bench::measure::{broker_hop, open_loop, percentile, settle, sorted_ms, sustained, Chain};
+use pgfanout::test_support::bench::measure::{
+    applied_everywhere_at, broker_hop, open_loop, percentile, settle, sorted_ms, sustained, Chain,
+};
 use pgfanout::test_support::bench::{env, kafka_settings, start, start_device, upsert_item, Process};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -131,12 +133,7 @@ impl Pipeline {
 
     /// When the last device acknowledged `lsn` (µs).
     fn applied_at(&self, lsn: i64) -> Option<i64> {
-        let mut latest = None;
-        for history in self.acks.values() {
-            let (_, at) = history.get(history.partition_point(|(w, _)| *w < lsn))?;
-            latest = latest.max(Some(*at));
-        }
-        latest
+        applied_everywhere_at(&self.acks, lsn)
     }
 
     fn submit_one(&mut self) -> String {

@@ -32,7 +32,9 @@ use pgfanout::contract::codec::{decode_confirmation, decode_device_ack, decode_r
 use pgfanout::contract::{now_micros, Confirmation, ConfirmationStatus, ResultStatus};
 use pgfanout::kafka::{self, ClientRole};
 use pgfanout::test_support::bench::flow::{follow, produce, trim, Positions, Producer_, Reader};
-use pgfanout::test_support::bench::measure::{broker_hop, open_loop, percentile, settle, sorted_ms, Chain};
+use pgfanout::test_support::bench::measure::{
+    applied_everywhere_at, broker_hop, open_loop, percentile, settle, sorted_ms, Chain,
+};
 use pgfanout::test_support::bench::{env, kafka_settings, retire_device, start, start_device, upsert_item, Process};
 
 #[global_allocator]
@@ -108,12 +110,7 @@ impl Fleet {
 
     /// When the last device of the fleet acknowledged `lsn` (µs).
     fn applied_at(&self, lsn: i64) -> Option<i64> {
-        let mut latest = None;
-        for history in self.acks.values() {
-            let (_, at) = history.get(history.partition_point(|(w, _)| *w < lsn))?;
-            latest = latest.max(Some(*at));
-        }
-        latest
+        applied_everywhere_at(&self.acks, lsn)
     }
 }
 

@@ -153,3 +153,14 @@ pub fn broker_hop(settings: &KafkaSettings, duration: Duration) -> f64 {
 
     percentile(&latencies, 0.99)
 }
+
+/// When the last of the devices in `acks` (per device, every rise of its acknowledged
+/// watermark: (LSN, when)) had acknowledged `lsn`; `None` while one has not.
+pub fn applied_everywhere_at(acks: &std::collections::HashMap<String, Vec<(i64, i64)>>, lsn: i64) -> Option<i64> {
+    let mut latest = None;
+    for history in acks.values() {
+        let (_, at) = history.get(history.partition_point(|(w, _)| *w < lsn))?;
+        latest = latest.max(Some(*at));
+    }
+    latest
+}
