@@ -101,18 +101,6 @@ impl Target {
     }
 }
 
-impl std::fmt::Display for Target {
-    /// `site=berlin,at_least=2`; `all` for the whole fleet.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut parts: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        parts.extend(self.at_least.map(|k| format!("at_least={k}")));
-        if parts.is_empty() {
-            return f.write_str("all");
-        }
-        f.write_str(&parts.join(","))
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ResultStatus {

@@ -182,7 +182,7 @@ mod tests {
         let plain = admit(&instruction(id, "a")).unwrap();
         let targeted = admit(&with(&[("site", "berlin")], Some(2))).unwrap();
         assert_eq!(targeted.digest, plain.digest);
-        assert_eq!(targeted.instruction.target.unwrap().to_string(), "site=berlin,at_least=2");
+        assert_eq!(targeted.instruction.target, with(&[("site", "berlin")], Some(2)).target, "kept as sent");
         for (bad, says) in [(with(&[("", "x")], None), "a name"), (with(&[], Some(0)), "1 or more")] {
             let r = admit(&bad).unwrap_err();
             assert!(r.code == BAD_SHAPE && r.message.contains(says), "{}", r.message);
