@@ -174,17 +174,10 @@ impl Tracker {
         self.devices.iter().filter(move |(_, d)| target.as_ref().is_none_or(|t| t.selects(&d.labels)))
     }
 
-    /// How many of the devices it selects `target` needs, and how many it selects.
-    fn needs(&self, target: &Option<Target>) -> (usize, usize) {
-        let selected = self.selected(target).count();
-        let needed = target.as_ref().and_then(|t| t.at_least).map_or(selected, |k| k.max(1) as usize);
-        (needed, selected)
-    }
-
     /// The LSN `target`'s devices have reached (see the module documentation).
     fn reached(&self, target: &Option<Target>) -> Option<i64> {
-        let (needed, _) = self.needs(target);
         let mut watermarks: Vec<i64> = self.selected(target).map(|(_, d)| d.watermark).collect();
+        let needed = needed(target, watermarks.len());
         if needed == 0 || watermarks.len() < needed {
             return None;
         }
@@ -240,7 +233,7 @@ impl Tracker {
                 instruction_id: key.1,
                 status: ConfirmationStatus::Pending,
                 commit_lsn: key.0,
-                devices: self.needs(&target).1 as i32,
+                devices: self.selected(&target).count() as i32,
                 missing,
                 slowest_device: None,
                 last_applied_at: None,
@@ -260,7 +253,7 @@ impl Tracker {
             .map(|(device, d)| (d.reached(commit_lsn).unwrap_or(w.received).max(w.received), device))
             .collect();
         reached.sort();
-        let (needed, _) = self.needs(target);
+        let needed = needed(target, self.selected(target).count());
         let last = reached.get(needed.saturating_sub(1)).or(reached.last());
         Confirmation {
             instruction_id: id,
@@ -296,6 +289,11 @@ impl Tracker {
             }
         }
     }
+}
+
+/// How many of the `selected` devices `target` needs: all, or its `at_least`.
+fn needed(target: &Option<Target>, selected: usize) -> usize {
+    target.as_ref().and_then(|t| t.at_least).map_or(selected, |k| k.max(1) as usize)
 }
 
 /// Ids of the final confirmations published during the last `window`, so that a result

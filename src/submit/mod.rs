@@ -29,6 +29,7 @@ pub use watch::{AckWatcher, ConfirmationWatcher, ResultWatcher};
 use crate::config::KafkaSettings;
 use crate::contract::codec::encode_instruction;
 use crate::contract::{Confirmation, Instruction, Lsn, ResultStatus, Target};
+use crate::fleet::registry;
 use crate::kafka::{self, ClientRole};
 
 /// Produces instructions keyed by `issued_by` (one issuer's instructions keep their order)
@@ -81,8 +82,8 @@ pub struct SubmitArgs {
     /// Confirm on the devices with this label only, as name=value (repeatable: all of
     /// them), for every instruction submitted (with `--wait fleet`, the confirmation waits
     /// for those devices).
-    #[arg(long = "target")]
-    pub target: Vec<String>,
+    #[arg(long = "target", value_parser = registry::parse_label)]
+    pub target: Vec<(String, String)>,
     /// Confirm once this many of the targeted devices applied it (a quorum), instead of all.
     #[arg(long = "at-least", value_parser = clap::value_parser!(i32).range(1..))]
     pub at_least: Option<i32>,
@@ -136,16 +137,7 @@ impl SubmitArgs {
     pub fn instructions(&self) -> Result<Vec<Instruction>, SubmitError> {
         let mut instructions = self.read_instructions()?;
         if !self.target.is_empty() || self.at_least.is_some() {
-            let labels = self
-                .target
-                .iter()
-                .map(|kv| {
-                    let (k, v) =
-                        kv.split_once('=').ok_or_else(|| SubmitError::Other(format!("--target {kv:?} is not name=value")))?;
-                    Ok((k.to_string(), v.to_string()))
-                })
-                .collect::<Result<_, SubmitError>>()?;
-            let target = Target { labels, at_least: self.at_least };
+            let target = Target { labels: self.target.iter().cloned().collect(), at_least: self.at_least };
             instructions.iter_mut().for_each(|i| i.target = Some(target.clone()));
         }
         Ok(instructions)
