@@ -20,7 +20,6 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -38,6 +37,10 @@ mod common;
 mod large;
 
 use common::{env, kafka_settings, start, Process};
+use pgfanout::test_support::bench::native::{
+    current_lsn, drop_slot_when_released, flushed_past, start_recvlogical, wait_streaming,
+};
+use pgfanout::test_support::bench::usage::cpu_seconds;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -47,59 +50,6 @@ const MARKER: &str = "pgfanout-bench-end";
 
 fn start_capture(dir: &Path) -> Process {
     start(dir, "capture", &["capture", "--status-interval-ms", "10"])
-}
-
-async fn wait_streaming(client: &tokio_postgres::Client, slot: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let row = client
-            .query_opt(
-                "SELECT r.state FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
-                 WHERE s.slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .unwrap();
-        if row.is_some_and(|r| matches!(r.get::<_, Option<String>>(0).as_deref(), Some("catchup" | "streaming"))) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "slot {slot} is not streaming");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Drops `slot` once its walsender has gone: a stopped `pg_recvlogical`'s walsender may
-/// hold the slot a moment longer, all the more on a busy core.
-async fn drop_slot_when_released(client: &tokio_postgres::Client, slot: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let active: bool = client
-            .query_one("SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
-            .await
-            .unwrap()
-            .get(0);
-        if !active {
-            break;
-        }
-        assert!(Instant::now() < deadline, "slot {slot} is still active");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.unwrap();
-}
-
-async fn current_lsn(client: &tokio_postgres::Client) -> String {
-    client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0)
-}
-
-async fn flushed_past(client: &tokio_postgres::Client, slot: &str, lsn: &str) -> bool {
-    client
-        .query_one(
-            "SELECT coalesce(confirmed_flush_lsn > $2::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot, &lsn],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
 
 /// Reads what a growing file gained since the last call and reports whether `needle` has
@@ -202,19 +152,6 @@ async fn raw_produce(settings: &KafkaSettings, records: &[(Vec<u8>, Option<Vec<u
     records.len() as f64 / started.elapsed().as_secs_f64()
 }
 
-/// CPU time the process `pid` has used so far (user + system, all threads), in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
-    let rest = &stat[stat.rfind(')').expect("a command name in /proc/<pid>/stat") + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime, in clock ticks.
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / per_sec
-}
-
 /// What the streaming phase measured, in seconds from the workload's start.
 struct Streamed {
     workload_secs: f64,
@@ -227,7 +164,7 @@ struct Streamed {
 /// Runs the workload with both readers streaming, and times each until it has passed the
 /// workload's end.
 async fn stream_workload(client: &tokio_postgres::Client, watch: &mut FileWatch, capture_pid: u32) -> Streamed {
-    let cpu_before = cpu_secs(capture_pid);
+    let cpu_before = cpu_seconds(capture_pid, false);
     let started = Instant::now();
     let end = workload(client).await;
     let workload_secs = started.elapsed().as_secs_f64();
@@ -238,7 +175,7 @@ async fn stream_workload(client: &tokio_postgres::Client, watch: &mut FileWatch,
             recv_secs = Some(started.elapsed().as_secs_f64());
         }
         if capture.is_none() && flushed_past(client, "pgfanout", &end).await {
-            capture = Some((started.elapsed().as_secs_f64(), cpu_secs(capture_pid) - cpu_before));
+            capture = Some((started.elapsed().as_secs_f64(), cpu_seconds(capture_pid, false) - cpu_before));
         }
         assert!(started.elapsed() < Duration::from_secs(600), "the workload did not get through");
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -251,28 +188,13 @@ async fn stream_workload(client: &tokio_postgres::Client, watch: &mut FileWatch,
 async fn main() {
     let dir = PathBuf::from(env("PGFANOUT_BENCH_DIR"));
     let conninfo = env("PGFANOUT_POSTGRES");
-    let recvlogical = format!("{}/pg_recvlogical", env("PG_BINDIR"));
     let settings = kafka_settings();
     let client = pgfanout::pg::connect(&conninfo).await.unwrap();
 
     let capture = start_capture(&dir);
     wait_streaming(&client, "pgfanout").await;
-    let created = Command::new(&recvlogical)
-        .args(["-d", &conninfo, "--slot", "bench_recv", "--create-slot", "--plugin", "pgoutput"])
-        .status()
-        .unwrap();
-    assert!(created.success(), "pg_recvlogical --create-slot");
     let output = dir.join("recvlogical.out");
-    let recv = Process(
-        Command::new(&recvlogical)
-            .args(["-d", &conninfo, "--slot", "bench_recv", "--start", "--no-loop", "-F", "0", "-f"])
-            .arg(&output)
-            .args(["-o", "proto_version=1", "-o", "publication_names=pgfanout", "-o", "messages=true"])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_streaming(&client, "bench_recv").await;
+    let recv = start_recvlogical(&client, &conninfo, "bench_recv", &output).await;
     let mut watch = FileWatch { file: std::fs::File::open(&output).unwrap(), tail: Vec::new() };
     watch.file.seek(SeekFrom::End(0)).unwrap();
 

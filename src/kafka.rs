@@ -112,7 +112,8 @@ fn is_producer_only_property(key: &str) -> bool {
 
 /// Client context of the long-running components: logs partition assignments and
 /// revocations, and turns librdkafka's statistics (every [`STATISTICS_INTERVAL_MS`]) into
-/// the process's `pgfanout_<component>_kafka_*` metrics, summed over its clients.
+/// the process's `pgfanout_<component>_kafka_*` metrics, summed over its clients (the
+/// counters include clients that are gone).
 pub struct MetricsContext {
     component: &'static str,
     labels: Vec<metrics::Label>,
@@ -129,9 +130,24 @@ struct ClientFigures {
     queued: i64,
     rtt_seconds: f64,
     errors: u64,
+    /// Bytes a consumer received from the brokers (fetch responses above all).
+    consumed_bytes: u64,
 }
 
-static CLIENT_FIGURES: std::sync::Mutex<Vec<(String, ClientFigures)>> = std::sync::Mutex::new(Vec::new());
+impl ClientFigures {
+    fn add(self, other: ClientFigures) -> ClientFigures {
+        ClientFigures {
+            queued: self.queued + other.queued,
+            rtt_seconds: self.rtt_seconds.max(other.rtt_seconds),
+            errors: self.errors + other.errors,
+            consumed_bytes: self.consumed_bytes + other.consumed_bytes,
+        }
+    }
+}
+
+/// The live clients' latest figures, and the counters of those that are gone.
+static CLIENT_FIGURES: std::sync::Mutex<(Vec<(String, ClientFigures)>, ClientFigures)> =
+    std::sync::Mutex::new((Vec::new(), ClientFigures { queued: 0, rtt_seconds: 0.0, errors: 0, consumed_bytes: 0 }));
 
 impl MetricsContext {
     /// `device` labels the metrics of a device process.
@@ -167,8 +183,12 @@ impl ClientContext for MetricsContext {
         for topic in statistics.topics.values() {
             figures.queued += topic.partitions.values().map(|p| p.fetchq_cnt.max(0)).sum::<i64>();
         }
+        let consumer = statistics.client_type == "consumer";
         for broker in statistics.brokers.values() {
             figures.errors += broker.txerrs + broker.rxerrs + broker.req_timeouts;
+            if consumer {
+                figures.consumed_bytes += broker.rxbytes;
+            }
             if let Some(rtt) = &broker.rtt {
                 figures.rtt_seconds = figures.rtt_seconds.max(rtt.avg as f64 / 1e6);
             }
@@ -176,28 +196,33 @@ impl ClientContext for MetricsContext {
         *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(statistics.name.clone());
         let total = {
             let mut all = CLIENT_FIGURES.lock().unwrap_or_else(|e| e.into_inner());
-            match all.iter_mut().find(|(name, _)| *name == statistics.name) {
+            let (live, gone) = &mut *all;
+            match live.iter_mut().find(|(name, _)| *name == statistics.name) {
                 Some((_, f)) => *f = figures,
-                None => all.push((statistics.name, figures)),
+                None => live.push((statistics.name, figures)),
             }
-            all.iter().fold(ClientFigures::default(), |t, (_, f)| ClientFigures {
-                queued: t.queued + f.queued,
-                rtt_seconds: t.rtt_seconds.max(f.rtt_seconds),
-                errors: t.errors + f.errors,
-            })
+            live.iter().fold(*gone, |t, (_, f)| t.add(*f))
         };
         let c = self.component;
         metrics::gauge!(format!("pgfanout_{c}_kafka_queue_messages"), self.labels.clone()).set(total.queued as f64);
         metrics::gauge!(format!("pgfanout_{c}_kafka_broker_rtt_seconds"), self.labels.clone()).set(total.rtt_seconds);
         metrics::counter!(format!("pgfanout_{c}_kafka_errors_total"), self.labels.clone()).absolute(total.errors);
+        metrics::counter!(format!("pgfanout_{c}_kafka_consumed_bytes_total"), self.labels.clone()).absolute(total.consumed_bytes);
     }
 }
 
-/// A client that is gone no longer counts in the process's figures.
+/// A client that is gone no longer counts in the process's gauges; its counts stay in the
+/// counters.
 impl Drop for MetricsContext {
     fn drop(&mut self) {
         if let Some(name) = self.client.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            CLIENT_FIGURES.lock().unwrap_or_else(|e| e.into_inner()).retain(|(n, _)| *n != name);
+            let mut all = CLIENT_FIGURES.lock().unwrap_or_else(|e| e.into_inner());
+            let (live, gone) = &mut *all;
+            if let Some(i) = live.iter().position(|(n, _)| *n == name) {
+                let (_, f) = live.swap_remove(i);
+                gone.errors += f.errors;
+                gone.consumed_bytes += f.consumed_bytes;
+            }
         }
     }
 }

@@ -92,11 +92,17 @@ pub fn log_tail(path: &Path, n: usize) -> String {
 
 /// The peak resident memory of process `pid` (`VmHWM`), in MB.
 pub fn peak_rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "VmHWM:").expect("VmHWM in /proc/<pid>/status")
+}
+
+/// The resident memory of process `pid` now (`VmRSS`), in MB; 0 once it is gone.
+pub fn rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "VmRSS:").unwrap_or(0.0)
+}
+
+/// A `kB` field of `/proc/<pid>/status`, in MB.
+fn status_mb(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/<pid>/status");
-    kb / 1024.0
+    let kb: f64 = status.lines().find_map(|l| l.strip_prefix(field))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
 }

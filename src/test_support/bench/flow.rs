@@ -102,6 +102,7 @@ pub fn trim(
         kafka::committed_offsets(consumer, topic, settings.partitions, Duration::from_secs(2)).unwrap_or_default()
     };
     Some(std::thread::spawn(move || {
+        let mut checkpoints = ConfirmCheckpoints::default();
         let mut trimmed: HashMap<(String, i32), i64> = HashMap::new();
         while !stop.load(Ordering::Relaxed) {
             let mut cuts = TopicPartitionList::new();
@@ -111,7 +112,7 @@ pub fn trim(
                     .map(|r| match r {
                         Reader::Group(g) => committed(g, topic),
                         Reader::Local(positions) => positions.lock().unwrap().clone(),
-                        Reader::Confirm { conninfo, name } => confirm_positions(conninfo, name),
+                        Reader::Confirm { conninfo, name } => checkpoints.positions(conninfo, name),
                     })
                     .collect();
                 for p in known[0].keys() {
@@ -135,16 +136,34 @@ pub fn trim(
     }))
 }
 
-/// Where the confirmation service resumes reading topic `name` (its checkpoint); empty
-/// when it has none yet.
-fn confirm_positions(conninfo: &str, name: &str) -> HashMap<i32, i64> {
-    let read = async {
-        let client = crate::pg::connect(conninfo).await?;
-        let rows =
-            client.query("SELECT partition, next_offset FROM pgfanout.confirm_positions WHERE topic = $1", &[&name]).await?;
-        Ok::<_, tokio_postgres::Error>(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    };
-    block_on(read).unwrap_or_default()
+/// The confirmation service's checkpoints, read over one connection per database (a
+/// connection per read would be PostgreSQL work the benchmarks count).
+#[derive(Default)]
+struct ConfirmCheckpoints {
+    runtime: Option<tokio::runtime::Runtime>,
+    clients: HashMap<String, tokio_postgres::Client>,
+}
+
+impl ConfirmCheckpoints {
+    /// Where the confirmation service resumes reading topic `name` (its checkpoint); empty
+    /// when it has none yet or it cannot be read now.
+    fn positions(&mut self, conninfo: &str, name: &str) -> HashMap<i32, i64> {
+        let runtime =
+            self.runtime.get_or_insert_with(|| tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap());
+        if !self.clients.contains_key(conninfo) {
+            let Ok(client) = runtime.block_on(crate::pg::connect(conninfo)) else { return HashMap::new() };
+            self.clients.insert(conninfo.to_string(), client);
+        }
+        let client = &self.clients[conninfo];
+        let sql = "SELECT partition, next_offset FROM pgfanout.confirm_positions WHERE topic = $1";
+        match runtime.block_on(client.query(sql, &[&name])) {
+            Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            Err(_) => {
+                self.clients.remove(conninfo);
+                HashMap::new()
+            }
+        }
+    }
 }
 
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {

@@ -1,11 +1,14 @@
 //! What the benchmark programs share: settings from the environment `bench/run` prepares
 //! (it starts PostgreSQL and the broker and exports their addresses as the components'
 //! own `PGFANOUT_*` variables), components run as child processes that stop with the
-//! benchmark, records through Kafka ([`flow`]) and how loads are driven and timed
-//! ([`measure`]).
+//! benchmark, records through Kafka ([`flow`]), how loads are driven and timed
+//! ([`measure`]), PostgreSQL's own logical replication as a reference ([`native`]) and what
+//! processes used ([`usage`]).
 
 pub mod flow;
 pub mod measure;
+pub mod native;
+pub mod usage;
 
 use std::path::Path;
 use std::process::Child;
