@@ -166,6 +166,7 @@ fn main() {
         key: None,
         key_file: None,
         hold_mib: pgfanout::device::store::DEFAULT_HOLD_MIB,
+        kafka_properties: Default::default(),
     };
     remove_store(&device.store);
     let (_, shutdown) = Shutdown::new();

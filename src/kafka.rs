@@ -28,6 +28,11 @@ use crate::config::KafkaSettings;
 pub enum ClientRole<'a> {
     /// Idempotent producer: `acks=all`, ordered retries, lz4 batches.
     Producer,
+    /// Producer of reports that the next one supersedes (a device's acknowledgements), as
+    /// [`ClientRole::Producer`] but not idempotent: a lost, repeated or reordered report
+    /// changes nothing, and each idempotent producer holds a producer id and sequence state
+    /// on every partition leader it writes to — one per device, for a whole fleet.
+    ReportProducer,
     /// Group consumer whose offsets are stored by the application after the downstream
     /// acknowledged (`enable.auto.offset.store=false`), then committed in the background.
     Consumer {
@@ -46,8 +51,9 @@ pub fn client_config(settings: &KafkaSettings, role: ClientRole<'_>) -> ClientCo
     cfg.set("bootstrap.servers", &settings.brokers);
     cfg.set("client.id", "pgfanout");
     match role {
-        ClientRole::Producer => {
-            cfg.set("enable.idempotence", "true")
+        ClientRole::Producer | ClientRole::ReportProducer => {
+            let idempotent = matches!(role, ClientRole::Producer);
+            cfg.set("enable.idempotence", idempotent.to_string())
                 .set("acks", "all")
                 .set("linger.ms", "5")
                 .set("compression.type", "lz4")
@@ -547,6 +553,8 @@ mod tests {
         assert_eq!(p.get("enable.idempotence"), Some("true"));
         assert_eq!(p.get("linger.ms"), Some("1"));
         assert_eq!(p.get("fetch.wait.max.ms"), None);
+        let r = client_config(&s, ClientRole::ReportProducer);
+        assert_eq!((r.get("enable.idempotence"), r.get("acks")), (Some("false"), Some("all")));
         let c = client_config(&s, ClientRole::Consumer { group_id: "g" });
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("fetch.wait.max.ms"), Some("20"));

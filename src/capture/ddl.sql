@@ -9,9 +9,11 @@ CREATE TABLE IF NOT EXISTS pgfanout.published_shapes (
     PRIMARY KEY (pubname, relid)
 );
 
--- The publications' tables now, described as in pgfanout.published_shapes.
+-- The publications' tables now, described as in pgfanout.published_shapes. Without JIT: the
+-- planner's estimate for pg_publication_tables (a thousand rows per publication) is past
+-- jit_above_cost, and compiling took about 0.6 s of CPU — after every DDL statement.
 CREATE OR REPLACE FUNCTION pgfanout.published_now() RETURNS TABLE (pubname text, relid oid, table_name text, shape text)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
     SELECT pt.pubname::text, c.oid, pt.schemaname || '.' || pt.tablename,
            coalesce((SELECT string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum)
                        FROM pg_attribute a
@@ -28,7 +30,7 @@ $fn$;
 -- names tables that left a publication under that name (dropped, renamed, removed) and
 -- "copy" tables whose name or published columns changed, or that joined one. Returns them.
 CREATE OR REPLACE FUNCTION pgfanout.sync_published_shapes(emit boolean) RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
 DECLARE
     changes jsonb;
 BEGIN

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseRecord, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord};
 
 use crate::config::KafkaSettings;
 use crate::contract::codec::encode_device_ack;
@@ -51,9 +51,12 @@ impl AppliedPositions {
 
 /// Publishes the watermark when it moved (at most every `min_gap`) and, as a sign of life,
 /// every `HEARTBEAT` even when it did not.
+///
+/// The producer is polled by the device's own loop, every step: a producer thread of its
+/// own (rdkafka's `ThreadedProducer`) was half of an idle device's CPU.
 pub struct AckPublisher {
     kafka_settings: KafkaSettings,
-    producer: ThreadedProducer<MetricsContext>,
+    producer: BaseProducer<MetricsContext>,
     topic: String,
     device_id: String,
     key: Option<DeviceKey>,
@@ -77,8 +80,8 @@ impl AckPublisher {
         Ok(AckPublisher { kafka_settings: kafka_settings.clone(), producer, topic, device_id, key, min_gap, last: None })
     }
 
-    fn producer(kafka_settings: &KafkaSettings, device_id: &str) -> Result<ThreadedProducer<MetricsContext>, KafkaError> {
-        MetricsContext::new("device", Some(device_id)).create(kafka_settings, ClientRole::Producer)
+    fn producer(kafka_settings: &KafkaSettings, device_id: &str) -> Result<BaseProducer<MetricsContext>, KafkaError> {
+        MetricsContext::new("device", Some(device_id)).create(kafka_settings, ClientRole::ReportProducer)
     }
 
     /// How long until a moved watermark may be published (zero: now); `None` when it did
@@ -91,7 +94,10 @@ impl AckPublisher {
         }
     }
 
+    /// Call once per step of the device: serves the producer's events (delivery reports,
+    /// statistics) and publishes `watermark` when it is due.
     pub fn maybe_publish(&mut self, watermark: i64) {
+        self.producer.poll(Duration::ZERO);
         let due = match self.last {
             None => true,
             Some((_, at)) => self.due_in(watermark).is_some_and(|d| d.is_zero()) || at.elapsed() >= HEARTBEAT,

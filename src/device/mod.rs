@@ -33,7 +33,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::KafkaSettings;
+use crate::config::{parse_properties, KafkaSettings, Properties};
 use crate::contract::codec::decode_delta_view;
 use crate::contract::fragment::{FragmentHeader, FRAGMENT_HEADER};
 use crate::contract::{now_micros, DeltaOp, TOMBSTONE_DELTA_HEADER};
@@ -78,6 +78,11 @@ pub struct DeviceSettings {
     /// A file holding the device's key (instead of `--key`): a mounted secret.
     #[arg(long = "key-file", env = "PGFANOUT_DEVICE_KEY_FILE", conflicts_with = "key", value_parser = key_from_file)]
     pub key_file: Option<DeviceKey>,
+    /// Extra librdkafka properties for this device's clients only, applied after
+    /// `--kafka-properties` (for example a longer `fetch.wait.max.ms` for a large fleet
+    /// than the pipeline's own components use).
+    #[arg(long = "device-kafka-properties", env = "PGFANOUT_DEVICE_KAFKA_PROPERTIES", default_value = "", value_parser = parse_properties)]
+    pub kafka_properties: Properties,
 }
 
 fn key_from_file(path: &str) -> Result<DeviceKey, String> {
@@ -89,6 +94,13 @@ impl DeviceSettings {
     /// The key given by `--key` or `--key-file`.
     pub fn key(&self) -> Option<&DeviceKey> {
         self.key.as_ref().or(self.key_file.as_ref())
+    }
+
+    /// `kafka_settings` with this device's own properties after the shared ones.
+    fn kafka(&self, kafka_settings: &KafkaSettings) -> KafkaSettings {
+        let mut merged = kafka_settings.clone();
+        merged.properties.0.extend(self.kafka_properties.0.iter().cloned());
+        merged
     }
 }
 
@@ -196,6 +208,7 @@ impl Device {
         settings: &DeviceSettings,
         shutdown: &Shutdown,
     ) -> Result<Device, DeviceError> {
+        let kafka_settings = &settings.kafka(kafka_settings);
         let topic = kafka_settings.topics().deltas;
         let mut store = Store::open(&settings.store)?;
         store.subscribe_to(settings.tables.as_ref().map(|t| t.iter().map(|s| s.trim().to_string()).collect::<HashSet<_>>()));
