@@ -189,7 +189,3 @@ broker_stop() {
 # make failover quick.
 # shellcheck disable=SC2034 # used by the scripts that source this file
 LOCAL_KAFKA_PROPERTIES="fetch.wait.max.ms=20,max.in.flight.requests.per.connection=1,session.timeout.ms=6000,heartbeat.interval.ms=1000"
-# Devices' clients on top (PGFANOUT_DEVICE_KAFKA_PROPERTIES): a fleet's consumers each
-# poll, so devices wait longer than the pipeline's own components, which there are few of.
-# shellcheck disable=SC2034
-LOCAL_DEVICE_KAFKA_PROPERTIES="fetch.wait.max.ms=100"
