@@ -445,3 +445,34 @@ fn assign_from_store(
     consumer.assign(&tpl)?;
     Ok((0..partitions as i32).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::kafka::client_config;
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        device: DeviceSettings,
+    }
+
+    #[test]
+    fn device_properties_come_after_the_shared_ones() {
+        let args = ["pgfanout", "--id", "a", "--store", "a.sqlite", "--device-kafka-properties", "fetch.wait.max.ms=100"];
+        let device = Args::try_parse_from(args).unwrap().device;
+        let shared = KafkaSettings {
+            brokers: "b:1".into(),
+            topic_prefix: "p.".into(),
+            properties: parse_properties("fetch.wait.max.ms=20,session.timeout.ms=6000").unwrap(),
+            partitions: 3,
+            replication_factor: 1,
+        };
+        let cfg = client_config(&device.kafka(&shared), ClientRole::UncommittedConsumer { group_id: "g" });
+        assert_eq!(cfg.get("fetch.wait.max.ms"), Some("100"));
+        assert_eq!(cfg.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(client_config(&shared, ClientRole::Consumer { group_id: "g" }).get("fetch.wait.max.ms"), Some("20"));
+    }
+}
