@@ -74,7 +74,7 @@ async fn wait_inactive(sql: &tokio_postgres::Client, slot: &str) {
 }
 
 fn text(s: &str) -> TupleValue {
-    TupleValue::Text(s.as_bytes().to_vec())
+    TupleValue::Text(s.as_bytes().to_vec().into())
 }
 
 /// Checks the messages of the first test transaction (an insert, an update and a delete of

@@ -2,6 +2,7 @@
 //! (or a corrupted stream) sends.
 #![no_main]
 
+use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use pgfanout::capture::changes::ChangeDecoder;
 use pgfanout::capture::pgoutput::decode;
@@ -11,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     // so that relations, transactions and rows meet.
     let mut changes = ChangeDecoder::new();
     for (i, message) in data.split(|b| *b == 0xfe).enumerate() {
-        if let Ok(m) = decode(message) {
+        if let Ok(m) = decode(&Bytes::copy_from_slice(message)) {
             let _ = changes.on_message(i as u64, m);
         }
     }

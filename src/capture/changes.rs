@@ -94,8 +94,9 @@ impl TypeNames {
         type_name_for_oid(oid).map(str::to_string).or_else(|| self.0.get(&oid).cloned()).unwrap_or_else(|| format!("oid:{oid}"))
     }
 
-    /// A row image as typed columns.
-    fn columns(&self, rel: &Relation, tuple: &[TupleValue]) -> Result<Vec<Column>, ChangeError> {
+    /// A row image as typed columns. The values are taken out of `tuple`, so that a large
+    /// one can become its typed value in its own buffer ([`Value::from_pg_text_bytes`]).
+    fn columns(&self, rel: &Relation, tuple: &mut [TupleValue]) -> Result<Vec<Column>, ChangeError> {
         if tuple.len() != rel.columns.len() {
             return Err(ChangeError::TupleShape {
                 table: format!("{}.{}", rel.namespace, rel.name),
@@ -109,14 +110,11 @@ impl TypeNames {
             .zip(tuple)
             .map(|(col, v)| {
                 let type_name = self.name(col.type_oid);
-                let (value, unchanged) = match v {
+                let (value, unchanged) = match std::mem::replace(v, TupleValue::Null) {
                     TupleValue::Null => (Value::Null, false),
                     TupleValue::UnchangedToast => (Value::Null, true),
-                    TupleValue::Text(bytes) => {
-                        let text = String::from_utf8_lossy(bytes);
-                        (Value::from_pg_text(&type_name, &text).unwrap_or_else(|_| Value::String(text.into_owned())), false)
-                    }
-                    TupleValue::Binary(bytes) => (Value::Bytes(bytes.clone()), false),
+                    TupleValue::Text(bytes) => (Value::from_pg_text_bytes(&type_name, bytes), false),
+                    TupleValue::Binary(bytes) => (Value::Bytes(bytes.into()), false),
                 };
                 Column { name: col.name.clone(), type_name, value, unchanged }
             })
@@ -185,18 +183,18 @@ impl ChangeDecoder {
             {
                 Ok(None)
             }
-            PgOutputMessage::Insert { relation_id, new } => {
-                self.row_change(lsn, relation_id, DeltaOp::Insert, Some(&new), None).map(|d| Some(Change::Delta(d)))
+            PgOutputMessage::Insert { relation_id, mut new } => {
+                self.row_change(lsn, relation_id, DeltaOp::Insert, Some(&mut new), None).map(|d| Some(Change::Delta(d)))
             }
-            PgOutputMessage::Update { relation_id, old, mut new } => {
+            PgOutputMessage::Update { relation_id, mut old, mut new } => {
                 if let Some(OldTuple::Full(full)) = &old {
                     fill_unchanged_from_old(&mut new, full);
                 }
-                let old = old.as_ref().map(|(OldTuple::Key(t) | OldTuple::Full(t))| t.as_slice());
-                self.row_change(lsn, relation_id, DeltaOp::Update, Some(&new), old).map(|d| Some(Change::Delta(d)))
+                let old = old.as_mut().map(|(OldTuple::Key(t) | OldTuple::Full(t))| t.as_mut_slice());
+                self.row_change(lsn, relation_id, DeltaOp::Update, Some(&mut new), old).map(|d| Some(Change::Delta(d)))
             }
-            PgOutputMessage::Delete { relation_id, old } => {
-                let (OldTuple::Key(t) | OldTuple::Full(t)) = &old;
+            PgOutputMessage::Delete { relation_id, mut old } => {
+                let (OldTuple::Key(t) | OldTuple::Full(t)) = &mut old;
                 self.row_change(lsn, relation_id, DeltaOp::Delete, None, Some(t)).map(|d| Some(Change::Delta(d)))
             }
         }
@@ -209,8 +207,8 @@ impl ChangeDecoder {
         lsn: u64,
         relation_id: u32,
         op: DeltaOp,
-        new: Option<&[TupleValue]>,
-        old: Option<&[TupleValue]>,
+        new: Option<&mut [TupleValue]>,
+        old: Option<&mut [TupleValue]>,
     ) -> Result<Delta, ChangeError> {
         let rel = self.relations.get(&relation_id).ok_or(ChangeError::UnknownRelation(relation_id))?;
         let old_key = old.map(|t| self.types.columns(rel, t).map(|c| key_of(rel, &c))).transpose()?;
@@ -279,7 +277,7 @@ impl RowDeltas {
     }
 
     /// A `snapshot` delta of one row of `rel`, its values in the relation's column order.
-    pub fn row(&mut self, rel: &Relation, values: &[TupleValue]) -> Result<Delta, ChangeError> {
+    pub fn row(&mut self, rel: &Relation, values: &mut [TupleValue]) -> Result<Delta, ChangeError> {
         let after = self.types.columns(rel, values)?;
         let key = key_of(rel, &after);
         Ok(self.frame.delta(self.lsn, rel, DeltaOp::Snapshot, RowImage { key, after: Some(after), old_key: None }))
@@ -314,7 +312,7 @@ mod tests {
     }
 
     fn text(s: &str) -> TupleValue {
-        TupleValue::Text(s.as_bytes().to_vec())
+        TupleValue::Text(s.as_bytes().to_vec().into())
     }
 
     #[test]
@@ -398,10 +396,10 @@ mod tests {
 
         let mut rows = RowDeltas::new(41, 17);
         let truncate = rows.truncate(&rel());
-        let row = rows.row(&rel(), &[text("5"), TupleValue::Null]).unwrap();
+        let row = rows.row(&rel(), &mut [text("5"), TupleValue::Null]).unwrap();
         assert_eq!((truncate.op, truncate.seq, truncate.commit_lsn), (DeltaOp::Truncate, 0, 41));
         assert_eq!((row.op, row.seq, row.commit_lsn, row.commit_ts), (DeltaOp::Snapshot, 1, 41, 17));
         assert_eq!(row.key[0].value, Value::Long(5));
-        assert!(matches!(rows.row(&rel(), &[text("5")]), Err(ChangeError::TupleShape { .. })));
+        assert!(matches!(rows.row(&rel(), &mut [text("5")]), Err(ChangeError::TupleShape { .. })));
     }
 }

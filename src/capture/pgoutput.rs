@@ -11,8 +11,19 @@
 //!
 //! Streaming (`S`, `E`, `c`, `A`) and two-phase messages belong to later
 //! protocol versions and are reported as [`DecodeError::UnknownTag`].
+//!
+//! Column values of [`SHARED_VALUE_BYTES`] or more are not copied: they are slices of the
+//! payload's own buffer. A 100 MB `bytea` arrives as 200 MB of hex text; copying it would
+//! hold both, and once the payload is dropped the slice owns the buffer alone, so that
+//! [`crate::contract::value::bytea_from_hex_in_place`] can decode it where it lies.
+
+use bytes::Bytes;
 
 use crate::byte_reader::{ByteReader, Truncated};
+
+/// Values at least this long share the payload's buffer; shorter ones are copied, so that a
+/// large value is the only handle on that buffer once the payload is gone.
+pub const SHARED_VALUE_BYTES: usize = 64 * 1024;
 
 /// A WAL position (log sequence number).
 pub type Lsn = u64;
@@ -95,9 +106,9 @@ pub enum TupleValue {
     /// A TOASTed value that did not change; its content is not sent.
     UnchangedToast,
     /// The value in the type's text output format.
-    Text(Vec<u8>),
+    Text(Bytes),
     /// The value in the type's binary format.
-    Binary(Vec<u8>),
+    Binary(Bytes),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,7 +160,7 @@ fn describe_tag(tag: u8) -> &'static str {
 }
 
 /// Decodes one pgoutput payload (the data of one XLogData message).
-pub fn decode(payload: &[u8]) -> Result<PgOutputMessage, DecodeError> {
+pub fn decode(payload: &Bytes) -> Result<PgOutputMessage, DecodeError> {
     let mut r = ByteReader::new(payload);
     let tag = r.u8("message tag").map_err(|_| DecodeError::Empty)?;
     let (what, msg) = match tag {
@@ -158,9 +169,9 @@ pub fn decode(payload: &[u8]) -> Result<PgOutputMessage, DecodeError> {
         b'O' => ("Origin", decode_origin(&mut r)?),
         b'R' => ("Relation", decode_relation(&mut r)?),
         b'Y' => ("Type", decode_type(&mut r)?),
-        b'I' => ("Insert", decode_insert(&mut r)?),
-        b'U' => ("Update", decode_update(&mut r)?),
-        b'D' => ("Delete", decode_delete(&mut r)?),
+        b'I' => ("Insert", decode_insert(&mut r, payload)?),
+        b'U' => ("Update", decode_update(&mut r, payload)?),
+        b'D' => ("Delete", decode_delete(&mut r, payload)?),
         b'T' => ("Truncate", decode_truncate(&mut r)?),
         b'M' => ("Message", decode_message(&mut r)?),
         other => return Err(DecodeError::UnknownTag(other)),
@@ -215,21 +226,21 @@ fn decode_type(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
     Ok(PgOutputMessage::Type { oid: r.u32("Type OID")?, namespace: text(r, "Type namespace")?, name: text(r, "Type name")? })
 }
 
-fn decode_insert(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
+fn decode_insert(r: &mut ByteReader<'_>, src: &Bytes) -> Result<PgOutputMessage, DecodeError> {
     let relation_id = r.u32("Insert relation id")?;
     let marker = r.u8("Insert tuple marker")?;
     if marker != b'N' {
         return Err(DecodeError::UnexpectedMarker { what: "Insert", expected: "'N'", found: marker });
     }
-    Ok(PgOutputMessage::Insert { relation_id, new: decode_tuple(r)? })
+    Ok(PgOutputMessage::Insert { relation_id, new: decode_tuple(r, src)? })
 }
 
-fn decode_update(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
+fn decode_update(r: &mut ByteReader<'_>, src: &Bytes) -> Result<PgOutputMessage, DecodeError> {
     let relation_id = r.u32("Update relation id")?;
     let mut marker = r.u8("Update tuple marker")?;
     let old = match marker {
-        b'K' => Some(OldTuple::Key(decode_tuple(r)?)),
-        b'O' => Some(OldTuple::Full(decode_tuple(r)?)),
+        b'K' => Some(OldTuple::Key(decode_tuple(r, src)?)),
+        b'O' => Some(OldTuple::Full(decode_tuple(r, src)?)),
         _ => None,
     };
     if old.is_some() {
@@ -242,14 +253,14 @@ fn decode_update(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError>
             found: marker,
         });
     }
-    Ok(PgOutputMessage::Update { relation_id, old, new: decode_tuple(r)? })
+    Ok(PgOutputMessage::Update { relation_id, old, new: decode_tuple(r, src)? })
 }
 
-fn decode_delete(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError> {
+fn decode_delete(r: &mut ByteReader<'_>, src: &Bytes) -> Result<PgOutputMessage, DecodeError> {
     let relation_id = r.u32("Delete relation id")?;
     let old = match r.u8("Delete tuple marker")? {
-        b'K' => OldTuple::Key(decode_tuple(r)?),
-        b'O' => OldTuple::Full(decode_tuple(r)?),
+        b'K' => OldTuple::Key(decode_tuple(r, src)?),
+        b'O' => OldTuple::Full(decode_tuple(r, src)?),
         found => return Err(DecodeError::UnexpectedMarker { what: "Delete", expected: "'K' or 'O'", found }),
     };
     Ok(PgOutputMessage::Delete { relation_id, old })
@@ -276,7 +287,7 @@ fn decode_message(r: &mut ByteReader<'_>) -> Result<PgOutputMessage, DecodeError
     Ok(PgOutputMessage::Message { transactional: flags & 1 != 0, lsn, prefix, content })
 }
 
-fn decode_tuple(r: &mut ByteReader<'_>) -> Result<Vec<TupleValue>, DecodeError> {
+fn decode_tuple(r: &mut ByteReader<'_>, src: &Bytes) -> Result<Vec<TupleValue>, DecodeError> {
     let ncols = r.u16("tuple column count")?;
     let mut values = Vec::with_capacity(usize::from(ncols).min(r.remaining()));
     for _ in 0..ncols {
@@ -285,11 +296,11 @@ fn decode_tuple(r: &mut ByteReader<'_>) -> Result<Vec<TupleValue>, DecodeError> 
             b'u' => TupleValue::UnchangedToast,
             b't' => {
                 let len = len_i32(r, "text column length")?;
-                TupleValue::Text(r.take(len, "text column value")?.to_vec())
+                TupleValue::Text(value_bytes(src, r.take(len, "text column value")?))
             }
             b'b' => {
                 let len = len_i32(r, "binary column length")?;
-                TupleValue::Binary(r.take(len, "binary column value")?.to_vec())
+                TupleValue::Binary(value_bytes(src, r.take(len, "binary column value")?))
             }
             other => return Err(DecodeError::UnknownColumnKind(other)),
         };
@@ -305,6 +316,15 @@ impl From<Truncated> for DecodeError {
 }
 
 /// A non-negative Int32 length.
+/// `value`, a part of `src`: shared when large, copied otherwise ([`SHARED_VALUE_BYTES`]).
+fn value_bytes(src: &Bytes, value: &[u8]) -> Bytes {
+    if value.len() >= SHARED_VALUE_BYTES {
+        src.slice_ref(value)
+    } else {
+        Bytes::copy_from_slice(value)
+    }
+}
+
 fn len_i32(r: &mut ByteReader<'_>, what: &'static str) -> Result<usize, DecodeError> {
     let len = r.i32(what)?;
     usize::try_from(len).map_err(|_| DecodeError::InvalidLength { what, len: i64::from(len) })

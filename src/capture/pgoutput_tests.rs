@@ -1,6 +1,24 @@
 use super::*;
 use proptest::prelude::*;
 
+/// The decoder over a copy of `bytes`, for fixtures built as plain byte vectors.
+fn decode(bytes: &[u8]) -> Result<PgOutputMessage, DecodeError> {
+    super::decode(&Bytes::copy_from_slice(bytes))
+}
+
+#[test]
+fn large_values_share_the_payload_and_small_ones_are_copied() {
+    let big = vec![b'a'; SHARED_VALUE_BYTES];
+    let len = i32::try_from(big.len()).unwrap();
+    let payload = Bytes::from(Buf::tag(b'I').u32(1).u8(b'N').u16(2).u8(b't').i32(1).raw(b"7").u8(b't').i32(len).raw(&big).done());
+    let range = payload.as_ptr_range();
+    let PgOutputMessage::Insert { new, .. } = super::decode(&payload).unwrap() else { panic!("not an insert") };
+    let [TupleValue::Text(small), TupleValue::Text(large)] = &new[..] else { panic!("{new:?}") };
+    assert!(range.contains(&large.as_ptr()), "a large value is a slice of the payload");
+    assert!(!range.contains(&small.as_ptr()), "a small value is a copy");
+    assert_eq!((&small[..], &large[..]), (&b"7"[..], &big[..]));
+}
+
 /// Builds payloads the way the server lays them out (network byte order).
 #[derive(Default)]
 struct Buf(Vec<u8>);
@@ -141,10 +159,10 @@ fn row_fixtures() -> Vec<Fixture> {
             PgOutputMessage::Insert {
                 relation_id: 16385,
                 new: vec![
-                    TupleValue::Text(b"1".to_vec()),
+                    TupleValue::Text(Bytes::from_static(b"1")),
                     TupleValue::Null,
-                    TupleValue::Binary(vec![0, 1, 2]),
-                    TupleValue::Text(vec![]),
+                    TupleValue::Binary(Bytes::from_static(&[0, 1, 2])),
+                    TupleValue::Text(Bytes::new()),
                 ],
             },
         ),
@@ -154,7 +172,7 @@ fn row_fixtures() -> Vec<Fixture> {
             PgOutputMessage::Update {
                 relation_id: 16385,
                 old: None,
-                new: vec![TupleValue::Text(b"1".to_vec()), TupleValue::UnchangedToast],
+                new: vec![TupleValue::Text(Bytes::from_static(b"1")), TupleValue::UnchangedToast],
             },
         ),
         (
@@ -162,8 +180,8 @@ fn row_fixtures() -> Vec<Fixture> {
             Buf::tag(b'U').u32(16385).u8(b'K').u16(2).text(b"1").u8(b'n').u8(b'N').u16(2).text(b"2").text(b"b").done(),
             PgOutputMessage::Update {
                 relation_id: 16385,
-                old: Some(OldTuple::Key(vec![TupleValue::Text(b"1".to_vec()), TupleValue::Null])),
-                new: vec![TupleValue::Text(b"2".to_vec()), TupleValue::Text(b"b".to_vec())],
+                old: Some(OldTuple::Key(vec![TupleValue::Text(Bytes::from_static(b"1")), TupleValue::Null])),
+                new: vec![TupleValue::Text(Bytes::from_static(b"2")), TupleValue::Text(Bytes::from_static(b"b"))],
             },
         ),
         (
@@ -171,8 +189,8 @@ fn row_fixtures() -> Vec<Fixture> {
             Buf::tag(b'U').u32(9).u8(b'O').u16(1).text(b"a").u8(b'N').u16(1).text(b"b").done(),
             PgOutputMessage::Update {
                 relation_id: 9,
-                old: Some(OldTuple::Full(vec![TupleValue::Text(b"a".to_vec())])),
-                new: vec![TupleValue::Text(b"b".to_vec())],
+                old: Some(OldTuple::Full(vec![TupleValue::Text(Bytes::from_static(b"a"))])),
+                new: vec![TupleValue::Text(Bytes::from_static(b"b"))],
             },
         ),
         (
@@ -180,13 +198,16 @@ fn row_fixtures() -> Vec<Fixture> {
             Buf::tag(b'D').u32(16385).u8(b'K').u16(2).text(b"2").u8(b'n').done(),
             PgOutputMessage::Delete {
                 relation_id: 16385,
-                old: OldTuple::Key(vec![TupleValue::Text(b"2".to_vec()), TupleValue::Null]),
+                old: OldTuple::Key(vec![TupleValue::Text(Bytes::from_static(b"2")), TupleValue::Null]),
             },
         ),
         (
             "delete with full old row",
             Buf::tag(b'D').u32(5).u8(b'O').u16(1).bin(b"\xff").done(),
-            PgOutputMessage::Delete { relation_id: 5, old: OldTuple::Full(vec![TupleValue::Binary(vec![0xff])]) },
+            PgOutputMessage::Delete {
+                relation_id: 5,
+                old: OldTuple::Full(vec![TupleValue::Binary(Bytes::from_static(&[0xff]))]),
+            },
         ),
     ]
 }

@@ -23,13 +23,15 @@
 //! - *Bounded memory.* The inbox counts consecutive acknowledgements of one transaction in
 //!   one entry, so it holds about one entry per transaction in flight (a 1,000,000-row
 //!   transaction takes a few), never more than one per record librdkafka holds; and
-//!   librdkafka's queue is bounded (`queue.buffering.max.messages`, `.kbytes`): when it is
-//!   full, [`Publisher::send`] waits for outcomes. Deltas are encoded into one reused buffer
+//!   librdkafka's queue is bounded (`queue.buffering.max.messages`, and `.kbytes` at
+//!   32 MiB rather than librdkafka's 1 GiB, so a large row's fragments wait for
+//!   acknowledgements instead of piling up): when it is full, [`Publisher::send`] waits for
+//!   outcomes. Deltas are encoded into one reused buffer
 //!   that librdkafka copies.
 //! - *Any row fits.* A delta whose encoding exceeds `--fragment-bytes` goes out as
-//!   fragments ([`crate::contract::fragment`]): consecutive records with the delta's key
-//!   (so its partition, in order), each a slice of the encoding written straight from the
-//!   delta into the reused buffer, so no second whole copy of a large value is made. They
+//!   fragments ([`crate::contract::fragment`]): consecutive records in the delta's partition
+//!   ([`partition_of`]), each a slice of the encoding written straight from the delta into
+//!   the reused buffer, so no second whole copy of a large value is made. They
 //!   count as records of the transaction like any other: the flush position passes the
 //!   transaction only once Kafka acknowledged every fragment.
 //! - *A refusal says what was refused.* The error names the table, the transaction's commit
@@ -57,7 +59,7 @@ use super::error::CaptureError;
 use super::flush::{FlushLsnTracker, Lsn, TxHandle};
 use crate::config::KafkaSettings;
 use crate::contract::fragment::{
-    encode_bounded, encode_window, fragment_count, FragmentHeader, DEFAULT_FRAGMENT_BYTES, FRAGMENT_HEADER,
+    encode_bounded, encode_window, fragment_count, fragment_key, FragmentHeader, DEFAULT_FRAGMENT_BYTES, FRAGMENT_HEADER,
 };
 use crate::contract::{delta_kafka_key, Delta, DeltaOp, TOMBSTONE_DELTA_HEADER};
 use crate::kafka::{self, ClientRole, MetricsContext};
@@ -314,6 +316,7 @@ impl Publisher {
         let mut payload = std::mem::take(&mut self.payload);
         let len = encode_bounded(delta, self.fragment_bytes, &mut payload);
         let key = delta_kafka_key(&delta.table, &delta.key);
+        let partition = Some(partition.unwrap_or_else(|| partition_of(&key, self.partitions)));
         let mut result = if len > self.fragment_bytes {
             self.send_fragments(delta, &key, len, partition, tx, &mut payload).await
         } else {
@@ -339,8 +342,9 @@ impl Publisher {
         Ok(())
     }
 
-    /// Sends `delta`, whose encoding is `len` bytes, as consecutive fragments with its key;
-    /// each is encoded into `buffer` just before it is handed on.
+    /// Sends `delta`, whose encoding is `len` bytes, as consecutive fragments to its
+    /// partition, each with a key of its own ([`fragment_key`]); each is encoded into
+    /// `buffer` just before it is handed on.
     async fn send_fragments(
         &mut self,
         delta: &Delta,
@@ -363,7 +367,8 @@ impl Publisher {
             header.index = u32::try_from(i).unwrap_or(u32::MAX);
             encode_window(delta, i * size, (i + 1) * size, buffer);
             let encoded = header.encode();
-            self.send_record(key, Some(buffer), Some((FRAGMENT_HEADER, &encoded)), partition, tx).await?;
+            let key = fragment_key(key, &header);
+            self.send_record(&key, Some(buffer), Some((FRAGMENT_HEADER, &encoded)), partition, tx).await?;
             self.fragments_sent.increment(1);
         }
         Ok(())
@@ -405,6 +410,16 @@ impl Publisher {
             }
         }
     }
+}
+
+/// The partition of a record keyed `key`: the CRC-32 of the key modulo the partition count,
+/// which is what librdkafka's default partitioner (`consistent_random`) picks for a
+/// non-empty key, so rows stay in the partitions they always had. Capture names it on every
+/// record because a delta's fragments have keys of their own and must still land in the
+/// delta's partition, whatever `partitioner` a user sets.
+pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
+    let n = u32::try_from(partitions.max(1)).unwrap_or(1);
+    i32::try_from(crc32fast::hash(key) % n).unwrap_or(0)
 }
 
 /// The error for a record Kafka refused: which table, transaction and partition, and for
@@ -490,7 +505,9 @@ impl Publisher {
         };
         let mut header = Vec::with_capacity(128);
         crate::contract::codec::encode_delta_into(&moved, &mut header);
-        self.send_record(&delta_kafka_key(&update.table, old_key), None, Some((TOMBSTONE_DELTA_HEADER, &header)), None, tx).await
+        let key = delta_kafka_key(&update.table, old_key);
+        let partition = Some(partition_of(&key, self.partitions));
+        self.send_record(&key, None, Some((TOMBSTONE_DELTA_HEADER, &header)), partition, tx).await
     }
 }
 

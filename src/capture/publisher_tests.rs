@@ -100,3 +100,43 @@ async fn a_record_too_large_names_its_table_and_the_settings() {
     assert!(text.contains("public.blobs") && text.contains("0/12C") && text.contains("--fragment-bytes"), "{text}");
     assert_eq!(p.tracker().flushed(), 10);
 }
+
+/// Capture names every record's partition itself ([`partition_of`]); it is the partition
+/// librdkafka's default partitioner picks for the same key, so rows stay where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_are_the_ones_librdkafka_picks_by_default() {
+    use rdkafka::producer::{BaseProducer, BaseRecord};
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("keys", 7, 1).unwrap();
+    let producer: BaseProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", mock.bootstrap_servers()).create().unwrap();
+    let keys: Vec<Vec<u8>> = (0..200)
+        .map(|i| {
+            crate::contract::delta_kafka_key(
+                "public.t",
+                &[Column { name: "id".into(), type_name: "int8".into(), value: Value::Long(i), unchanged: false }],
+            )
+        })
+        .collect();
+    for key in &keys {
+        producer.send(BaseRecord::<[u8], [u8]>::to("keys").key(key).payload(b"x")).map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .set("group.id", "check")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    rdkafka::consumer::Consumer::subscribe(&consumer, &["keys"]).unwrap();
+    let mut seen = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while seen < keys.len() {
+        assert!(std::time::Instant::now() < deadline, "read {seen} of {} records", keys.len());
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let m = m.unwrap();
+        let key = rdkafka::Message::key(&m).unwrap();
+        assert_eq!(rdkafka::Message::partition(&m), partition_of(key, 7), "key {:?}", String::from_utf8_lossy(key));
+        seen += 1;
+    }
+}

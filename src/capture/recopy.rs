@@ -24,7 +24,10 @@
 //!    when nothing is copied: above every change of the transaction, below every later
 //!    commit) removes the table's rows older than it on devices, and the table itself when
 //!    nothing newer is left: older deltas of it, replayed or late from another partition,
-//!    do not bring it back; a new table of that name, later, does.
+//!    do not bring it back; a new table of that name, later, does. A table whose key
+//!    changed is both dropped, at `C − 2` (still above every commit before `C`: a commit
+//!    record is longer than two bytes), and copied: devices drop it, then make it anew
+//!    from the copy's rows, keyed as the table is now.
 //! 4. The copy's deltas and the drops belong to the statement's transaction in the flush
 //!    tracker: the slot's flush position passes `D` only once Kafka has acknowledged them
 //!    all. A capture stopped before that reads the transaction again and copies again
@@ -121,8 +124,11 @@ impl DdlFollower {
         // Point 1 of the module doc.
         let version = copy.as_ref().map_or(end_lsn, |c| c.consistent_point).saturating_sub(1);
         for table in &changes.drop {
-            tracing::info!(table = %table, at = %replication::format_lsn(version), "table left the publication; dropping it on devices");
-            let delta = drop_delta(table, version);
+            // A table also copied (its key changed) is dropped just before its copy, which
+            // makes it anew on devices with the new key.
+            let at = if changes.copy.contains(table) { version.saturating_sub(1) } else { version };
+            tracing::info!(table = %table, at = %replication::format_lsn(at), "table left the publication or changed its key; dropping it on devices");
+            let delta = drop_delta(table, at);
             for partition in 0..publisher.partitions() {
                 publisher.send(&delta, Some(partition), tx).await?;
             }

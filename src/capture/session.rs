@@ -238,6 +238,8 @@ impl Streaming<'_> {
             ReplicationEvent::XLogData { wal_start, data, .. } => {
                 let mut message = pgoutput::decode(&data)?;
                 self.received_bytes.increment(data.len() as u64);
+                // A large value's buffer then belongs to the message alone (see pgoutput).
+                drop(data);
                 match &mut message {
                     PgOutputMessage::Relation(rel) => key_by_primary_key(&self.monitor, rel).await?,
                     PgOutputMessage::Message { transactional: false, prefix, .. }

@@ -27,6 +27,7 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::changes::RowDeltas;
@@ -211,8 +212,11 @@ impl<'a> TableCopier<'a> {
         for message in fetched {
             let SimpleQueryMessage::Row(row) = message else { continue };
             values.clear();
-            values.extend((0..row.len()).map(|i| row.get(i).map_or(TupleValue::Null, |v| TupleValue::Text(v.into()))));
-            let delta = self.deltas.row(relation, &values)?;
+            values.extend(
+                (0..row.len())
+                    .map(|i| row.get(i).map_or(TupleValue::Null, |v| TupleValue::Text(Bytes::copy_from_slice(v.as_bytes())))),
+            );
+            let delta = self.deltas.row(relation, &mut values)?;
             self.publisher.send(&delta, None, self.tx).await?;
             rows += 1;
         }

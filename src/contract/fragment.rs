@@ -16,8 +16,11 @@
 //! whole copy of a large value. A reader that does not know the header finds a value that is
 //! not a delta and rejects it, as it would any undecodable record.
 //!
-//! The fragments of a delta have the delta's own Kafka key, so they land in its partition
-//! in order, between the row's earlier and later versions. No checksum is added: Kafka
+//! The fragments of a delta go to the delta's partition, in order, between the row's earlier
+//! and later versions. Each has a Kafka key of its own ([`fragment_key`]): the last one the
+//! delta's key, the others that key with their index. With the delta's key on every
+//! fragment, a compacted topic would keep only the last one, and a rebuild would lack the
+//! row; with its own key, each slice of the row's newest version is kept. No checksum is added: Kafka
 //! checks every record batch (CRC-32C), the length is checked on reassembly, and the
 //! reassembled bytes must decode as a delta.
 
@@ -106,6 +109,22 @@ pub fn encode_window(delta: &Delta, start: usize, end: usize, out: &mut Vec<u8>)
     write_delta(delta, &mut Window { out, start, end, pos: 0 });
 }
 
+/// The Kafka key of the fragment `header` of a delta keyed `key`: the delta's own key for
+/// the last fragment, so that it supersedes the row's earlier records as a whole delta
+/// would; for the others, `key`, the byte 0x1e and the index in decimal. No delta key ends
+/// that way (each ends with a whole canonical value: see [`super::delta_kafka_key`]), so a
+/// fragment's key never stands for a row. A fragment of an older version that a newer one
+/// does not overwrite (it had more slices, or the row became small or was deleted) stays in
+/// a compacted topic; a device drops it as an incomplete set.
+pub fn fragment_key(key: &[u8], header: &FragmentHeader) -> Vec<u8> {
+    let mut out = key.to_vec();
+    if !header.is_last() {
+        out.push(0x1e);
+        out.extend_from_slice(header.index.to_string().as_bytes());
+    }
+    out
+}
+
 /// How many fragments of at most `fragment_bytes` an encoding of `len` bytes takes.
 pub fn fragment_count(len: usize, fragment_bytes: usize) -> usize {
     len.div_ceil(fragment_bytes.max(1))
@@ -143,6 +162,13 @@ mod tests {
     use super::*;
     use crate::contract::codec::encode_delta;
     use crate::contract::delta_reader::tests::delta;
+
+    #[test]
+    fn each_fragment_has_its_own_key_and_the_last_has_the_rows() {
+        let header = |index| FragmentHeader { commit_lsn: 1, seq: 0, index, count: 3, total_len: 9 };
+        let keys: Vec<Vec<u8>> = (0..3).map(|i| fragment_key(b"public.t\x1fid=i1", &header(i))).collect();
+        assert_eq!(keys, [&b"public.t\x1fid=i1\x1e0"[..], b"public.t\x1fid=i1\x1e1", b"public.t\x1fid=i1"]);
+    }
 
     proptest! {
         /// The fragments, in order, are exactly the whole encoding; a delta within the

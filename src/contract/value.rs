@@ -8,6 +8,7 @@
 
 use std::fmt::Write as _;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Deserialized from the Avro union by branch name; serialized by hand so that each
@@ -88,6 +89,22 @@ impl Value {
         })
     }
 
+    /// [`from_pg_text`](Self::from_pg_text) for text that arrived as bytes, taking them:
+    /// a `bytea` value is decoded where it lies when `text` is the only handle on its
+    /// buffer ([`bytea_from_hex_in_place`]). Text that is not valid for the type is kept
+    /// as a string, lossily where it is not UTF-8.
+    pub fn from_pg_text_bytes(type_name: &str, text: Bytes) -> Value {
+        let text = match ValueKind::of_pg_type(type_name) {
+            ValueKind::Bytes => match bytea_from_hex_in_place(text) {
+                Ok(bytes) => return Value::Bytes(bytes),
+                Err(text) => text,
+            },
+            _ => text,
+        };
+        let text = String::from_utf8_lossy(&text);
+        Value::from_pg_text(type_name, &text).unwrap_or_else(|_| Value::String(text.into_owned()))
+    }
+
     /// The text PostgreSQL accepts for this value as input to `$n::text::type`, or `None`
     /// for SQL NULL. Bytes are accepted only for `bytea` columns (hex form).
     pub fn to_pg_text(&self, type_kind: ValueKind) -> Result<Option<String>, &'static str> {
@@ -139,7 +156,30 @@ fn decode_bytea_hex(text: &str) -> Option<Vec<u8>> {
     if hex.len() % 2 != 0 {
         return None;
     }
-    hex.chunks_exact(2).map(|pair| Some((hex_digit(pair[0])? << 4) | hex_digit(pair[1])?)).collect()
+    let mut out = Vec::with_capacity(hex.len() / 2);
+    for pair in hex.chunks_exact(2) {
+        out.push((hex_digit(pair[0])? << 4) | hex_digit(pair[1])?);
+    }
+    Some(out)
+}
+
+/// `bytea` hex text (`\x…`) decoded in its own buffer, byte `i` written over the text
+/// already read (hex digits `2 + 2i` and `3 + 2i`), so that no second buffer is needed.
+/// The returned vector keeps the text's allocation. `Err` gives `text` back when it is not
+/// hex or other handles share its buffer.
+pub fn bytea_from_hex_in_place(text: Bytes) -> Result<Vec<u8>, Bytes> {
+    let is_hex = text.strip_prefix(b"\\x").is_some_and(|hex| hex.len() % 2 == 0 && hex.iter().all(|c| hex_digit(*c).is_some()));
+    if !is_hex {
+        return Err(text);
+    }
+    let mut buf = text.try_into_mut()?;
+    let len = (buf.len() - 2) / 2;
+    for i in 0..len {
+        let (high, low) = (buf[2 + 2 * i], buf[3 + 2 * i]);
+        buf[i] = (hex_digit(high).unwrap_or(0) << 4) | hex_digit(low).unwrap_or(0);
+    }
+    buf.truncate(len);
+    Ok(Vec::from(buf))
 }
 
 fn hex_digit(c: u8) -> Option<u8> {
@@ -237,6 +277,38 @@ mod tests {
             let back = v.to_pg_text(ValueKind::of_pg_type(ty)).unwrap().unwrap();
             assert_eq!(Value::from_pg_text(ty, &back).unwrap(), expected);
         }
+    }
+
+    #[test]
+    fn bytea_is_decoded_where_it_lies() {
+        let bytes: Vec<u8> = (0..=255u8).chain([0, 255, 16]).collect();
+        let text = encode_bytea_hex(&bytes);
+        // A value at the end of a larger buffer (a replication frame), the frame dropped.
+        let mut frame = b"header bytes".to_vec();
+        frame.extend_from_slice(text.as_bytes());
+        let frame = Bytes::from(frame);
+        let start = frame.as_ptr();
+        let value = frame.slice(12..);
+        drop(frame);
+        let decoded = bytea_from_hex_in_place(value).unwrap();
+        assert_eq!(decoded, bytes);
+        assert_eq!(decoded.as_ptr(), start, "decoded in the frame's own buffer, not a copy");
+        // Upper-case digits too, and the empty value.
+        assert_eq!(bytea_from_hex_in_place(Bytes::from(b"\\x0A".to_vec())).unwrap(), [10]);
+        assert_eq!(bytea_from_hex_in_place(Bytes::from(b"\\x".to_vec())).unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn bytea_that_is_shared_or_not_hex_is_given_back_untouched() {
+        let frame = Bytes::from(b"\\x00ff".to_vec());
+        let other = frame.clone();
+        assert_eq!(bytea_from_hex_in_place(frame).unwrap_err(), other);
+        for text in [&b"\\x0"[..], b"\\x0g", b"00ff", b""] {
+            let given = Bytes::from(text.to_vec());
+            assert_eq!(bytea_from_hex_in_place(given).unwrap_err(), text);
+        }
+        assert_eq!(Value::from_pg_text_bytes("bytea", Bytes::from_static(b"\\x0g")), Value::String("\\x0g".into()));
+        assert_eq!(Value::from_pg_text_bytes("int8", Bytes::from_static(b"-7")), Value::Long(-7));
     }
 
     #[test]

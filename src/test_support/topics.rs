@@ -1,12 +1,16 @@
 //! What a [`Pipeline`]'s topics hold.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::pipeline::Pipeline;
 use super::wait::{Deadline, TIMEOUT};
+use crate::config::KafkaSettings;
+use crate::contract::fragment::FRAGMENT_HEADER;
 use crate::contract::TOMBSTONE_DELTA_HEADER;
 use crate::kafka::{self, ClientRole};
 
@@ -17,6 +21,8 @@ pub struct TopicRecord {
     pub payload: Option<Vec<u8>>,
     /// The delta a tombstone carries in its header.
     pub header: Option<Vec<u8>>,
+    /// A fragment's header ([`FRAGMENT_HEADER`]).
+    pub fragment: Option<Vec<u8>>,
 }
 
 impl Pipeline {
@@ -36,17 +42,52 @@ impl Pipeline {
         while (out.len() as i64) < total {
             assert!(!deadline.passed(), "read {} of {total} records", out.len());
             let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) else { continue };
-            let header = m
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == TOMBSTONE_DELTA_HEADER).and_then(|h| h.value.map(<[u8]>::to_vec)));
+            let header =
+                |name: &str| m.headers().and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value.map(<[u8]>::to_vec)));
             out.push(TopicRecord {
                 partition: m.partition(),
                 key: m.key().unwrap_or_default().to_vec(),
                 payload: m.payload().map(<[u8]>::to_vec),
-                header,
+                header: header(TOMBSTONE_DELTA_HEADER),
+                fragment: header(FRAGMENT_HEADER),
             });
         }
         out
+    }
+
+    /// What compaction leaves of `records`: the newest record of each key in each partition,
+    /// without the tombstones once `drop_tombstones` (after `delete.retention.ms`), written
+    /// to a deltas topic of its own; returns that topic's prefix.
+    pub async fn compacted_copy(&self, records: &[TopicRecord], drop_tombstones: bool, name: &str) -> String {
+        let mut newest: HashMap<(i32, &[u8]), usize> = HashMap::new();
+        for (i, r) in records.iter().enumerate() {
+            newest.insert((r.partition, r.key.as_slice()), i);
+        }
+        let mut kept: Vec<usize> = newest.into_values().collect();
+        kept.sort_unstable();
+        let prefix = format!("{}{name}.", self.kafka.topic_prefix);
+        let settings = KafkaSettings { topic_prefix: prefix.clone(), ..self.kafka.clone() };
+        kafka::ensure_pipeline_topics(&settings).await.unwrap();
+        let producer: FutureProducer = kafka::client_config(&settings, ClientRole::Producer).create().unwrap();
+        let topic = settings.topics().deltas;
+        for r in kept.into_iter().map(|i| &records[i]) {
+            if drop_tombstones && r.payload.is_none() {
+                continue;
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).partition(r.partition).key(&r.key);
+            if let Some(v) = &r.payload {
+                record = record.payload(v);
+            }
+            let mut headers = OwnedHeaders::new();
+            for (key, value) in [(TOMBSTONE_DELTA_HEADER, &r.header), (FRAGMENT_HEADER, &r.fragment)] {
+                if let Some(value) = value {
+                    headers = headers.insert(Header { key, value: Some(value) });
+                }
+            }
+            record = record.headers(headers);
+            producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+        }
+        prefix
     }
 
     /// Number of records in the deltas topic (sum over partitions).

@@ -234,6 +234,32 @@ async fn renamed_dropped_and_unpublished_tables_leave_devices() {
     assert_eq!(names, ["public.ddl_kept", "public.ddl_new"], "device a's tables");
 }
 
+/// A primary key changed while rows are written: devices make the table anew with the new
+/// key from an online copy, so rows only the new key tells apart stay apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_primary_key_reaches_devices() {
+    let mut p = pipeline_with_tables("ddl_pkey", &["ddl_pkey"]).await;
+    let writer = Writer::start(&p, &[&["ddl_pkey"]]).await;
+    let client = p.client().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.batch_execute("ALTER TABLE public.ddl_pkey DROP CONSTRAINT ddl_pkey_pkey, ADD PRIMARY KEY (id, n)").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(writer.finish().await > 0);
+    client
+        .batch_execute(
+            "INSERT INTO public.ddl_pkey (id, n, note) SELECT id, n + 100000, 'twin' FROM public.ddl_pkey WHERE id <= 20",
+        )
+        .await
+        .unwrap();
+    assert_devices_equal_postgres(&mut p).await;
+    for device in ["a", "b"] {
+        let conn = pgfanout::verify::open_store_read_only(&p.store(device)).unwrap();
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('public.ddl_pkey') WHERE pk > 0 ORDER BY pk").unwrap();
+        let key: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        assert_eq!(key, ["id", "n"], "device {device}'s table is keyed as PostgreSQL's");
+    }
+}
+
 /// Published tables besides the one the race test copies: capture reads every published
 /// table's columns under a copy's snapshot before it opens the copy's cursor, so they make
 /// that window long enough to commit a statement in.

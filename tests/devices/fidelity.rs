@@ -2,7 +2,7 @@
 //! a row changes: values in a text that does not depend on the session's settings, TOASTed
 //! values kept across a key change, and the old key forgotten by a compacted topic.
 
-use pgfanout::test_support::{Pipeline, TopicRecord};
+use pgfanout::test_support::Pipeline;
 
 /// The text of one device column, as the device stores it.
 fn device_text(p: &Pipeline, device: &str, sql: &str) -> String {
@@ -188,41 +188,6 @@ async fn a_key_change_keeps_unchanged_toasted_values_on_every_replica_identity()
     p.stop("capture");
 }
 
-/// What compaction leaves of `records`: the newest record of each key in each partition,
-/// without the tombstones once `drop_tombstones` (after `delete.retention.ms`), written to a
-/// deltas topic of its own; returns that topic's prefix.
-async fn compacted_copy(p: &Pipeline, records: &[TopicRecord], drop_tombstones: bool, name: &str) -> String {
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let mut newest: std::collections::HashMap<(i32, &[u8]), usize> = std::collections::HashMap::new();
-    for (i, r) in records.iter().enumerate() {
-        newest.insert((r.partition, r.key.as_slice()), i);
-    }
-    let mut kept: Vec<usize> = newest.into_values().collect();
-    kept.sort_unstable();
-    let prefix = format!("{}{name}.", p.kafka.topic_prefix);
-    let settings = pgfanout::config::KafkaSettings { topic_prefix: prefix.clone(), ..p.kafka.clone() };
-    pgfanout::kafka::ensure_pipeline_topics(&settings).await.unwrap();
-    let producer: FutureProducer =
-        pgfanout::kafka::client_config(&settings, pgfanout::kafka::ClientRole::Producer).create().unwrap();
-    let topic = settings.topics().deltas;
-    for r in kept.into_iter().map(|i| &records[i]) {
-        if drop_tombstones && r.payload.is_none() {
-            continue;
-        }
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).partition(r.partition).key(&r.key);
-        if let Some(v) = &r.payload {
-            record = record.payload(v);
-        }
-        if let Some(h) = &r.header {
-            record = record
-                .headers(OwnedHeaders::new().insert(Header { key: pgfanout::contract::TOMBSTONE_DELTA_HEADER, value: Some(h) }));
-        }
-        producer.send(record, std::time::Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
-    }
-    prefix
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_change_leaves_a_tombstone_so_a_compacted_topic_never_brings_the_old_row_back() {
     use pgfanout::contract::{codec::decode_delta, delta_kafka_key, Column, DeltaOp, Value};
@@ -277,7 +242,7 @@ async fn a_key_change_leaves_a_tombstone_so_a_compacted_topic_never_brings_the_o
     // old keys stay gone, every column equals PostgreSQL.
     let expected = p.postgres_rows().await;
     for (name, drop_tombstones) in [("compacted", false), ("cleaned", true)] {
-        let prefix = compacted_copy(&p, &records, drop_tombstones, name).await;
+        let prefix = p.compacted_copy(&records, drop_tombstones, name).await;
         let store = p.store(name).to_string_lossy().into_owned();
         let out = p.run_cli(&["rebuild", "--id", name, "--store", &store, "--topic-prefix", &prefix]).await;
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -17,6 +17,8 @@ use crate::contract::PG_EPOCH_OFFSET_MICROS;
 /// data plus a little framing).
 const MAX_MESSAGE_LEN: usize = (1 << 30) + 64 * 1024;
 pub(super) const READ_CHUNK: usize = 64 * 1024;
+/// Messages this large own their buffer (see [`Conn::try_frame`]).
+const LARGE_MESSAGE: usize = 1 << 20;
 
 pub(super) trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
@@ -50,7 +52,16 @@ impl Conn {
             self.rbuf.reserve(total - self.rbuf.len());
             return Ok(None);
         }
-        let mut body = self.rbuf.split_to(total).freeze();
+        let mut body = if total >= LARGE_MESSAGE {
+            // The message takes the buffer with it and the few bytes read past it move to a
+            // new one: a split would leave the read buffer sharing (and keeping alive) the
+            // message's allocation, and values decoded in place need it unshared.
+            let rest = BytesMut::from(&self.rbuf[total..]);
+            self.rbuf.truncate(total);
+            std::mem::replace(&mut self.rbuf, rest).freeze()
+        } else {
+            self.rbuf.split_to(total).freeze()
+        };
         body.advance(5);
         Ok(Some(Frame { tag: header.tag(), body }))
     }

@@ -12,14 +12,13 @@
 //!   after a crash the device resumes at the first fragment it has not staged, with the
 //!   earlier ones still there. A capture that restarts mid-delta sends the whole delta
 //!   again: its slices replace the staged ones of the same version and index.
-//! - *Compaction cannot leave a partial row.* Fragments share the row's Kafka key, so a
-//!   compacted topic may keep only some of them (Kafka keeps the last record of a key: the
-//!   final fragment of the row's newest version, or a later version). Fragments of one delta
-//!   are consecutive in their partition, so when its last fragment arrives the set is
-//!   complete or never will be: an incomplete set is dropped, not applied, and the row keeps
-//!   what an older or newer complete version gave it. A rebuild from a compacted topic
-//!   therefore lacks a row whose newest version was fragmented until that row changes
-//!   again (`verify` names it; copy a device's store or re-snapshot).
+//! - *Compaction keeps a row's newest version whole.* Each fragment has a key of its own
+//!   (the last one the row's key), so a compacted topic keeps every slice of the row's
+//!   newest version, in order. It may also keep slices of an older version that no newer
+//!   one overwrote: they form a set whose last fragment never comes. Fragments of one
+//!   delta are consecutive in their partition, so when a last fragment arrives its set is
+//!   complete or never will be: an incomplete set is dropped, not applied, and the row
+//!   keeps what an older or newer complete version gave it.
 //! - *Nothing stays staged for ever.* A watermark `W` in a partition follows every delta of
 //!   every transaction committed before `W`, with all its fragments: a set of such a
 //!   delta still incomplete at `W` can no longer complete, and is dropped.
