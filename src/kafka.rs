@@ -57,9 +57,10 @@ pub fn client_config(settings: &KafkaSettings, role: ClientRole<'_>) -> ClientCo
                 .set("acks", "all")
                 .set("linger.ms", "5")
                 .set("compression.type", "lz4")
-                // At most 32 MiB waiting in librdkafka (its default is 1 GiB): a large row's
-                // fragments are held back until earlier ones are acknowledged.
-                .set("queue.buffering.max.kbytes", "32768")
+                // At most 128 MiB waiting in librdkafka (its default is 1 GiB): a large row's
+                // fragments are held back until earlier ones are acknowledged. Less costs
+                // large rows throughput when one request is in flight (BENCHMARKS.md).
+                .set("queue.buffering.max.kbytes", "131072")
                 // A record not acknowledged in 30 s fails back to the caller, which retries
                 // it (executor) or restarts from its last safe position (capture), rather
                 // than waiting on librdkafka's own 5-minute default.

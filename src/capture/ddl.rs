@@ -11,7 +11,7 @@
 //! *transactional* logical message `pgfanout.ddl` in the statement's own transaction:
 //! tables that left a publication under a name (dropped, renamed, removed from it) and
 //! tables to copy again (columns added, renamed, retyped or dropped; renamed; joined the
-//! publication). Capture therefore reads it at the statement's commit, in WAL order with
+//! publication; a new key, when the table is also dropped first). Capture therefore reads it at the statement's commit, in WAL order with
 //! every change around it, and a statement rolled back says nothing.
 //!
 //! What capture does with it ([`super::recopy`]): a `drop` delta for each table gone, and

@@ -24,7 +24,7 @@
 //!   one entry, so it holds about one entry per transaction in flight (a 1,000,000-row
 //!   transaction takes a few), never more than one per record librdkafka holds; and
 //!   librdkafka's queue is bounded (`queue.buffering.max.messages`, and `.kbytes` at
-//!   32 MiB rather than librdkafka's 1 GiB, so a large row's fragments wait for
+//!   128 MiB rather than librdkafka's 1 GiB, so a large row's fragments wait for
 //!   acknowledgements instead of piling up): when it is full, [`Publisher::send`] waits for
 //!   outcomes. Deltas are encoded into one reused buffer
 //!   that librdkafka copies.

@@ -165,8 +165,9 @@ fn decode_bytea_hex(text: &str) -> Option<Vec<u8>> {
 
 /// `bytea` hex text (`\x…`) decoded in its own buffer, byte `i` written over the text
 /// already read (hex digits `2 + 2i` and `3 + 2i`), so that no second buffer is needed.
-/// The returned vector keeps the text's allocation. `Err` gives `text` back when it is not
-/// hex or other handles share its buffer.
+/// The returned vector keeps the text's allocation; the pages of its unused second half go
+/// back to the kernel ([`release_spare_pages`]). `Err` gives `text` back when it is not hex
+/// or other handles share its buffer.
 pub fn bytea_from_hex_in_place(text: Bytes) -> Result<Vec<u8>, Bytes> {
     let is_hex = text.strip_prefix(b"\\x").is_some_and(|hex| hex.len() % 2 == 0 && hex.iter().all(|c| hex_digit(*c).is_some()));
     if !is_hex {
@@ -179,7 +180,34 @@ pub fn bytea_from_hex_in_place(text: Bytes) -> Result<Vec<u8>, Bytes> {
         buf[i] = (hex_digit(high).unwrap_or(0) << 4) | hex_digit(low).unwrap_or(0);
     }
     buf.truncate(len);
-    Ok(Vec::from(buf))
+    let mut bytes = Vec::from(buf);
+    release_spare_pages(&mut bytes);
+    Ok(bytes)
+}
+
+/// Tells the kernel that the whole pages of `bytes`' spare capacity hold nothing, so they
+/// stop counting in the process's memory until written again. Only for a megabyte or more:
+/// below that the call costs more than it saves.
+fn release_spare_pages(bytes: &mut Vec<u8>) {
+    let spare = bytes.spare_capacity_mut();
+    if spare.len() < 1 << 20 {
+        return;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
+    if page == 0 {
+        return;
+    }
+    let start = spare.as_mut_ptr() as usize;
+    let first = start.next_multiple_of(page);
+    let last = (start + spare.len()) / page * page;
+    if last > first {
+        // SAFETY: [first, last) lies within this vector's allocation, past its length: memory
+        // the vector owns and holds nothing in. MADV_DONTNEED on private anonymous memory
+        // only makes those pages read as zeros when touched again, which uninitialized
+        // capacity may.
+        unsafe { libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_DONTNEED) };
+    }
 }
 
 fn hex_digit(c: u8) -> Option<u8> {

@@ -260,6 +260,37 @@ async fn a_changed_primary_key_reaches_devices() {
     }
 }
 
+/// Capture SIGKILLed twice in the middle of copying a table again after DDL, writes going
+/// on: each next capture reads the statement's transaction again from its slot and copies
+/// again, and devices end with PostgreSQL's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_killed_in_the_middle_of_a_copy_copies_again() {
+    let mut p = pipeline_with_tables("ddl_kill", &["ddl_kill"]).await;
+    let client = p.client().await;
+    client
+        .batch_execute("INSERT INTO public.ddl_kill SELECT g, g, 'bulk ' || g, g FROM generate_series(20000, 150000) g")
+        .await
+        .unwrap();
+    let writer = Writer::start(&p, &[&["ddl_kill"]]).await;
+    client.batch_execute("ALTER TABLE public.ddl_kill ADD COLUMN seven int DEFAULT 7").await.unwrap();
+    let log = p.log("capture");
+    let copies = || std::fs::read_to_string(&log).unwrap_or_default().matches("copying it again").count();
+    for killed in 1..=2 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while copies() < killed {
+            assert!(std::time::Instant::now() < deadline, "capture never began copy {killed}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        p.kill("capture");
+        p.start_capture().await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(writer.finish().await > 0);
+    assert_devices_equal_postgres(&mut p).await;
+    assert!(copies() >= 3, "the copy ran again after each kill");
+}
+
 /// Published tables besides the one the race test copies: capture reads every published
 /// table's columns under a copy's snapshot before it opens the copy's cursor, so they make
 /// that window long enough to commit a statement in.

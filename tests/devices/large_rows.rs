@@ -65,9 +65,9 @@ async fn wal_insert_position(client: &tokio_postgres::Client) -> i64 {
     client.query_one("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint", &[]).await.unwrap().get(0)
 }
 
-/// Rows of 1 MB and 20 MB, above Kafka's default record limit, reach the device equal to
-/// PostgreSQL, also when a large row changes again; a second device started afterwards
-/// reads them from the topic's history.
+/// Rows of 1 MB, 20 MB and 100 MB, above Kafka's default record limit, reach the device
+/// equal to PostgreSQL, also when a large row changes again; a second device started
+/// afterwards reads them from the topic's history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_larger_than_a_kafka_record_reach_devices_whole() {
     let mut p = Pipeline::new("large_rows").await;
@@ -78,13 +78,14 @@ async fn rows_larger_than_a_kafka_record_reach_devices_whole() {
     write_blob(&client, 1, 1 << 20).await;
     write_blob(&client, 2, 20 << 20).await;
     write_blob(&client, 3, 1000).await;
+    write_blob(&client, 4, 100 << 20).await;
     p.wait_converged(&["a"]).await;
     write_blob(&client, 1, 3 << 20).await; // a newer large version of a row
     client.execute("UPDATE public.blobs SET body = 'small' WHERE id = 2", &[]).await.unwrap();
     p.wait_converged(&["a"]).await;
     p.start_device("b", &[]);
     p.wait_converged(&["a", "b"]).await;
-    assert!(p.store_counter("a", "fragments") >= 20 + 1 + 3, "the rows went out as fragments");
+    assert!(p.store_counter("a", "fragments") >= 20 + 1 + 3 + 100, "the rows went out as fragments");
     p.assert_all_running();
     p.stop("device-a");
     p.stop("device-b");
