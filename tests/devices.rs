@@ -98,6 +98,30 @@ fn committed_positions(p: &Pipeline, group_id: &str) -> BTreeMap<i32, i64> {
     committed.unwrap().into_iter().collect()
 }
 
+/// A device's own Kafka properties reach every client it makes, the first ones included
+/// (the registration check, the topic's bounds): with shared properties that cannot reach
+/// the broker (TLS to a plain listener) and its own that can, a device starts and
+/// converges, and a replay and a rebuild of its store run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devices_own_kafka_properties_serve_every_client_it_makes() {
+    let mut p = Pipeline::new("devprops").await;
+    p.start_executor();
+    p.start_capture().await;
+    let own = ["--kafka-properties", "security.protocol=ssl", "--device-kafka-properties", "security.protocol=plaintext"];
+    p.start_device("a", &own);
+    p.submit_and_wait(&Workload::new(4, "device-a").instructions(100)).await;
+    p.wait_converged(&["a"]).await;
+    p.stop("device-a");
+    let store = p.store("a").to_string_lossy().into_owned();
+    for command in
+        [&["replay", "--device", "a", "--store", &store, "--from", "beginning"][..], &["rebuild", "--id", "a", "--store", &store]]
+    {
+        let out = p.run_cli(&[command, &own[..]].concat()).await;
+        assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(p.device_rows("a").await, p.postgres_rows().await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_reports_its_positions_to_its_consumer_group() {
     let mut p = Pipeline::new("positions").await;

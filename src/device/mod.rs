@@ -96,8 +96,10 @@ impl DeviceSettings {
         self.key.as_ref().or(self.key_file.as_ref())
     }
 
-    /// `kafka_settings` with this device's own properties after the shared ones.
-    fn kafka(&self, kafka_settings: &KafkaSettings) -> KafkaSettings {
+    /// `kafka_settings` with this device's own properties after the shared ones: what every
+    /// client of a device, a replay or a rebuild uses, from the first (the registration
+    /// check, the topic's bounds) to the last.
+    pub(crate) fn kafka(&self, kafka_settings: &KafkaSettings) -> KafkaSettings {
         let mut merged = kafka_settings.clone();
         merged.properties.0.extend(self.kafka_properties.0.iter().cloned());
         merged
@@ -203,12 +205,12 @@ pub(crate) struct Step {
 
 impl Device {
     /// Opens the store (exclusively), assigns every partition at its stored offset.
+    /// `kafka_settings` already carry the device's own properties ([`DeviceSettings::kafka`]).
     pub(crate) fn open(
         kafka_settings: &KafkaSettings,
         settings: &DeviceSettings,
         shutdown: &Shutdown,
     ) -> Result<Device, DeviceError> {
-        let kafka_settings = &settings.kafka(kafka_settings);
         let topic = kafka_settings.topics().deltas;
         let mut store = Store::open(&settings.store)?;
         store.subscribe_to(settings.tables.as_ref().map(|t| t.iter().map(|s| s.trim().to_string()).collect::<HashSet<_>>()));
@@ -384,6 +386,7 @@ fn header<'m>(m: &'m rdkafka::message::OwnedMessage, name: &str) -> Option<&'m [
 /// dedicated thread or `spawn_blocking`. A device that is not registered, retired, or
 /// holds another key than its registered one refuses to start ([`fleet_topic`]).
 pub fn run_blocking(kafka_settings: &KafkaSettings, settings: &DeviceSettings, shutdown: Shutdown) -> Result<(), DeviceError> {
+    let kafka_settings = &settings.kafka(kafka_settings);
     let key = settings.key().ok_or_else(|| DeviceError::NoKey(settings.id.clone()))?;
     let registered = fleet_topic::check_registration_blocking(kafka_settings, &settings.id, key)?;
     let mut device = Device::open(kafka_settings, settings, &shutdown)?;

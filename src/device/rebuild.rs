@@ -35,6 +35,7 @@ pub fn rebuild_blocking(
     shutdown: Shutdown,
 ) -> Result<RebuildReport, DeviceError> {
     let _live = StoreLock::acquire(&settings.store)?;
+    let kafka_settings = &settings.kafka(kafka_settings);
     let (probe, bounds) = topic_bounds(kafka_settings)?;
     let mut ends = HashMap::new();
     for (p, low, high) in bounds {

@@ -77,6 +77,7 @@ pub fn replay_blocking(
     settings: &ReplaySettings,
     shutdown: Shutdown,
 ) -> Result<ReplayReport, DeviceError> {
+    let kafka_settings = &settings.device.kafka(kafka_settings);
     let topic = kafka_settings.topics().deltas;
     let (probe, bounds) = topic_bounds(kafka_settings)?;
     let partitions = bounds.len();
