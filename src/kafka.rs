@@ -503,6 +503,25 @@ pub fn close_consumer<C: rdkafka::consumer::ConsumerContext>(consumer: BaseConsu
     drop(consumer);
 }
 
+/// A partition's low and high watermarks as the consumer last learnt them from a fetch
+/// response, without asking the broker; `None` before the first response.
+pub fn cached_watermarks<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, partition: i32) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; librdkafka only reads its
+    // cached offsets into the two out-parameters, under its own lock.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low, high))
+}
+
 /// True when the client failed for good: a producer that reported this can send nothing
 /// more (an idempotent producer whose sequence the broker refused); only a new producer can
 /// go on.

@@ -242,21 +242,32 @@ impl Device {
     }
 
     /// Publishes the lag per partition (records between the position and the topic's end).
+    /// While records arrive, the topic's end is the one librdkafka learnt from its last fetch
+    /// response: asking the broker (ListOffsets) blocked the apply loop on a round trip per
+    /// partition every few seconds. Once none arrived for half of [`STALL`], the broker is
+    /// asked: a wedged consumer's fetch responses say nothing new, and this is what tells
+    /// that records wait ([`Device::replace_stalled_consumer`]).
     fn measure_lag(&mut self) {
         if self.lag_checked.elapsed() < LAG_INTERVAL {
             return;
         }
         self.lag_checked = Instant::now();
+        let ask_broker = self.last_record.elapsed() >= STALL / 2;
         let mut behind = false;
         for p in self.watermark.per_partition().map(|(p, _)| p).collect::<Vec<_>>() {
-            match self.consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(1)) {
-                Ok((low, high)) => {
+            let ends = if ask_broker {
+                self.consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(1)).ok()
+            } else {
+                kafka::cached_watermarks(&self.consumer, &self.topic, p)
+            };
+            match ends {
+                Some((low, high)) => {
                     let position = self.positions.get(&p).copied().unwrap_or(low);
                     behind |= high > position;
                     metrics::gauge!("pgfanout_device_lag_records", "device" => self.settings.id.clone(), "partition" => p.to_string())
                         .set((high - position).max(0) as f64);
                 }
-                Err(_) => behind = true,
+                None => behind = true,
             }
         }
         self.behind = behind;
@@ -460,6 +471,36 @@ mod tests {
     struct Args {
         #[command(flatten)]
         device: DeviceSettings,
+    }
+
+    /// The ends the lag check reads while records arrive are the ones fetch responses
+    /// brought, with no request of their own; none before the first response.
+    #[test]
+    fn cached_watermarks_come_from_fetch_responses() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("t", 1, 1).unwrap();
+        let producer: BaseProducer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", mock.bootstrap_servers()).create().unwrap();
+        for _ in 0..5 {
+            producer.send(BaseRecord::<[u8], [u8]>::to("t").payload(b"x")).map_err(|(e, _)| e).unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", "g")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Beginning).unwrap();
+        consumer.assign(&tpl).unwrap();
+        assert_eq!(kafka::cached_watermarks(&consumer, "t", 0), None, "no fetch response yet");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while consumer.poll(Duration::from_millis(100)).is_none_or(|m| m.unwrap().offset() < 4) {
+            assert!(Instant::now() < deadline, "records not read");
+        }
+        assert_eq!(kafka::cached_watermarks(&consumer, "t", 0), Some((0, 5)));
     }
 
     #[test]
