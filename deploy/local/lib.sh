@@ -189,3 +189,13 @@ broker_stop() {
 # make failover quick.
 # shellcheck disable=SC2034 # used by the scripts that source this file
 LOCAL_KAFKA_PROPERTIES="fetch.wait.max.ms=20,max.in.flight.requests.per.connection=1,session.timeout.ms=6000,heartbeat.interval.ms=1000"
+# Devices on the broker's SQLite storage (up.sh), which serves about 500 requests a second
+# on one core, writes slowest: a device fetches at most twice a second unless 64 KB wait,
+# and acknowledges at most once a second. With the settings above, 64 devices took the
+# whole core with fetches and acknowledgements, and the demo's results trickled in
+# (4,000 of 10,000 in 300 s); with these, `pgfanout demo --devices 64` ends in about a
+# minute (BENCHMARKS.md, "The fleet at 3, 16 and 64 devices").
+# shellcheck disable=SC2034 # used by the scripts that source this file
+LOCAL_SQLITE_DEVICE_KAFKA_PROPERTIES="fetch.wait.max.ms=500,fetch.min.bytes=65536"
+# shellcheck disable=SC2034
+LOCAL_SQLITE_ACK_INTERVAL_MS=1000
