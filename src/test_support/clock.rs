@@ -1,4 +1,4 @@
-//! Components run with a shifted clock: Debian's `faketime`, and a shim so that librdkafka
+//! Components run with a shifted clock: Debian's libfaketime, and a shim so that librdkafka
 //! keeps working under it.
 //!
 //! libfaketime shifts what `clock_gettime(CLOCK_REALTIME)` returns and converts back the
@@ -39,20 +39,27 @@ fn shim(dir: &Path) -> PathBuf {
     library
 }
 
-/// `cmd` run under `faketime -f <shift>` (for example `+1h`), with the shim built in `dir`.
+/// libfaketime as Debian installs it; the dynamic loader expands `$LIB` (as the `faketime`
+/// wrapper has it load the library).
+const LIBFAKETIME: &str = "/usr/$LIB/faketime/libfaketime.so.1";
+
+/// `cmd` with its clock shifted by `shift` (libfaketime's `FAKETIME`, for example `+1h`):
+/// libfaketime and the shim built in `dir` preloaded into the process itself. Not through
+/// the `faketime` wrapper, which runs the command as a child of its own: stopping or killing
+/// the wrapper left the component running.
 pub fn shifted(cmd: &Command, shift: &str, dir: &Path) -> Command {
     assert!(
         Command::new("faketime").arg("--version").output().is_ok(),
         "faketime is not installed: Debian's package faketime (deploy/local/test.sh installs it)"
     );
-    let mut out = Command::new("faketime");
-    out.args(["-f", shift]).arg(cmd.get_program()).args(cmd.get_args());
+    let mut out = Command::new(cmd.get_program());
+    out.args(cmd.get_args());
     for (name, value) in cmd.get_envs() {
         match value {
             Some(v) => out.env(name, v),
             None => out.env_remove(name),
         };
     }
-    out.env("LD_PRELOAD", shim(dir));
+    out.env("LD_PRELOAD", format!("{}:{LIBFAKETIME}", shim(dir).display())).env("FAKETIME", shift);
     out
 }

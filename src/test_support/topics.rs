@@ -55,10 +55,23 @@ impl Pipeline {
         out
     }
 
+    /// Rebuilds a store from what compaction leaves of `records`, before and after it drops
+    /// the tombstones, and asserts that each equals PostgreSQL, every column.
+    pub async fn assert_rebuilt_from_compacted_equals_postgres(&self, records: &[TopicRecord]) {
+        let expected = self.postgres_rows().await;
+        for (name, drop_tombstones) in [("compacted", false), ("cleaned", true)] {
+            let prefix = self.compacted_copy(records, drop_tombstones, name).await;
+            let store = self.store(name).to_string_lossy().into_owned();
+            let out = self.run_cli(&["rebuild", "--id", name, "--store", &store, "--topic-prefix", &prefix]).await;
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(self.device_rows(name).await, expected, "{name}: the rebuilt store equals PostgreSQL");
+        }
+    }
+
     /// What compaction leaves of `records`: the newest record of each key in each partition,
     /// without the tombstones once `drop_tombstones` (after `delete.retention.ms`), written
     /// to a deltas topic of its own; returns that topic's prefix.
-    pub async fn compacted_copy(&self, records: &[TopicRecord], drop_tombstones: bool, name: &str) -> String {
+    async fn compacted_copy(&self, records: &[TopicRecord], drop_tombstones: bool, name: &str) -> String {
         let mut newest: HashMap<(i32, &[u8]), usize> = HashMap::new();
         for (i, r) in records.iter().enumerate() {
             newest.insert((r.partition, r.key.as_slice()), i);

@@ -240,15 +240,7 @@ async fn a_key_change_leaves_a_tombstone_so_a_compacted_topic_never_brings_the_o
 
     // Rebuilt from what compaction leaves, before and after it drops the tombstones: the
     // old keys stay gone, every column equals PostgreSQL.
-    let expected = p.postgres_rows().await;
-    for (name, drop_tombstones) in [("compacted", false), ("cleaned", true)] {
-        let prefix = p.compacted_copy(&records, drop_tombstones, name).await;
-        let store = p.store(name).to_string_lossy().into_owned();
-        let out = p.run_cli(&["rebuild", "--id", name, "--store", &store, "--topic-prefix", &prefix]).await;
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let rebuilt = p.device_rows(name).await;
-        assert_eq!(rebuilt, expected, "{name}: the rebuilt store equals PostgreSQL");
-    }
+    p.assert_rebuilt_from_compacted_equals_postgres(&records).await;
     p.stop("device-a");
     p.stop("capture");
 }

@@ -182,14 +182,7 @@ async fn a_compacted_topic_keeps_the_newest_version_of_a_large_row_whole() {
     let records = p.delta_topic_records();
     let fragments = records.iter().filter(|r| r.fragment.is_some()).count();
     assert_eq!(fragments, 4 + 3 + 3 + 3, "the large versions went out as fragments");
-    let expected = p.postgres_rows().await;
-    for (name, drop_tombstones) in [("compacted", false), ("cleaned", true)] {
-        let prefix = p.compacted_copy(&records, drop_tombstones, name).await;
-        let store = p.store(name).to_string_lossy().into_owned();
-        let out = p.run_cli(&["rebuild", "--id", name, "--store", &store, "--topic-prefix", &prefix]).await;
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(p.device_rows(name).await, expected, "{name}: the rebuilt store equals PostgreSQL");
-    }
+    p.assert_rebuilt_from_compacted_equals_postgres(&records).await;
     p.stop("device-a");
     p.stop("capture");
 }
