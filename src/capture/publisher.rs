@@ -270,7 +270,7 @@ impl Publisher {
             // next session read it again from the slot.
             match self.tracker.position(r.tx) {
                 Some(lsn) => {
-                    refused.get_or_insert_with(|| refusal(r.error, &r.table, lsn, Some(r.partition)));
+                    refused.get_or_insert_with(|| refusal(r.error, &r.table, lsn, r.partition));
                 }
                 None => tracing::debug!(error = %r.error, "a record of an earlier session was refused"),
             }
@@ -316,7 +316,7 @@ impl Publisher {
         let mut payload = std::mem::take(&mut self.payload);
         let len = encode_bounded(delta, self.fragment_bytes, &mut payload);
         let key = delta_kafka_key(&delta.table, &delta.key);
-        let partition = Some(partition.unwrap_or_else(|| partition_of(&key, self.partitions)));
+        let partition = partition.unwrap_or_else(|| partition_of(&key, self.partitions));
         let mut result = if len > self.fragment_bytes {
             self.send_fragments(delta, &key, len, partition, tx, &mut payload).await
         } else {
@@ -350,7 +350,7 @@ impl Publisher {
         delta: &Delta,
         key: &[u8],
         len: usize,
-        partition: Option<i32>,
+        partition: i32,
         tx: TxHandle,
         buffer: &mut Vec<u8>,
     ) -> Result<(), CaptureError> {
@@ -381,19 +381,17 @@ impl Publisher {
         key: &[u8],
         payload: Option<&[u8]>,
         header: Option<(&str, &[u8])>,
-        partition: Option<i32>,
+        partition: i32,
         tx: TxHandle,
     ) -> Result<(), CaptureError> {
         loop {
-            let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&self.topic, tx.to_opaque()).key(key);
+            let mut record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(&self.topic, tx.to_opaque()).key(key).partition(partition);
             if let Some(p) = payload {
                 record = record.payload(p);
             }
             if let Some((name, value)) = header {
                 record = record.headers(OwnedHeaders::new().insert(Header { key: name, value: Some(value) }));
-            }
-            if let Some(p) = partition {
-                record = record.partition(p);
             }
             match self.producer.send(record).map_err(|(e, _)| e) {
                 Ok(()) => {
@@ -425,7 +423,7 @@ pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
 /// The error for a record Kafka refused: which table, transaction and partition, and for
 /// a record too large, the settings involved. A fatal error stays [`CaptureError::Kafka`]:
 /// the producer is replaced and the session starts over.
-fn refusal(error: KafkaError, table: &str, lsn: Lsn, partition: Option<i32>) -> CaptureError {
+fn refusal(error: KafkaError, table: &str, lsn: Lsn, partition: i32) -> CaptureError {
     if kafka::is_fatal(&error) {
         return CaptureError::Kafka(error);
     }
@@ -438,7 +436,6 @@ fn refusal(error: KafkaError, table: &str, lsn: Lsn, partition: Option<i32>) -> 
     };
     let table = if table.is_empty() { "(watermark)" } else { table };
     let position = super::replication::format_lsn(lsn);
-    let partition = partition.map_or_else(|| "by key".to_string(), |p| p.to_string());
     let what = format!("{table} (transaction at {position}, partition {partition}): {error}{advice}");
     CaptureError::Refused { what: what.into(), error }
 }
@@ -506,7 +503,7 @@ impl Publisher {
         let mut header = Vec::with_capacity(128);
         crate::contract::codec::encode_delta_into(&moved, &mut header);
         let key = delta_kafka_key(&update.table, old_key);
-        let partition = Some(partition_of(&key, self.partitions));
+        let partition = partition_of(&key, self.partitions);
         self.send_record(&key, None, Some((TOMBSTONE_DELTA_HEADER, &header)), partition, tx).await
     }
 }
