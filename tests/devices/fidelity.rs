@@ -174,6 +174,10 @@ async fn a_key_change_keeps_unchanged_toasted_values_on_every_replica_identity()
     p.start_device("c", &["--batch-size", "5"]);
     let tables = p.tables().await;
     pgfanout::test_support::wait_for("device c to hold every row", pgfanout::test_support::TIMEOUT, || async {
+        // The device makes its store when it starts; until then there is nothing to read.
+        if !p.store("c").exists() {
+            return None;
+        }
         let (pg, dev) = (p.postgres_rows().await, p.device_rows("c").await);
         let keys = |rows: &std::collections::BTreeMap<String, pgfanout::verify::Rows>, t: &str| {
             rows.get(t).map(|r| r.keys().cloned().collect::<Vec<_>>())
