@@ -94,8 +94,8 @@ impl<'c> BatchStatements<'c> {
 }
 /// Applies records inside one SQLite transaction and counts what it did. The caller
 /// ([`super::consistent`]) decides which records apply now and writes the positions.
-pub(super) struct Applier<'t, 'c> {
-    tx: &'t rusqlite::Transaction<'c>,
+pub(super) struct Applier<'t> {
+    tx: &'t Connection,
     statements: BatchStatements<'t>,
     tables: &'t mut HashMap<String, TableShape>,
     subscribed: Option<&'t HashSet<String>>,
@@ -107,9 +107,9 @@ pub(super) struct Applier<'t, 'c> {
     pub(super) newest: (i64, i64),
 }
 
-impl<'t, 'c> Applier<'t, 'c> {
+impl<'t> Applier<'t> {
     pub(super) fn new(
-        tx: &'t rusqlite::Transaction<'c>,
+        tx: &'t Connection,
         tables: &'t mut HashMap<String, TableShape>,
         subscribed: Option<&'t HashSet<String>>,
         topic: &'t str,
@@ -195,7 +195,7 @@ impl<'t, 'c> Applier<'t, 'c> {
 /// Writes the batch's positions and counters, in the batch's transaction, and completes
 /// `stats` with them: `positions` are (partition, next offset to consume, applied LSN).
 fn record_positions(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     topic: &str,
     next_offsets: &[(i32, i64, i64)],
     applied_by_op: &[u64; 7],
@@ -238,7 +238,7 @@ fn record_positions(
     Ok(())
 }
 
-fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, partition: i32, offset: i64, reason: &str) -> Result<(), rusqlite::Error> {
+fn reject(tx: &Connection, topic: &str, partition: i32, offset: i64, reason: &str) -> Result<(), rusqlite::Error> {
     tracing::warn!(partition, offset, reason, "delta cannot be applied; recorded in _pgfanout_rejected");
     tx.execute(
         "INSERT OR REPLACE INTO _pgfanout_rejected (topic, partition, record_offset, reason) VALUES (?1, ?2, ?3, ?4)",
@@ -250,7 +250,7 @@ fn reject(tx: &rusqlite::Transaction<'_>, topic: &str, partition: i32, offset: i
 /// Applies one delta if it is newer than what the store holds; `Ok(true)` if it changed
 /// anything.
 fn apply_delta(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     statements: &mut BatchStatements<'_>,
     tables: &mut HashMap<String, TableShape>,
     delta: &DeltaView<'_>,
@@ -319,7 +319,7 @@ fn apply_delta(
 /// key's row becomes a tombstone, the new one gets the row, with the old row's values where
 /// the row says `unchanged` (see [`moved`]). `true` if the new key's row changed.
 fn apply_key_change(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     statements: &mut BatchStatements<'_>,
     table: &str,
     shape: &mut TableShape,
@@ -337,11 +337,7 @@ fn apply_key_change(
 /// Applies the move a Kafka tombstone carries (an update with its old key and no row, see
 /// [`moved`]): the old key's row is marked deleted at the update's version, its values kept
 /// for the update.
-fn apply_move(
-    tx: &rusqlite::Transaction<'_>,
-    tables: &mut HashMap<String, TableShape>,
-    delta: &DeltaView<'_>,
-) -> Result<bool, ApplyError> {
+fn apply_move(tx: &Connection, tables: &mut HashMap<String, TableShape>, delta: &DeltaView<'_>) -> Result<bool, ApplyError> {
     let version = delta.version();
     let old_key = match &delta.old_key {
         Some(k) if !k.is_empty() => k,

@@ -12,11 +12,18 @@
 //! over several partitions or several batches, a truncate sent to every partition, and a
 //! snapshot's rows (all at the snapshot's position) become visible together.
 //!
-//! Held deltas stay in memory up to [`HOLD_BYTES`]; beyond that they are staged in the
-//! store (`_pgfanout_staged`), in the same transaction as the offsets that pass them, so a
-//! transaction of any size applies atomically while memory stays bounded. A partition's
-//! stored offset never passes a delta held only in memory: after a crash the device reads
-//! it again. Until every partition has been read again as far as before, the cut stays
+//! Held deltas stay in memory up to [`HOLD_BYTES`]. Beyond that, a transaction is too large
+//! to wait in memory: the store stops committing and applies it in a SQLite transaction left
+//! open across batches, which commits once the cut passes the newest transaction it took
+//! (readers see the store as it was until then; SQLite writes what does not fit its page
+//! cache to the WAL, uncommitted). In that open transaction a delta applies once every
+//! partition has been read past its version (the *frontier*: a partition's deltas arrive
+//! in version order), so a transaction's deltas still apply in their order; those beyond
+//! the frontier are held, and beyond the bound staged in the store (`_pgfanout_staged`).
+//! A transaction of any size thus applies atomically, each delta written once, while
+//! memory stays bounded; a restart gives the open transaction up and reads its records
+//! again. A partition's stored offset never passes a delta held only in memory: after a
+//! crash the device reads it again. Until every partition has been read again as far as before, the cut stays
 //! where the last commit left it: watermarks read before the restart must not let it pass
 //! a delta that was held in memory and is not yet read again. The records after it that
 //! were already handled are recognised by the position read and the watermark received
@@ -35,6 +42,7 @@ use rusqlite::{params, Connection};
 use super::apply::{Applier, BatchStats, Record};
 use super::error::StoreError;
 use super::fragments;
+use super::staged::{stage, stage_encoded, Held, Staged};
 use crate::contract::codec::{decode_delta_view, encode_delta_view_into};
 use crate::contract::view::DeltaView;
 use crate::contract::DeltaOp;
@@ -54,22 +62,6 @@ CREATE TABLE IF NOT EXISTS _pgfanout_consumed (
 CREATE TABLE IF NOT EXISTS _pgfanout_state (
     topic TEXT PRIMARY KEY, lsn INTEGER NOT NULL, commit_lsn INTEGER NOT NULL, commit_time INTEGER NOT NULL);
 ";
-
-/// A delta waiting for the cut to pass its transaction: its encoding, as read, and where
-/// it was read. Held as bytes, it takes what its record took, with nothing to allocate per
-/// column.
-struct Held {
-    at: Staged,
-    version: (i64, i64),
-    bytes: Box<[u8]>,
-}
-
-impl Held {
-    /// What it takes in memory.
-    fn size(&self) -> usize {
-        self.bytes.len() + std::mem::size_of::<Held>()
-    }
-}
 
 /// What the store knows about the cut between batches.
 #[derive(Default)]
@@ -95,8 +87,15 @@ pub(super) struct CutState {
     loaded_for: Option<String>,
     /// The cut of the last commit: every delta below it is applied.
     committed: i64,
-    /// Held bytes beyond which held deltas are staged ([`HOLD_BYTES`] unless set).
+    /// Held bytes beyond which held deltas are applied in an open transaction or staged
+    /// ([`HOLD_BYTES`] unless set).
     hold_bytes: Option<usize>,
+    /// Per partition: every delta below this version has been read in it since the store
+    /// was opened (the version after the last delta read, or a watermark's).
+    frontier: HashMap<i32, (i64, i64)>,
+    /// The newest commit LSN applied in the SQLite transaction left open across batches, if
+    /// one is: it commits once the cut passes it.
+    open: Option<i64>,
     /// Where a delta to hold is encoded first.
     scratch: Vec<u8>,
 }
@@ -162,6 +161,28 @@ impl CutState {
         self.least_over_partitions(&self.watermarks)
     }
 
+    /// Every delta below this version has been read, on every partition: the least
+    /// frontier, where a partition not read since the store was opened counts as read up to
+    /// the cut of the last commit.
+    fn frontier(&self) -> (i64, i64) {
+        let of = |p: &i32| self.frontier.get(p).copied().unwrap_or((self.committed, 0));
+        match &self.partitions {
+            Some(partitions) => partitions.iter().map(of).min().unwrap_or((self.committed, 0)),
+            None => self.read.keys().map(of).min().unwrap_or((self.committed, 0)),
+        }
+    }
+
+    /// Which deltas apply in this batch: those of transactions below the cut and, while a
+    /// SQLite transaction is left open across batches, those at or below the newest
+    /// transaction it takes whose version is below the frontier (every delta before them,
+    /// on every partition, has been read, so they still apply in version order). Both sets
+    /// are the versions below a limit, and so is their union.
+    fn bound(&self, cut: i64) -> Bound {
+        let below_cut = (cut, i64::MIN);
+        let open = self.open.map(|last| self.frontier().min((last.saturating_add(1), i64::MIN)));
+        Bound { below: open.map_or(below_cut, |open| open.max(below_cut)) }
+    }
+
     /// The least value over the topic's partitions (0 for one without).
     fn least_over_partitions(&self, values: &HashMap<i32, i64>) -> i64 {
         let of = |p: &i32| values.get(p).copied().unwrap_or(0);
@@ -186,14 +207,14 @@ impl CutState {
         self.held.push(held);
     }
 
-    /// Takes out the held deltas of transactions below `cut`, in consumption order.
-    fn release(&mut self, cut: i64) -> Vec<Held> {
-        if self.held_least.is_none_or(|least| least >= cut) {
+    /// Takes out the held deltas that `bound` lets apply, in consumption order.
+    fn release(&mut self, bound: Bound) -> Vec<Held> {
+        if self.held_least.is_none_or(|least| !bound.ready((least, i64::MIN))) {
             return Vec::new();
         }
         // The others stay in place: a large transaction held over many batches is not
         // moved again with each of them.
-        let released: Vec<Held> = self.held.extract_if(.., |h| h.version.0 < cut).collect();
+        let released: Vec<Held> = self.held.extract_if(.., |h| bound.ready(h.version)).collect();
         self.held_bytes -= released.iter().map(Held::size).sum::<usize>();
         self.held_least = self.held.iter().map(|h| h.version.0).min();
         released
@@ -205,6 +226,28 @@ impl CutState {
         self.held_bytes = 0;
         self.held_least = None;
     }
+}
+
+/// Which deltas apply now: those whose version is below `below` ([`CutState::bound`]).
+#[derive(Clone, Copy)]
+struct Bound {
+    below: (i64, i64),
+}
+
+impl Bound {
+    fn ready(&self, version: (i64, i64)) -> bool {
+        version < self.below
+    }
+}
+
+/// Gives up a SQLite transaction left open and what was read since the last commit.
+pub(super) fn abandon(conn: &Connection, state: &mut CutState) {
+    if !conn.is_autocommit() {
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            tracing::warn!(error = %e, "rolling back the store's open transaction failed");
+        }
+    }
+    state.reset();
 }
 
 /// Applies a batch consistently (module doc) and commits it with its positions.
@@ -220,10 +263,16 @@ pub(super) fn apply_batch(
     let committed_cut = state.committed;
     for record in records {
         if let Ok(Some(delta)) = &record.delta {
-            if delta.op == DeltaOp::Watermark && !record.tombstone {
+            let reached = if delta.op == DeltaOp::Watermark && !record.tombstone {
                 let w = state.watermarks.entry(record.partition).or_insert(0);
                 *w = (*w).max(delta.commit_lsn);
-            }
+                (delta.commit_lsn, 0)
+            } else {
+                let (lsn, seq) = delta.version();
+                (lsn, seq.saturating_add(1))
+            };
+            let f = state.frontier.entry(record.partition).or_insert(reached);
+            *f = (*f).max(reached);
         }
     }
     // Watermarks count only once the records before them are read: a batch that catches
@@ -233,24 +282,30 @@ pub(super) fn apply_batch(
         *read = (*read).max(record.offset + 1);
     }
     let cut = state.cut();
-    let tx = conn.transaction()?;
-    let result = apply_in(&tx, tables, subscribed, state, topic, records, (committed_cut, cut));
-    match result {
-        Ok(stats) => {
-            tx.commit()?;
-            state.committed = cut;
-            Ok(stats)
-        }
-        Err(e) => {
-            // Nothing of this batch is committed: start again from the store.
-            state.reset();
-            Err(e)
-        }
+    if conn.is_autocommit() {
+        conn.execute_batch("BEGIN")?;
     }
+    let result = apply_in(conn, tables, subscribed, state, topic, records, (committed_cut, cut)).and_then(|mut stats| {
+        if state.open.is_some_and(|last| cut <= last) {
+            // The transaction stays open: none of it is visible yet, so no position moves.
+            stats.applied_lsn.clear();
+            stats.next_offset.clear();
+        } else {
+            conn.execute_batch("COMMIT")?;
+            state.committed = cut;
+            state.open = None;
+        }
+        Ok(stats)
+    });
+    if result.is_err() {
+        // Nothing since the last commit is kept: start again from the store.
+        abandon(conn, state);
+    }
+    result
 }
 
 fn apply_in(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     tables: &mut HashMap<String, super::schema::TableShape>,
     subscribed: Option<&std::collections::HashSet<String>>,
     state: &mut CutState,
@@ -259,20 +314,27 @@ fn apply_in(
     (committed_cut, cut): (i64, i64),
 ) -> Result<BatchStats, StoreError> {
     let mut applier = Applier::new(tx, tables, subscribed, topic);
+    let hold_bytes = state.hold_bytes.unwrap_or(HOLD_BYTES);
     // What applies now, applied in version order across partitions (below).
-    let mut ready: Vec<Ready<'_>> = state.release(cut).into_iter().map(Ready::Held).collect();
+    let bound = state.bound(cut);
+    let mut ready: Vec<Ready<'_>> = state.release(bound).into_iter().map(Ready::Held).collect();
     for record in records {
-        if let Some(r) = handle(tx, &mut applier, state, topic, record, (committed_cut, cut))? {
+        if let Some(r) = handle(tx, &mut applier, state, topic, record, (committed_cut, bound))? {
             ready.push(r);
         }
     }
-    ready.sort_by_key(Ready::version);
-    let staged =
-        if state.staged > 0 { apply_in_order(tx, &mut applier, topic, cut, ready)? } else { apply_ready(&mut applier, ready)? };
-    state.staged -= staged;
+    apply_sorted(tx, &mut applier, state, topic, bound, ready)?;
+    if state.open.is_none() && state.held_bytes > hold_bytes {
+        // A transaction too large to hold: what every partition has delivered of it is
+        // applied now, in a SQLite transaction that commits only once the cut passes it.
+        state.open = state.held.iter().map(|h| h.version.0).max();
+        let bound = state.bound(cut);
+        let ready = state.release(bound).into_iter().map(Ready::Held).collect();
+        apply_sorted(tx, &mut applier, state, topic, bound, ready)?;
+    }
     let passed: Vec<(i32, i64, i64)> = state.watermarks.iter().map(|(p, w)| (*p, 0, *w)).collect();
     fragments::discard_passed(tx, topic, &passed)?;
-    if state.held_bytes > state.hold_bytes.unwrap_or(HOLD_BYTES) {
+    if state.held_bytes > hold_bytes {
         state.staged += stage(tx, topic, &state.held)?;
         state.clear_held();
     }
@@ -301,12 +363,12 @@ fn apply_in(
 
 /// One record: applied, held, or (read again after a restart and handled before) skipped.
 fn handle<'r>(
-    tx: &rusqlite::Transaction<'_>,
-    applier: &mut Applier<'_, '_>,
+    tx: &Connection,
+    applier: &mut Applier<'_>,
     state: &mut CutState,
     topic: &str,
     record: &'r Record<'r>,
-    (committed_cut, cut): (i64, i64),
+    (committed_cut, bound): (i64, Bound),
 ) -> Result<Option<Ready<'r>>, StoreError> {
     let counted = state.counted.entry(record.partition).or_insert(0);
     // Read again after a restart: handled before unless held then (at or above the cut of
@@ -316,7 +378,7 @@ fn handle<'r>(
     if !again {
         applier.stats.processed += 1;
     }
-    let handled_before = |applier: &Applier<'_, '_>, delta: &Result<Option<DeltaView<'_>>, String>| {
+    let handled_before = |applier: &Applier<'_>, delta: &Result<Option<DeltaView<'_>>, String>| {
         again
             && !matches!(delta, Ok(Some(d))
                 if d.op != DeltaOp::Watermark && d.commit_lsn >= committed_cut && applier.keeps(d.table))
@@ -336,7 +398,7 @@ fn handle<'r>(
         }
         let Some(version) = route(applier, &delta, at)?.map(DeltaView::version) else { return Ok(None) };
         drop(delta);
-        if version.0 < cut {
+        if bound.ready(version) {
             return Ok(Some(Ready::Held(Held { at, version, bytes: bytes.into() })));
         }
         // Its fragments are gone from their stage: the whole delta is staged at once, so
@@ -348,7 +410,7 @@ fn handle<'r>(
         return Ok(None);
     }
     match route(applier, &record.delta, at)? {
-        Some(delta) if delta.commit_lsn < cut => return Ok(Some(Ready::Read { at, delta })),
+        Some(delta) if bound.ready(delta.version()) => return Ok(Some(Ready::Read { at, delta })),
         Some(delta) => state.hold(at, delta, record.encoded),
         None => {}
     }
@@ -359,7 +421,7 @@ fn handle<'r>(
 /// tombstone without a delta, a watermark, a delta to a table not kept); returns a delta
 /// that applies in version order.
 fn route<'d, 'v>(
-    applier: &mut Applier<'_, '_>,
+    applier: &mut Applier<'_>,
     delta: &'d Result<Option<DeltaView<'v>>, String>,
     at: Staged,
 ) -> Result<Option<&'d DeltaView<'v>>, StoreError> {
@@ -387,7 +449,7 @@ impl Ready<'_> {
         }
     }
 
-    fn apply(&self, applier: &mut Applier<'_, '_>) -> Result<(), StoreError> {
+    fn apply(&self, applier: &mut Applier<'_>) -> Result<(), StoreError> {
         match self {
             Ready::Read { at, delta } => applier.apply(at.partition, at.offset, at.tombstone, delta),
             Ready::Held(h) => apply_encoded(applier, &h.at, &h.bytes),
@@ -396,7 +458,7 @@ impl Ready<'_> {
 }
 
 /// Applies a delta held or staged by this store from one that decoded.
-fn apply_encoded(applier: &mut Applier<'_, '_>, at: &Staged, bytes: &[u8]) -> Result<(), StoreError> {
+fn apply_encoded(applier: &mut Applier<'_>, at: &Staged, bytes: &[u8]) -> Result<(), StoreError> {
     match decode_delta_view(bytes) {
         Ok(delta) => applier.apply(at.partition, at.offset, at.tombstone, &delta),
         // It decoded when it was read: the store file was damaged.
@@ -404,28 +466,43 @@ fn apply_encoded(applier: &mut Applier<'_, '_>, at: &Staged, bytes: &[u8]) -> Re
     }
 }
 
-/// Applies `ready` (sorted by version); no delta is staged below the cut.
-fn apply_ready(applier: &mut Applier<'_, '_>, ready: Vec<Ready<'_>>) -> Result<u64, StoreError> {
-    for r in &ready {
-        r.apply(applier)?;
+/// Applies `ready` and the staged deltas `bound` lets apply, merged in version order.
+fn apply_sorted(
+    tx: &Connection,
+    applier: &mut Applier<'_>,
+    state: &mut CutState,
+    topic: &str,
+    bound: Bound,
+    mut ready: Vec<Ready<'_>>,
+) -> Result<(), StoreError> {
+    ready.sort_by_key(Ready::version);
+    if state.staged > 0 {
+        state.staged -= apply_in_order(tx, applier, topic, bound, ready)?;
+    } else {
+        for r in &ready {
+            r.apply(applier)?;
+        }
     }
-    Ok(0)
+    Ok(())
 }
 
-/// Applies the staged deltas of transactions below `cut` and `ready` (sorted), merged in
-/// version order, and removes those staged; returns how many were staged.
+/// Which staged deltas a [`Bound`] lets apply (parameters: topic, then its version).
+const STAGED_READY: &str = "topic = ?1 AND (commit_lsn, seq) < (?2, ?3)";
+
+/// Applies the staged deltas `bound` lets apply and `ready` (sorted), merged in version
+/// order, and removes those staged; returns how many were staged.
 fn apply_in_order(
-    tx: &rusqlite::Transaction<'_>,
-    applier: &mut Applier<'_, '_>,
+    tx: &Connection,
+    applier: &mut Applier<'_>,
     topic: &str,
-    cut: i64,
+    bound: Bound,
     ready: Vec<Ready<'_>>,
 ) -> Result<u64, StoreError> {
-    let mut stmt = tx.prepare_cached(
+    let mut stmt = tx.prepare_cached(&format!(
         "SELECT commit_lsn, seq, partition, record_offset, tombstone, delta FROM _pgfanout_staged
-          WHERE topic = ?1 AND commit_lsn < ?2 ORDER BY commit_lsn, seq",
-    )?;
-    let mut rows = stmt.query(params![topic, cut])?;
+          WHERE {STAGED_READY} ORDER BY commit_lsn, seq"
+    ))?;
+    let mut rows = stmt.query(params![topic, bound.below.0, bound.below.1])?;
     let mut ready = ready.into_iter().peekable();
     let mut applied = 0;
     let mut next_staged = rows.next()?;
@@ -452,7 +529,7 @@ fn apply_in_order(
     }
     drop(rows);
     if applied > 0 {
-        tx.execute("DELETE FROM _pgfanout_staged WHERE topic = ?1 AND commit_lsn < ?2", params![topic, cut])?;
+        tx.execute(&format!("DELETE FROM _pgfanout_staged WHERE {STAGED_READY}"), params![topic, bound.below.0, bound.below.1])?;
     }
     Ok(applied)
 }
@@ -461,7 +538,7 @@ fn apply_in_order(
 /// transaction committed below `cut` is in it and none after; `newest` is the
 /// (commit LSN, commit time) of the newest transaction applied. Neither goes back: a replay
 /// re-applies older deltas, which change nothing.
-fn record_state(tx: &rusqlite::Transaction<'_>, topic: &str, cut: i64, newest: (i64, i64)) -> Result<(), rusqlite::Error> {
+fn record_state(tx: &Connection, topic: &str, cut: i64, newest: (i64, i64)) -> Result<(), rusqlite::Error> {
     tx.prepare_cached(
         "INSERT INTO _pgfanout_state (topic, lsn, commit_lsn, commit_time) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (topic) DO UPDATE SET
@@ -471,58 +548,4 @@ fn record_state(tx: &rusqlite::Transaction<'_>, topic: &str, cut: i64, newest: (
     )?
     .execute(params![topic, cut, newest.0, newest.1])?;
     Ok(())
-}
-
-/// Where a held or staged delta was read.
-#[derive(Clone, Copy)]
-struct Staged {
-    partition: i32,
-    offset: i64,
-    tombstone: bool,
-}
-
-/// Held deltas written to the staging table by one statement.
-const STAGE_ROWS: usize = 64;
-
-/// Writes held deltas to the staging table, [`STAGE_ROWS`] a statement; returns how many.
-fn stage(tx: &rusqlite::Transaction<'_>, topic: &str, held: &[Held]) -> Result<u64, rusqlite::Error> {
-    let mut chunks = held.chunks_exact(STAGE_ROWS);
-    if held.len() >= STAGE_ROWS {
-        let mut stmt = tx.prepare_cached(&stage_sql(STAGE_ROWS))?;
-        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(STAGE_ROWS * 7);
-        for chunk in chunks.by_ref() {
-            values.clear();
-            for h in chunk {
-                values.extend([&topic as &dyn rusqlite::ToSql, &h.at.partition, &h.at.offset, &h.version.0, &h.version.1]);
-                values.extend([&h.at.tombstone as &dyn rusqlite::ToSql, &h.bytes]);
-            }
-            stmt.execute(values.as_slice())?;
-        }
-    }
-    for h in chunks.remainder() {
-        stage_encoded(tx, topic, &h.at, h.version, &h.bytes)?;
-    }
-    tracing::debug!(deltas = held.len(), "held deltas staged in the store");
-    Ok(held.len() as u64)
-}
-
-/// The statement that stages `rows` deltas.
-fn stage_sql(rows: usize) -> String {
-    let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; rows].join(", ");
-    format!(
-        "INSERT OR REPLACE INTO _pgfanout_staged (topic, partition, record_offset, commit_lsn, seq, tombstone, delta)
-         VALUES {values}"
-    )
-}
-
-/// Writes one encoded delta to the staging table.
-fn stage_encoded(
-    tx: &rusqlite::Transaction<'_>,
-    topic: &str,
-    at: &Staged,
-    (commit_lsn, seq): (i64, i64),
-    bytes: &[u8],
-) -> Result<u64, rusqlite::Error> {
-    tx.prepare_cached(&stage_sql(1))?.execute(params![topic, at.partition, at.offset, commit_lsn, seq, at.tombstone, bytes])?;
-    Ok(1)
 }

@@ -23,7 +23,7 @@
 //!   every transaction committed before `W`, with all its fragments: a set of such a
 //!   delta still incomplete at `W` can no longer complete, and is dropped.
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::contract::codec::decode_delta_view;
 use crate::contract::fragment::FragmentHeader;
@@ -53,7 +53,7 @@ pub struct Fragment<'a> {
 /// delta's encoding off the stage and returns it. Counts in `staged` each fragment that
 /// applies nothing (staged, or the last one of an incomplete set, which is dropped).
 pub(super) fn stage(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     topic: &str,
     partition: i32,
     fragment: &Fragment<'_>,
@@ -67,7 +67,7 @@ pub(super) fn stage(
 }
 
 fn stage_inner(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     topic: &str,
     partition: i32,
     fragment: &Fragment<'_>,
@@ -133,7 +133,7 @@ pub(super) fn decoded(whole: &[u8]) -> Result<Option<DeltaView<'_>>, String> {
 
 /// Drops the staged fragments that a batch's watermarks passed (see the module doc), per
 /// `(partition, _, highest watermark)`; a watermark of 0 passes nothing.
-pub(super) fn discard_passed(tx: &Transaction<'_>, topic: &str, watermarks: &[(i32, i64, i64)]) -> Result<(), rusqlite::Error> {
+pub(super) fn discard_passed(tx: &Connection, topic: &str, watermarks: &[(i32, i64, i64)]) -> Result<(), rusqlite::Error> {
     for (partition, _, watermark) in watermarks.iter().filter(|w| w.2 > 0) {
         tx.prepare_cached("DELETE FROM _pgfanout_fragments WHERE topic = ?1 AND partition = ?2 AND commit_lsn < ?3")?
             .execute(params![topic, partition, watermark])?;

@@ -26,6 +26,7 @@ mod fragments;
 mod moved;
 mod read;
 mod schema;
+mod staged;
 
 pub use apply::{BatchStats, Record};
 pub use consistent::DEFAULT_HOLD_MIB;
@@ -100,7 +101,7 @@ impl Store {
     /// Sets the next offset to consume of the given partitions: the device re-reads from
     /// there. Applied positions are kept; re-applied deltas change only older rows.
     pub fn rewind(&mut self, topic: &str, offsets: &HashMap<i32, i64>) -> Result<(), StoreError> {
-        self.cut.reset();
+        consistent::abandon(&self.conn, &mut self.cut);
         let tx = self.conn.transaction()?;
         for (partition, offset) in offsets {
             tx.execute(

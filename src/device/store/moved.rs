@@ -19,7 +19,7 @@
 //!   is versioned like every write, so a newer row under the old key wins over it.
 
 use rusqlite::types::Value as SqlValue;
-use rusqlite::Transaction;
+use rusqlite::Connection;
 
 use super::error::ApplyError;
 use super::schema::{sqlite_table, TableShape, DELETED, LSN, SEQ};
@@ -53,7 +53,7 @@ impl OldValues {
     /// Clears the values a move kept in the old key's tombstone for this update, now taken.
     pub(super) fn taken(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Connection,
         table: &str,
         shape: &TableShape,
         old_key: &[ColumnView<'_>],
@@ -70,7 +70,7 @@ impl OldValues {
 /// at `version`: live and older, or deleted by this very move; `None` when the device holds
 /// no such row or `row` has no unchanged column.
 pub(super) fn old_values(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     table: &str,
     shape: &TableShape,
     old_key: &[ColumnView<'_>],
@@ -100,7 +100,7 @@ pub(super) fn old_values(
 
 /// Clears the values a move kept in the old key's tombstone.
 fn clear_moved(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     table: &str,
     shape: &TableShape,
     old_key: &[ColumnView<'_>],

@@ -203,7 +203,7 @@ pub(super) fn is_reserved(name: &str) -> bool {
 /// the delta is older than its last truncate or drop.
 #[allow(clippy::type_complexity)]
 pub(super) fn ensure_shape<'t, 'r, 'd>(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     tables: &'t mut HashMap<String, TableShape>,
     table: &str,
     key: &[ColumnView<'d>],
@@ -300,7 +300,7 @@ pub(super) fn ensure_shape<'t, 'r, 'd>(
 /// type; a new SQLite affinity means a new column, into which the values are copied (and
 /// converted by the new affinity). Key columns keep their SQLite column.
 fn retype_columns(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     shape: &mut TableShape,
     table: &str,
     row: &[ColumnView<'_>],
@@ -338,7 +338,7 @@ const RETYPED: &str = "_pgfanout_retyped";
 /// recorded shape when no newer row is left; the version is kept as the table's truncate.
 /// `Ok(true)` if it changed anything.
 pub(super) fn drop_table(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     tables: &mut HashMap<String, TableShape>,
     table: &str,
     version: (i64, i64),
@@ -377,7 +377,7 @@ pub(super) fn drop_table(
 }
 
 /// The version of the last truncate of `table` recorded in the store; `(-1, -1)` for none.
-pub(super) fn truncated_at(tx: &rusqlite::Transaction<'_>, table: &str) -> Result<(i64, i64), rusqlite::Error> {
+pub(super) fn truncated_at(tx: &Connection, table: &str) -> Result<(i64, i64), rusqlite::Error> {
     tx.query_row("SELECT truncate_lsn, truncate_seq FROM _pgfanout_tables WHERE table_name = ?1", [table], |r| {
         Ok((r.get(0)?, r.get(1)?))
     })
@@ -386,7 +386,7 @@ pub(super) fn truncated_at(tx: &rusqlite::Transaction<'_>, table: &str) -> Resul
 }
 
 pub(super) fn record_change(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     shape: &mut TableShape,
     table: &str,
     column: &str,
@@ -402,7 +402,7 @@ pub(super) fn record_change(
 }
 
 pub(super) fn record_column(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     table: &str,
     c: &ColumnView<'_>,
     is_key: bool,
@@ -416,7 +416,7 @@ pub(super) fn record_column(
 }
 
 /// Records the version of the last truncate of `table`.
-pub(super) fn record_truncate(tx: &rusqlite::Transaction<'_>, table: &str, version: (i64, i64)) -> Result<(), rusqlite::Error> {
+pub(super) fn record_truncate(tx: &Connection, table: &str, version: (i64, i64)) -> Result<(), rusqlite::Error> {
     tx.execute(
         "INSERT INTO _pgfanout_tables (table_name, truncate_lsn, truncate_seq) VALUES (?1, ?2, ?3)
          ON CONFLICT (table_name) DO UPDATE SET truncate_lsn = excluded.truncate_lsn, truncate_seq = excluded.truncate_seq",

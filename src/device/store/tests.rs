@@ -87,7 +87,15 @@ fn temp_store(tag: u64) -> std::path::PathBuf {
 }
 
 fn live_rows(store: &Store) -> BTreeMap<i64, i64> {
-    let conn = store.connection();
+    live_rows_in(store.connection())
+}
+
+/// The rows a reader of the store sees, through its own connection.
+fn seen_by_reader(path: &std::path::Path) -> BTreeMap<i64, i64> {
+    live_rows_in(&rusqlite::Connection::open(path).unwrap())
+}
+
+fn live_rows_in(conn: &rusqlite::Connection) -> BTreeMap<i64, i64> {
     let exists: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'public.t'", [], |r| r.get(0)).unwrap();
     if exists == 0 {
         return BTreeMap::new();
@@ -118,12 +126,15 @@ proptest! {
     /// from the start, in batches of random sizes, with capture's watermarks after each
     /// transaction: after every batch the store holds exactly the changes of the
     /// transactions below the cut (the least watermark over the partitions), applied in
-    /// WAL order — never part of a transaction — and in the end all of them.
+    /// WAL order — never part of a transaction — and in the end all of them. With nothing
+    /// held in memory, transactions are applied in a SQLite transaction left open until
+    /// the cut passes them: a reader then sees the transactions below an earlier cut.
     #[test]
     fn any_interleaving_with_duplicates_and_replays_shows_only_whole_transactions(
         changes in prop::collection::vec(change(), 1..40),
         seed in any::<u64>(),
         batch in 1usize..7,
+        hold_nothing in any::<bool>(),
     ) {
         let all = deltas(&changes);
         let per_partition = with_watermarks(&all);
@@ -154,6 +165,13 @@ proptest! {
         let path = temp_store(seed);
         let mut store = Store::open(&path).unwrap();
         store.set_partitions((0..PARTITIONS).collect());
+        if hold_nothing {
+            store.set_hold_bytes(0);
+        }
+        let whole_below = |cut: i64| {
+            let whole: Vec<_> = changes.iter().zip(&all).filter(|(_, d)| d.commit_lsn < cut).map(|(c, _)| c.clone()).collect();
+            expected(&whole)
+        };
         let mut offset = 0i64;
         let mut seen = vec![0i64; PARTITIONS as usize];
         for chunk in stream.chunks(batch) {
@@ -168,10 +186,15 @@ proptest! {
             }
             store.apply_batch("t", &records).unwrap();
             let cut = seen.iter().copied().min().unwrap_or(0);
-            let whole: Vec<_> = changes.iter().zip(&all).filter(|(_, d)| d.commit_lsn < cut).map(|(c, _)| c.clone()).collect();
-            prop_assert_eq!(live_rows(&store), expected(&whole), "after a batch, at cut {}", cut);
+            let visible = seen_by_reader(&path);
+            if hold_nothing {
+                let earlier = all.iter().map(|d| d.commit_lsn + 1).chain([0, cut]).filter(|c| *c <= cut);
+                prop_assert!(earlier.map(whole_below).any(|w| w == visible), "after a batch, below cut {}: {:?}", cut, visible);
+            } else {
+                prop_assert_eq!(visible, whole_below(cut), "after a batch, at cut {}", cut);
+            }
         }
-        let got = live_rows(&store);
+        let got = seen_by_reader(&path);
         drop(store);
         for suffix in ["", "-wal", "-shm", ".lock"] {
             let mut f = path.as_os_str().to_owned();
@@ -393,7 +416,7 @@ fn only_a_watermark_moves_a_partitions_applied_position_and_releases_what_it_pas
 }
 
 #[test]
-fn held_deltas_staged_in_the_store_survive_a_restart_and_apply_together() {
+fn a_transaction_over_the_hold_bound_applies_in_an_open_transaction_a_restart_gives_up() {
     let path = temp_store(12);
     let watermark =
         |lsn: i64| Delta { table: String::new(), op: DeltaOp::Watermark, key: vec![], after: None, ..row_delta(lsn, 0, &[]) };
@@ -404,35 +427,42 @@ fn held_deltas_staged_in_the_store_survive_a_restart_and_apply_together() {
     let commit_ts = 1_700_000_000_000_000;
     let (a, b) = (Delta { commit_ts, ..row_delta(300, 1, &[("v", 1)]) }, Delta { commit_ts, ..row_delta(300, 2, &[("v", 2)]) });
     let (w200, w400) = (watermark(200), watermark(400));
+    let first = [record(&w200, 1, 0), record(&a, 0, 0), record(&w400, 0, 1)];
+    let second = [record(&b, 1, 1)];
     {
         let mut store = Store::open(&path).unwrap();
         store.set_partitions(vec![0, 1]);
         store.set_hold_bytes(0);
-        store.apply_batch("t", &[record(&w200, 1, 0), record(&a, 0, 0), record(&w400, 0, 1)]).unwrap();
-        let stats = store.apply_batch("t", &[record(&w200, 0, 2)]).unwrap();
+        let stats = store.apply_batch("t", &first).unwrap();
         assert_eq!(stats.held, 1, "staged: partition 1 has not passed 300");
-        assert_eq!(stats.next_offset.get(&0).copied(), Some(3), "a staged delta lets the offset pass it");
-        assert_eq!(live_rows(&store), BTreeMap::new());
-        let state = StoreState { lsn: 200, commit_lsn: 0, commit_time: 0 };
-        assert_eq!(store.reader().state("t").unwrap(), Some(state), "below 200, before the transaction at 300");
+        assert_eq!(stats.next_offset, HashMap::new(), "nothing is committed while the transaction is open");
+        store.apply_batch("t", &second).unwrap();
+        assert_eq!(live_rows(&store), BTreeMap::from([(1, 1), (2, 2)]), "both read on every partition: applied");
+        assert_eq!(seen_by_reader(&path), BTreeMap::new(), "but not committed: the cut is below 300");
     }
-    // Killed here; on restart the staged delta is still there and partition 0 is not read again.
+    // Killed here: nothing of the open transaction is kept, and the records are read again.
     let mut store = Store::open(&path).unwrap();
     store.set_partitions(vec![0, 1]);
-    store.apply_batch("t", &[record(&b, 1, 1)]).unwrap();
-    assert_eq!(live_rows(&store), BTreeMap::new(), "partition 1's watermark has not passed 300 yet");
+    assert_eq!(store.offsets("t").unwrap(), HashMap::new());
+    assert_eq!(live_rows(&store), BTreeMap::new());
+    store.set_hold_bytes(0);
+    store.apply_batch("t", &first).unwrap();
+    store.apply_batch("t", &second).unwrap();
+    assert_eq!(seen_by_reader(&path), BTreeMap::new(), "partition 1's watermark has not passed 300 yet");
     let stats = store.apply_batch("t", &[record(&w400, 1, 2)]).unwrap();
-    assert_eq!(live_rows(&store), BTreeMap::from([(1, 1), (2, 2)]), "both rows of the transaction at once");
-    assert_eq!(stats.held, 0);
+    assert_eq!(seen_by_reader(&path), BTreeMap::from([(1, 1), (2, 2)]), "both rows of the transaction at once");
+    assert_eq!((stats.held, stats.next_offset.get(&0).copied(), stats.next_offset.get(&1).copied()), (0, Some(2), Some(3)));
     let state = StoreState { lsn: 400, commit_lsn: 300, commit_time: commit_ts };
     assert_eq!(store.reader().state("t").unwrap(), Some(state), "the store says it shows the transaction at 300");
     let staged: i64 = store.connection().query_row("SELECT count(*) FROM _pgfanout_staged", [], |r| r.get(0)).unwrap();
     assert_eq!(staged, 0);
 }
 
-/// A transaction of 200 rows over two partitions, held from the bytes of its records and
-/// staged many rows a statement, later rows of the same key overwriting earlier ones: it
-/// appears whole, with each row's last version, once both partitions' watermarks passed it.
+/// A transaction of 200 rows over two partitions, the second read only after the first:
+/// what partition 0 delivers is held from its records' bytes and staged many rows a
+/// statement, then applied from the stage merged with partition 1's rows in version order,
+/// later rows of the same key overwriting earlier ones. It appears whole, with each row's
+/// last version, once both partitions' watermarks passed it.
 #[test]
 fn a_large_transaction_staged_from_its_records_bytes_applies_whole_and_in_order() {
     let watermark =
@@ -441,27 +471,30 @@ fn a_large_transaction_staged_from_its_records_bytes_applies_whole_and_in_order(
     let writes: Vec<Delta> = (0..200).map(|seq| Delta { seq, ..row_delta(300, seq / 2, &[("v", seq)]) }).collect();
     let encoded: Vec<Vec<u8>> = writes.iter().map(|d| crate::contract::codec::encode_delta(d).unwrap()).collect();
     let decoded: Vec<_> = encoded.iter().map(|b| crate::contract::codec::decode_delta_view(b).unwrap()).collect();
-    let records: Vec<Record> = decoded
+    let (p0, p1): (Vec<Record>, Vec<Record>) = decoded
         .into_iter()
         .zip(&encoded)
         .enumerate()
         .map(|(i, (d, b))| Record {
             partition: (i % 2) as i32,
-            offset: i as i64,
+            offset: (i / 2) as i64,
             delta: Ok(Some(d)),
             tombstone: false,
             fragment: None,
             encoded: Some(b),
         })
-        .collect();
+        .partition(|r| r.partition == 0);
     let path = temp_store(13);
     let mut store = Store::open(&path).unwrap();
     store.set_partitions(vec![0, 1]);
     store.set_hold_bytes(0);
-    let stats = store.apply_batch("t", &records).unwrap();
-    assert_eq!(stats.held, 200);
+    let stats = store.apply_batch("t", &p0).unwrap();
+    assert_eq!(stats.held, 100);
     let staged: i64 = store.connection().query_row("SELECT count(*) FROM _pgfanout_staged", [], |r| r.get(0)).unwrap();
-    assert_eq!(staged, 200, "every held delta staged");
+    assert_eq!(staged, 100, "every held delta staged");
+    let stats = store.apply_batch("t", &p1).unwrap();
+    assert_eq!(stats.held, 1, "the last write is not below partition 0's frontier");
+    assert_eq!(seen_by_reader(&path), BTreeMap::new());
     let w = watermark(400);
     let wm = |partition, offset| Record {
         partition,
@@ -471,11 +504,11 @@ fn a_large_transaction_staged_from_its_records_bytes_applies_whole_and_in_order(
         fragment: None,
         encoded: None,
     };
-    store.apply_batch("t", &[wm(0, 200)]).unwrap();
-    assert_eq!(live_rows(&store), BTreeMap::new(), "partition 1 has not passed 300");
-    let stats = store.apply_batch("t", &[wm(1, 201)]).unwrap();
+    store.apply_batch("t", &[wm(0, 100)]).unwrap();
+    assert_eq!(seen_by_reader(&path), BTreeMap::new(), "partition 1 has not passed 300");
+    let stats = store.apply_batch("t", &[wm(1, 100)]).unwrap();
     let expected: BTreeMap<i64, i64> = (0..100).map(|id| (id, 2 * id + 1)).collect();
-    assert_eq!(live_rows(&store), expected);
+    assert_eq!(seen_by_reader(&path), expected);
     assert_eq!(stats.held, 0);
 }
 
@@ -484,11 +517,13 @@ proptest! {
 
     /// A device killed at random points and restarted from its stored offsets, reading each
     /// partition as Kafka would (same offsets again): every state it shows is whole
-    /// transactions, it ends as PostgreSQL, and each record is counted once.
+    /// transactions, it ends as PostgreSQL, and each record is counted once — also when
+    /// it applies transactions in a SQLite transaction left open across batches.
     #[test]
     fn restarts_from_the_stored_offsets_count_each_record_once(
         changes in prop::collection::vec(change(), 1..40),
         seed in any::<u64>(),
+        hold_nothing in any::<bool>(),
     ) {
         let all = deltas(&changes);
         let per_partition = with_watermarks(&all);
@@ -496,8 +531,15 @@ proptest! {
         let mut rng = seed | 1;
         let mut next = move || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
         let path = temp_store(seed ^ 0x5eed);
-        let mut store = Store::open(&path).unwrap();
-        store.set_partitions((0..PARTITIONS).collect());
+        let open = |path: &std::path::Path| {
+            let mut store = Store::open(path).unwrap();
+            store.set_partitions((0..PARTITIONS).collect());
+            if hold_nothing {
+                store.set_hold_bytes(0);
+            }
+            store
+        };
+        let mut store = open(&path);
         let mut cursor = vec![0i64; PARTITIONS as usize];
         let mut steps = 0;
         while cursor.iter().zip(&per_partition).any(|(c, p)| (*c as usize) < p.len()) {
@@ -505,8 +547,7 @@ proptest! {
             // Kills at random, then none: the device must get through at the end.
             if steps < 4 * total && next() % 7 == 0 {
                 drop(store);
-                store = Store::open(&path).unwrap();
-                store.set_partitions((0..PARTITIONS).collect());
+                store = open(&path);
                 let stored = store.offsets("t").unwrap();
                 for (p, c) in cursor.iter_mut().enumerate() {
                     *c = stored.get(&(p as i32)).copied().unwrap_or(0);
@@ -518,7 +559,7 @@ proptest! {
             store.apply_batch("t", &[record]).unwrap();
             cursor[p] += 1;
         }
-        prop_assert_eq!(live_rows(&store), expected(&changes));
+        prop_assert_eq!(seen_by_reader(&path), expected(&changes));
         prop_assert_eq!(store.counter("processed").unwrap(), total as i64);
     }
 }
