@@ -175,12 +175,13 @@ impl CutState {
     /// Which deltas apply in this batch: those of transactions below the cut and, while a
     /// SQLite transaction is left open across batches, those at or below the newest
     /// transaction it takes whose version is below the frontier (every delta before them,
-    /// on every partition, has been read, so they still apply in version order). Both sets
-    /// are the versions below a limit, and so is their union.
+    /// on every partition, has been read, so they still apply in version order) — both
+    /// sets are the versions below a limit, and so is their union — and the plain ones
+    /// ([`plain`]) at or below that newest transaction.
     fn bound(&self, cut: i64) -> Bound {
         let below_cut = (cut, i64::MIN);
         let open = self.open.map(|last| self.frontier().min((last.saturating_add(1), i64::MIN)));
-        Bound { below: open.map_or(below_cut, |open| open.max(below_cut)) }
+        Bound { below: open.map_or(below_cut, |open| open.max(below_cut)), plain_upto: self.open }
     }
 
     /// The least value over the topic's partitions (0 for one without).
@@ -201,20 +202,22 @@ impl CutState {
                 self.scratch.as_slice().into() // no spare capacity
             }
         };
-        let held = Held { at, version: delta.version(), bytes };
+        let held = Held { at, version: delta.version(), plain: plain(delta), bytes };
         self.held_bytes += held.size();
         self.held_least = Some(self.held_least.map_or(held.version.0, |least| least.min(held.version.0)));
         self.held.push(held);
     }
 
-    /// Takes out the held deltas that `bound` lets apply, in consumption order.
-    fn release(&mut self, bound: Bound) -> Vec<Held> {
-        if self.held_least.is_none_or(|least| !bound.ready((least, i64::MIN))) {
+    /// Takes out the held deltas that `bound` lets apply, in consumption order. Unless
+    /// `scan` (a transaction was just opened), a plain delta held is above the newest
+    /// transaction an open one takes: whether any applies shows from the least held.
+    fn release(&mut self, bound: Bound, scan: bool) -> Vec<Held> {
+        if self.held_least.is_none_or(|least| !scan && !bound.ready((least, i64::MIN))) {
             return Vec::new();
         }
         // The others stay in place: a large transaction held over many batches is not
         // moved again with each of them.
-        let released: Vec<Held> = self.held.extract_if(.., |h| bound.ready(h.version)).collect();
+        let released: Vec<Held> = self.held.extract_if(.., |h| bound.ready_delta(h.version, h.plain)).collect();
         self.held_bytes -= released.iter().map(Held::size).sum::<usize>();
         self.held_least = self.held.iter().map(|h| h.version.0).min();
         released
@@ -228,15 +231,35 @@ impl CutState {
     }
 }
 
-/// Which deltas apply now: those whose version is below `below` ([`CutState::bound`]).
+/// Which deltas apply now ([`CutState::bound`]): those whose version is below `below`, and
+/// plain ones of transactions up to `plain_upto`.
 #[derive(Clone, Copy)]
 struct Bound {
     below: (i64, i64),
+    plain_upto: Option<i64>,
 }
 
 impl Bound {
     fn ready(&self, version: (i64, i64)) -> bool {
         version < self.below
+    }
+
+    fn ready_delta(&self, version: (i64, i64), plain: bool) -> bool {
+        self.ready(version) || (plain && self.plain_upto.is_some_and(|last| version.0 <= last))
+    }
+}
+
+/// A delta whose order against other partitions' deltas does not matter: an insert,
+/// update, delete or snapshot row of one key. Every delta of a row lies in its key's
+/// partition, in order, and each changes the row only if newer. A key change (it reads the
+/// old row, in another partition), a move, a truncate and a drop reach beyond their
+/// partition and apply in version order.
+fn plain(delta: &DeltaView<'_>) -> bool {
+    match delta.op {
+        DeltaOp::Insert | DeltaOp::Snapshot => delta.old_key.is_none(),
+        DeltaOp::Update => delta.old_key.is_none() && delta.after.is_some(),
+        DeltaOp::Delete => true,
+        DeltaOp::Truncate | DeltaOp::Drop | DeltaOp::Watermark => false,
     }
 }
 
@@ -317,7 +340,7 @@ fn apply_in(
     let hold_bytes = state.hold_bytes.unwrap_or(HOLD_BYTES);
     // What applies now, applied in version order across partitions (below).
     let bound = state.bound(cut);
-    let mut ready: Vec<Ready<'_>> = state.release(bound).into_iter().map(Ready::Held).collect();
+    let mut ready: Vec<Ready<'_>> = state.release(bound, false).into_iter().map(Ready::Held).collect();
     for record in records {
         if let Some(r) = handle(tx, &mut applier, state, topic, record, (committed_cut, bound))? {
             ready.push(r);
@@ -329,7 +352,7 @@ fn apply_in(
         // applied now, in a SQLite transaction that commits only once the cut passes it.
         state.open = state.held.iter().map(|h| h.version.0).max();
         let bound = state.bound(cut);
-        let ready = state.release(bound).into_iter().map(Ready::Held).collect();
+        let ready = state.release(bound, true).into_iter().map(Ready::Held).collect();
         apply_sorted(tx, &mut applier, state, topic, bound, ready)?;
     }
     let passed: Vec<(i32, i64, i64)> = state.watermarks.iter().map(|(p, w)| (*p, 0, *w)).collect();
@@ -399,7 +422,7 @@ fn handle<'r>(
         let Some(version) = route(applier, &delta, at)?.map(DeltaView::version) else { return Ok(None) };
         drop(delta);
         if bound.ready(version) {
-            return Ok(Some(Ready::Held(Held { at, version, bytes: bytes.into() })));
+            return Ok(Some(Ready::Held(Held { at, version, plain: false, bytes: bytes.into() })));
         }
         // Its fragments are gone from their stage: the whole delta is staged at once, so
         // that the offset may pass it.
@@ -410,7 +433,7 @@ fn handle<'r>(
         return Ok(None);
     }
     match route(applier, &record.delta, at)? {
-        Some(delta) if bound.ready(delta.version()) => return Ok(Some(Ready::Read { at, delta })),
+        Some(delta) if bound.ready_delta(delta.version(), plain(delta)) => return Ok(Some(Ready::Read { at, delta })),
         Some(delta) => state.hold(at, delta, record.encoded),
         None => {}
     }

@@ -8,6 +8,8 @@ use rusqlite::{params, Connection};
 pub(super) struct Held {
     pub(super) at: Staged,
     pub(super) version: (i64, i64),
+    /// Its order against other partitions' deltas does not matter (`consistent::plain`).
+    pub(super) plain: bool,
     pub(super) bytes: Box<[u8]>,
 }
 
