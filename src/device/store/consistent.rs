@@ -50,6 +50,10 @@ use crate::contract::DeltaOp;
 /// MiB of held deltas a store keeps in memory before it stages them, unless set.
 pub const DEFAULT_HOLD_MIB: u32 = 32;
 const HOLD_BYTES: usize = (DEFAULT_HOLD_MIB as usize) << 20;
+/// Held bytes beyond which the store opens a SQLite transaction for what it holds (at most
+/// the hold bound): a transaction that large is applied as it arrives rather than copied
+/// and held. Smaller ones, the usual stream, commit with every batch.
+const OPEN_BYTES: usize = 4 << 20;
 
 pub(super) const STAGED_SQL: &str = "
 CREATE TABLE IF NOT EXISTS _pgfanout_staged (
@@ -347,7 +351,7 @@ fn apply_in(
         }
     }
     apply_sorted(tx, &mut applier, state, topic, bound, ready)?;
-    if state.open.is_none() && state.held_bytes > hold_bytes {
+    if state.open.is_none() && state.held_bytes > hold_bytes.min(OPEN_BYTES) {
         // A transaction too large to hold: what every partition has delivered of it is
         // applied now, in a SQLite transaction that commits only once the cut passes it.
         state.open = state.held.iter().map(|h| h.version.0).max();
