@@ -63,7 +63,10 @@ pub struct DeviceSettings {
     pub ack_interval_ms: u64,
     /// MiB of deltas held in memory while their transactions are incomplete on some
     /// partition; beyond that they are staged in the store (slower: written, read back and
-    /// deleted). A transaction that fits applies without touching the stage.
+    /// deleted). Once 4 MiB (at most this) are held, the device applies what arrives in a
+    /// SQLite transaction that commits when the transactions it took are complete, so a
+    /// large transaction is mostly written once and only what one partition delivers ahead
+    /// of the others waits here.
     #[arg(long = "hold-mib", env = "PGFANOUT_DEVICE_HOLD_MIB", default_value_t = store::DEFAULT_HOLD_MIB, value_parser = clap::value_parser!(u32).range(0..=65_536))]
     pub hold_mib: u32,
     /// Tables this device keeps (schema.table, comma separated); default: all. Deltas of

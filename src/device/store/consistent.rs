@@ -12,28 +12,31 @@
 //! over several partitions or several batches, a truncate sent to every partition, and a
 //! snapshot's rows (all at the snapshot's position) become visible together.
 //!
-//! Held deltas stay in memory up to [`HOLD_BYTES`]. Beyond that, a transaction is too large
-//! to wait in memory: the store stops committing and applies it in a SQLite transaction left
-//! open across batches, which commits once the cut passes the newest transaction it took
-//! (readers see the store as it was until then; SQLite writes what does not fit its page
-//! cache to the WAL, uncommitted). In that open transaction a delta applies once every
-//! partition has been read past its version (the *frontier*: a partition's deltas arrive
-//! in version order), so a transaction's deltas still apply in their order; those beyond
-//! the frontier are held, and beyond the bound staged in the store (`_pgfanout_staged`).
-//! A transaction of any size thus applies atomically, each delta written once, while
-//! memory stays bounded; a restart gives the open transaction up and reads its records
-//! again. A partition's stored offset never passes a delta held only in memory: after a
-//! crash the device reads it again. Until every partition has been read again as far as before, the cut stays
-//! where the last commit left it: watermarks read before the restart must not let it pass
-//! a delta that was held in memory and is not yet read again. The records after it that
+//! Held deltas stay in memory. Beyond [`OPEN_BYTES`] held (at most the hold bound), a
+//! transaction is too large to wait: the store stops committing and applies what arrives in
+//! a SQLite transaction left open across batches, which commits once the cut passes the
+//! newest transaction it took (readers see the store as it was until then; SQLite writes
+//! what does not fit its page cache to the WAL, uncommitted). In that open transaction a
+//! plain row change applies as it is read (a row's deltas all lie in its key's partition,
+//! in order), and any other delta once every partition has been read past its version
+//! (the *frontier*: a partition's deltas arrive in version order), so a key change still
+//! finds the old row as the transaction left it. Deltas beyond the frontier are held, in
+//! memory up to [`HOLD_BYTES`] and staged in the store (`_pgfanout_staged`) beyond. A
+//! transaction of any size thus applies atomically, mostly written once, while memory stays
+//! bounded; a restart gives the open transaction up and reads its records again.
+//!
+//! A partition's stored offset never passes a delta held only in memory: after a crash the
+//! device reads it again. Until every partition has been read again as far as before, the
+//! cut stays where the last commit left it: watermarks read before the restart must not
+//! let it pass a delta that was held in memory and is not yet read again. The records after it that
 //! were already handled are recognised by the position read and the watermark received
 //! (`_pgfanout_consumed`, same transaction) and that cut, and neither applied nor counted
 //! again: each record is counted once. A partition's applied position
 //! (`_pgfanout_offsets.applied_lsn`, what the device acknowledges) is its watermark, but
 //! never above the cut; `_pgfanout_state` (same transaction) gives the cut and the newest
 //! transaction applied, so a reader knows which state it sees. Many source
-//! transactions still go into one SQLite transaction: one commit per batch, not per source
-//! transaction.
+//! transactions still go into one SQLite transaction: one commit per batch (or per open
+//! transaction), not per source transaction.
 
 use std::collections::HashMap;
 
