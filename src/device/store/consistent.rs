@@ -45,7 +45,7 @@ use rusqlite::{params, Connection};
 use super::apply::{Applier, BatchStats, Record};
 use super::error::StoreError;
 use super::fragments;
-use super::staged::{stage, stage_encoded, Held, Staged};
+use super::staged::{plain, stage, stage_encoded, Held, Staged};
 use crate::contract::codec::{decode_delta_view, encode_delta_view_into};
 use crate::contract::view::DeltaView;
 use crate::contract::DeltaOp;
@@ -103,6 +103,10 @@ pub(super) struct CutState {
     /// The newest commit LSN applied in the SQLite transaction left open across batches, if
     /// one is: it commits once the cut passes it.
     open: Option<i64>,
+    /// Per partition: the newest version of a delta held or staged there that is not plain
+    /// ([`plain`]). Until it applies, the partition's plain deltas wait behind it: a row
+    /// written under a key that a pending key change moves away must not be written first.
+    waiting: HashMap<i32, (i64, i64)>,
     /// Where a delta to hold is encoded first.
     scratch: Vec<u8>,
 }
@@ -210,9 +214,18 @@ impl CutState {
             }
         };
         let held = Held { at, version: delta.version(), plain: plain(delta), bytes };
+        if !held.plain {
+            self.wait_behind(at.partition, held.version);
+        }
         self.held_bytes += held.size();
         self.held_least = Some(self.held_least.map_or(held.version.0, |least| least.min(held.version.0)));
         self.held.push(held);
+    }
+
+    /// A delta of `partition` that is not plain waits, held or staged.
+    fn wait_behind(&mut self, partition: i32, version: (i64, i64)) {
+        let w = self.waiting.entry(partition).or_insert(version);
+        *w = (*w).max(version);
     }
 
     /// Takes out the held deltas that `bound` lets apply, in consumption order. Unless
@@ -224,7 +237,9 @@ impl CutState {
         }
         // The others stay in place: a large transaction held over many batches is not
         // moved again with each of them.
-        let released: Vec<Held> = self.held.extract_if(.., |h| bound.ready_delta(h.version, h.plain)).collect();
+        let waiting = &self.waiting;
+        let released: Vec<Held> =
+            self.held.extract_if(.., |h| bound.ready_delta(h.version, h.plain, waiting.get(&h.at.partition))).collect();
         self.held_bytes -= released.iter().map(Held::size).sum::<usize>();
         self.held_least = self.held.iter().map(|h| h.version.0).min();
         released
@@ -251,22 +266,10 @@ impl Bound {
         version < self.below
     }
 
-    fn ready_delta(&self, version: (i64, i64), plain: bool) -> bool {
-        self.ready(version) || (plain && self.plain_upto.is_some_and(|last| version.0 <= last))
-    }
-}
-
-/// A delta whose order against other partitions' deltas does not matter: an insert,
-/// update, delete or snapshot row of one key. Every delta of a row lies in its key's
-/// partition, in order, and each changes the row only if newer. A key change (it reads the
-/// old row, in another partition), a move, a truncate and a drop reach beyond their
-/// partition and apply in version order.
-fn plain(delta: &DeltaView<'_>) -> bool {
-    match delta.op {
-        DeltaOp::Insert | DeltaOp::Snapshot => delta.old_key.is_none(),
-        DeltaOp::Update => delta.old_key.is_none() && delta.after.is_some(),
-        DeltaOp::Delete => true,
-        DeltaOp::Truncate | DeltaOp::Drop | DeltaOp::Watermark => false,
+    /// Whether a delta applies, `plain` or not, read in a partition where `waiting` waits.
+    fn ready_delta(&self, version: (i64, i64), plain: bool, waiting: Option<&(i64, i64)>) -> bool {
+        self.ready(version)
+            || (plain && self.plain_upto.is_some_and(|last| version.0 <= last) && waiting.is_none_or(|w| self.ready(*w)))
     }
 }
 
@@ -434,13 +437,16 @@ fn handle<'r>(
         // Its fragments are gone from their stage: the whole delta is staged at once, so
         // that the offset may pass it.
         state.staged += stage_encoded(tx, topic, &at, version, &bytes)?;
+        state.wait_behind(at.partition, version);
         return Ok(None);
     }
     if handled_before(applier, &record.delta) {
         return Ok(None);
     }
     match route(applier, &record.delta, at)? {
-        Some(delta) if bound.ready_delta(delta.version(), plain(delta)) => return Ok(Some(Ready::Read { at, delta })),
+        Some(delta) if bound.ready_delta(delta.version(), plain(delta), state.waiting.get(&at.partition)) => {
+            return Ok(Some(Ready::Read { at, delta }))
+        }
         Some(delta) => state.hold(at, delta, record.encoded),
         None => {}
     }

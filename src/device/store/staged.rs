@@ -2,13 +2,16 @@
 
 use rusqlite::{params, Connection};
 
+use crate::contract::view::DeltaView;
+use crate::contract::DeltaOp;
+
 /// A delta waiting for the cut to pass its transaction: its encoding, as read, and where
 /// it was read. Held as bytes, it takes what its record took, with nothing to allocate per
 /// column.
 pub(super) struct Held {
     pub(super) at: Staged,
     pub(super) version: (i64, i64),
-    /// Its order against other partitions' deltas does not matter (`consistent::plain`).
+    /// Its order against other partitions' deltas does not matter ([`plain`]).
     pub(super) plain: bool,
     pub(super) bytes: Box<[u8]>,
 }
@@ -72,4 +75,18 @@ pub(super) fn stage_encoded(
 ) -> Result<u64, rusqlite::Error> {
     tx.prepare_cached(&stage_sql(1))?.execute(params![topic, at.partition, at.offset, commit_lsn, seq, at.tombstone, bytes])?;
     Ok(1)
+}
+
+/// A delta whose order against other partitions' deltas does not matter: an insert,
+/// update, delete or snapshot row of one key. Every delta of a row lies in its key's
+/// partition, in order, and each changes the row only if newer. A key change (it reads the
+/// old row, in another partition), a move, a truncate and a drop reach beyond their
+/// partition and apply in version order.
+pub(super) fn plain(delta: &DeltaView<'_>) -> bool {
+    match delta.op {
+        DeltaOp::Insert | DeltaOp::Snapshot => delta.old_key.is_none(),
+        DeltaOp::Update => delta.old_key.is_none() && delta.after.is_some(),
+        DeltaOp::Delete => true,
+        DeltaOp::Truncate | DeltaOp::Drop | DeltaOp::Watermark => false,
+    }
 }
