@@ -28,10 +28,10 @@
 //! A partition's stored offset never passes a delta held only in memory: after a crash the
 //! device reads it again. Until every partition has been read again as far as before, the
 //! cut stays where the last commit left it: watermarks read before the restart must not
-//! let it pass a delta that was held in memory and is not yet read again. The records after it that
-//! were already handled are recognised by the position read and the watermark received
-//! (`_pgfanout_consumed`, same transaction) and that cut, and neither applied nor counted
-//! again: each record is counted once. A partition's applied position
+//! let it pass a delta that was held in memory and is not yet read again. The records
+//! after it that were already handled are recognised by the position read and the
+//! watermark received (`_pgfanout_consumed`, same transaction) and that cut, and neither
+//! applied nor counted again: each record is counted once. A partition's applied position
 //! (`_pgfanout_offsets.applied_lsn`, what the device acknowledges) is its watermark, but
 //! never above the cut; `_pgfanout_state` (same transaction) gives the cut and the newest
 //! transaction applied, so a reader knows which state it sees. Many source
