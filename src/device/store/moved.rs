@@ -225,62 +225,57 @@ mod tests {
         }
     }
 
-    /// One transaction at 30 changes row 1's `doc` (partition 0), then its key to 2 leaving
-    /// `doc` unchanged (partition 1), and is applied in a SQLite transaction left open (the
-    /// store holds nothing in memory). Partition 1 is read first: the key change must wait
-    /// for partition 0's update, or it carries the old `doc`.
-    #[test]
-    fn a_key_change_in_an_open_transaction_waits_for_the_changes_before_it() {
-        let mark = |lsn| {
-            let mut watermark = delta(DeltaOp::Watermark, 0, None, None, lsn);
-            (watermark.table, watermark.key, watermark.after) = (String::new(), Vec::new(), None);
-            watermark
-        };
-        let (w20, w100) = (mark(20), mark(100));
-        let insert = delta(DeltaOp::Insert, 1, Some("old"), None, 10);
-        let update = delta(DeltaOp::Update, 1, Some("new"), None, 30);
-        let key_change = Delta { seq: 1, ..delta(DeltaOp::Update, 2, None, Some(1), 30) };
-        fn record(d: &Delta, partition: i32, offset: i64) -> Record<'_> {
-            Record { partition, offset, delta: Ok(Some(d.view())), tombstone: false, fragment: None, encoded: None }
-        }
-        let path = std::env::temp_dir().join(format!("pgfanout-moved-open-{}.sqlite", std::process::id()));
+    fn mark(lsn: i64) -> Delta {
+        let mut watermark = delta(DeltaOp::Watermark, 0, None, None, lsn);
+        (watermark.table, watermark.key, watermark.after) = (String::new(), Vec::new(), None);
+        watermark
+    }
+
+    fn record(d: &Delta, partition: i32, offset: i64, tombstone: bool) -> Record<'_> {
+        Record { partition, offset, delta: Ok(Some(d.view())), tombstone, fragment: None, encoded: None }
+    }
+
+    /// A store on two partitions holding row 1 (`doc` "old", at 10), both partitions past
+    /// 20, that holds nothing in memory from now on: a transaction that does not complete
+    /// in one batch is applied in a SQLite transaction left open.
+    fn store_with_row_1(name: &str) -> (std::path::PathBuf, Store) {
+        let path = std::env::temp_dir().join(format!("pgfanout-moved-{name}-{}.sqlite", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let mut store = Store::open(&path).unwrap();
         store.set_partitions(vec![0, 1]);
-        store.apply_batch("t", &[record(&insert, 0, 0), record(&w20, 0, 1), record(&w20, 1, 0)]).unwrap();
+        let (insert, w20) = (delta(DeltaOp::Insert, 1, Some("old"), None, 10), mark(20));
+        store.apply_batch("t", &[record(&insert, 0, 0, false), record(&w20, 0, 1, false), record(&w20, 1, 0, false)]).unwrap();
         store.set_hold_bytes(0);
-        store.apply_batch("t", &[record(&key_change, 1, 1), record(&w100, 1, 2)]).unwrap();
-        store.apply_batch("t", &[record(&update, 0, 2), record(&w100, 0, 3)]).unwrap();
+        (path, store)
+    }
+
+    /// One transaction at 30 changes row 1's `doc` (partition 0), then its key to 2 leaving
+    /// `doc` unchanged (partition 1). Partition 1 is read first: the key change must wait
+    /// for partition 0's update, or it carries the old `doc`.
+    #[test]
+    fn a_key_change_in_an_open_transaction_waits_for_the_changes_before_it() {
+        let (path, mut store) = store_with_row_1("open");
+        let update = delta(DeltaOp::Update, 1, Some("new"), None, 30);
+        let key_change = Delta { seq: 1, ..delta(DeltaOp::Update, 2, None, Some(1), 30) };
+        let w100 = mark(100);
+        store.apply_batch("t", &[record(&key_change, 1, 1, false), record(&w100, 1, 2, false)]).unwrap();
+        store.apply_batch("t", &[record(&update, 0, 2, false), record(&w100, 0, 3, false)]).unwrap();
         assert_eq!(docs(&store), vec![(1, None, 1), (2, Some("new".into()), 0)]);
         drop(store);
         let _ = std::fs::remove_file(&path);
     }
 
     /// One transaction at 30 changes row 1's key to 2 leaving `doc` unchanged (partition 1),
-    /// then inserts a new row 1 (partition 0, after the move's Kafka tombstone), applied in a
-    /// SQLite transaction left open. Partition 0 is read first: the new row 1 must wait for
-    /// the key change, or the key change finds it instead of the row it moves.
+    /// then inserts a new row 1 (partition 0, after the move's Kafka tombstone). Partition 0
+    /// is read first: the new row 1 must wait for the key change, or the key change finds it
+    /// instead of the row it moves.
     #[test]
     fn a_row_written_under_a_moved_key_waits_for_the_move() {
-        let mark = |lsn| {
-            let mut watermark = delta(DeltaOp::Watermark, 0, None, None, lsn);
-            (watermark.table, watermark.key, watermark.after) = (String::new(), Vec::new(), None);
-            watermark
-        };
-        let (w20, w100) = (mark(20), mark(100));
-        let insert = delta(DeltaOp::Insert, 1, Some("old"), None, 10);
+        let (path, mut store) = store_with_row_1("again");
         let key_change = delta(DeltaOp::Update, 2, None, Some(1), 30);
         let moved = delta(DeltaOp::Update, 2, None, Some(1), -30);
         let again = Delta { seq: 1, ..delta(DeltaOp::Insert, 1, Some("again"), None, 30) };
-        fn record(d: &Delta, partition: i32, offset: i64, tombstone: bool) -> Record<'_> {
-            Record { partition, offset, delta: Ok(Some(d.view())), tombstone, fragment: None, encoded: None }
-        }
-        let path = std::env::temp_dir().join(format!("pgfanout-moved-again-{}.sqlite", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let mut store = Store::open(&path).unwrap();
-        store.set_partitions(vec![0, 1]);
-        store.apply_batch("t", &[record(&insert, 0, 0, false), record(&w20, 0, 1, false), record(&w20, 1, 0, false)]).unwrap();
-        store.set_hold_bytes(0);
+        let w100 = mark(100);
         store.apply_batch("t", &[record(&moved, 0, 2, true), record(&again, 0, 3, false), record(&w100, 0, 4, false)]).unwrap();
         store.apply_batch("t", &[record(&key_change, 1, 1, false), record(&w100, 1, 2, false)]).unwrap();
         assert_eq!(docs(&store), vec![(1, Some("again".into()), 0), (2, Some("old".into()), 0)]);
