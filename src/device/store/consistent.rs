@@ -151,7 +151,7 @@ impl CutState {
             conn.query_row("SELECT count(*) FROM _pgfanout_staged WHERE topic = ?1", [topic], |r| r.get::<_, i64>(0))? as u64;
         // Each partition's applied position is at most the cut of the last commit, and the
         // least of them is that cut.
-        self.committed = self.least_over_partitions(&applied);
+        self.committed = self.least_over_partitions(&applied, 0);
         self.loaded_for = Some(topic.to_string());
         Ok(())
     }
@@ -169,18 +169,14 @@ impl CutState {
 
     /// The least watermark over the partitions.
     fn watermark_cut(&self) -> i64 {
-        self.least_over_partitions(&self.watermarks)
+        self.least_over_partitions(&self.watermarks, 0)
     }
 
     /// Every delta below this version has been read, on every partition: the least
     /// frontier, where a partition not read since the store was opened counts as read up to
     /// the cut of the last commit.
     fn frontier(&self) -> (i64, i64) {
-        let of = |p: &i32| self.frontier.get(p).copied().unwrap_or((self.committed, 0));
-        match &self.partitions {
-            Some(partitions) => partitions.iter().map(of).min().unwrap_or((self.committed, 0)),
-            None => self.read.keys().map(of).min().unwrap_or((self.committed, 0)),
-        }
+        self.least_over_partitions(&self.frontier, (self.committed, 0))
     }
 
     /// Which deltas apply in this batch: those of transactions below the cut and, while a
@@ -195,12 +191,12 @@ impl CutState {
         Bound { below: open.map_or(below_cut, |open| open.max(below_cut)), plain_upto: self.open }
     }
 
-    /// The least value over the topic's partitions (0 for one without).
-    fn least_over_partitions(&self, values: &HashMap<i32, i64>) -> i64 {
-        let of = |p: &i32| values.get(p).copied().unwrap_or(0);
+    /// The least value over the topic's partitions (`missing` for one without).
+    fn least_over_partitions<T: Copy + Ord>(&self, values: &HashMap<i32, T>, missing: T) -> T {
+        let of = |p: &i32| values.get(p).copied().unwrap_or(missing);
         match &self.partitions {
-            Some(partitions) => partitions.iter().map(of).min().unwrap_or(0),
-            None => self.read.keys().map(of).min().unwrap_or(0),
+            Some(partitions) => partitions.iter().map(of).min().unwrap_or(missing),
+            None => self.read.keys().map(of).min().unwrap_or(missing),
         }
     }
 
