@@ -518,8 +518,11 @@ fn apply_sorted(
     Ok(())
 }
 
-/// Which staged deltas a [`Bound`] lets apply (parameters: topic, then its version).
-const STAGED_READY: &str = "topic = ?1 AND (commit_lsn, seq) < (?2, ?3)";
+/// The staged deltas a [`Bound`] lets apply, in version order, and their removal
+/// (parameters: topic, then the bound's version): one range of the stage's key.
+const SELECT_STAGED_READY: &str = "SELECT commit_lsn, seq, partition, record_offset, tombstone, delta FROM _pgfanout_staged
+    WHERE topic = ?1 AND (commit_lsn, seq) < (?2, ?3) ORDER BY commit_lsn, seq";
+const DELETE_STAGED_READY: &str = "DELETE FROM _pgfanout_staged WHERE topic = ?1 AND (commit_lsn, seq) < (?2, ?3)";
 
 /// Applies the staged deltas `bound` lets apply and `ready` (sorted), merged in version
 /// order, and removes those staged; returns how many were staged.
@@ -530,10 +533,7 @@ fn apply_in_order(
     bound: Bound,
     ready: Vec<Ready<'_>>,
 ) -> Result<u64, StoreError> {
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT commit_lsn, seq, partition, record_offset, tombstone, delta FROM _pgfanout_staged
-          WHERE {STAGED_READY} ORDER BY commit_lsn, seq"
-    ))?;
+    let mut stmt = tx.prepare_cached(SELECT_STAGED_READY)?;
     let mut rows = stmt.query(params![topic, bound.below.0, bound.below.1])?;
     let mut ready = ready.into_iter().peekable();
     let mut applied = 0;
@@ -561,7 +561,7 @@ fn apply_in_order(
     }
     drop(rows);
     if applied > 0 {
-        tx.execute(&format!("DELETE FROM _pgfanout_staged WHERE {STAGED_READY}"), params![topic, bound.below.0, bound.below.1])?;
+        tx.prepare_cached(DELETE_STAGED_READY)?.execute(params![topic, bound.below.0, bound.below.1])?;
     }
     Ok(applied)
 }
