@@ -201,24 +201,11 @@ mod tests {
                     1 => (&update, 0, false),
                     _ => (&moved, 1, true),
                 };
-                let record =
-                    Record { partition, offset: i as i64, delta: Ok(Some(d.view())), tombstone, fragment: None, encoded: None };
-                store.apply_batch("t", &[record]).unwrap();
+                store.apply_batch("t", &[record(d, partition, i as i64, tombstone)]).unwrap();
             }
             // Watermarks past the changes on both partitions: the store applies them.
-            let mut watermark = delta(DeltaOp::Watermark, 0, None, None, 100);
-            (watermark.table, watermark.key, watermark.after) = (String::new(), Vec::new(), None);
-            let marks: Vec<Record<'_>> = (0..2)
-                .map(|p| Record {
-                    partition: p,
-                    offset: 10,
-                    delta: Ok(Some(watermark.view())),
-                    tombstone: false,
-                    fragment: None,
-                    encoded: None,
-                })
-                .collect();
-            store.apply_batch("t", &marks).unwrap();
+            let watermark = mark(100);
+            store.apply_batch("t", &[record(&watermark, 0, 10, false), record(&watermark, 1, 10, false)]).unwrap();
             assert_eq!(docs(&store), vec![(1, None, 1), (2, Some("big".into()), 0)], "order {order:?}");
             drop(store);
             let _ = std::fs::remove_file(&path);
